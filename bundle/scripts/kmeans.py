@@ -1,0 +1,86 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Batched, deterministic k-means used by SACB to group voxels with similar local features."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = ["kmeans", "maximin_init"]
+
+
+def _squared_distances(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) points and (B, K, C) centroids -> (B, N, K) squared Euclidean distances."""
+    cross = torch.bmm(points, centroids.transpose(1, 2))
+    return (points * points).sum(-1, keepdim=True) - 2.0 * cross + (centroids * centroids).sum(-1).unsqueeze(1)
+
+
+def maximin_init(points: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """
+    Deterministic farthest-point initialisation.
+
+    The first centroid is the point nearest to the mean of all points; each next one is the point farthest from the
+    centroids chosen so far. Unlike a random draw of voxels this needs no seed, gives the same result for the same
+    input on every run and device, and never starts two clusters on the same feature vector when distinct ones exist.
+
+    Args:
+        points: (B, N, C) feature vectors.
+        num_clusters: number of centroids K (K <= N).
+
+    Returns:
+        (B, K, C) initial centroids.
+    """
+    batch = points.shape[0]
+    batch_index = torch.arange(batch, device=points.device)
+    mean = points.mean(dim=1, keepdim=True)
+    first = _squared_distances(points, mean).squeeze(-1).argmin(dim=1)
+    chosen = [points[batch_index, first]]
+    nearest = _squared_distances(points, chosen[0].unsqueeze(1)).squeeze(-1)
+    for _ in range(1, num_clusters):
+        farthest = nearest.argmax(dim=1)
+        centroid = points[batch_index, farthest]
+        chosen.append(centroid)
+        nearest = torch.minimum(nearest, _squared_distances(points, centroid.unsqueeze(1)).squeeze(-1))
+    return torch.stack(chosen, dim=1)
+
+
+def kmeans(
+    points: torch.Tensor, num_clusters: int, max_iterations: int = 10, tol: float = 1e-4
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Lloyd's k-means on every batch item independently, without gradient.
+
+    Args:
+        points: (B, N, C) feature vectors (one row per voxel).
+        num_clusters: requested number of clusters; clamped to N when the volume has fewer voxels.
+        max_iterations: cap on Lloyd updates (SACB-Net's reference runs to convergence, which is slow at fine levels).
+        tol: stop once the summed squared centroid shift of every batch item is at most ``tol``.
+
+    Returns:
+        labels (B, N) int64 cluster index per point, and centroids (B, K, C) with K = min(num_clusters, N).
+        A cluster that loses all its points keeps its previous centroid.
+    """
+    if points.dim() != 3:
+        raise ValueError(f"points must be (B, N, C), got shape {list(points.shape)}.")
+    if num_clusters < 1:
+        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}.")
+    if max_iterations < 0:
+        raise ValueError(f"max_iterations must be >= 0, got {max_iterations}.")
+    points = points.detach()
+    batch, count, channels = points.shape
+    k = min(num_clusters, count)
+    centroids = maximin_init(points, k)
+    labels = _squared_distances(points, centroids).argmin(dim=-1)
+    for _ in range(max_iterations):
+        sums = torch.zeros(batch, k, channels, dtype=points.dtype, device=points.device)
+        sums.scatter_add_(1, labels.unsqueeze(-1).expand(batch, count, channels), points)
+        sizes = torch.zeros(batch, k, dtype=points.dtype, device=points.device)
+        sizes.scatter_add_(1, labels, torch.ones_like(labels, dtype=points.dtype))
+        updated = torch.where(sizes.unsqueeze(-1) > 0, sums / sizes.clamp_min(1.0).unsqueeze(-1), centroids)
+        shift = (updated - centroids).pow(2).sum(dim=(1, 2)).max()
+        centroids = updated
+        labels = _squared_distances(points, centroids).argmin(dim=-1)
+        if bool(shift <= tol):
+            break
+    return labels, centroids

@@ -1,0 +1,166 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""SACB-Net: coarse-to-fine deformable registration with spatial-awareness convolutions (Cheng et al., CVPR 2025)."""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scripts.cross_similarity import CrossSimilarityFlow
+from scripts.integration import VelocityIntegration
+from scripts.sacb import SACB, conv_in_lrelu
+from scripts.warp import warp_image
+
+__all__ = ["SACBNet"]
+
+
+class _EncoderLevel(nn.Module):
+    """Optional 2x average pooling followed by conv layers (conv3x3x3 -> IN -> LeakyReLU each)."""
+
+    def __init__(self, channels: Sequence[int], pool: bool) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool3d(2) if pool else nn.Identity()
+        self.convs = nn.Sequential(*[conv_in_lrelu(cin, cout) for cin, cout in zip(channels[:-1], channels[1:])])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(self.pool(x))
+
+
+class SACBNet(nn.Module):
+    """
+    SACB-Net for 3-D deformable image registration, with MONAI's bundle interface.
+
+    A shared 5-level encoder (widths 2c, 4c, 8c, 16c, 16c; 4 average-pooling layers) runs on the moving and the fixed
+    image. From the coarsest level (1/16) to 1/2, an SACB block (same weights for both images) refines the fixed
+    features and the moving features warped by the current field, a parameter-free cross-similarity head predicts a
+    residual flow ``d`` in (-1, 1) voxel, and the field is composed (``U <- U(p + d(p)) + d(p)``), doubled and upsampled.
+    At full resolution a small conv head predicts the last residual. The output is the dense displacement field.
+
+    With the defaults the network has 1,105,591 parameters (the paper's 1.11 M).
+
+    Args:
+        base_channels: encoder base width c (4 in the paper).
+        num_clusters: k-means clusters of the SACB blocks, one per level from the finest (1/2) to the coarsest (1/16);
+            an int applies to all four levels. The paper trains with 7.
+        kmeans_iterations: cap on the Lloyd iterations of every SACB clustering.
+        kmeans_tol: k-means convergence tolerance (summed squared centroid shift).
+        diffeomorphic: if True, treat the output as a stationary velocity field and integrate it by scaling and
+            squaring (an extension; the paper's model is not diffeomorphic).
+        integration_steps: scaling-and-squaring steps in diffeomorphic mode.
+
+    Shapes:
+        image (B, 2, D, H, W), channel 0 = moving, 1 = fixed, intensities about [0, 1], any D, H, W >= 1
+        (padded internally to a multiple of 16, at least 32, and cropped back)
+        -> ddf (B, 3, D, H, W) in voxels of the input grid, channel i = shift along array axis i, such that
+        ``warped(p) = moving(p + ddf(p))`` (see :py:class:`scripts.warp.Warp`).
+    """
+
+    def __init__(
+        self,
+        base_channels: int = 4,
+        num_clusters: int | Sequence[int] = 7,
+        kmeans_iterations: int = 10,
+        kmeans_tol: float = 1e-4,
+        diffeomorphic: bool = False,
+        integration_steps: int = 7,
+    ) -> None:
+        super().__init__()
+        if base_channels < 1:
+            raise ValueError(f"base_channels must be >= 1, got {base_channels}.")
+        clusters = [int(num_clusters)] * 4 if isinstance(num_clusters, int) else [int(k) for k in num_clusters]
+        if len(clusters) != 4 or min(clusters) < 1:
+            raise ValueError(f"num_clusters must be a positive int or 4 positive ints (levels 1/2..1/16), got {num_clusters}.")
+        c = base_channels
+        widths = [2 * c, 4 * c, 8 * c, 16 * c, 16 * c]
+        self.levels = len(widths)
+        self.size_multiple = 2 ** (self.levels - 1)
+        self.encoder = nn.ModuleList(
+            [_EncoderLevel([1, c, widths[0], widths[0]], pool=False)]
+            + [_EncoderLevel([widths[i - 1], widths[i], widths[i]], pool=True) for i in range(1, self.levels)]
+        )
+        # Ordered as the decoder visits them, coarsest (1/16) first; num_clusters is given finest first.
+        self.sacb = nn.ModuleList(
+            [SACB(widths[i], clusters[i - 1], kmeans_iterations, kmeans_tol) for i in range(self.levels - 1, 0, -1)]
+        )
+        self.similarity_flow = CrossSimilarityFlow()
+        self.refine = nn.Sequential(conv_in_lrelu(widths[0], widths[0]), conv_in_lrelu(widths[0], widths[0]))
+        self.fuse = nn.Sequential(conv_in_lrelu(2 * widths[0], widths[0]), conv_in_lrelu(widths[0], widths[0]))
+        self.flow_out = nn.Conv3d(widths[0], 3, kernel_size=3, padding=1)
+        self.diffeomorphic = diffeomorphic
+        self.integrate = VelocityIntegration(integration_steps)
+
+    def _padding(self, spatial: List[int]) -> List[int]:
+        """F.pad amounts (last axis first) that bring every axis to a multiple of 16 and at least 32 voxels."""
+        pads: List[int] = []
+        for size in spatial[::-1]:
+            target = max(2 * self.size_multiple, -(-size // self.size_multiple) * self.size_multiple)
+            before = (target - size) // 2
+            pads += [before, target - size - before]
+        return pads
+
+    def _encode(self, volumes: torch.Tensor) -> List[torch.Tensor]:
+        """(N, 1, D, H, W) -> the features of the 5 levels, full resolution first."""
+        features: List[torch.Tensor] = []
+        x = volumes
+        for level in self.encoder:
+            x = level(x)
+            features.append(x)
+        return features
+
+    @staticmethod
+    def _upsample(flow: torch.Tensor) -> torch.Tensor:
+        """Double the resolution and the displacement (trilinear, align_corners=True, as the reference)."""
+        return F.interpolate(2.0 * flow, scale_factor=2.0, mode="trilinear", align_corners=True)
+
+    @staticmethod
+    def _compose(flow: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Field of ``p -> p + residual(p) + flow(p + residual(p))``: the residual is applied first."""
+        return warp_image(flow, residual, "bilinear", "zeros") + residual
+
+    def _split(self, x: torch.Tensor, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return x[:batch], x[batch:]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            image: (B, 2, D, H, W), channel 0 = moving, 1 = fixed.
+
+        Returns:
+            (B, 3, D, H, W) displacement field in voxels.
+        """
+        if image.dim() != 5 or image.shape[1] != 2:
+            raise ValueError(
+                f"expected image of shape (B, 2, D, H, W) with channels [moving, fixed], got {list(image.shape)}."
+            )
+        batch = image.shape[0]
+        spatial = [int(s) for s in image.shape[2:]]
+        pads = self._padding(spatial)
+        padded = F.pad(image, pads)
+        # One encoder pass over moving and fixed stacked along the batch (shared weights, per-item normalisation).
+        stacked = torch.cat([padded[:, 0:1], padded[:, 1:2]], dim=0)
+        features = self._encode(stacked)
+
+        flow = torch.zeros(1)
+        for step, block in enumerate(self.sacb):
+            moving, fixed = self._split(features[self.levels - 1 - step], batch)
+            if step > 0:
+                moving = warp_image(moving, flow, "bilinear", "zeros")
+            moving, fixed = self._split(block(torch.cat([moving, fixed], dim=0)), batch)
+            residual = self.similarity_flow(fixed, moving)
+            flow = residual if step == 0 else self._compose(flow, residual)
+            flow = self._upsample(flow)
+
+        moving, fixed = self._split(features[0], batch)
+        moving = warp_image(moving, flow, "bilinear", "zeros")
+        refined = self.refine(torch.cat([fixed, moving], dim=0))
+        fixed, moving = self._split(refined, batch)
+        residual = self.flow_out(self.fuse(torch.cat([fixed, moving], dim=1)))
+        flow = self._compose(flow, residual)
+        if self.diffeomorphic:
+            flow = self.integrate(flow)
+
+        depth, height, width = spatial[0], spatial[1], spatial[2]
+        return flow[:, :, pads[4] : pads[4] + depth, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
