@@ -1,0 +1,124 @@
+"""Write files so that a crash, ``kill -9`` or full disk never leaves a half-written result under the final name.
+
+Every writer here writes to a hidden temporary file in the destination folder (same file system, so the rename is
+atomic), flushes it to disk and then ``os.replace``-s it onto the final name. A reader therefore sees either the old file
+or the complete new one. :func:`check_outputs_writable` refuses to replace existing results unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scripts.validation import RegistrationInputError
+
+__all__ = [
+    "OutputExistsError",
+    "temporary_path",
+    "atomic_path",
+    "save_nifti",
+    "save_torch",
+    "write_text",
+    "write_json",
+    "check_outputs_writable",
+]
+
+
+class OutputExistsError(RegistrationInputError):
+    """An output file already exists and overwriting was not requested."""
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A unique hidden name beside ``path`` that keeps its suffixes (writers such as nibabel pick the format from them).
+
+    Example: ``out/ddf.nii.gz`` -> ``out/.ddf.tmp-3f9a1c2b.nii.gz``.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    return path.with_name(f".{stem}.tmp-{secrets.token_hex(4)}{suffix}")
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems (or directories on Windows) cannot be fsync'ed
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
+    """Context manager yielding a temporary path to write; on success it replaces ``path`` atomically.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+
+    Args:
+        path: final file name; its folder is created when missing.
+        durable: fsync the file (and its folder) so the result also survives a power loss, not only a killed process.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to the temporary file {tmp} for {path}.")
+        if durable:
+            _fsync(tmp)
+        os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def save_nifti(image: Any, path: str | os.PathLike) -> Path:
+    """Save a nibabel image atomically (format from the suffix, e.g. ``.nii.gz``)."""
+    import nibabel as nib
+
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically: a checkpoint on disk is always complete (the old one or the new one)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, str(tmp))
+    return Path(path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
+    """Write JSON atomically (serialised first, so an unserialisable object never touches the disk)."""
+    return write_text(json.dumps(obj, indent=indent) + "\n", path)
+
+
+def check_outputs_writable(paths: Iterable[str | os.PathLike], overwrite: bool = False) -> None:
+    """Refuse to replace existing results unless ``overwrite`` is set; lists every file that would be replaced.
+
+    Raises:
+        OutputExistsError: some of ``paths`` exist and ``overwrite`` is False.
+    """
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"output file(s) already exist: {', '.join(existing)}; expected an output folder without earlier results. "
+            "Choose another output folder, or pass --overwrite (config: overwrite=true) to replace them."
+        )

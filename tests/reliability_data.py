@@ -1,0 +1,39 @@
+"""Small real test inputs for the reliability tests: the shipped Colin27 -> MNI152 pair, subsampled, written to tmp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "bundle" / "sample_data"
+SAMPLE_FILES = {
+    "moving_image": "moving_colin27_t1.nii.gz",
+    "fixed_image": "fixed_mni152_t1.nii.gz",
+    "moving_label": "moving_colin27_seg8.nii.gz",
+    "fixed_label": "fixed_mni152_seg8.nii.gz",
+}
+
+
+def load_sample(key: str, factor: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A shipped volume subsampled by ``factor`` (every factor-th voxel: real values, labels stay integer) and its
+    correctly adjusted affine."""
+    image = nib.load(str(SAMPLE_DIR / SAMPLE_FILES[key]))
+    data = np.asanyarray(image.dataobj)[::factor, ::factor, ::factor]
+    return np.ascontiguousarray(data), image.affine @ np.diag([factor, factor, factor, 1.0])
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def small_pair(folder: Path, factor: int = 4) -> dict[str, str]:
+    """Write the subsampled real pair with its label maps into ``folder``; return the data dict of paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for key, name in SAMPLE_FILES.items():
+        data, affine = load_sample(key, factor)
+        paths[key] = str(save(folder / name, data, affine))
+    return paths

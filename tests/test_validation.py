@@ -1,0 +1,259 @@
+"""Input validation on the real shipped pair made bad on purpose: each problem gives one clear message naming the file."""
+
+import json
+import logging
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, LoadImaged
+from reliability_data import load_sample, save, small_pair
+
+from scripts.validation import (
+    RegistrationInputError,
+    ValidateRegistrationInputsd,
+    check_datalist,
+    fov_overlap_fraction,
+    find_user_error,
+    load_network_weights,
+    load_volume,
+    validate_pair,
+)
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    return small_pair(tmp_path / "pair")
+
+
+def _validate(d):
+    return validate_pair(d["moving_image"], d["fixed_image"], d.get("moving_label"), d.get("fixed_label"))
+
+
+def test_real_pair_passes_on_one_grid(pair):
+    assert _validate(pair) is False  # both on the MNI 1 mm grid: no resampling needed
+
+
+def test_missing_file(pair, tmp_path):
+    pair["moving_image"] = str(tmp_path / "nowhere" / "moving.nii.gz")
+    with pytest.raises(RegistrationInputError, match=r"moving image '.*nowhere/moving.nii.gz' does not exist; expected"):
+        _validate(pair)
+
+
+def test_truncated_nifti(pair, tmp_path):
+    data = open(pair["fixed_image"], "rb").read()
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(data[: len(data) // 2])  # header intact, voxel stream cut: the classic interrupted copy
+    pair["fixed_image"] = str(truncated)
+    with pytest.raises(RegistrationInputError, match=r"fixed image '.*truncated.nii.gz' could not be read") as info:
+        _validate(pair)
+    assert "truncated" in str(info.value) and "expected a readable 3-D NIfTI" in str(info.value)
+
+
+def test_not_a_nifti(pair, tmp_path):
+    bogus = tmp_path / "scan.nii.gz"
+    bogus.write_bytes(b"DICM not really a nifti")
+    pair["moving_image"] = str(bogus)
+    with pytest.raises(RegistrationInputError, match=r"moving image '.*scan.nii.gz' could not be read .*expected"):
+        _validate(pair)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda v: v[:, :, 20], r"is 2-D \(shape \(40, 48\)\)"),
+        (lambda v: v[:, :, 20:21], r"is 2-D \(shape \(40, 48, 1\)\)"),
+        (lambda v: np.stack([v, v, v], axis=-1), r"is 4-D with 3 volumes"),
+        (lambda v: v[..., None, None], r"has 5 axes"),
+    ],
+)
+def test_not_3d(pair, tmp_path, make, message):
+    volume, affine = load_sample("moving_image")
+    pair["moving_image"] = str(save(tmp_path / "bad_dims.nii.gz", make(volume), affine))
+    with pytest.raises(RegistrationInputError, match=r"moving image '.*bad_dims.nii.gz' " + message):
+        _validate(pair)
+
+
+def test_4d_with_one_volume_is_accepted_and_squeezed(pair, tmp_path):
+    volume, affine = load_sample("moving_image")
+    path = save(tmp_path / "one_volume.nii.gz", volume[..., None], affine)
+    assert nib.load(str(path)).shape == (40, 48, 40, 1)
+    loaded, _ = load_volume(path)
+    assert loaded.shape == (40, 48, 40) and np.array_equal(loaded, volume)
+    pair["moving_image"] = str(path)
+    assert _validate(pair) is False
+
+
+def test_different_grid_is_resampled_with_a_log_line(pair, tmp_path, caplog):
+    volume, affine = load_sample("moving_image", factor=2)
+    cropped = volume[4:-4, 6:-2, :]  # other shape, spacing and origin; same anatomy in world space
+    crop_affine = affine.copy()
+    crop_affine[:3, 3] = affine[:3, :3] @ [4, 6, 0] + affine[:3, 3]
+    pair["moving_image"] = str(save(tmp_path / "other_grid.nii.gz", cropped, crop_affine))
+    pair.pop("moving_label")
+    with caplog.at_level(logging.INFO, logger="scripts.validation"):
+        assert _validate(pair) is True
+    assert re.search(r"other_grid.nii.gz.*different grid.*resampling it onto the fixed grid", caplog.text)
+
+
+def test_no_physical_overlap(pair, tmp_path):
+    volume, affine = load_sample("moving_image")
+    shifted = affine.copy()
+    shifted[0, 3] += 500.0  # half a metre away: the header origin is wrong or the images are not pre-aligned
+    pair["moving_image"] = str(save(tmp_path / "far.nii.gz", volume, shifted))
+    pair.pop("moving_label")
+    with pytest.raises(RegistrationInputError, match=r"moving image '.*far.nii.gz' .*and fixed image .* no physical overlap"):
+        _validate(pair)
+
+
+def test_overlap_fraction_values():
+    eye = np.eye(4)
+    assert fov_overlap_fraction((10, 10, 10), eye, (10, 10, 10), eye) == pytest.approx(1.0)
+    half = eye.copy()
+    half[0, 3] = 5.0
+    assert fov_overlap_fraction((10, 10, 10), eye, (10, 10, 10), half) == pytest.approx(0.5)
+    flipped = np.diag([-1.0, 1, 1, 1])
+    flipped[0, 3] = 9.0  # same field of view stored in reverse order
+    assert fov_overlap_fraction((10, 10, 10), eye, (10, 10, 10), flipped) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("value, word", [(np.nan, "NaN"), (np.inf, "Inf")])
+def test_nan_or_inf_voxels(pair, tmp_path, value, word):
+    volume, affine = load_sample("fixed_image")
+    volume = volume.astype(np.float32)
+    volume[10:12, 10:12, 10:12] = value
+    pair["fixed_image"] = str(save(tmp_path / "nan.nii.gz", volume, affine))
+    with pytest.raises(RegistrationInputError, match=r"fixed image '.*nan.nii.gz' contains 8 NaN/Inf voxels"):
+        _validate(pair)
+
+
+def test_constant_image(pair, tmp_path):
+    volume, affine = load_sample("moving_image")
+    pair["moving_image"] = str(save(tmp_path / "blank.nii.gz", np.zeros_like(volume), affine))
+    with pytest.raises(RegistrationInputError, match=r"moving image '.*blank.nii.gz' is constant \(every voxel = 0\)"):
+        _validate(pair)
+
+
+def test_label_not_integer(pair, tmp_path):
+    labels, affine = load_sample("moving_label")
+    smoothed = labels.astype(np.float32) * 0.5  # e.g. a label map resampled with linear interpolation
+    pair["moving_label"] = str(save(tmp_path / "soft_labels.nii.gz", smoothed, affine))
+    with pytest.raises(RegistrationInputError, match=r"moving label map '.*soft_labels.nii.gz' is not integer-valued"):
+        _validate(pair)
+
+
+def test_intensity_image_given_as_label(pair):
+    pair["fixed_label"] = pair["fixed_image"]  # int16 intensities are integers: accepted (cannot be told apart)
+    assert _validate(pair) is False
+
+
+def test_label_on_another_grid(pair, tmp_path):
+    labels, affine = load_sample("fixed_label", factor=2)
+    pair["fixed_label"] = str(save(tmp_path / "labels_2mm.nii.gz", labels, affine))
+    with pytest.raises(RegistrationInputError, match=r"fixed label map '.*labels_2mm.nii.gz' is on a different grid") as e:
+        _validate(pair)
+    assert "(80x96x80 voxels, 2x2x2 mm, LAS)" in str(e.value) and "(40x48x40 voxels, 4x4x4 mm, LAS)" in str(e.value)
+
+
+def test_extremely_anisotropic_spacing(pair, tmp_path):
+    volume, affine = load_sample("moving_image", factor=1)
+    thick = volume[::2, ::2, ::12]  # 2 x 2 x 12 mm: ratio 6
+    thick_affine = affine @ np.diag([2.0, 2.0, 12.0, 1.0])
+    pair["moving_image"] = str(save(tmp_path / "thick.nii.gz", thick, thick_affine))
+    pair.pop("moving_label")
+    with pytest.raises(RegistrationInputError, match=r"moving image '.*thick.nii.gz' has extremely anisotropic voxels "
+                       r"\(2 x 2 x 12 mm, ratio 6.0\); expected .* <= 5"):
+        _validate(pair)
+    moderate = volume[::2, ::2, ::8]  # ratio 4: accepted (resampled onto the fixed grid)
+    pair["moving_image"] = str(save(tmp_path / "moderate.nii.gz", moderate, affine @ np.diag([2.0, 2.0, 8.0, 1.0])))
+    assert _validate(pair) is True
+
+
+def test_volume_too_small(pair, tmp_path):
+    volume, affine = load_sample("fixed_image")
+    for key, name in (("fixed_image", "fixed_small.nii.gz"), ("fixed_label", "fixed_small_label.nii.gz")):
+        data, _ = load_sample(key)
+        pair[key] = str(save(tmp_path / name, data[12:24], affine))  # 12 voxels along axis 0
+    with pytest.raises(RegistrationInputError, match=r"fixed image '.*fixed_small.nii.gz' is too small for the network "
+                       r"\(12x48x40 voxels\); expected at least 16 voxels along every axis"):
+        _validate(pair)
+
+
+def test_checkpoint_from_another_architecture(tmp_path):
+    def net(width):
+        return torch.nn.Sequential(torch.nn.Conv3d(2, width, 3), torch.nn.Conv3d(width, 3, 3))
+
+    other = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3), torch.nn.Conv3d(8, 3, 3), torch.nn.Conv3d(3, 3, 1))
+    path = tmp_path / "other.pt"
+    torch.save({"model": other.state_dict()}, path)
+    target = net(4)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RegistrationInputError) as info:
+        load_network_weights(target, path)
+    message = str(info.value)
+    assert f"checkpoint '{path}' does not match the network" in message
+    assert "2 unexpected keys (2.weight, 2.bias)" in message
+    assert "3 shape-mismatched keys (0.weight: checkpoint (8, 2, 3, 3, 3) vs network (4, 2, 3, 3, 3)" in message
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # nothing half-loaded
+
+    torch.save(net(4).state_dict(), path)  # a plain, matching state dict loads
+    load_network_weights(target, path)
+
+    partial = {k: v for k, v in net(4).state_dict().items() if k.startswith("0.")}
+    torch.save(partial, path)
+    with pytest.raises(RegistrationInputError, match=r"2 missing keys \(1.weight, 1.bias\)"):
+        load_network_weights(target, path)
+
+
+def test_truncated_checkpoint(tmp_path):
+    model = torch.nn.Conv3d(2, 3, 3)
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(RegistrationInputError, match=r"checkpoint '.*model.pt' could not be read .*truncated"):
+        load_network_weights(model, path)
+    with pytest.raises(RegistrationInputError, match=r"checkpoint '.*absent.pt' does not exist"):
+        load_network_weights(model, tmp_path / "absent.pt")
+
+
+def test_datalist_reports_every_bad_entry_at_once(pair, tmp_path):
+    data_dir = tmp_path / "pair"
+    names = {k: v.split("/")[-1] for k, v in pair.items()}  # relative to the datalist's folder
+    truncated = data_dir / "cut.nii.gz"
+    truncated.write_bytes(b"\x1f\x8b" + b"\x00" * 20)
+    datalist = {
+        "name": "test",
+        "training": [
+            {"moving_image": names["moving_image"], "fixed_image": names["fixed_image"]},
+            {"moving_image": "missing_1.nii.gz", "fixed_image": names["fixed_image"]},
+            {"moving_image": names["moving_image"]},
+            {"moving_image": names["moving_image"], "fixed_image": names["fixed_image"], "moving_label": "cut.nii.gz"},
+        ],
+        "validation": [{"moving_image": names["moving_image"], "fixed_image": "/abs/missing_2.nii.gz"}],
+    }
+    json_path = data_dir / "datalist.json"
+    json_path.write_text(json.dumps(datalist))
+    with pytest.raises(RegistrationInputError) as info:
+        check_datalist(json_path)
+    message = str(info.value)
+    assert message.startswith(f"{json_path}: 4 problem(s) in 5 entries")
+    assert re.search(r"training\[1\]: moving_image '.*missing_1.nii.gz' does not exist", message)
+    assert "training[2]: missing key 'fixed_image'" in message
+    assert re.search(r"training\[3\]: moving_label '.*cut.nii.gz' is not a readable NIfTI", message)
+    assert "validation[0]: fixed_image '/abs/missing_2.nii.gz' does not exist" in message
+    good = {"training": datalist["training"][:1]}
+    assert check_datalist(good, base_dir=data_dir) is good
+
+
+def test_transform_in_a_pipeline_and_unwrapping(pair, tmp_path):
+    pipeline = Compose([ValidateRegistrationInputsd(), LoadImaged(["moving_image", "fixed_image"], image_only=True)])
+    out = pipeline({**pair, "moving_label": "", "fixed_label": None})
+    assert tuple(out["moving_image"].shape) == (40, 48, 40)
+    pair["fixed_image"] = str(tmp_path / "absent.nii.gz")
+    with pytest.raises(Exception) as info:  # MONAI wraps transform errors in RuntimeError
+        pipeline(pair)
+    error = find_user_error(info.value)
+    assert isinstance(error, RegistrationInputError) and "absent.nii.gz' does not exist" in str(error)
+    assert find_user_error(RuntimeError("a real bug")) is None
