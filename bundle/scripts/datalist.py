@@ -1,0 +1,182 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Registration pairs for the workflows: from run arguments, from a JSON datalist of pairs, or built from a list of
+images (all ordered pairs, or atlas-to-subject)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from scripts.atomic import check_outputs_writable
+from scripts.validation import RegistrationInputError, check_datalist
+
+__all__ = [
+    "PAIR_KEYS",
+    "check_outputs_free",
+    "inference_pairs",
+    "load_json",
+    "make_pairs",
+    "training_pairs",
+]
+
+#: keys of a registration pair; images are required, labels optional.
+PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, naming the file in the error if it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise RegistrationInputError(f"datalist file not found: {path}; expected a JSON file of pairs.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RegistrationInputError(f"datalist {path} is not valid JSON ({e}).") from e
+
+
+def _resolve(value: str | None, base_dir: Path | None) -> str | None:
+    if value is None or value == "":
+        return None
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return str(path)
+
+
+def _pair_id(pair: Mapping[str, Any], index: int) -> str:
+    """Folder-safe id of a pair: the entry's ``id`` or ``<index>_<moving>_to_<fixed>``."""
+    if pair.get("id"):
+        raw = str(pair["id"])
+    else:
+        stem = lambda p: re.sub(r"(\.nii(\.gz)?|\.mgz|\.nrrd)$", "", Path(p).name)  # noqa: E731
+        raw = f"{index:04d}_{stem(pair['moving_image'])}_to_{stem(pair['fixed_image'])}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+
+
+def _check_pairs(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
+    """Raise one error listing every pair entry that lacks an image or names a missing/unreadable file."""
+    check_datalist(list(pairs), source=source)
+
+
+def inference_pairs(
+    moving_image: str | None = None,
+    fixed_image: str | None = None,
+    moving_label: str | None = None,
+    fixed_label: str | None = None,
+    datalist: str | Sequence[Mapping[str, Any]] | None = None,
+    base_dir: str | None = None,
+) -> list[dict[str, Any]]:
+    """
+    The pairs an inference/evaluation run processes.
+
+    Either one pair from the run arguments (outputs go straight into ``output_dir``), or every pair of a datalist:
+    a JSON file (or list) of ``{"moving_image", "fixed_image"[, "moving_label", "fixed_label", "id"]}`` entries, or a
+    dict with such a list under ``"pairs"``. Relative paths are taken from ``base_dir`` (default: the datalist's
+    folder). Datalist pairs get a ``pair_id`` (their ``id`` or index + file names): their outputs go into
+    ``output_dir/<pair_id>/``. All missing files are reported at once, before anything runs.
+    """
+    if datalist:
+        source = str(datalist) if isinstance(datalist, (str, os.PathLike)) else "the datalist"
+        entries = load_json(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
+        if isinstance(entries, Mapping):
+            entries = entries.get("pairs", entries.get("testing"))
+        if not isinstance(entries, list) or not entries:
+            raise RegistrationInputError(f"{source} must hold a non-empty list of pairs (or {{'pairs': [...]}}).")
+        root = Path(base_dir) if base_dir else (Path(datalist).parent if isinstance(datalist, (str, os.PathLike)) else None)
+        pairs = []
+        for index, entry in enumerate(entries):
+            pair = {k: _resolve(entry.get(k), root) for k in PAIR_KEYS}
+            pair = {k: v for k, v in pair.items() if v is not None}
+            pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if pair.get("moving_image") and pair.get("fixed_image") else str(index)
+            pairs.append(pair)
+    else:
+        pair = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label, "fixed_label": fixed_label}
+        pairs = [{k: _resolve(v, Path(base_dir) if base_dir else None) for k, v in pair.items() if v}]
+        pairs[0]["pair_id"] = ""
+        source = "the run arguments (--moving_image/--fixed_image)"
+    _check_pairs(pairs, source)
+    return pairs
+
+
+def check_outputs_free(
+    pairs: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, names: Sequence[str], overwrite: bool = False
+) -> list[Mapping[str, Any]]:
+    """
+    Fail before any computation if outputs of these pairs already exist and ``overwrite`` is False.
+
+    Returns ``pairs`` unchanged so that it can wrap the datalist in a config expression.
+    """
+    targets = []
+    for pair in pairs:
+        folder = Path(output_dir) / pair["pair_id"] if pair.get("pair_id") else Path(output_dir)
+        targets += [folder / n for n in names]
+    check_outputs_writable(targets, overwrite)
+    return list(pairs)
+
+
+def make_pairs(
+    images: Sequence[Mapping[str, Any]], mode: str = "all_pairs", atlas: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """
+    Registration pairs from a list of images.
+
+    Args:
+        images: entries ``{"image": path[, "label": path]}``.
+        mode: ``"all_pairs"``: every ordered pair (i, j), i != j (LPBA40, abdomen CT); ``"atlas"``: ``atlas`` is the
+            moving image of every pair and each entry is a fixed image (IXI atlas-to-subject).
+        atlas: ``{"image": path[, "label": path]}``, required for ``mode="atlas"``.
+
+    Returns:
+        list of pair dicts with ``moving_image``, ``fixed_image`` and, where available, ``moving_label``/``fixed_label``.
+    """
+
+    def pair(moving: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
+        out = {"moving_image": moving["image"], "fixed_image": fixed["image"]}
+        if moving.get("label"):
+            out["moving_label"] = moving["label"]
+        if fixed.get("label"):
+            out["fixed_label"] = fixed["label"]
+        return out
+
+    if mode == "all_pairs":
+        if len(images) < 2:
+            raise ValueError(f"mode 'all_pairs' needs at least 2 images, got {len(images)}.")
+        return [pair(m, f) for m, f in itertools.permutations(images, 2)]
+    if mode == "atlas":
+        if not atlas or not atlas.get("image"):
+            raise ValueError("mode 'atlas' needs an atlas entry {'image': ..., 'label': ...}.")
+        return [pair(atlas, f) for f in images]
+    raise ValueError(f"mode must be 'all_pairs' or 'atlas', got {mode!r}.")
+
+
+def training_pairs(
+    datalist: str | os.PathLike, split: str = "training", mode: str = "all_pairs", base_dir: str | None = None
+) -> list[dict[str, Any]]:
+    """
+    Pairs of one split of a training datalist JSON.
+
+    The file holds ``{"atlas": {"image", "label"}, "training": [...], "validation": [...]}``; a split is a list of
+    images ``{"image"[, "label"]}`` turned into pairs by :py:func:`make_pairs`, or already a list of pairs
+    (``moving_image``/``fixed_image`` entries, used as given). Relative paths are taken from ``base_dir`` (default: the
+    datalist's folder). Missing files are all reported at once.
+    """
+    content = load_json(datalist)
+    if not isinstance(content, Mapping) or split not in content:
+        raise RegistrationInputError(f"datalist {datalist} has no '{split}' list.")
+    root = Path(base_dir) if base_dir else Path(datalist).parent
+    entries = content[split]
+    if not isinstance(entries, list) or not entries:
+        raise RegistrationInputError(f"'{split}' in {datalist} must be a non-empty list.")
+    if all("moving_image" in e for e in entries):
+        pairs = [{k: _resolve(e.get(k), root) for k in PAIR_KEYS if e.get(k)} for e in entries]
+    else:
+        images = [{k: _resolve(e.get(k), root) for k in ("image", "label") if e.get(k)} for e in entries]
+        atlas = content.get("atlas")
+        atlas = {k: _resolve(atlas.get(k), root) for k in ("image", "label") if atlas.get(k)} if atlas else None
+        pairs = make_pairs(images, mode=mode, atlas=atlas)
+    _check_pairs(pairs, f"'{split}' of {datalist}")
+    return pairs

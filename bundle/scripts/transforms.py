@@ -1,0 +1,224 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Dictionary transforms of the registration workflows: grid matching, warping by the predicted field, Jacobian and
+restoring the fixed image's own voxel grid for writing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Hashable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Orientation, ResampleToMatch
+
+__all__ = [
+    "ResampleToFixedGridd",
+    "WarpByDdfd",
+    "JacobianDeterminantd",
+    "RestoreOriginalGridd",
+    "grids_match",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _affine(image: torch.Tensor) -> np.ndarray:
+    """4x4 affine of a MetaTensor as float64 numpy."""
+    if not isinstance(image, MetaTensor):
+        raise ValueError(f"expected a MetaTensor with an affine, got {type(image).__name__}.")
+    return np.asarray(image.affine, dtype=np.float64)
+
+
+def grids_match(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-3) -> bool:
+    """True when two channel-first MetaTensors share spatial shape and affine (within ``atol`` mm)."""
+    return tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(_affine(a), _affine(b), atol=atol)
+
+
+class ResampleToFixedGridd(MapTransform):
+    """
+    Resample the moving image (and its label) onto the fixed image's voxel grid when the grids differ.
+
+    Inputs are assumed affinely pre-aligned in world coordinates; this only changes how the moving volume is sampled
+    (its world position is kept), so a moving image stored in another orientation, size or spacing lands on the same
+    voxels as the fixed image. A log line says when and why resampling happened.
+
+    Args:
+        keys: keys to resample (e.g. ``["moving_image", "moving_label"]``).
+        fixed_key: key of the fixed image whose grid is the target.
+        mode: interpolation per key, e.g. ``["bilinear", "nearest"]`` (nearest for label maps).
+        atol: affine tolerance in mm under which two grids are treated as equal.
+        allow_missing_keys: skip keys that are absent (optional labels).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        fixed_key: str = "fixed_image",
+        mode: str | Sequence[str] = "bilinear",
+        atol: float = 1e-3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.fixed_key = fixed_key
+        self.mode = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(self.mode) != len(self.keys):
+            raise ValueError(f"mode needs one entry per key ({len(self.keys)}), got {mode!r}.")
+        self.atol = atol
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        fixed = d[self.fixed_key]
+        for key, mode in self.key_iterator(d, self.mode):
+            if grids_match(d[key], fixed, self.atol):
+                continue
+            logger.info(
+                "resampling %s (shape %s) onto the fixed image grid (shape %s) with %s interpolation: grids differ",
+                key,
+                tuple(d[key].shape[1:]),
+                tuple(fixed.shape[1:]),
+                mode,
+            )
+            d[key] = ResampleToMatch(mode=mode, padding_mode="zeros")(d[key], fixed)
+        return d
+
+
+class WarpByDdfd(MapTransform):
+    """
+    Warp channel-first volumes of one sample by the sample's displacement field: ``out(p) = image(p + ddf(p))``.
+
+    Used in postprocessing, after decollation, so tensors have no batch dimension; integer label maps keep their dtype
+    when ``warp`` uses nearest sampling.
+
+    Args:
+        keys: volumes to warp, each (C, D, H, W).
+        warp: callable ``warp(image (B, C, D, H, W), ddf (B, 3, D, H, W))`` such as ``scripts.warp.Warp``.
+        ddf_key: key of the (3, D, H, W) displacement in voxels.
+        output_keys: where to store the results, one per key (default: ``"warped_" + key``).
+        reference_key: key whose affine/meta the outputs carry (the fixed image).
+        allow_missing_keys: skip absent keys (optional labels).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        warp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        ddf_key: str = "pred",
+        output_keys: Sequence[str] | None = None,
+        reference_key: str = "fixed_image",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.warp = warp
+        self.ddf_key = ddf_key
+        self.output_keys = list(output_keys) if output_keys is not None else [f"warped_{k}" for k in self.keys]
+        if len(self.output_keys) != len(self.keys):
+            raise ValueError(f"output_keys needs one entry per key ({len(self.keys)}), got {output_keys!r}.")
+        self.reference_key = reference_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        ddf = torch.as_tensor(d[self.ddf_key])
+        if ddf.ndim != 4 or ddf.shape[0] != 3:
+            raise ValueError(f"{self.ddf_key} must be a (3, D, H, W) displacement, got {tuple(ddf.shape)}.")
+        reference = d.get(self.reference_key)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            image = torch.as_tensor(d[key])
+            if tuple(image.shape[1:]) != tuple(ddf.shape[1:]):
+                raise ValueError(f"{key} has spatial shape {tuple(image.shape[1:])}, the ddf {tuple(ddf.shape[1:])}.")
+            source = image.to(ddf.device)
+            floating = source.is_floating_point()
+            warped = self.warp(source[None].float() if not floating else source[None], ddf[None])[0]
+            warped = warped.to(image.dtype) if not floating else warped
+            d[out_key] = _like(warped, reference if reference is not None else d[key])
+        return d
+
+
+class JacobianDeterminantd(MapTransform):
+    """
+    Jacobian determinant of ``p -> p + ddf(p)`` for one sample's displacement (values <= 0 mark folding).
+
+    Args:
+        keys: displacement key(s), each (3, D, H, W) in voxels.
+        output_key: where to store the (1, D, H, W) determinant (one key supported).
+        reference_key: key whose affine/meta the output carries.
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", output_key: str = "jacobian_det", reference_key: str = "fixed_image") -> None:
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"JacobianDeterminantd takes one displacement key, got {self.keys}.")
+        self.output_key = output_key
+        self.reference_key = reference_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from scripts.jacobian import jacobian_determinant
+
+        d = dict(data)
+        ddf = torch.as_tensor(d[self.keys[0]]).float()
+        d[self.output_key] = _like(jacobian_determinant(ddf[None])[0], d.get(self.reference_key, d[self.keys[0]]))
+        return d
+
+
+class RestoreOriginalGridd(MapTransform):
+    """
+    Bring outputs computed on the reoriented fixed grid back onto the fixed image's grid as stored on disk.
+
+    Loading reorients volumes (``Orientationd``), which only flips and permutes array axes. This transform applies the
+    inverse flips/permutations, so every output voxel lines up with the fixed file's voxel and carries its original
+    affine. For displacement fields (``vector_keys``) the vector components are mapped too: with ``A`` the reoriented and
+    ``A0`` the original affine, a shift ``u`` in reoriented voxels is ``inv(A0[:3, :3]) @ A[:3, :3] @ u`` in original
+    voxels, so channel i of the written field is the shift along array axis i of the file.
+
+    Args:
+        keys: keys to restore, each a channel-first MetaTensor on the reoriented fixed grid.
+        reference_key: the fixed image key; its meta holds ``original_affine`` (set by ``LoadImaged``).
+        vector_keys: subset of ``keys`` holding 3-channel displacement fields in voxels.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reference_key: str = "fixed_image",
+        vector_keys: Sequence[str] = ("pred",),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key = reference_key
+        self.vector_keys = set(vector_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        reference = d[self.reference_key]
+        current = _affine(reference)
+        original = np.asarray(reference.meta.get("original_affine", current), dtype=np.float64)
+        codes = nib.aff2axcodes(original)
+        for key in self.key_iterator(d):
+            image = d[key]
+            plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            restored = Orientation(axcodes="".join(codes))(MetaTensor(plain, affine=torch.as_tensor(current)))
+            if not np.allclose(_affine(restored), original, atol=1e-3):
+                raise ValueError(
+                    f"cannot restore {key} onto the fixed image grid: affine after reorientation\n{_affine(restored)}\n"
+                    f"differs from the original\n{original}."
+                )
+            array = restored.as_tensor()
+            if key in self.vector_keys:
+                if array.shape[0] != 3:
+                    raise ValueError(f"{key} must have 3 channels to be restored as a displacement, got {array.shape[0]}.")
+                rotation = np.linalg.inv(original[:3, :3]) @ current[:3, :3]
+                rotation = torch.as_tensor(rotation, dtype=array.dtype, device=array.device)
+                array = torch.einsum("ij,j...->i...", rotation, array)
+            d[key] = MetaTensor(array, affine=torch.as_tensor(original))
+        return d
+
+
+def _like(array: torch.Tensor, reference: torch.Tensor) -> MetaTensor:
+    """Wrap ``array`` as a MetaTensor on the grid of ``reference`` (its affine only, no transform history)."""
+    plain = array.as_tensor() if isinstance(array, MetaTensor) else array
+    if isinstance(reference, MetaTensor):
+        return MetaTensor(plain, affine=reference.affine.clone())
+    return MetaTensor(plain)

@@ -1,0 +1,52 @@
+"""The shipped real Colin27 -> MNI152 pair at reduced size, for the workflow tests (bundle runs in seconds on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "bundle" / "sample_data"
+PAIR_FILES = {
+    "moving_image": "moving_colin27_t1.nii.gz",
+    "fixed_image": "fixed_mni152_t1.nii.gz",
+    "moving_label": "moving_colin27_seg8.nii.gz",
+    "fixed_label": "fixed_mni152_seg8.nii.gz",
+}
+
+
+def downsample_volume(path: Path, factor: int, label: bool) -> nib.Nifti1Image:
+    """Block-average an image (or take the centre voxel of each block of a label map) by an integer factor.
+
+    Both keep the same voxel centres (the centre of each factor^3 block), so image and label stay aligned, and the
+    affine is scaled and shifted to those centres.
+    """
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj)
+    size = [s // factor * factor for s in data.shape]
+    data = data[: size[0], : size[1], : size[2]]
+    if label:
+        c = factor // 2
+        small = data[c::factor, c::factor, c::factor].astype(np.uint8)
+    else:
+        volume = torch.as_tensor(data.astype(np.float32))[None, None]
+        small = F.avg_pool3d(volume, factor, factor)[0, 0].numpy().astype(np.float32)
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ np.full(3, (factor - 1) / 2.0) + image.affine[:3, 3]
+    affine[:3, :3] = image.affine[:3, :3] * factor
+    return nib.Nifti1Image(small, affine)
+
+
+def write_small_pair(folder: Path, factor: int = 3) -> dict[str, str]:
+    """Write the shipped pair downsampled by ``factor`` (3: 53x64x53 voxels of 3 mm) into ``folder``; returns paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for key, name in PAIR_FILES.items():
+        target = folder / name
+        nib.save(downsample_volume(SAMPLE_DIR / name, factor, label="label" in key), str(target))
+        paths[key] = str(target)
+    return paths
