@@ -68,8 +68,18 @@ def kmeans(
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0, got {max_iterations}.")
     points = points.detach()
+    # Items run one after another so that each item's result is bit-identical to clustering it alone (batched
+    # matrix products round differently, and k-means labels flip on last-bit differences near cluster borders).
+    k = min(num_clusters, points.shape[1])
+    results = [_lloyd(points[b : b + 1], k, max_iterations, tol) for b in range(points.shape[0])]
+    labels = torch.cat([r[0] for r in results], dim=0)
+    centroids = torch.cat([r[1] for r in results], dim=0)
+    return labels, centroids
+
+
+def _lloyd(points: torch.Tensor, k: int, max_iterations: int, tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations for (B, N, C) points from the maximin seeds; see :py:func:`kmeans`."""
     batch, count, channels = points.shape
-    k = min(num_clusters, count)
     centroids = maximin_init(points, k)
     labels = _squared_distances(points, centroids).argmin(dim=-1)
     for _ in range(max_iterations):

@@ -135,6 +135,13 @@ class SACBNet(nn.Module):
             raise ValueError(
                 f"expected image of shape (B, 2, D, H, W) with channels [moving, fixed], got {list(image.shape)}."
             )
+        # Pairs are registered one at a time: k-means labels are discontinuous in the features, so the last-bit
+        # differences of batched convolutions could flip voxels between clusters. This keeps every pair's result
+        # identical whether it is run alone or in a batch.
+        return torch.cat([self._register(image[b : b + 1]) for b in range(image.shape[0])], dim=0)
+
+    def _register(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 2, D, H, W) -> (1, 3, D, H, W); see :py:meth:`forward`."""
         batch = image.shape[0]
         spatial = [int(s) for s in image.shape[2:]]
         pads = self._padding(spatial)
