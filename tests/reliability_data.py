@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import nibabel as nib
@@ -16,12 +17,18 @@ SAMPLE_FILES = {
 }
 
 
+@lru_cache(maxsize=4)
+def _full_resolution(key: str) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.load(str(SAMPLE_DIR / SAMPLE_FILES[key]))
+    return np.asanyarray(image.dataobj), image.affine
+
+
 def load_sample(key: str, factor: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """A shipped volume subsampled by ``factor`` (every factor-th voxel: real values, labels stay integer) and its
-    correctly adjusted affine."""
-    image = nib.load(str(SAMPLE_DIR / SAMPLE_FILES[key]))
-    data = np.asanyarray(image.dataobj)[::factor, ::factor, ::factor]
-    return np.ascontiguousarray(data), image.affine @ np.diag([factor, factor, factor, 1.0])
+    correctly adjusted affine (a fresh copy each call)."""
+    data, affine = _full_resolution(key)
+    subsampled = np.ascontiguousarray(data[::factor, ::factor, ::factor]).copy()
+    return subsampled, affine @ np.diag([factor, factor, factor, 1.0])
 
 
 def save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from scripts.validation import RegistrationInputError
+from scripts.errors import OutputExistsError
 
 __all__ = [
     "OutputExistsError",
@@ -29,10 +29,6 @@ __all__ = [
     "write_json",
     "check_outputs_writable",
 ]
-
-
-class OutputExistsError(RegistrationInputError):
-    """An output file already exists and overwriting was not requested."""
 
 
 def temporary_path(path: str | os.PathLike) -> Path:

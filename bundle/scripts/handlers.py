@@ -23,7 +23,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from scripts.atomic import save_torch
-from scripts.validation import BundleUserError
+from scripts.errors import BundleUserError
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "AtomicCheckpointSaver", "all_finite", "loss_from_output"]
 

@@ -29,6 +29,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from scripts.errors import BundleUserError, RegistrationInputError
+
 __all__ = [
     "BundleUserError",
     "RegistrationInputError",
@@ -64,14 +66,6 @@ MAX_SPACING_RATIO = 5.0
 MIN_SPATIAL_SIZE = 16
 MIN_FOV_OVERLAP = 0.1
 NIFTI_HINT = "a readable 3-D NIfTI file (.nii or .nii.gz)"
-
-
-class BundleUserError(Exception):
-    """Base of errors the user can fix (bad inputs, diverged training): the CLI prints the message, no traceback."""
-
-
-class RegistrationInputError(BundleUserError, ValueError):
-    """A problem with the user's inputs (files, datalist, checkpoint, existing outputs), not a bug."""
 
 
 def _describe(role: str, source: Any) -> str:
