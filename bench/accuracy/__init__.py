@@ -1,0 +1,1 @@
+"""Accuracy benchmark of the SACB-Net bundle against identity and ANTs SyN on real labelled brain pairs."""

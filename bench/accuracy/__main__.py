@@ -1,0 +1,5 @@
+"""``python -m bench.accuracy`` = ``python -m bench.accuracy.run``."""
+
+from bench.accuracy.run import main
+
+main()

@@ -1,0 +1,214 @@
+"""Quality-control figure of one registration: the picture a registration user looks at first.
+
+One PNG, middle slice along one array axis, 2 × 4 panels:
+fixed | moving | warped | deformation grid (in-plane displacement, every ``grid_step`` voxels)
+|fixed − moving| (before) | |fixed − warped| (after) | det J (folds ≤ 0 in black) | det J histogram.
+
+Intensities are scaled to [0, 1] per image with robust percentiles before differencing, because the two images of a
+pair may come from different scanners/templates (e.g. MNI152 spans 0–8364, Colin27 0–133).
+Uses matplotlib's object-oriented API with the Agg canvas only, so no GUI backend or global pyplot state is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["robust_scale", "qc_figure", "save_qc_png", "qc_png_from_outputs"]
+
+
+def _as_numpy(array: Any, name: str, ndim: int) -> np.ndarray:
+    if hasattr(array, "detach"):  # torch tensor
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}.")
+    return array
+
+
+def robust_scale(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+    """Scale to [0, 1] between the ``lower``/``upper`` percentiles of the non-zero voxels (all voxels if none)."""
+    values = image[image != 0] if np.any(image != 0) else image.ravel()
+    lo, hi = np.percentile(values, [lower, upper])
+    if hi <= lo:
+        return np.zeros_like(image, dtype=np.float32)
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    # transpose so the first remaining array axis runs horizontally and the second vertically (origin lower)
+    return np.take(volume, index, axis=axis).T
+
+
+def qc_figure(
+    fixed: Any,
+    moving: Any,
+    warped: Any,
+    ddf: Any,
+    det: Any | None = None,
+    axis: int = 2,
+    index: int | None = None,
+    grid_step: int = 6,
+    title: str = "",
+):
+    """Build the QC figure.
+
+    Args:
+        fixed: fixed image (D, H, W).
+        moving: moving image (D, H, W), on the fixed grid.
+        warped: warped moving image (D, H, W).
+        ddf: displacement (3, D, H, W) in voxels, channel i along array axis i (warped(p) = moving(p + ddf(p))).
+        det: Jacobian determinant (D, H, W); computed from ``ddf`` with ``scripts.jacobian`` when None.
+        axis: array axis to slice across (2 = axial for the shipped LAS/RAS data).
+        index: slice index along ``axis``; the middle slice when None.
+        grid_step: spacing in voxels of the deformation-grid lines.
+        title: figure title (e.g. pair name and folding percentage).
+
+    Returns:
+        a ``matplotlib.figure.Figure`` (Agg canvas attached).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fixed = _as_numpy(fixed, "fixed", 3)
+    moving = _as_numpy(moving, "moving", 3)
+    warped = _as_numpy(warped, "warped", 3)
+    ddf = _as_numpy(ddf, "ddf", 4)
+    if not (fixed.shape == moving.shape == warped.shape == ddf.shape[1:]) or ddf.shape[0] != 3:
+        raise ValueError(
+            f"fixed {fixed.shape}, moving {moving.shape}, warped {warped.shape} must share one grid and ddf "
+            f"{ddf.shape} must be (3, *that grid)."
+        )
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis}.")
+    if grid_step < 1:
+        raise ValueError(f"grid_step must be ≥ 1, got {grid_step}.")
+    if det is None:
+        import torch
+
+        from scripts.jacobian import jacobian_determinant
+
+        det = jacobian_determinant(torch.from_numpy(ddf)[None])[0, 0]
+    det = _as_numpy(det, "det", 3)
+    if det.shape != fixed.shape:
+        raise ValueError(f"det {det.shape} must be on the fixed grid {fixed.shape}.")
+    index = fixed.shape[axis] // 2 if index is None else int(index)
+    if not 0 <= index < fixed.shape[axis]:
+        raise ValueError(f"slice index {index} outside [0, {fixed.shape[axis]}) along axis {axis}.")
+
+    f, m, w = (robust_scale(v) for v in (fixed, moving, warped))
+    in_plane = [a for a in range(3) if a != axis]
+    f2, m2, w2, det2 = (_slice(v, axis, index) for v in (f, m, w, det))
+    u = [np.take(ddf[a], index, axis=axis) for a in in_plane]  # (n0, n1) each, NOT transposed
+    folded_pct = 100.0 * float((det <= 0).sum()) / det.size
+
+    fig = Figure(figsize=(16, 8.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 4)
+    grey = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0, "origin": "lower", "interpolation": "nearest"}
+    axes[0, 0].imshow(f2, **grey)
+    axes[0, 0].set_title("fixed")
+    axes[0, 1].imshow(m2, **grey)
+    axes[0, 1].set_title("moving")
+    axes[0, 2].imshow(w2, **grey)
+    axes[0, 2].set_title("warped moving")
+
+    before, after = np.abs(f2 - m2), np.abs(f2 - w2)
+    diff_max = max(float(np.percentile(before, 99.5)), 1e-6)
+    diff = {"cmap": "magma", "vmin": 0.0, "vmax": diff_max, "origin": "lower", "interpolation": "nearest"}
+    axes[1, 0].imshow(before, **diff)
+    axes[1, 0].set_title(f"|fixed − moving|  mean {before.mean():.3f}")
+    image = axes[1, 1].imshow(after, **diff)
+    axes[1, 1].set_title(f"|fixed − warped|  mean {after.mean():.3f}")
+    fig.colorbar(image, ax=axes[1, 1], fraction=0.046, pad=0.02)
+
+    # deformation grid: the point p maps to p + u(p); draw the images of the regular grid lines
+    grid_ax = axes[0, 3]
+    grid_ax.imshow(f2, cmap="gray", vmin=0.0, vmax=2.5, origin="lower", interpolation="nearest")
+    n0, n1 = u[0].shape
+    c0, c1 = np.meshgrid(np.arange(n0), np.arange(n1), indexing="ij")
+    x, y = c0 + u[0], c1 + u[1]
+    for i in range(0, n0, grid_step):
+        grid_ax.plot(x[i, :], y[i, :], color="tab:orange", linewidth=0.6)
+    for j in range(0, n1, grid_step):
+        grid_ax.plot(x[:, j], y[:, j], color="tab:orange", linewidth=0.6)
+    grid_ax.set_xlim(-0.5, n0 - 0.5)
+    grid_ax.set_ylim(-0.5, n1 - 0.5)
+    magnitude = np.sqrt(u[0] ** 2 + u[1] ** 2)
+    grid_ax.set_title(f"deformation grid, max |u| {magnitude.max():.1f} vox")
+
+    det_ax = axes[1, 2]
+    image = det_ax.imshow(det2, cmap="RdBu_r", vmin=0.0, vmax=2.0, origin="lower", interpolation="nearest")
+    folds = np.ma.masked_where(det2 > 0, np.ones_like(det2))
+    det_ax.imshow(folds, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
+    det_ax.set_title(f"det J (black ≤ 0); folds {folded_pct:.3f} % of volume")
+    fig.colorbar(image, ax=det_ax, fraction=0.046, pad=0.02)
+
+    hist_ax = axes[1, 3]
+    hist_ax.hist(np.clip(det.ravel(), -1.0, 3.0), bins=120, color="tab:blue", log=True)
+    hist_ax.axvline(0.0, color="black", linewidth=1.0)
+    hist_ax.set_title(f"det J, whole volume: min {det.min():.2f}, max {det.max():.2f}")
+    hist_ax.set_xlabel("det J (clipped to [−1, 3])")
+
+    names = "DHW"
+    for ax in list(axes[0]) + list(axes[1, :3]):
+        ax.set_xlabel(f"array axis {in_plane[0]} ({names[in_plane[0]]})")
+        ax.set_ylabel(f"array axis {in_plane[1]} ({names[in_plane[1]]})")
+        ax.set_aspect("equal")
+    fig.suptitle(f"{title}  slice {index} of array axis {axis}".strip())
+    fig.tight_layout()
+    return fig
+
+
+def save_qc_png(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
+    """Build the figure with ``qc_figure(*args, **kwargs)`` and write it to ``path`` (PNG) atomically."""
+    from scripts.atomic import atomic_path
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"QC figure path must end with .png, got {path}.")
+    fig = qc_figure(*args, **kwargs)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def qc_png_from_outputs(
+    fixed_image: str | os.PathLike,
+    moving_image: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    png_path: str | os.PathLike,
+    title: str = "",
+) -> Path:
+    """Write the QC PNG of a finished registration from files: the inputs plus the bundle's outputs in ``output_dir``.
+
+    Reads ``warped_image.nii.gz`` and ``ddf.nii.gz`` (and ``jacobian_det.nii.gz`` when present) from ``output_dir``.
+    The moving image must already be on the fixed grid (the shipped and shared pairs are); otherwise a ``ValueError``
+    says so rather than showing a misleading "before" difference.
+
+    Args:
+        fixed_image: fixed NIfTI file.
+        moving_image: moving NIfTI file on the fixed grid.
+        output_dir: folder with the registration outputs.
+        png_path: PNG to write.
+        title: figure title.
+    """
+    import nibabel as nib
+
+    output_dir = Path(output_dir)
+    fixed = np.asanyarray(nib.load(str(fixed_image)).dataobj).astype(np.float32)
+    moving = np.asanyarray(nib.load(str(moving_image)).dataobj).astype(np.float32)
+    if moving.shape != fixed.shape:
+        raise ValueError(
+            f"QC figure needs the moving image on the fixed grid; got moving {moving.shape}, fixed {fixed.shape}."
+        )
+    warped = np.squeeze(np.asanyarray(nib.load(str(output_dir / "warped_image.nii.gz")).dataobj)).astype(np.float32)
+    ddf = np.squeeze(np.asanyarray(nib.load(str(output_dir / "ddf.nii.gz")).dataobj)).astype(np.float32)
+    if ddf.ndim == 4 and ddf.shape[-1] == 3 and ddf.shape[0] != 3:
+        ddf = np.moveaxis(ddf, -1, 0)  # channel-last NIfTI vector layout
+    det_path = output_dir / "jacobian_det.nii.gz"
+    det = np.squeeze(np.asanyarray(nib.load(str(det_path)).dataobj)).astype(np.float32) if det_path.exists() else None
+    return save_qc_png(png_path, fixed, moving, warped, ddf, det, title=title)
