@@ -557,6 +557,8 @@ class ValidateRegistrationInputsd(MapTransform):
                 return d
             missing = [k for k in self.keys if k not in d]
             raise RegistrationInputError(f"no input given for {missing}; expected file paths for {list(self.keys)}.")
+        if d.get("inputs_validated"):  # already checked by scripts.screening.PairScreen: do not read the files twice
+            return d
         for key in (moving_key, fixed_key, *self.label_keys):
             value = d.get(key)
             if value and not isinstance(value, (str, os.PathLike)):

@@ -1,0 +1,66 @@
+"""Batch runs go on past bad pairs and report them at the end (pair screening on the real pair made bad)."""
+
+import json
+
+import numpy as np
+import pytest
+from reliability_data import load_sample, save, small_pair
+
+from scripts.errors import BundleUserError, RegistrationInputError
+from scripts.screening import FAILED_PAIRS_FILE, VALIDATED_KEY, PairScreen
+from scripts.validation import ValidateRegistrationInputsd
+
+
+@pytest.fixture()
+def batch(tmp_path):
+    good = small_pair(tmp_path / "data")
+    truncated = tmp_path / "data" / "truncated.nii.gz"
+    data = open(good["fixed_image"], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    volume, affine = load_sample("moving_image")
+    volume = volume.astype(np.float32)
+    volume[0, 0, 0] = np.nan
+    nan_image = save(tmp_path / "data" / "nan.nii.gz", volume, affine)
+    return [
+        {**good, "pair_id": "p0"},
+        {"moving_image": good["moving_image"], "fixed_image": str(truncated), "pair_id": "p1_truncated"},
+        {"moving_image": str(nan_image), "fixed_image": good["fixed_image"], "pair_id": "p2_nan"},
+        {"moving_image": good["moving_image"], "fixed_image": good["fixed_image"], "pair_id": "p3"},
+        {"moving_image": str(tmp_path / "gone.nii.gz"), "fixed_image": good["fixed_image"], "pair_id": "p4_missing"},
+    ]
+
+
+def test_bad_pairs_are_skipped_and_reported_at_the_end(batch, tmp_path):
+    screen = PairScreen(batch)
+    assert [p["pair_id"] for p in screen.good] == ["p0", "p3"]
+    assert all(p[VALIDATED_KEY] for p in screen.good)
+    assert [p["pair_id"] for p in screen.bad] == ["p1_truncated", "p2_nan", "p4_missing"]
+    out = tmp_path / "out"
+    with pytest.raises(BundleUserError) as info:
+        screen.report(out)
+    message = str(info.value)
+    assert message.startswith("3 of 5 pairs were skipped because of bad inputs")
+    assert "the other 2 were registered" in message
+    assert "p1_truncated: fixed image" in message and "could not be read" in message
+    assert "p2_nan: moving image" in message and "contains 1 NaN/Inf voxels" in message
+    assert "p4_missing: moving image" in message and "does not exist" in message
+    report = json.loads((out / FAILED_PAIRS_FILE).read_text())
+    assert report["total"] == 5 and [r["pair_id"] for r in report["failed"]] == ["p1_truncated", "p2_nan", "p4_missing"]
+
+
+def test_screened_pairs_are_not_read_twice(batch):
+    screen = PairScreen(batch[:1])
+    pair = dict(screen.good[0])
+    pair["fixed_image"] = "/not/read/again.nii.gz"  # would fail if the transform checked it again
+    assert ValidateRegistrationInputsd()(pair) == pair
+    pair.pop(VALIDATED_KEY)
+    with pytest.raises(RegistrationInputError, match="does not exist"):
+        ValidateRegistrationInputsd()(pair)
+
+
+def test_single_bad_pair_fails_at_once_and_clean_batch_reports_nothing(batch, tmp_path):
+    with pytest.raises(RegistrationInputError, match=r"fixed image '.*truncated.nii.gz' could not be read"):
+        PairScreen(batch[1:2])
+    screen = PairScreen([batch[0], batch[3]])
+    screen.report(tmp_path / "out")
+    assert not (tmp_path / "out" / FAILED_PAIRS_FILE).exists()
