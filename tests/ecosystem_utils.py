@@ -21,8 +21,12 @@ def run_checked(
         list(command), cwd=str(cwd), env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
     if result.returncode != 0:
-        tail = (result.stdout + result.stderr)[-4000:]
-        raise AssertionError(f"`{' '.join(command)}` exited {result.returncode} in {cwd}:\n{tail}")
+        output = result.stdout + result.stderr
+        # chained tracebacks bury the cause: list the distinct error lines first, then the end of the output
+        errors = list(dict.fromkeys(line.strip() for line in output.splitlines() if "Error:" in line))
+        raise AssertionError(
+            f"`{' '.join(command)}` exited {result.returncode} in {cwd}.\nerrors: {errors[:8]}\n...{output[-3000:]}"
+        )
     return result
 
 
