@@ -257,3 +257,31 @@ def test_transform_in_a_pipeline_and_unwrapping(pair, tmp_path):
     error = find_user_error(info.value)
     assert isinstance(error, RegistrationInputError) and "absent.nii.gz' does not exist" in str(error)
     assert find_user_error(RuntimeError("a real bug")) is None
+
+
+def test_sacbnet_checkpoint_from_another_architecture(tmp_path):
+    from monai.networks.nets import LocalNet
+
+    from scripts.net import SACBNet
+    from scripts.validation import check_checkpoint
+
+    network = SACBNet(base_channels=4)
+    check_checkpoint(network, None)  # no checkpoint configured: nothing to check
+    check_checkpoint(network, tmp_path / "not_trained_yet.pt")  # absent file: the bundle runs from initialisation
+    same = tmp_path / "same.pt"
+    torch.save({"model": SACBNet(base_channels=4).state_dict()}, same)
+    check_checkpoint(network, same)
+
+    narrow = tmp_path / "narrow.pt"
+    torch.save({"model": SACBNet(base_channels=2).state_dict()}, narrow)
+    with pytest.raises(RegistrationInputError, match=r"checkpoint '.*narrow.pt' does not match the network: \d+ "
+                       r"shape-mismatched keys \(.*: checkpoint \(2, .*\) vs network \(4, .*\)"):
+        check_checkpoint(network, narrow)
+
+    other = tmp_path / "localnet.pt"
+    torch.save(LocalNet(spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=4, extract_levels=(3,)).state_dict(), other)
+    with pytest.raises(RegistrationInputError) as info:
+        load_network_weights(network, other)
+    message = str(info.value)
+    assert re.search(r"\d+ missing keys \(.*, \.\.\. \(\d+ more\)\); \d+ unexpected keys \(", message)
+    assert message.count("weight") >= 5  # the first few key names are shown, not just counts

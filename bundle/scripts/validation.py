@@ -55,6 +55,8 @@ __all__ = [
     "check_datalist",
     "extract_state_dict",
     "check_state_dict",
+    "read_checkpoint_state",
+    "check_checkpoint",
     "load_network_weights",
     "ValidateRegistrationInputsd",
     "find_user_error",
@@ -491,13 +493,11 @@ def check_state_dict(
         )
 
 
-def load_network_weights(
-    network: torch.nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> torch.nn.Module:
-    """Load a checkpoint into ``network`` after checking it exists, is readable and matches the architecture.
+def read_checkpoint_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Mapping[str, torch.Tensor]:
+    """Read a checkpoint file and return the network state dict inside it (see :func:`extract_state_dict`).
 
-    Returns:
-        ``network`` with the weights loaded (so a config can write ``$scripts.validation.load_network_weights(...)``).
+    Raises:
+        RegistrationInputError: missing, unreadable/truncated, or not holding a state dict of tensors.
     """
     path = check_file_exists(path, "checkpoint")
     try:
@@ -508,9 +508,31 @@ def load_network_weights(
             "PyTorch file saved with torch.save. The file may be truncated (interrupted copy or save)."
         ) from error
     try:
-        state = extract_state_dict(checkpoint)
+        return extract_state_dict(checkpoint)
     except RegistrationInputError as error:
         raise RegistrationInputError(f"checkpoint '{path}': {error}") from error
+
+
+def check_checkpoint(network: torch.nn.Module, path: str | os.PathLike | None) -> None:
+    """Check (without loading) that a checkpoint file fits ``network``; does nothing when ``path`` is empty or absent.
+
+    Meant for a workflow's ``initialize`` step, before MONAI's ``CheckpointLoader`` loads the file: a mismatch then
+    becomes one message naming the differing keys instead of PyTorch's wall of key names.
+    """
+    if not path or not os.path.exists(path):
+        return
+    check_state_dict(network.state_dict(), read_checkpoint_state(path), path)
+
+
+def load_network_weights(
+    network: torch.nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """Load a checkpoint into ``network`` after checking it exists, is readable and matches the architecture.
+
+    Returns:
+        ``network`` with the weights loaded (so a config can write ``$scripts.validation.load_network_weights(...)``).
+    """
+    state = read_checkpoint_state(path, map_location)
     check_state_dict(network.state_dict(), state, path)
     network.load_state_dict(state, strict=True)
     return network
