@@ -216,6 +216,7 @@ def test_ants_syn_outputs_agree_with_voxel_ddf(tmp_path):
     scored = score_pair(pair, tmp_path / "syn")
     assert scored["fold_source"] == "ants jacobian_det"
     assert scored["fold_pct"] == pytest.approx(scored["fold_pct_from_ddf"], abs=0.5)
+    assert scored["ddf_label_agreement"] > 0.9  # genericLabel interpolation is not exactly nearest
 
 
 def test_qc_png(tmp_path):

@@ -183,6 +183,6 @@ def discover_pairs(root: str | Path, include_unlabeled: bool = False) -> list[Pa
             found = [Skipped(name, "not recognised: no moving/fixed pair layout (e.g. a single atlas)")]
         for item in found:
             if isinstance(item, Pair) and not item.labelled and not include_unlabeled:
-                item = Skipped(item.name, "unlabeled pair: skipped (use --include-unlabeled to score folding/time)")
+                item = Skipped(item.name, "unlabeled pair: skipped (use --include_unlabeled to score folding/time)")
             results.append(item)
     return results

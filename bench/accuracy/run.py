@@ -104,6 +104,20 @@ def _det_from_ddf(ddf: np.ndarray) -> np.ndarray:
         return jacobian_determinant_numpy(ddf)
 
 
+def label_agreement(moving_label: np.ndarray, warped_label: np.ndarray, ddf: np.ndarray) -> float:
+    """Fraction of foreground voxels where ``warped_label`` equals the moving label resampled (nearest) at p + ddf(p).
+
+    A convention check of a method's outputs: a ddf in another unit, axis order or sign than the bundle convention
+    (warped(p) = moving(p + ddf(p)), channel i along array axis i) gives a low value.
+    """
+    from scipy.ndimage import map_coordinates
+
+    coords = np.indices(moving_label.shape, dtype=np.float32) + ddf
+    resampled = map_coordinates(moving_label, coords, order=0, mode="constant", cval=0)
+    foreground = (resampled != 0) | (warped_label != 0)
+    return float((resampled[foreground] == warped_label[foreground]).mean()) if foreground.any() else 1.0
+
+
 def score_pair(pair: Pair, method_dir: Path | None) -> dict:
     """Score a method's outputs on a pair (``method_dir`` None = identity: moving labels unwarped, det J = 1).
 
@@ -155,6 +169,8 @@ def score_pair(pair: Pair, method_dir: Path | None) -> dict:
         result.update(fold_pct=folding_percentage_numpy(load_array(det_path)), fold_source="jacobian_det")
     else:
         result.update(fold_pct=float("nan"), fold_source="missing")
+    if pair.labelled and ddf_path.exists() and (method_dir / "warped_label.nii.gz").exists():
+        result["ddf_label_agreement"] = label_agreement(moving, warped, load_ddf(ddf_path))
     return result
 
 

@@ -1,0 +1,47 @@
+"""Render one or more accuracy ``results.json`` files as the Markdown shown in ``docs/results.md``.
+
+``python -m bench.accuracy.report OUT/results.json [MORE.json ...]`` prints the table (rows in file order), then the
+machine and versions of the first file, then the skipped folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.accuracy.run import TABLE_HEADER, format_row
+
+__all__ = ["render", "main"]
+
+
+def render(reports: list[dict]) -> str:
+    """Markdown for the given reports (the dicts written by ``run_benchmark``)."""
+    if not reports:
+        raise ValueError("need at least one results report.")
+    rows = [format_row(record) for report in reports for record in report["results"]]
+    lines = [TABLE_HEADER, *rows, ""]
+    machine, versions = reports[0]["machine"], reports[0]["versions"]
+    lines.append(
+        f"Machine: {machine['cpu']} ({machine['cpu_count']} logical CPUs), {machine['threads_per_method']} threads per "
+        f"method, {machine['platform']}; commit {machine['git_commit']}, {machine['date_utc']}."
+    )
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    skipped = {(s["pair"], s["reason"]) for report in reports for s in report["skipped"]}
+    if skipped:
+        lines.append("")
+        lines.extend(f"- `{pair}`: {reason}" for pair, reason in sorted(skipped))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("results", nargs="+", help="results.json files")
+    args = parser.parse_args(argv)
+    text = render([json.loads(Path(p).read_text()) for p in args.results])
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
