@@ -1,0 +1,156 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""
+MONAI Deploy operators that run the SACB-Net bundle's exported TorchScript on a NIfTI image pair.
+
+``MonaiBundleInferenceOperator`` takes ONE network input (``image``) per call, while registration needs two volumes.
+The pipeline therefore is::
+
+    PairLoaderOperator --image (2-channel Image: moving, fixed)--> RegistrationBundleInferenceOperator --pred (DDF)-->
+    PairLoaderOperator --pair (the loaded, preprocessed dict)----------------------------------------> RegistrationWriterOperator
+
+The loader and the writer run the bundle's own ``preprocessing`` / ``postprocessing`` parsed from the ``inference.json``
+stored inside the TorchScript file, so the app's outputs equal those of ``python -m monai.bundle run`` on the same pair.
+Those transforms live in the bundle's ``scripts`` package, which must be importable (see ``app.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.deploy.core import Fragment, Image, Operator, OperatorSpec
+from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator, get_bundle_config
+
+__all__ = ["PAIR_FILES", "PreprocessedPair", "PairLoaderOperator", "RegistrationBundleInferenceOperator", "RegistrationWriterOperator"]
+
+#: input folder layout: data key -> file name (labels optional; with them the writer also saves a warped label map and
+#: label metrics).
+PAIR_FILES = {
+    "moving_image": "moving.nii.gz",
+    "fixed_image": "fixed.nii.gz",
+    "moving_label": "moving_label.nii.gz",
+    "fixed_label": "fixed_label.nii.gz",
+}
+
+
+@dataclass
+class PreprocessedPair:
+    """The preprocessed data dict, boxed: Holoscan would turn an emitted dict of tensors into a TensorMap and drop the
+    MetaTensor metadata (affines) that the writer needs."""
+
+    data: Dict[str, Any]
+
+
+def _bundle_parser(bundle_path: Path, overrides: Optional[Mapping[str, Any]] = None):
+    """The bundle's ``inference`` config as stored in the TorchScript file (``<stem>/extra/inference.json``)."""
+    parser = get_bundle_config(str(bundle_path), ["inference"])
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    parser.parse()
+    return parser
+
+
+class PairLoaderOperator(Operator):
+    """
+    Load ``moving.nii.gz`` and ``fixed.nii.gz`` (+ optional labels) from ``input_folder`` and preprocess them with the
+    bundle's ``preprocessing``: reorientation, resampling of the moving image onto the fixed grid, intensity scaling to
+    [0, 1] and stacking into the network input.
+
+    Named outputs:
+        image: :py:class:`Image` (2, D, H, W) float32, channel 0 moving, 1 fixed, with the fixed image's affine in its
+            metadata (what ``MonaiBundleInferenceOperator`` turns into a MetaTensor).
+        pair: :py:class:`PreprocessedPair`, the whole preprocessed data dict, for :py:class:`RegistrationWriterOperator`.
+    """
+
+    def __init__(self, fragment: Fragment, *args, input_folder: Path, bundle_path: Path, **kwargs) -> None:
+        self.input_folder = Path(input_folder)
+        self.bundle_path = Path(bundle_path)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.output("image")
+        spec.output("pair")
+
+    def pair_paths(self) -> Dict[str, str]:
+        """Data dict of the files present; raises ValueError naming a missing moving/fixed image."""
+        paths = {key: self.input_folder / name for key, name in PAIR_FILES.items()}
+        for key in ("moving_image", "fixed_image"):
+            if not paths[key].is_file():
+                raise ValueError(f"input folder {self.input_folder} lacks {PAIR_FILES[key]} ({key}).")
+        return {key: str(path) for key, path in paths.items() if path.is_file()}
+
+    def compute(self, op_input, op_output, context) -> None:
+        data = _bundle_parser(self.bundle_path).get_parsed_content("preprocessing")(self.pair_paths())
+        image = data["image"]
+        meta = {
+            "affine": np.asarray(image.affine),
+            "original_affine": np.asarray(image.affine),
+            "spacing": np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0)),
+            "original_channel_dim": 0,
+            "space": "RAS",
+        }
+        op_output.emit(Image(image.as_tensor().numpy().astype(np.float32), metadata=meta), "image")
+        op_output.emit(PreprocessedPair(data), "pair")
+
+
+class RegistrationBundleInferenceOperator(MonaiBundleInferenceOperator):
+    """
+    ``MonaiBundleInferenceOperator`` for a registration bundle: the network input arrives already stacked and scaled
+    (by :py:class:`PairLoaderOperator`, with the bundle's own preprocessing), the bundle's ``inferer`` and the
+    TorchScript network predict the displacement field, and ``pred`` leaves as a float32 (3, D, H, W) :py:class:`Image`.
+
+    The base class would otherwise re-run the preprocessing meant for file paths on the stacked tensor, and convert an
+    ``image`` output to a uint8 label volume, which would destroy a displacement field.
+    """
+
+    def pre_process(self, data: Any, *args, **kwargs) -> Any:
+        return data
+
+    def post_process(self, data: Any, *args, **kwargs) -> Any:
+        return data
+
+    def _send_output(self, value: Any, name: str, metadata: Dict, op_output, context) -> None:
+        array = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if array.ndim == 5:  # the batch of one added by the base class
+            array = array[0]
+        if array.ndim != 4 or array.shape[0] != 3:
+            raise ValueError(f"expected a displacement field of shape (3, D, H, W), got {array.shape}.")
+        op_output.emit(Image(array, metadata=dict(metadata)), name)
+
+
+class RegistrationWriterOperator(Operator):
+    """
+    Write the registration result with the bundle's ``postprocessing`` into ``output_folder``: ``warped_image.nii.gz``,
+    ``ddf.nii.gz``, ``jacobian_det.nii.gz``, ``metrics.json`` (and ``warped_label.nii.gz`` with labels), all on the
+    fixed image's grid as stored on disk.
+
+    Named inputs:
+        pred: :py:class:`Image` (3, D, H, W) displacement in voxels of the preprocessed fixed grid.
+        pair: :py:class:`PreprocessedPair` from :py:class:`PairLoaderOperator`.
+    """
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, bundle_path: Path, **kwargs) -> None:
+        self.output_folder = Path(output_folder)
+        self.bundle_path = Path(bundle_path)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("pred")
+        spec.input("pair")
+
+    def compute(self, op_input, op_output, context) -> None:
+        pred, data = op_input.receive("pred"), dict(op_input.receive("pair").data)
+        ddf = torch.as_tensor(np.asarray(pred.asnumpy()), dtype=torch.float32)
+        fixed = data["fixed_image"]
+        if tuple(ddf.shape[1:]) != tuple(fixed.shape[1:]):
+            raise ValueError(f"displacement grid {tuple(ddf.shape[1:])} differs from the fixed grid {tuple(fixed.shape[1:])}.")
+        data["pred"] = MetaTensor(ddf, affine=fixed.affine.clone())
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        parser = _bundle_parser(self.bundle_path, {"output_dir": str(self.output_folder)})
+        result = parser.get_parsed_content("postprocessing")(data)
+        logging.getLogger(__name__).info("SACB-Net outputs: %s", result.get("output_files"))
