@@ -1,0 +1,197 @@
+# Copyright (c) the SACB-Net MONAI bundle authors.
+# Licensed under the Apache License, Version 2.0 (the "License"); see the LICENSE file at the bundle root.
+"""Fast local (windowed) squared normalised cross-correlation loss, as SACB-Net trains with.
+
+The definition is exactly MONAI's ``LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_type="rectangular")``
+(zero-padded box windows, variances clamped at ``smooth_dr``); the implementation differs for speed:
+
+- the five window sums (of pred, target, pred², target², pred·target) are computed in ONE batched pass;
+- each window sum is separable: one 1-D box sum per axis. On CPU a 1-D box sum along an axis of length n is a
+  multiplication by the n×n banded 0/1 matrix ``|i - j| <= r`` (one BLAS GEMM, exact zero-padding semantics, and as
+  accurate as a direct sum because the zero entries add nothing); elsewhere it is ``kernel_size`` shifted additions;
+- a custom ``autograd.Function`` whose backward is again box sums (a zero-padded box sum is self-adjoint), so the
+  graph does not keep the many full-size intermediates that autograd would.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["LocalNCCLoss", "box_sum"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+# Beyond this axis length the banded GEMM does more arithmetic than it saves in memory traffic.
+_MAX_GEMM_AXIS = 512
+
+
+def _band_matrix(length: int, radius: int, like: torch.Tensor) -> torch.Tensor:
+    """(length, length) 0/1 matrix with ones where ``|i - j| <= radius`` (symmetric)."""
+    index = torch.arange(length, device=like.device)
+    return ((index[:, None] - index[None, :]).abs() <= radius).to(like.dtype)
+
+
+def _box_sum_gemm(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Zero-padded box sum of ``x`` (N, D, H, W) along the three last axes, one banded GEMM per axis."""
+    n, d, h, w = x.shape
+    x = x @ _band_matrix(w, radius, x)  # along W
+    x = _band_matrix(h, radius, x) @ x  # along H, batched over (N, D)
+    x = _band_matrix(d, radius, x) @ x.reshape(n, d, h * w)  # along D, batched over N
+    return x.reshape(n, d, h, w)
+
+
+def _box_sum_shift(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Zero-padded box sum of ``x`` (N, D, H, W) along the three last axes by shifted additions."""
+    for axis in (1, 2, 3):
+        length = x.shape[axis]
+        pad_shape = list(x.shape)
+        pad_shape[axis] = length + 2 * radius
+        padded = x.new_zeros(pad_shape)
+        padded.narrow(axis, radius, length).copy_(x)
+        out = padded.narrow(axis, 0, length).clone()
+        for shift in range(1, 2 * radius + 1):
+            out += padded.narrow(axis, shift, length)
+        x = out
+    return x
+
+
+def box_sum(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """
+    Sum of ``x`` over a cubic ``kernel_size`` window centred on every voxel, with zeros outside the volume.
+
+    Args:
+        x: (N, D, H, W) floating tensor, any device.
+        kernel_size: odd window width.
+
+    Returns:
+        (N, D, H, W) tensor of window sums (same dtype and device as ``x``).
+    """
+    radius = kernel_size // 2
+    x = x.contiguous()
+    if x.device.type == "cpu" and max(x.shape[1:]) <= _MAX_GEMM_AXIS:
+        return _box_sum_gemm(x, radius)
+    return _box_sum_shift(x, radius)
+
+
+def _window_statistics(sums: torch.Tensor, window_volume: float, smooth_dr: float):
+    """Cross term and clamped variances from the stacked window sums (5, M, D, H, W) of t, p, t², p², t·p."""
+    t_sum, p_sum, t2_sum, p2_sum, tp_sum = sums.unbind(0)
+    cross = tp_sum - p_sum * t_sum / window_volume
+    t_var = (t2_sum - t_sum * t_sum / window_volume).clamp_min_(smooth_dr)
+    p_var = (p2_sum - p_sum * p_sum / window_volume).clamp_min_(smooth_dr)
+    return t_sum, p_sum, cross, t_var, p_var
+
+
+class _LocalSquaredNCC(torch.autograd.Function):
+    """Voxel-wise squared local NCC map; backward expressed with box sums instead of an autograd graph."""
+
+    @staticmethod
+    def forward(ctx, pred, target, kernel_size: int, smooth_nr: float, smooth_dr: float):  # type: ignore[override]
+        shape = pred.shape
+        p = pred.reshape(-1, *shape[2:])
+        t = target.reshape(-1, *shape[2:])
+        # One batched box-sum pass over the five maps instead of five separate filterings.
+        sums = box_sum(torch.cat((t, p, t * t, p * p, t * p)), kernel_size).reshape(5, *p.shape)
+        window_volume = float(kernel_size**3)
+        t_sum, p_sum, cross, t_var, p_var = _window_statistics(sums, window_volume, smooth_dr)
+        del sums
+        ncc = (cross * cross + smooth_nr) / (t_var * p_var)
+        ctx.save_for_backward(pred, target, t_sum, p_sum, cross, t_var, p_var)
+        ctx.kernel_size, ctx.smooth_nr, ctx.smooth_dr, ctx.window_volume = kernel_size, smooth_nr, smooth_dr, window_volume
+        return ncc.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad_ncc):  # type: ignore[override]
+        with torch.autocast(device_type=grad_ncc.device.type, enabled=False):
+            return _LocalSquaredNCC._backward(ctx, grad_ncc)
+
+    @staticmethod
+    def _backward(ctx, grad_ncc):
+        pred, target, t_sum, p_sum, cross, t_var, p_var = ctx.saved_tensors
+        need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        shape = pred.shape
+        p = pred.reshape(-1, *shape[2:])
+        t = target.reshape(-1, *shape[2:])
+        n = ctx.window_volume
+        # ncc = (c² + nr) / (tv · pv) with c = Σtp − ΣpΣt/n, tv = max(Σt² − (Σt)²/n, dr), pv likewise.
+        ratio = grad_ncc.reshape(p.shape) / (t_var * p_var)
+        scaled_ncc = (cross * cross + ctx.smooth_nr) * ratio  # grad · ncc
+        d_tp = 2.0 * cross * ratio  # ∂/∂Σtp
+        grad_pred = grad_target = None
+        if need_pred:
+            # ∂/∂Σp², zero where the variance is clamped
+            d_p2 = torch.where(p_var > ctx.smooth_dr, -scaled_ncc / p_var, 0.0)
+            d_p = -(t_sum * d_tp + 2.0 * p_sum * d_p2) / n  # ∂/∂Σp
+            # The adjoint of a zero-padded box sum is the same box sum.
+            g_p, g_p2, g_tp = box_sum(torch.cat((d_p, d_p2, d_tp)), ctx.kernel_size).reshape(3, *p.shape)
+            grad_pred = (g_p + 2.0 * p * g_p2 + t * g_tp).reshape(shape)
+        if need_target:
+            d_t2 = torch.where(t_var > ctx.smooth_dr, -scaled_ncc / t_var, 0.0)
+            d_t = -(p_sum * d_tp + 2.0 * t_sum * d_t2) / n
+            g_t, g_t2, g_tp = box_sum(torch.cat((d_t, d_t2, d_tp)), ctx.kernel_size).reshape(3, *t.shape)
+            grad_target = (g_t + 2.0 * t * g_t2 + p * g_tp).reshape(shape)
+        return grad_pred, grad_target, None, None, None
+
+
+class LocalNCCLoss(_Loss):
+    """
+    Negative local squared normalised cross-correlation over cubic windows (the image loss SACB-Net trains with).
+
+    Same value as ``monai.losses.LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_type="rectangular")``:
+    in each zero-padded window, ``ncc = (cross² + smooth_nr) / (max(var_t, smooth_dr) · max(var_p, smooth_dr))``
+    with window sums (not means) for ``cross`` and ``var``; windows without variance (e.g. background) count 0, so
+    identical textured images give −1 and a whole skull-stripped scan gives roughly −(brain fraction).
+    Channels are treated independently. Half-precision inputs are computed in float32 (variance cancellation).
+
+    Args:
+        kernel_size: odd window width (voxels), >= 1. Defaults to 9 (SACB-Net).
+        reduction: ``"mean"`` (over batch, channels and voxels), ``"sum"`` or ``"none"`` (the (B, C, D, H, W) map).
+        smooth_nr: constant added to the squared cross term, >= 0.
+        smooth_dr: lower clamp of each window variance, > 0 (keeps constant images finite).
+
+    Shapes:
+        pred, target: (B, C, D, H, W). Output: scalar, or (B, C, D, H, W) for ``reduction="none"``.
+    """
+
+    def __init__(
+        self, kernel_size: int = 9, reduction: str = "mean", smooth_nr: float = 0.0, smooth_dr: float = 1e-5
+    ) -> None:
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        super().__init__(reduction=reduction)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+        if smooth_nr < 0:
+            raise ValueError(f"smooth_nr must be >= 0, got {smooth_nr}")
+        if not smooth_dr > 0:
+            raise ValueError(f"smooth_dr must be > 0 (it keeps constant windows finite), got {smooth_dr}")
+        self.kernel_size = kernel_size
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            pred: (B, C, D, H, W), e.g. the warped moving image.
+            target: (B, C, D, H, W), e.g. the fixed image.
+        """
+        if pred.ndim != 5:
+            raise ValueError(f"pred must be 5-D (B, C, D, H, W), got shape {tuple(pred.shape)}")
+        if target.shape != pred.shape:
+            raise ValueError(f"target shape {tuple(target.shape)} differs from pred shape {tuple(pred.shape)}")
+        if not pred.is_floating_point() or not target.is_floating_point():
+            raise ValueError(f"pred and target must be floating point, got {pred.dtype} and {target.dtype}")
+        out_dtype = torch.promote_types(pred.dtype, target.dtype)
+        compute_dtype = torch.promote_types(out_dtype, torch.float32)
+        # Autocast would run the GEMMs in half precision; the variance cancellation needs float32.
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            ncc = _LocalSquaredNCC.apply(
+                pred.to(compute_dtype), target.to(compute_dtype), self.kernel_size, self.smooth_nr, self.smooth_dr
+            )
+            if self.reduction == "mean":
+                loss = ncc.mean().neg()
+            elif self.reduction == "sum":
+                loss = ncc.sum().neg()
+            else:
+                loss = ncc.neg()
+        return loss.to(out_dtype)
