@@ -154,29 +154,45 @@ def make_pairs(
 
 
 def training_pairs(
-    datalist: str | os.PathLike, split: str = "training", mode: str = "all_pairs", base_dir: str | None = None
+    datalist: str | os.PathLike | Mapping[str, Any],
+    split: str = "training",
+    mode: str = "all_pairs",
+    base_dir: str | None = None,
+    with_labels: bool = True,
 ) -> list[dict[str, Any]]:
     """
-    Pairs of one split of a training datalist JSON.
+    Pairs of one split of a training datalist.
 
-    The file holds ``{"atlas": {"image", "label"}, "training": [...], "validation": [...]}``; a split is a list of
-    images ``{"image"[, "label"]}`` turned into pairs by :py:func:`make_pairs`, or already a list of pairs
+    The datalist (a JSON file or the same content inline in the config) holds
+    ``{"atlas": {"image", "label"}, "training": [...], "validation": [...]}``; a split is a list of images
+    ``{"image"[, "label"]}`` turned into pairs by :py:func:`make_pairs`, or already a list of pairs
     (``moving_image``/``fixed_image`` entries, used as given). Relative paths are taken from ``base_dir`` (default: the
-    datalist's folder). Missing files are all reported at once.
+    datalist file's folder). Every missing file is reported at once, before training starts.
+
+    Args:
+        datalist: path to the JSON file, or its content.
+        split: key of the list to use ("training", "validation", ...).
+        mode: "all_pairs" or "atlas" (see :py:func:`make_pairs`); ignored for lists of pairs.
+        base_dir: folder of relative paths.
+        with_labels: keep label entries (False for unsupervised training, so labels are not loaded).
     """
-    content = load_json(datalist)
+    is_file = isinstance(datalist, (str, os.PathLike))
+    content = load_json(datalist) if is_file else datalist
+    source = str(datalist) if is_file else "the datalist"
     if not isinstance(content, Mapping) or split not in content:
-        raise RegistrationInputError(f"datalist {datalist} has no '{split}' list.")
-    root = Path(base_dir) if base_dir else Path(datalist).parent
+        raise RegistrationInputError(f"{source} has no '{split}' list; expected keys like 'training' and 'validation'.")
+    root = Path(base_dir) if base_dir else (Path(datalist).parent if is_file else None)
     entries = content[split]
     if not isinstance(entries, list) or not entries:
-        raise RegistrationInputError(f"'{split}' in {datalist} must be a non-empty list.")
-    if all("moving_image" in e for e in entries):
+        raise RegistrationInputError(f"'{split}' in {source} must be a non-empty list.")
+    if all(isinstance(e, Mapping) and "moving_image" in e for e in entries):
         pairs = [{k: _resolve(e.get(k), root) for k in PAIR_KEYS if e.get(k)} for e in entries]
     else:
         images = [{k: _resolve(e.get(k), root) for k in ("image", "label") if e.get(k)} for e in entries]
         atlas = content.get("atlas")
         atlas = {k: _resolve(atlas.get(k), root) for k in ("image", "label") if atlas.get(k)} if atlas else None
         pairs = make_pairs(images, mode=mode, atlas=atlas)
-    _check_pairs(pairs, f"'{split}' of {datalist}")
+    if not with_labels:
+        pairs = [{k: v for k, v in p.items() if k in ("moving_image", "fixed_image")} for p in pairs]
+    _check_pairs(pairs, f"'{split}' of {source}")
     return pairs

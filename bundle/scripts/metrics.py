@@ -18,6 +18,7 @@ from scripts.atomic import check_outputs_writable
 from scripts.writer import pair_output_dir, write_csv_atomic, write_json_atomic
 
 __all__ = [
+    "OneHotLabelsd",
     "RegistrationMetricsd",
     "dice_per_label",
     "hd95_per_label",
@@ -143,6 +144,38 @@ def registration_metrics(
         result["ssim"] = float(metric(torch.as_tensor(warped_image)[None].float(), torch.as_tensor(fixed_image)[None].float()).mean())
     result["labels"] = rows
     return result
+
+
+class OneHotLabelsd(MapTransform):
+    """
+    One-hot encode label maps over a fixed list of label ids (one channel per id, no background channel), e.g. for
+    MONAI's ``MeanDice`` handler during validation.
+
+    Args:
+        keys: (1, D, H, W) label maps.
+        label_ids: ids to encode.
+        output_keys: result keys (default ``key + "_onehot"``).
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] | str,
+        label_ids: Sequence[int],
+        output_keys: Sequence[str] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not label_ids:
+            raise ValueError("label_ids must list at least one label id.")
+        self.label_ids = [int(i) for i in label_ids]
+        self.output_keys = list(output_keys) if output_keys is not None else [f"{k}_onehot" for k in self.keys]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = label_one_hot(d[key], self.label_ids)[0]
+        return d
 
 
 def _spacing(image: torch.Tensor) -> list[float] | None:

@@ -1,0 +1,132 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Test-time instance optimisation: fine-tune the registration network on the one pair it is asked to register."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from scripts.inferer import ResolutionInferer, resize_displacement
+
+__all__ = ["InstanceOptimizationInferer"]
+
+logger = logging.getLogger(__name__)
+
+
+class InstanceOptimizationInferer(ResolutionInferer):
+    """
+    Inferer that first optimises the network's weights on the pair it is given, then predicts its displacement.
+
+    For each call (one batch of pairs), the network is reset to the weights it had when the inferer first saw it (the
+    bundle weights, or its initialisation when none are shipped), then trained for ``iterations`` Adam steps on the
+    unsupervised objective ``image_loss(warp(moving, ddf), fixed) + regularization_weight * regularization(ddf)`` at the
+    network resolution (see :py:class:`scripts.inferer.ResolutionInferer`), and finally run once more to predict the
+    field, which is resized to the input grid. Gradients are enabled locally, so it works inside MONAI evaluators
+    (which run under ``torch.no_grad``). After the call the network keeps the optimised weights.
+
+    Args:
+        image_loss: callable ``(warped, fixed) -> loss``, e.g. ``scripts.ncc.LocalNCCLoss``.
+        regularization: callable ``(ddf) -> loss``, e.g. ``scripts.regularization.GradientLoss``.
+        warp: callable ``(image, ddf) -> warped``, e.g. ``scripts.warp.Warp``.
+        regularization_weight: lambda of the smoothness term.
+        iterations: optimisation steps per pair (0: plain inference).
+        learning_rate: Adam learning rate.
+        network_scale: network resolution relative to the input (per axis or one number).
+        antialias: smooth before downsampling.
+        log_interval: log the loss every this many iterations (0: only first and last).
+
+    Shapes:
+        inputs (B, 2, D, H, W), channel 0 moving, 1 fixed, in [0, 1] -> ddf (B, 3, D, H, W) in voxels.
+    """
+
+    def __init__(
+        self,
+        image_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        regularization: Callable[[torch.Tensor], torch.Tensor],
+        warp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        regularization_weight: float = 1.0,
+        iterations: int = 100,
+        learning_rate: float = 1e-3,
+        network_scale: float | Sequence[float] = 0.5,
+        antialias: bool = True,
+        log_interval: int = 10,
+    ) -> None:
+        super().__init__(network_scale=network_scale, antialias=antialias)
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}.")
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
+        if regularization_weight < 0:
+            raise ValueError(f"regularization_weight must be >= 0, got {regularization_weight}.")
+        self.image_loss = image_loss
+        self.regularization = regularization
+        self.warp = warp
+        self.regularization_weight = float(regularization_weight)
+        self.iterations = int(iterations)
+        self.learning_rate = float(learning_rate)
+        self.log_interval = int(log_interval)
+        self._initial_state: dict[str, torch.Tensor] | None = None
+        self._initial_owner: int | None = None
+        self.history: list[float] = []
+
+    def _reset(self, network: nn.Module) -> None:
+        """Restore the weights the network had at the first call (each pair starts from the same model)."""
+        if self._initial_owner != id(network):
+            self._initial_state = copy.deepcopy(network.state_dict())
+            self._initial_owner = id(network)
+        else:
+            network.load_state_dict(self._initial_state)
+
+    def objective(self, network: nn.Module, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of the network on a (B, 2, d, h, w) pair and the predicted (B, 3, d, h, w) field."""
+        ddf = network(pair)
+        warped = self.warp(pair[:, :1], ddf)
+        loss = self.image_loss(warped, pair[:, 1:]) + self.regularization_weight * self.regularization(ddf)
+        return loss, ddf
+
+    def optimize(self, network: nn.Module, pair: torch.Tensor) -> list[float]:
+        """Run the Adam steps on one (B, 2, d, h, w) pair at network resolution; returns the loss per step."""
+        self._reset(network)
+        history: list[float] = []
+        if self.iterations == 0:
+            return history
+        optimizer = torch.optim.Adam(network.parameters(), lr=self.learning_rate)
+        start = time.time()
+        with torch.enable_grad():
+            for step in range(1, self.iterations + 1):
+                optimizer.zero_grad(set_to_none=True)
+                loss, _ = self.objective(network, pair)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"instance optimisation diverged: loss {loss.item()} at step {step}.")
+                loss.backward()
+                optimizer.step()
+                history.append(float(loss.detach()))
+                if step == 1 or step == self.iterations or (self.log_interval and step % self.log_interval == 0):
+                    logger.info(
+                        "instance optimisation step %d/%d: loss %.4f (%.1f s)", step, self.iterations, history[-1], time.time() - start
+                    )
+        return history
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """
+        Args:
+            inputs: (B, 2, D, H, W) pair, channel 0 moving, 1 fixed.
+            network: the registration network (an ``nn.Module``; its weights are optimised in place).
+
+        Returns:
+            (B, 3, D, H, W) displacement in voxels of the input grid.
+        """
+        if not isinstance(network, nn.Module):
+            raise ValueError(f"instance optimisation needs an nn.Module network, got {type(network).__name__}.")
+        if inputs.ndim != 5 or inputs.shape[1] != 2:
+            raise ValueError(f"inputs must have shape (B, 2, D, H, W), got {tuple(inputs.shape)}.")
+        pair = self.downsample(inputs).detach()
+        self.history = self.optimize(network, pair)
+        with torch.no_grad():
+            ddf = network(pair, *args, **kwargs)
+        return resize_displacement(ddf, inputs.shape[2:])
