@@ -285,3 +285,23 @@ def test_sacbnet_checkpoint_from_another_architecture(tmp_path):
     message = str(info.value)
     assert re.search(r"\d+ missing keys \(.*, \.\.\. \(\d+ more\)\); \d+ unexpected keys \(", message)
     assert message.count("weight") >= 5  # the first few key names are shown, not just counts
+
+
+def test_cli_boundary_prints_one_line_and_exits_2(pair, tmp_path, capsys):
+    from monai.data import DataLoader, Dataset
+
+    from scripts.errors import exit_on_user_error
+
+    pair["moving_image"] = str(tmp_path / "absent.nii.gz")
+    # errors raised in a DataLoader worker come back with the worker's traceback pasted into the message
+    loader = DataLoader(Dataset([pair], ValidateRegistrationInputsd()), batch_size=1, num_workers=1)
+    with pytest.raises(SystemExit) as info:
+        exit_on_user_error(lambda: next(iter(loader)))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: moving image '") and "absent.nii.gz' does not exist; expected" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(RuntimeError, match="Original Traceback"):  # --debug: the full exception and traceback
+        exit_on_user_error(lambda: next(iter(loader)), debug=True)
+    with pytest.raises(ZeroDivisionError):  # a bug is never hidden
+        exit_on_user_error(lambda: 1 / 0)

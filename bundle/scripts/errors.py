@@ -1,6 +1,15 @@
 """Error types for problems the user can fix; the CLI prints their message and exits non-zero without a traceback."""
 
-__all__ = ["BundleUserError", "RegistrationInputError", "OutputExistsError"]
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, Callable
+
+__all__ = ["BundleUserError", "RegistrationInputError", "OutputExistsError", "find_user_error", "exit_on_user_error"]
+
+USER_ERROR_EXIT_CODE = 2
 
 
 class BundleUserError(Exception):
@@ -13,3 +22,53 @@ class RegistrationInputError(BundleUserError, ValueError):
 
 class OutputExistsError(RegistrationInputError):
     """An output file already exists and overwriting was not requested."""
+
+
+def _user_error_classes(base: type = BundleUserError) -> dict[str, type]:
+    classes = {base.__name__: base}
+    for subclass in base.__subclasses__():
+        classes.update(_user_error_classes(subclass))
+    return classes
+
+
+# "scripts.errors.RegistrationInputError: <message>" inside a traceback pasted into a DataLoader worker's error
+_PASTED_ERROR = re.compile(r"^(?:[\w.]*\.)?(\w+): (.*?)(?=\n\nThe above exception|\n\nDuring handling|\Z)", re.M | re.S)
+
+
+def find_user_error(error: BaseException | None) -> BundleUserError | None:
+    """Find the :class:`BundleUserError` behind an exception raised through MONAI/ignite wrappers (None if none).
+
+    MONAI's ``Compose`` re-raises transform errors as ``RuntimeError(...) from error`` and ignite re-raises engine
+    errors, so the user's error sits somewhere in the ``__cause__``/``__context__`` chain. A DataLoader worker process
+    re-raises errors as a new exception whose message is the worker's whole traceback; the user error's own message is
+    then taken out of that text.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if "Original Traceback" in text:
+            classes = _user_error_classes()
+            for name, message in _PASTED_ERROR.findall(text):
+                if name in classes:
+                    return classes[name](message.strip())
+        if isinstance(error, BundleUserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def exit_on_user_error(function: Callable[..., Any], *args: Any, debug: bool = False, **kwargs: Any) -> Any:
+    """Call ``function``; if it fails because of a :class:`BundleUserError`, print ``error: <message>`` to stderr and
+    exit with status 2 (no traceback). With ``debug=True``, or for any other exception (a bug), the exception
+    propagates with its full traceback.
+    """
+    try:
+        return function(*args, **kwargs)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None or debug:
+            raise
+        logging.getLogger(__name__).debug("user error", exc_info=error)  # full traceback kept for log files
+        print(f"error: {user_error}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None

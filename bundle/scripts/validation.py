@@ -29,7 +29,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from scripts.errors import BundleUserError, RegistrationInputError
+from scripts.errors import BundleUserError, RegistrationInputError, find_user_error
 
 __all__ = [
     "BundleUserError",
@@ -598,23 +598,3 @@ class ValidateRegistrationInputsd(MapTransform):
             self.min_overlap,
         )
         return d
-
-
-def find_user_error(error: BaseException | None) -> BundleUserError | None:
-    """Find a :class:`BundleUserError` (e.g. :class:`RegistrationInputError`) behind an exception raised through MONAI/ignite wrappers.
-
-    MONAI's ``Compose`` re-raises transform errors as ``RuntimeError(...) from error`` and ignite re-raises engine
-    errors, so the user's error sits somewhere in the ``__cause__``/``__context__`` chain. A DataLoader worker re-raises
-    it with the worker's traceback pasted into the message; only the last line (the message itself) is kept.
-    """
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, BundleUserError):
-            text = str(error)
-            marker = f"{type(error).__name__}: "
-            if "Original Traceback" in text and marker in text:
-                return type(error)(text.rsplit(marker, 1)[-1].strip())
-            return error
-        error = error.__cause__ or error.__context__
-    return None
