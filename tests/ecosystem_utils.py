@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-__all__ = ["run_bundle_command", "run_checked"]
+import torch
+
+__all__ = ["bundle_copy_with_weights", "run_bundle_command", "run_checked"]
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
+
+
+def bundle_copy_with_weights(folder: Path) -> Path:
+    """
+    Copy of the bundle in ``folder/bundle`` (without run outputs). Without shipped weights, a seeded initialisation of
+    ``network_def`` is saved as ``models/model.pt`` so that tools needing weights (``load``, MONAI Label) can run; a
+    release ships trained weights there.
+    """
+    root = Path(folder) / "bundle"
+    shutil.copytree(BUNDLE_ROOT, root, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs"))
+    weights = root / "models" / "model.pt"
+    if not weights.is_file():
+        from scripts.net import SACBNet
+
+        config = json.loads((root / "configs" / "inference.json").read_text())["network_def"]
+        torch.manual_seed(0)
+        network = SACBNet(**{k: v for k, v in config.items() if not k.startswith("_")})
+        weights.parent.mkdir(exist_ok=True)
+        torch.save(network.state_dict(), weights)
+    return root
 
 
 def run_checked(

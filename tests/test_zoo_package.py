@@ -8,7 +8,6 @@ import functools
 import hashlib
 import http.server
 import json
-import shutil
 import sys
 import threading
 import zipfile
@@ -17,9 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from conftest import BUNDLE_ROOT, REPO_ROOT
-from ecosystem_utils import run_bundle_command, run_checked
+from ecosystem_utils import bundle_copy_with_weights, run_bundle_command, run_checked
 from reliability_data import small_pair
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -28,24 +26,6 @@ from package_bundle import LARGE_FILE_BYTES, bundle_name, package_bundle  # noqa
 METADATA = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
 NAME = bundle_name(METADATA)
 VERSION = METADATA["version"]
-
-
-def _release_copy(folder: Path) -> Path:
-    """Copy of the bundle to release. Without shipped weights, a seeded initialisation stands in for model.pt so that
-    the archive has what ``monai.bundle.load`` reads (a real release ships trained weights there)."""
-    root = folder / "bundle"
-    shutil.copytree(BUNDLE_ROOT, root, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs"))
-    weights = root / "models" / "model.pt"
-    if not weights.is_file():
-        sys.path.insert(0, str(BUNDLE_ROOT))
-        from scripts.net import SACBNet
-
-        torch.manual_seed(0)
-        config = json.loads((root / "configs" / "inference.json").read_text())["network_def"]
-        network = SACBNet(**{k: v for k, v in config.items() if not k.startswith("_")})
-        weights.parent.mkdir(exist_ok=True)
-        torch.save(network.state_dict(), weights)
-    return root
 
 
 def _tiny_bundle(folder: Path, changelog=None) -> Path:
@@ -133,7 +113,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def served_release(tmp_path):
     """Build the real bundle's release zip and serve its folder on 127.0.0.1 (free port); yields (url, zip path)."""
-    archive = package_bundle(_release_copy(tmp_path / "src"), tmp_path / "dist")
+    archive = package_bundle(bundle_copy_with_weights(tmp_path / "src"), tmp_path / "dist")
     handler = functools.partial(_QuietHandler, directory=str(archive.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

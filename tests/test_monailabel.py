@@ -1,0 +1,134 @@
+"""MONAI Label app (integrations/monailabel/): the real ``monailabel`` package serves the bundle, in its own venv.
+
+The app's infer task registers the atlas (Colin27 + labels) onto a study (MNI152) through ``MONAILabelApp.infer`` and
+returns the warped atlas labels on the study's grid, equal to the bundle's own ``monai.bundle run``; the train task
+turns the datastore's labelled studies into registration pairs and trains the bundle for one epoch.
+
+Needs ``integrations/monailabel/setup_env.sh`` (``$SACB_LABEL_VENV`` or ``.venv-label``): monailabel needs torchvision,
+which needs another torch than the main environment's (see requirements-label.txt)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+from ecosystem_utils import bundle_copy_with_weights, run_bundle_command, run_checked
+from reliability_data import load_sample, save
+
+pytestmark = [pytest.mark.label, pytest.mark.slow]
+
+LABEL_PYTHON = Path(os.environ.get("SACB_LABEL_VENV", REPO_ROOT / ".venv-label")) / "bin" / "python"
+APP_DIR = REPO_ROOT / "integrations" / "monailabel"
+MODEL = "sacb_net_registration"
+
+if not LABEL_PYTHON.is_file():
+    pytest.skip(
+        f"MONAI Label venv not found at {LABEL_PYTHON.parent.parent}: run integrations/monailabel/setup_env.sh",
+        allow_module_level=True,
+    )
+
+
+def _run_in_label_venv(code: str, cwd: Path) -> dict:
+    """Run ``code`` with the venv's python (app folder importable); it prints one JSON line prefixed ``RESULT``."""
+    result = run_checked([str(LABEL_PYTHON), "-c", code], cwd=cwd, env={"PYTHONPATH": str(APP_DIR)})
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, result.stdout[-2000:] + result.stderr[-2000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _write_pair(folder: Path, factor: int) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"moving_image": "colin27.nii.gz", "moving_label": "colin27_seg.nii.gz",
+             "fixed_image": "mni152.nii.gz", "fixed_label": "mni152_seg.nii.gz"}
+    return {key: str(save(folder / name, *load_sample(key, factor=factor))) for key, name in names.items()}
+
+
+@pytest.fixture(scope="module")
+def infer_run(tmp_path_factory):
+    """App-level inference (MONAILabelApp.infer on a study id) and the bundle's own run on the same 4 mm pair."""
+    work = tmp_path_factory.mktemp("label_infer")
+    bundle = bundle_copy_with_weights(work)
+    pair = _write_pair(work / "data", factor=4)
+    studies = work / "studies"
+    studies.mkdir()
+    shutil.copy(pair["fixed_image"], studies / "mni152.nii.gz")
+    conf = {"bundle_path": str(bundle), "atlas_image": pair["moving_image"], "atlas_label": pair["moving_label"]}
+    code = (
+        "import json\n"
+        "from main import SACBNetLabelApp\n"
+        f"app = SACBNetLabelApp({str(APP_DIR)!r}, {str(studies)!r}, {conf!r})\n"
+        f"info = app.info()['models'][{MODEL!r}]\n"
+        f"result = app.infer({{'model': {MODEL!r}, 'image': 'mni152', 'device': 'cpu'}})\n"
+        "print('RESULT ' + json.dumps({'info': info, 'label': result['label'], 'params': result['params']}, default=str))\n"
+    )
+    app_result = _run_in_label_venv(code, work)
+    reference = work / "bundle_out"
+    run_bundle_command(
+        ["run", "--config_file", "configs/inference.json", "--output_dir", str(reference),
+         *[f"--{key}={value}" for key, value in pair.items()]],
+        bundle,
+    )
+    return pair, app_result, reference
+
+
+def test_app_exposes_registration_model(infer_run):
+    _, result, _ = infer_run
+    info = result["info"]
+    assert info["type"] == "segmentation"
+    assert info["labels"] == {"thalamus": 1, "caudate": 2, "putamen": 3, "pallidum": 4, "hippocampus": 5,
+                              "amygdala": 6, "cerebellum": 7, "cerebral cortex": 8}
+
+
+def test_infer_returns_atlas_labels_on_study_grid(infer_run):
+    pair, result, reference = infer_run
+    label = nib.load(result["label"])
+    fixed = nib.load(pair["fixed_image"])
+    assert label.shape == fixed.shape
+    np.testing.assert_allclose(label.affine, fixed.affine, atol=1e-4)
+    data = np.asarray(label.dataobj)
+    assert set(np.unique(data)) <= set(range(9)) and len(np.unique(data)) >= 5
+    params = result["params"]
+    assert 0.0 <= params["percent_non_positive_jacobian"] < 100.0
+    assert params["atlas_label"] == pair["moving_label"]
+    # the same warped atlas labels as the bundle's own inference (the venv's torch differs: allow rare voxel flips)
+    expected = np.asarray(nib.load(str(reference / "warped_label.nii.gz")).dataobj)
+    assert (data == expected).mean() > 0.999
+
+
+def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
+    bundle = bundle_copy_with_weights(tmp_path)
+    before = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    pair = _write_pair(tmp_path / "data", factor=8)  # 20x24x20: one epoch in seconds
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for image, label, name in (("moving_image", "moving_label", "colin27"), ("fixed_image", "fixed_label", "mni152")):
+        shutil.copy(pair[image], studies / f"{name}.nii.gz")
+        shutil.copy(pair[label], studies / "labels" / "final" / f"{name}.nii.gz")
+    code = (
+        "import json\n"
+        "from main import SACBNetLabelApp\n"
+        f"app = SACBNetLabelApp({str(APP_DIR)!r}, {str(studies)!r}, {{'bundle_path': {str(bundle)!r}}})\n"
+        f"task = app._trainers[{MODEL!r}]\n"
+        "overrides = {}\n"
+        "task._update_overrides_orig = task._update_overrides\n"
+        "def spy(o):\n"
+        "    task._update_overrides_orig(o); overrides.update(o)\n"
+        "task._update_overrides = spy\n"
+        f"task({{'model': {MODEL!r}, 'max_epochs': 1, 'val_split': 0.0, 'device': 'cpu', 'multi_gpu': False}},"
+        " app.datastore())\n"
+        "print('RESULT ' + json.dumps({k: overrides[k] for k in ('train#dataset#data', 'validate#dataset#data')}))\n"
+    )
+    result = _run_in_label_venv(code, tmp_path)
+    train_pairs, validation_pairs = result["train#dataset#data"], result["validate#dataset#data"]
+    assert sorted(Path(p["moving_image"]).name for p in train_pairs) == ["colin27.nii.gz", "mni152.nii.gz"]
+    assert all(set(p) == {"moving_image", "fixed_image"} for p in train_pairs)  # unsupervised training
+    assert all({"moving_label", "fixed_label"} <= set(p) for p in validation_pairs)
+    after = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training did not update models/model.pt"
