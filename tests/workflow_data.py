@@ -50,3 +50,25 @@ def write_small_pair(folder: Path, factor: int = 3) -> dict[str, str]:
         nib.save(downsample_volume(SAMPLE_DIR / name, factor, label="label" in key), str(target))
         paths[key] = str(target)
     return paths
+
+
+def run_bundle_workflow(config_files: list[str], workflow_type: str = "infer", prepare=None, **overrides):
+    """Run bundle configs (paths relative to ``bundle/configs``) in-process through ``monai.bundle.ConfigWorkflow``,
+    as ``python -m monai.bundle run`` does; ``prepare(workflow)`` may adjust parsed objects between initialize and run.
+    Returns the workflow (finalized)."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = SAMPLE_DIR.parent
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / f) for f in config_files],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        **{"bundle_root": str(bundle), **overrides},
+    )
+    workflow.initialize()
+    if prepare is not None:
+        prepare(workflow)
+    workflow.run()
+    workflow.finalize()
+    return workflow
