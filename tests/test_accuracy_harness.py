@@ -237,3 +237,23 @@ def test_qc_png(tmp_path):
         qc_figure(fixed, fixed[:-1], fixed, ddf, det)
     with pytest.raises(ValueError, match=r"\.png"):
         save_qc_png(tmp_path / "qc.jpg", fixed, fixed, fixed, ddf, det)
+
+
+def test_qc_png_from_outputs_resamples_moving_grid(tmp_path):
+    from scripts.qc import _resample_to_grid, qc_png_from_outputs
+
+    rng = np.random.default_rng(1)
+    fixed = rng.random((16, 18, 14)).astype(np.float32)
+    shifted = np.eye(4)
+    shifted[:3, 3] = [2.0, 0.0, 0.0]  # the moving grid starts 2 mm further along x: moving voxel i sits at fixed voxel i + 2
+    moving = np.zeros((20, 18, 14), np.float32)
+    moving[:14] = fixed[2:]
+    np.testing.assert_allclose(_resample_to_grid(moving, shifted, fixed.shape, np.eye(4))[2:], fixed[2:], atol=1e-6)
+    out = tmp_path / "out"
+    out.mkdir()
+    _save(fixed, out / "warped_image.nii.gz")
+    _save(np.zeros((16, 18, 14, 3), np.float32), out / "ddf.nii.gz")
+    png = qc_png_from_outputs(
+        _save(fixed, tmp_path / "f.nii.gz"), _save(moving, tmp_path / "m.nii.gz", shifted), out, tmp_path / "qc.png"
+    )
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -176,6 +176,16 @@ def save_qc_png(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
     return path
 
 
+def _resample_to_grid(image: np.ndarray, affine: np.ndarray, shape: tuple, target_affine: np.ndarray) -> np.ndarray:
+    """Linear resampling of ``image`` (with ``affine``) onto the grid ``shape``/``target_affine`` (zeros outside)."""
+    from scipy.ndimage import map_coordinates
+
+    target_to_source = np.linalg.inv(affine) @ target_affine  # fixed voxel -> world -> moving voxel
+    grid = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    coords = target_to_source[:3, :3] @ grid + target_to_source[:3, 3:]
+    return map_coordinates(image, coords, order=1, mode="constant", cval=0.0).reshape(shape).astype(np.float32)
+
+
 def qc_png_from_outputs(
     fixed_image: str | os.PathLike,
     moving_image: str | os.PathLike,
@@ -186,12 +196,12 @@ def qc_png_from_outputs(
     """Write the QC PNG of a finished registration from files: the inputs plus the bundle's outputs in ``output_dir``.
 
     Reads ``warped_image.nii.gz`` and ``ddf.nii.gz`` (and ``jacobian_det.nii.gz`` when present) from ``output_dir``.
-    The moving image must already be on the fixed grid (the shipped and shared pairs are); otherwise a ``ValueError``
-    says so rather than showing a misleading "before" difference.
+    A moving image on another grid is resampled onto the fixed grid through the two affines (linear), as the bundle
+    does before registering (inputs are assumed affinely pre-aligned), so the "before" difference is meaningful.
 
     Args:
         fixed_image: fixed NIfTI file.
-        moving_image: moving NIfTI file on the fixed grid.
+        moving_image: moving NIfTI file.
         output_dir: folder with the registration outputs.
         png_path: PNG to write.
         title: figure title.
@@ -199,12 +209,13 @@ def qc_png_from_outputs(
     import nibabel as nib
 
     output_dir = Path(output_dir)
-    fixed = np.asanyarray(nib.load(str(fixed_image)).dataobj).astype(np.float32)
-    moving = np.asanyarray(nib.load(str(moving_image)).dataobj).astype(np.float32)
-    if moving.shape != fixed.shape:
-        raise ValueError(
-            f"QC figure needs the moving image on the fixed grid; got moving {moving.shape}, fixed {fixed.shape}."
-        )
+    fixed_nii, moving_nii = nib.load(str(fixed_image)), nib.load(str(moving_image))
+    fixed = np.asanyarray(fixed_nii.dataobj).astype(np.float32)
+    moving = np.asanyarray(moving_nii.dataobj).astype(np.float32)
+    if fixed.ndim != 3 or moving.ndim != 3:
+        raise ValueError(f"QC figure needs 3-D images, got fixed {fixed.shape} and moving {moving.shape}.")
+    if moving.shape != fixed.shape or not np.allclose(moving_nii.affine, fixed_nii.affine, atol=1e-4):
+        moving = _resample_to_grid(moving, moving_nii.affine, fixed.shape, fixed_nii.affine)
     warped = np.squeeze(np.asanyarray(nib.load(str(output_dir / "warped_image.nii.gz")).dataobj)).astype(np.float32)
     ddf = np.squeeze(np.asanyarray(nib.load(str(output_dir / "ddf.nii.gz")).dataobj)).astype(np.float32)
     if ddf.ndim == 4 and ddf.shape[-1] == 3 and ddf.shape[0] != 3:
