@@ -85,3 +85,21 @@ def test_saver_replaces_old_checkpoints_only_after_the_new_one_is_complete(tmp_p
         trainer.run(_pair_batches(count=2), max_epochs=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt"]  # the old one was not deleted first
     assert torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 2
+
+
+def test_n_saved_also_applies_to_checkpoints_of_earlier_runs(tmp_path):
+    """A resumed run must not leave the previous run's numbered checkpoint behind forever (one per restart)."""
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(2, 3, 3, padding=1)
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    trainer = _trainer(network, optimizer)
+    earlier = {"checkpoint_epoch=1.pt": b"from the run before the restart", "model.pt": b"best", "notes.txt": b"x"}
+    for name, content in earlier.items():
+        (tmp_path / name).write_bytes(content)
+    AtomicCheckpointSaver(str(tmp_path), {"model": network, "trainer": trainer}, save_interval=1, n_saved=2).attach(trainer)
+    trainer.run(_pair_batches(count=1), max_epochs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt", "notes.txt"]
+    assert (tmp_path / "checkpoint_epoch=1.pt").read_bytes() != earlier["checkpoint_epoch=1.pt"]  # replaced whole
+    trainer.run(_pair_batches(count=1), max_epochs=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt", "model.pt",
+                                                          "notes.txt"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -89,11 +90,33 @@ class NonFiniteLossGuard:
 class _AtomicSaveHandler(BaseSaveHandler):
     """Wraps a MONAI/ignite DiskSaver: atomic writes, deferred deletion, no non-finite weights."""
 
-    def __init__(self, dirname: str | os.PathLike, fixed_filename: str | None, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        dirname: str | os.PathLike,
+        fixed_filename: str | None,
+        logger: logging.Logger,
+        keep_pattern: re.Pattern | None = None,
+        n_keep: int | None = None,
+    ) -> None:
         self.dirname = Path(dirname)
         self.fixed_filename = fixed_filename
         self.logger = logger
+        self.keep_pattern = keep_pattern
+        self.n_keep = n_keep
         self._pending_removal: list[Path] = []
+
+    def _prune_earlier_runs(self) -> None:
+        """Keep only the ``n_keep`` newest numbered checkpoints on disk, including those of runs before a restart
+        (ignite only counts the files its own process wrote, so every resume would otherwise leave one behind)."""
+        if self.keep_pattern is None or not self.n_keep:
+            return
+        numbered = []
+        for path in self.dirname.iterdir():
+            match = self.keep_pattern.fullmatch(path.name)
+            if match:
+                numbered.append((int(match.group(1)), path))
+        for _, path in sorted(numbered)[: -self.n_keep]:
+            path.unlink(missing_ok=True)
 
     def _path(self, filename: str) -> Path:
         return self.dirname / (self.fixed_filename or filename)
@@ -109,6 +132,7 @@ class _AtomicSaveHandler(BaseSaveHandler):
             if old != path:
                 old.unlink(missing_ok=True)
         self._pending_removal.clear()
+        self._prune_earlier_runs()
 
     def remove(self, filename: str) -> None:
         # ignite deletes the old checkpoint before writing the new one; delete it only once the new one is complete.
@@ -117,7 +141,8 @@ class _AtomicSaveHandler(BaseSaveHandler):
 
 class AtomicCheckpointSaver(CheckpointSaver):
     """``monai.handlers.CheckpointSaver`` (same arguments) that writes atomically, deletes old files only after the new
-    one is complete, and never writes non-finite weights."""
+    one is complete, never writes non-finite weights, and applies ``n_saved`` to the numbered checkpoints already on
+    disk from before a restart too."""
 
     def __init__(self, save_dir: str, save_dict: dict, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(save_dir=save_dir, save_dict=save_dict, name=name, **kwargs)
@@ -131,6 +156,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, attribute)
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicSaveHandler(save_dir, filename, self.logger)
+        if self._interval_checkpoint is not None:
+            # ignite names them "[<file_prefix>_]<name>_<epoch|iteration>=<n>.pt", name = the single key or "checkpoint"
+            score_name = "epoch" if self.epoch_level else "iteration"
+            prefix = f"{kwargs['file_prefix']}_" if kwargs.get("file_prefix") else ""
+            name = next(iter(save_dict)) if len(save_dict) == 1 else "checkpoint"
+            handler = self._interval_checkpoint.save_handler
+            handler.keep_pattern = re.compile(rf"{re.escape(prefix + name)}_{score_name}=(\d+)\.pt")
+            handler.n_keep = kwargs.get("n_saved")
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
