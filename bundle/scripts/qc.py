@@ -150,7 +150,7 @@ def qc_figure(
     hist_ax = axes[1, 3]
     hist_ax.hist(np.clip(det.ravel(), -1.0, 3.0), bins=120, color="tab:blue", log=True)
     hist_ax.axvline(0.0, color="black", linewidth=1.0)
-    hist_ax.set_title(f"det J, whole volume: min {det.min():.2f}, max {det.max():.2f}")
+    hist_ax.set_title(f"det J (all voxels): min {det.min():.2f}, max {det.max():.2f}", fontsize=10)
     hist_ax.set_xlabel("det J (clipped to [−1, 3])")
 
     names = "DHW"
