@@ -89,4 +89,5 @@ def test_saved_weights_are_the_plain_network(ddp_run):
     network.load_state_dict(state)
     checkpoint = torch.load(work / "ckpt" / "checkpoint_epoch=2.pt", weights_only=True)
     assert set(checkpoint) == {"model", "optimizer", "lr_scheduler", "trainer"}
-    assert checkpoint["trainer"]["epoch_length"] == 1 and checkpoint["trainer"]["max_epochs"] == 2
+    # 2 epochs x 1 iteration: each rank saw half of the 2 pairs per epoch
+    assert checkpoint["trainer"]["iteration"] == 2 and checkpoint["trainer"]["max_epochs"] == 2
