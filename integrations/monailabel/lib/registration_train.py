@@ -38,6 +38,7 @@ class RegistrationTrainTask(BundleTrainTask):
         if self.pairing not in ("all_pairs", "atlas"):
             raise ValueError(f"pairing must be 'all_pairs' or 'atlas', got {self.pairing!r}.")
         self.atlas: Optional[Dict[str, str]] = None
+        self._training_records: List[Mapping[str, Any]] = []  # set per request by _partition_datalist
         if conf.get("atlas_image"):
             self.atlas = {"image": conf["atlas_image"], "label": conf.get("atlas_label", "")}
 
