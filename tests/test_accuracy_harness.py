@@ -27,7 +27,7 @@ from bench.accuracy.metrics import (  # noqa: E402
     labels_present_in_both,
 )
 from bench.accuracy.methods import identity  # noqa: E402
-from bench.accuracy.pairs import Pair, Skipped, discover_pairs  # noqa: E402
+from bench.accuracy.pairs import LabelGroup, Pair, Skipped, discover_pairs  # noqa: E402
 from bench.accuracy.run import format_table, load_ddf, run_benchmark, score_pair  # noqa: E402
 
 SAMPLE = BUNDLE_ROOT / "sample_data"
@@ -168,6 +168,12 @@ def test_score_pair_on_real_crop(tmp_path):
     assert primary["labels"] == [1, 2, 3, 4, 5, 6, 7]
     assert 0.3 < primary["dice"] < 0.95  # two different brains, pre-aligned: overlap but not perfect
     assert identity["fold_pct"] == 0.0
+    # "all labels present in both" and a merged mask group score the same maps consistently
+    groups = (LabelGroup("mean_all", ()), LabelGroup("mask", tuple(range(1, 9)), merge=True))
+    other = score_pair(Pair("crop", pair.fixed_image, pair.moving_image, pair.fixed_label, pair.moving_label, groups), None)
+    assert other["groups"]["mean_all"]["labels"] == list(range(1, 9))
+    assert other["groups"]["mean_all"]["dice"] == pytest.approx(identity["groups"]["mean_1_8"]["dice"])
+    assert other["groups"]["mask"]["dice"] > identity["groups"]["mean_1_8"]["dice"]  # union overlaps more than parts
 
     # a "method" whose warped labels are the fixed labels and whose ddf folds a known slab of voxels
     out = tmp_path / "perfect"
