@@ -263,3 +263,20 @@ def test_qc_png_from_outputs_resamples_moving_grid(tmp_path):
         _save(fixed, tmp_path / "f.nii.gz"), _save(moving, tmp_path / "m.nii.gz", shifted), out, tmp_path / "qc.png"
     )
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_register_writes_qc_png(tmp_path):
+    from scripts.cli import register
+
+    folder = _crop_sample(tmp_path / "crop", step=2)  # 32³ real crop, plain inference (no optimisation): seconds
+    out, png = tmp_path / "out", tmp_path / "qc" / "demo.png"
+    register(
+        fixed=str(folder / "fixed_mni152_t1.nii.gz"),
+        moving=str(folder / "moving_colin27_t1.nii.gz"),
+        out=str(out),
+        iterations=0,
+        device="cpu",
+        qc_png=str(png),
+    )
+    assert (out / "ddf.nii.gz").exists()
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000

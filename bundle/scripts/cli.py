@@ -131,6 +131,7 @@ def register(
     regularization_weight: float | None = None,
     device: str | None = None,
     debug: bool = False,
+    qc_png: str | None = None,
 ) -> None:
     """
     Register a moving image onto a fixed image with SACB-Net (both 3-D NIfTI, affinely pre-aligned).
@@ -154,6 +155,7 @@ def register(
         regularization_weight: lambda of the smoothness term of the instance optimisation (default from the config).
         device: "cpu" or "cuda" (default: CUDA when available).
         debug: show full Python tracebacks for input errors.
+        qc_png: also write a QC figure (PNG: middle slice of fixed, moving, warped, differences, grid, det J) here.
     """
     from scripts.errors import exit_on_user_error
 
@@ -164,6 +166,10 @@ def register(
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)
     print(_summary(overrides["output_dir"], time.time() - start), flush=True)
+    if qc_png:
+        from scripts.qc import qc_png_from_outputs
+
+        print(f"QC figure: {qc_png_from_outputs(fixed, moving, overrides['output_dir'], _absolute(qc_png))}", flush=True)
 
 
 def demo(out: str | None = None, iterations: int | None = None, overwrite: bool = True, debug: bool = False) -> None:
