@@ -39,6 +39,8 @@ class InstanceOptimizationInferer(ResolutionInferer):
         network_scale: network resolution relative to the input (per axis or one number).
         antialias: smooth before downsampling.
         log_interval: log the loss every this many iterations (0: only first and last).
+        frozen_prefixes: parameter-name prefixes kept fixed during the optimisation (e.g. ``["encoder.0"]``: the
+            full-resolution encoder level, whose backward pass is the most expensive part on CPU).
 
     Shapes:
         inputs (B, 2, D, H, W), channel 0 moving, 1 fixed, in [0, 1] -> ddf (B, 3, D, H, W) in voxels.
@@ -55,6 +57,7 @@ class InstanceOptimizationInferer(ResolutionInferer):
         network_scale: float | Sequence[float] = 0.5,
         antialias: bool = True,
         log_interval: int = 10,
+        frozen_prefixes: Sequence[str] = (),
     ) -> None:
         super().__init__(network_scale=network_scale, antialias=antialias)
         if iterations < 0:
@@ -70,6 +73,7 @@ class InstanceOptimizationInferer(ResolutionInferer):
         self.iterations = int(iterations)
         self.learning_rate = float(learning_rate)
         self.log_interval = int(log_interval)
+        self.frozen_prefixes = tuple(frozen_prefixes)
         self._initial_state: dict[str, torch.Tensor] | None = None
         self._initial_owner: int | None = None
         self.history: list[float] = []
@@ -92,11 +96,31 @@ class InstanceOptimizationInferer(ResolutionInferer):
     def optimize(self, network: nn.Module, pair: torch.Tensor) -> list[float]:
         """Run the Adam steps on one (B, 2, d, h, w) pair at network resolution; returns the loss per step."""
         self._reset(network)
-        history: list[float] = []
         if self.iterations == 0:
-            return history
-        optimizer = torch.optim.Adam(network.parameters(), lr=self.learning_rate)
+            return []
+        trainable = self.trainable_parameters(network)
+        optimizer = torch.optim.Adam(trainable, lr=self.learning_rate)
+        requires_grad = {name: p.requires_grad for name, p in network.named_parameters()}
+        frozen = {id(p) for p in network.parameters()} - {id(p) for p in trainable}
+        for p in network.parameters():
+            p.requires_grad_(id(p) not in frozen)
         start = time.time()
+        try:
+            history = self._steps(network, pair, optimizer, start)
+        finally:
+            for name, p in network.named_parameters():
+                p.requires_grad_(requires_grad[name])
+        return history
+
+    def trainable_parameters(self, network: nn.Module) -> list[nn.Parameter]:
+        """Parameters the optimisation updates (all but those under ``frozen_prefixes``)."""
+        params = [p for n, p in network.named_parameters() if not (self.frozen_prefixes and n.startswith(self.frozen_prefixes))]
+        if not params:
+            raise ValueError(f"frozen_prefixes {self.frozen_prefixes} freeze every parameter: nothing to optimise.")
+        return params
+
+    def _steps(self, network: nn.Module, pair: torch.Tensor, optimizer: torch.optim.Optimizer, start: float) -> list[float]:
+        history: list[float] = []
         with torch.enable_grad():
             for step in range(1, self.iterations + 1):
                 optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,98 @@
+"""Training workflow (configs/train.json) on the real pair at reduced size: an interrupted run resumes from its last
+checkpoint with the epoch counter, optimiser and scheduler state carried over; the best model is a plain state dict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from ignite.engine import Events
+from workflow_data import run_bundle_workflow, write_small_pair
+
+from scripts.checkpoints import latest_checkpoint
+from scripts.datalist import make_pairs, training_pairs
+from scripts.net import SACBNet
+
+
+def test_make_pairs_all_ordered_pairs_and_atlas():
+    images = [{"image": f"s{i}.nii.gz", "label": f"l{i}.nii.gz"} for i in range(3)]
+    pairs = make_pairs(images, "all_pairs")
+    assert len(pairs) == 6 and {(p["moving_image"], p["fixed_image"]) for p in pairs} == {
+        (f"s{i}.nii.gz", f"s{j}.nii.gz") for i in range(3) for j in range(3) if i != j
+    }
+    atlas = make_pairs(images, "atlas", atlas={"image": "atlas.nii.gz", "label": "atlas_seg.nii.gz"})
+    assert [p["moving_image"] for p in atlas] == ["atlas.nii.gz"] * 3
+    assert [p["fixed_label"] for p in atlas] == ["l0.nii.gz", "l1.nii.gz", "l2.nii.gz"]
+    with pytest.raises(ValueError, match="atlas"):
+        make_pairs(images, "atlas")
+
+
+def test_latest_checkpoint_picks_highest_epoch(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for epoch in (2, 10, 9):
+        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"x")
+    (tmp_path / ".checkpoint_epoch=11.tmp-1234.pt").write_bytes(b"partial")  # interrupted save
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    pair = write_small_pair(root / "data", factor=4)
+    datalist = {
+        "training": [{"image": pair["moving_image"]}, {"image": pair["fixed_image"]}],
+        "validation": [dict(pair)],
+    }
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    return root
+
+
+def _overrides(root):
+    return {
+        "datalist": str(root / "datalist.json"),
+        "ckpt_dir": str(root / "ckpt"),
+        "output_dir": str(root / "runs"),
+        "max_epochs": 2,
+        "network_scale": 0.5,
+        "label_ids": [1, 2, 3, 4, 5, 6, 7, 8],
+        "network_def::kmeans_iterations": 3,
+    }
+
+
+def test_training_resumes_from_last_checkpoint(train_setup):
+    root = train_setup
+    assert len(training_pairs(str(root / "datalist.json"), "training")) == 2  # both ordered pairs
+
+    def stop_after_first_epoch(workflow):  # as if the job were killed after epoch 1's checkpoint
+        trainer = workflow.parser.get_parsed_content("train::trainer")
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+
+    run_bundle_workflow(["train.json"], workflow_type="train", prepare=stop_after_first_epoch, **_overrides(root))
+    first = latest_checkpoint(root / "ckpt")
+    assert first.endswith("checkpoint_epoch=1.pt")
+    state = torch.load(first, weights_only=False)
+    assert state["trainer"]["iteration"] == 2 and state["trainer"]["epoch_length"] == 2  # = end of epoch 1
+    adam_steps = [int(s["step"]) for s in state["optimizer"]["state"].values()]
+    assert adam_steps and set(adam_steps) == {2}
+    assert state["lr_scheduler"]["last_epoch"] == 1
+
+    epochs_run = []
+
+    def record_epochs(workflow):
+        trainer = workflow.parser.get_parsed_content("train::trainer")
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: epochs_run.append(engine.state.epoch))
+
+    run_bundle_workflow(["train.json"], workflow_type="train", prepare=record_epochs, **_overrides(root))
+    assert epochs_run == [2]  # resumed: epoch 1 was not trained again
+    final = torch.load(latest_checkpoint(root / "ckpt"), weights_only=False)
+    assert final["trainer"]["iteration"] == 4  # = end of epoch 2
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {4}  # Adam state carried over
+    assert final["lr_scheduler"]["last_epoch"] == 2
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # poly decay to the end
+    assert any(not torch.equal(final["model"][k], state["model"][k]) for k in state["model"])  # epoch 2 trained
+
+    best = torch.load(root / "ckpt" / "model.pt", weights_only=True)
+    net = SACBNet(kmeans_iterations=3)
+    net.load_state_dict(best, strict=True)  # plain state dict of network_def
+    assert (root / "runs").is_dir() and any((root / "runs").iterdir())  # TensorBoard event files
