@@ -236,8 +236,13 @@ def test_qc_png(tmp_path):
     det[5, 5, 8] = -0.5
     path = save_qc_png(tmp_path / "qc.png", fixed, np.roll(fixed, 1, 0), fixed, ddf, det, title="synthetic")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fig = qc_figure(fixed, fixed, fixed, ddf, det)
+    fig = qc_figure(fixed, fixed, fixed, ddf, det, index=8)
     assert len(fig.axes) >= 8
+    fig.canvas.draw()
+    det_panel = next(ax for ax in fig.axes if ax.get_title().startswith("det J (black"))
+    x0, y0 = det_panel.transData.transform((5, 5))  # the folded voxel (5, 5) of slice 8
+    pixel = np.asarray(fig.canvas.buffer_rgba())[int(fig.bbox.height - y0), int(x0), :3]
+    assert pixel.max() < 40  # drawn black
     assert any("folds 0.013 %" in ax.get_title() for ax in fig.axes)  # 1 of 7680 voxels
     with pytest.raises(ValueError, match="share one grid"):
         qc_figure(fixed, fixed[:-1], fixed, ddf, det)

@@ -142,7 +142,7 @@ def qc_figure(
 
     det_ax = axes[1, 2]
     image = det_ax.imshow(det2, cmap="RdBu_r", vmin=0.0, vmax=2.0, origin="lower", interpolation="nearest")
-    folds = np.ma.masked_where(det2 > 0, np.ones_like(det2))
+    folds = np.ma.masked_where(det2 > 0, np.zeros_like(det2))  # value 0 = black in "gray"
     det_ax.imshow(folds, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
     det_ax.set_title(f"det J (black ≤ 0); folds {folded_pct:.3f} % of volume")
     fig.colorbar(image, ax=det_ax, fraction=0.046, pad=0.02)
