@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -305,3 +306,36 @@ def test_cli_boundary_prints_one_line_and_exits_2(pair, tmp_path, capsys):
         exit_on_user_error(lambda: next(iter(loader)), debug=True)
     with pytest.raises(ZeroDivisionError):  # a bug is never hidden
         exit_on_user_error(lambda: 1 / 0)
+
+
+def test_transform_checks_already_loaded_volumes(pair):
+    loaded = LoadImaged(list(pair), image_only=True, ensure_channel_first=True)(pair)
+    assert ValidateRegistrationInputsd()(loaded) is not None
+    bad = dict(loaded)
+    bad["fixed_image"] = bad["fixed_image"].clone()
+    bad["fixed_image"][0, 3, 3, 3] = float("nan")
+    with pytest.raises(RegistrationInputError, match=r"fixed image '.*fixed_mni152_t1.nii.gz' contains 1 NaN/Inf voxels"):
+        ValidateRegistrationInputsd()(bad)
+    bad = dict(loaded)
+    bad["moving_label"] = bad["moving_label"] * 0.5
+    with pytest.raises(RegistrationInputError, match=r"moving label map .* is not integer-valued"):
+        ValidateRegistrationInputsd()(bad)
+
+
+def test_training_datalist_layouts_all_checked_at_once(pair, tmp_path):
+    data_dir = Path(pair["fixed_image"]).parent
+    names = {k: Path(v).name for k, v in pair.items()}
+    datalist = {
+        "atlas": {"image": names["moving_image"], "label": "atlas_seg.nii.gz"},
+        "training": [{"image": names["fixed_image"], "label": names["fixed_label"]}, {"image": "sub-02.nii.gz"},
+                     {"label": names["fixed_label"]}],
+        "validation": [{**names, "fixed_image": "sub-09.nii.gz"}],
+        "labels": {"1": "thalamus"},
+    }
+    with pytest.raises(RegistrationInputError) as info:
+        check_datalist(datalist, keys=None, base_dir=data_dir, source="train datalist")
+    message = str(info.value)
+    assert message.startswith("train datalist: 4 problem(s) in 5 entries")
+    assert "atlas: label '" in message and "atlas_seg.nii.gz' does not exist" in message
+    assert "training[1]: image '" in message and "training[2]: missing key 'moving_image'" not in message
+    assert "training[2]: missing key 'image'" in message and "validation[0]: fixed_image '" in message

@@ -69,6 +69,7 @@ def inference_pairs(
     fixed_label: str | None = None,
     datalist: str | Sequence[Mapping[str, Any]] | None = None,
     base_dir: str | None = None,
+    check: bool = True,
 ) -> list[dict[str, Any]]:
     """
     The pairs an inference/evaluation run processes.
@@ -77,7 +78,8 @@ def inference_pairs(
     a JSON file (or list) of ``{"moving_image", "fixed_image"[, "moving_label", "fixed_label", "id"]}`` entries, or a
     dict with such a list under ``"pairs"``. Relative paths are taken from ``base_dir`` (default: the datalist's
     folder). Datalist pairs get a ``pair_id`` (their ``id`` or index + file names): their outputs go into
-    ``output_dir/<pair_id>/``. All missing files are reported at once, before anything runs.
+    ``output_dir/<pair_id>/``. All missing files are reported at once, before anything runs (``check=False`` leaves
+    that to ``scripts.screening.PairScreen``, which skips bad pairs of a batch instead of stopping it).
     """
     if datalist:
         source = str(datalist) if isinstance(datalist, (str, os.PathLike)) else "the datalist"
@@ -98,7 +100,8 @@ def inference_pairs(
         pairs = [{k: _resolve(v, Path(base_dir) if base_dir else None) for k, v in pair.items() if v}]
         pairs[0]["pair_id"] = ""
         source = "the run arguments (--moving_image/--fixed_image)"
-    _check_pairs(pairs, source)
+    if check:
+        _check_pairs(pairs, source)
     return pairs
 
 

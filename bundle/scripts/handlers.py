@@ -124,7 +124,8 @@ class _AtomicSaveHandler(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         path = self._path(filename)
         if not all_finite(checkpoint):
-            self.logger.error("not saving checkpoint %s: its weights are not finite (NaN/Inf); keeping the old ones.", path)
+            self.logger.error("not saving checkpoint %s: its weights are not finite (NaN/Inf); keeping the old ones.",
+                              path)
             self._pending_removal.clear()  # the files ignite wanted to replace are the last good ones: keep them
             return
         save_torch(dict(checkpoint), path)

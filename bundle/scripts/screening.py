@@ -54,6 +54,11 @@ class PairScreen:
                 if not pair.get("moving_image") or not pair.get("fixed_image"):
                     missing = [k for k in ("moving_image", "fixed_image") if not pair.get(k)]
                     raise RegistrationInputError(f"pair has no {' and no '.join(missing)}; expected both images.")
+                if pair.get("fixed_label") and not pair.get("moving_label"):
+                    raise RegistrationInputError(
+                        f"fixed label map '{pair['fixed_label']}' was given without a moving label map; expected both "
+                        "(Dice compares the warped moving labels with the fixed ones) or only the moving one."
+                    )
                 validate_pair(
                     pair["moving_image"],
                     pair["fixed_image"],
@@ -68,7 +73,8 @@ class PairScreen:
                     raise
                 name = pair.get("pair_id") or str(index)
                 logger.error("skipping pair %s (%d of %d): %s", name, index + 1, self.total, error)
-                self.bad.append({"pair_id": name, **{k: v for k, v in pair.items() if k != "pair_id"}, "error": str(error)})
+                files = {k: v for k, v in pair.items() if k != "pair_id"}
+                self.bad.append({"pair_id": name, **files, "error": str(error)})
             else:
                 self.good.append({**pair, VALIDATED_KEY: True})
 

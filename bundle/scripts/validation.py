@@ -156,7 +156,9 @@ def check_spacing(affine: np.ndarray, source: Any, role: str = "image", max_rati
         )
 
 
-def check_min_size(spatial_shape: Sequence[int], source: Any, role: str = "image", min_size: int = MIN_SPATIAL_SIZE) -> None:
+def check_min_size(
+    spatial_shape: Sequence[int], source: Any, role: str = "image", min_size: int = MIN_SPATIAL_SIZE
+) -> None:
     """Raise when an axis is shorter than ``min_size`` voxels (the network's coarsest level is 1/16 resolution)."""
     if min(int(s) for s in spatial_shape) < min_size:
         raise RegistrationInputError(
@@ -234,7 +236,7 @@ def _world_box(shape: Sequence[int], affine: np.ndarray) -> tuple[np.ndarray, np
 def fov_overlap_fraction(
     shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequence[int], affine_b: np.ndarray
 ) -> float:
-    """Volume of the intersection of two fields of view over the smaller one (0 = disjoint, 1 = one contains the other)."""
+    """Intersection volume of two fields of view over the smaller one (0: disjoint, 1: one contains the other)."""
     low_a, high_a = _world_box(shape_a, affine_a)
     low_b, high_b = _world_box(shape_b, affine_b)
     inter = np.clip(np.minimum(high_a, high_b) - np.maximum(low_a, low_b), 0.0, None).prod()
@@ -268,8 +270,8 @@ def compare_pair_grids(
         raise RegistrationInputError(
             f"moving image '{moving_source}' ({_grid_text(moving_shape, moving_affine)}) and fixed image "
             f"'{fixed_source}' ({_grid_text(fixed_shape, fixed_affine)}) have {'no' if overlap == 0 else 'almost no'} "
-            f"physical overlap ({100 * overlap:.1f} % of the smaller field of view); expected affinely pre-aligned images "
-            f"whose fields of view overlap by at least {100 * min_overlap:g} %. Align them affinely first (e.g. ANTs, "
+            f"physical overlap ({100 * overlap:.1f} % of the smaller field of view); expected affinely pre-aligned "
+            f"images whose fields of view overlap by at least {100 * min_overlap:g} %. Align them affinely first (ANTs, "
             "FSL flirt) or check the headers' origins."
         )
     logger.info(
@@ -382,9 +384,14 @@ def _header_problem(path: Path) -> str | None:
     return _dims_problem(shape)
 
 
+#: accepted entry layouts of a datalist in ``check_datalist(..., keys=None)``: a pair, or one image (training sets
+#: that are paired later, e.g. all ordered pairs or atlas-to-subject).
+ENTRY_LAYOUTS = ((("moving_image", "fixed_image"), ("moving_label", "fixed_label")), (("image",), ("label",)))
+
+
 def check_datalist(
-    datalist: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] | str | os.PathLike,
-    keys: KeysCollection = ("moving_image", "fixed_image"),
+    datalist: Sequence[Mapping[str, Any]] | Mapping[str, Any] | str | os.PathLike,
+    keys: KeysCollection | None = ("moving_image", "fixed_image"),
     optional_keys: KeysCollection = ("moving_label", "fixed_label"),
     base_dir: str | os.PathLike | None = None,
     source: str | None = None,
@@ -392,10 +399,12 @@ def check_datalist(
     """Check every entry of a datalist before training or a batch starts, and report ALL bad entries in one error.
 
     Args:
-        datalist: a list of dicts, a dict of such lists (e.g. ``{"training": [...], "validation": [...]}``), or a path
-            to a JSON file holding either.
-        keys: keys every entry must have, each naming an existing, readable 3-D NIfTI file.
-        optional_keys: keys that, when present and non-empty, must name such a file too.
+        datalist: a list of dicts, a dict of such lists (e.g. ``{"training": [...], "validation": [...]}``, a dict
+            entry such as ``"atlas"`` counts as one entry), or a path to a JSON file holding either.
+        keys: keys every entry must have, each naming an existing, readable 3-D NIfTI file. ``None``: each entry is
+            either a pair (``moving_image``, ``fixed_image``, optional labels) or an image (``image``, optional
+            ``label``), as in training datalists.
+        optional_keys: keys that, when present and non-empty, must name such a file too (ignored when keys is None).
         base_dir: directory that relative paths are resolved against (default: the JSON file's folder, else CWD).
         source: name used in the message (default: the JSON path or "datalist").
 
@@ -417,25 +426,38 @@ def check_datalist(
             loaded, keys, optional_keys, json_path.parent if base_dir is None else base_dir, source or str(json_path)
         )
     source = source or "datalist"
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    optional_keys = [optional_keys] if isinstance(optional_keys, str) else list(optional_keys)
+    if keys is None:
+        layouts = [(list(required), list(optional)) for required, optional in ENTRY_LAYOUTS]
+        expected = "a pair (moving_image, fixed_image[, labels]) or an image (image[, label])"
+    else:
+        layouts = [([keys] if isinstance(keys, str) else list(keys),
+                     [optional_keys] if isinstance(optional_keys, str) else list(optional_keys))]
+        expected = f"files for {layouts[0][0]} (and {layouts[0][1]} when given)"
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     sections = datalist.items() if isinstance(datalist, Mapping) else [("", datalist)]
     problems: list[str] = []
     total = 0
     for section, entries in sections:
+        single = isinstance(entries, Mapping)
+        if single:  # e.g. "atlas": {"image": ..., "label": ...}; other dicts (label names, ...) are metadata
+            known = {k for required, optional in layouts for k in required + optional}
+            if not known.intersection(entries):
+                continue
+            entries = [entries]
         if not isinstance(entries, Sequence) or isinstance(entries, str):
             continue  # non-list fields (e.g. "name", "labels") are metadata, not entries
         for index, entry in enumerate(entries):
             total += 1
-            where = f"{section}[{index}]" if section else f"entry {index}"
+            where = section if single else (f"{section}[{index}]" if section else f"entry {index}")
             if not isinstance(entry, Mapping):
-                problems.append(f"{where}: expected a dict with keys {keys}, got {type(entry).__name__}")
+                problems.append(f"{where}: expected a dict with {expected}, got {type(entry).__name__}")
                 continue
-            for key in keys + optional_keys:
+            # the layout whose required keys the entry has (the first one when none fits, to name what is missing)
+            required, optional = next((lay for lay in layouts if any(k in entry for k in lay[0] + lay[1])), layouts[0])
+            for key in required + optional:
                 value = entry.get(key)
                 if not value:
-                    if key in keys:
+                    if key in required:
                         problems.append(f"{where}: missing key '{key}'")
                     continue
                 path = Path(value) if Path(value).is_absolute() else base / value
@@ -446,7 +468,7 @@ def check_datalist(
         shown = "\n  ".join(problems)
         raise RegistrationInputError(
             f"{source}: {len(problems)} problem(s) in {total} entries; expected every entry to name existing, readable "
-            f"3-D NIfTI files for {keys} (and {optional_keys} when given). Fix or remove these entries:\n  {shown}"
+            f"3-D NIfTI {expected}. Fix or remove these entries:\n  {shown}"
         )
     return datalist
 
@@ -493,7 +515,9 @@ def check_state_dict(
         )
 
 
-def read_checkpoint_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Mapping[str, torch.Tensor]:
+def read_checkpoint_state(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> Mapping[str, torch.Tensor]:
     """Read a checkpoint file and return the network state dict inside it (see :func:`extract_state_dict`).
 
     Raises:
@@ -581,13 +605,10 @@ class ValidateRegistrationInputsd(MapTransform):
             raise RegistrationInputError(f"no input given for {missing}; expected file paths for {list(self.keys)}.")
         if d.get("inputs_validated"):  # already checked by scripts.screening.PairScreen: do not read the files twice
             return d
-        for key in (moving_key, fixed_key, *self.label_keys):
-            value = d.get(key)
-            if value and not isinstance(value, (str, os.PathLike)):
-                raise RegistrationInputError(
-                    f"input '{key}' is a {type(value).__name__}; expected a file path (place this check before "
-                    "LoadImaged)."
-                )
+        keys = [k for k in (moving_key, fixed_key, *self.label_keys) if d.get(k) is not None and not _is_empty(d[k])]
+        if any(not isinstance(d[k], (str, os.PathLike)) for k in keys):
+            self._check_loaded(d, keys)  # already loaded (e.g. a deploy/label app feeding tensors): content checks
+            return d
         validate_pair(
             d[moving_key],
             d[fixed_key],
@@ -598,3 +619,26 @@ class ValidateRegistrationInputsd(MapTransform):
             self.min_overlap,
         )
         return d
+
+    def _check_loaded(self, d: Mapping[str, Any], keys: Sequence[str]) -> None:
+        """Checks that need no file: finite, not constant, integer labels, large enough (channel-first arrays)."""
+        names = ("moving image", "fixed image", "moving label map", "fixed label map")
+        roles = dict(zip((*self.keys, *self.label_keys), names))
+        for key in keys:
+            value = d[key]
+            if isinstance(value, (str, os.PathLike)):
+                value = load_volume(value, roles[key])[0]
+            array = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            spatial = array.shape[1:] if array.ndim == 4 else array.shape
+            source = getattr(value, "meta", {}).get("filename_or_obj", f"data['{key}']")
+            check_spatial_dims(tuple(spatial), source, roles[key])
+            check_min_size(spatial, source, roles[key], self.min_size)
+            if key in self.label_keys:
+                check_label_values(array, source, roles[key])
+            else:
+                check_finite(array, source, roles[key])
+                check_not_constant(array, source, roles[key])
+
+
+def _is_empty(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and not str(value)
