@@ -2,6 +2,7 @@
 the real pair made bad on purpose: one clear message, exit status 2 without traceback, nothing damaged or half-written."""
 
 import hashlib
+import re
 import json
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def test_cli_user_error(case, pair, tmp_path, capsys):
     code, err = _register(capsys, tmp_path, pair, **make(tmp_path, pair))
     assert code == 2
     assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
-    assert any(__import__("re").match(message, line) for line in err.splitlines()), err[-2000:]
+    assert any(re.match(message, line) for line in err.splitlines()), err[-2000:]
 
 
 def test_cli_refuses_to_overwrite_and_overwrites_when_asked(pair, tmp_path, capsys):
@@ -254,3 +255,23 @@ def test_training_datalist_reports_every_bad_entry_before_training(pair, tmp_pat
     assert lines[2].startswith("  training[2]: image '") and "empty.nii.gz' is not a readable NIfTI file" in lines[2]
     assert lines[3].startswith("  validation[0]: fixed_image '") and lines[3].endswith("missing_fixed.nii.gz' does not exist")
     assert not ckpt.exists() or not list(ckpt.iterdir())  # training never started
+
+
+def test_diverging_instance_optimisation_stops_with_a_message(pair):
+    from reliability_data import load_sample
+
+    from scripts.errors import NonFiniteLossError
+    from scripts.instance_optimization import InstanceOptimizationInferer
+    from scripts.ncc import LocalNCCLoss
+    from scripts.regularization import GradientLoss
+    from scripts.warp import Warp
+
+    moving, fixed = (torch.as_tensor(load_sample(k, factor=8)[0], dtype=torch.float32) for k in ("moving_image",
+                                                                                                "fixed_image"))
+    image = torch.stack([moving / moving.max(), fixed / fixed.max()])[None]
+    inferer = InstanceOptimizationInferer(LocalNCCLoss(kernel_size=5), GradientLoss(), Warp(), iterations=5,
+                                          learning_rate=1e30, network_scale=1.0)  # absurd step size: diverges
+    with pytest.raises(NonFiniteLossError, match=r"instance optimisation stopped: the loss became (nan|inf) at step "
+                       r"\d; expected a finite loss. Nothing was written for this pair. Lower the learning rate"):
+        inferer(image, torch.nn.Conv3d(2, 3, 3, padding=1))
+    assert isinstance(NonFiniteLossError("x"), BundleUserError)  # so the CLI prints it and exits 2

@@ -7,7 +7,14 @@ import re
 import sys
 from typing import Any, Callable
 
-__all__ = ["BundleUserError", "RegistrationInputError", "OutputExistsError", "find_user_error", "exit_on_user_error"]
+__all__ = [
+    "BundleUserError",
+    "RegistrationInputError",
+    "OutputExistsError",
+    "NonFiniteLossError",
+    "find_user_error",
+    "exit_on_user_error",
+]
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -22,6 +29,10 @@ class RegistrationInputError(BundleUserError, ValueError):
 
 class OutputExistsError(RegistrationInputError):
     """An output file already exists and overwriting was not requested."""
+
+
+class NonFiniteLossError(BundleUserError, RuntimeError):
+    """Training or instance optimisation produced a NaN/Inf loss (diverged, or bad settings)."""
 
 
 def _user_error_classes(base: type = BundleUserError) -> dict[str, type]:

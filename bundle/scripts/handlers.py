@@ -24,13 +24,9 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from scripts.atomic import save_torch
-from scripts.errors import BundleUserError
+from scripts.errors import NonFiniteLossError
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "AtomicCheckpointSaver", "all_finite", "loss_from_output"]
-
-
-class NonFiniteLossError(BundleUserError, RuntimeError):
-    """Training produced a NaN/Inf loss (diverged or bad data); shown to the user without a traceback."""
 
 
 def loss_from_output(output: Any) -> float:

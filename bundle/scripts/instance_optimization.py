@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from scripts.errors import NonFiniteLossError
 from scripts.inferer import ResolutionInferer, resize_displacement
 
 __all__ = ["InstanceOptimizationInferer"]
@@ -126,7 +127,11 @@ class InstanceOptimizationInferer(ResolutionInferer):
                 optimizer.zero_grad(set_to_none=True)
                 loss, _ = self.objective(network, pair)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"instance optimisation diverged: loss {loss.item()} at step {step}.")
+                    raise NonFiniteLossError(
+                        f"instance optimisation stopped: the loss became {loss.item()} at step {step}; expected a finite "
+                        "loss. Nothing was written for this pair. Lower the learning rate (--learning_rate) or raise "
+                        "--regularization_weight, and check the inputs."
+                    )
                 loss.backward()
                 optimizer.step()
                 history.append(float(loss.detach()))
