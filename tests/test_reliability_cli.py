@@ -116,6 +116,10 @@ CASES = {
         lambda t, p: {"moving_label": None},
         r"error: fixed label map '.*fixed_mni152_seg8.nii.gz' was given without a moving label map; expected both",
     ),
+    "negative iterations": (
+        lambda t, p: {"iterations": -1},
+        r"error: --iterations must be >= 0, got -1.",
+    ),
     "too small": (
         lambda t, p: {"fixed": _bad(t, "crop.nii.gz", load_sample("fixed_image")[0][:, :, :10],
                                     load_sample("fixed_image")[1]), "fixed_label": None},

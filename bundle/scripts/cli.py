@@ -56,7 +56,9 @@ def workflow_overrides(
         (config file list, {config id: value}).
     """
     if iterations is not None and int(iterations) < 0:
-        raise ValueError(f"--iterations must be >= 0, got {iterations}.")
+        from scripts.errors import RegistrationInputError  # a ValueError the CLI shows without traceback
+
+        raise RegistrationInputError(f"--iterations must be >= 0, got {iterations}.")
     files = [str(CONFIG_DIR / "inference.json")]
     if iterations is None or int(iterations) > 0:
         files.append(str(CONFIG_DIR / "instance_optimization.json"))
@@ -159,9 +161,9 @@ def register(
     """
     from scripts.errors import exit_on_user_error
 
-    files, overrides = workflow_overrides(
-        fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale, learning_rate,
-        regularization_weight, device,
+    files, overrides = exit_on_user_error(
+        workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
+        learning_rate, regularization_weight, device, debug=debug,
     )
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)
