@@ -279,3 +279,23 @@ def test_diverging_instance_optimisation_stops_with_a_message(pair):
                        r"\d; expected a finite loss. Nothing was written for this pair. Lower the learning rate"):
         inferer(image, torch.nn.Conv3d(2, 3, 3, padding=1))
     assert isinstance(NonFiniteLossError("x"), BundleUserError)  # so the CLI prints it and exits 2
+
+
+def test_resuming_from_a_checkpoint_of_another_architecture_is_named(pair, tmp_path):
+    from scripts.net import SACBNet
+
+    names = {k: Path(v).name for k, v in pair.items()}
+    path = Path(pair["fixed_image"]).parent / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": names["moving_image"]}, {"image": names["fixed_image"]}],
+                                "validation": [names]}))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": SACBNet(base_channels=2).state_dict(), "trainer": {}}, ckpt / "checkpoint_epoch=3.pt")
+    before = _digest(ckpt)
+    with pytest.raises(Exception) as info:
+        _bundle_run("train.json", datalist=str(path), dataset_dir=str(path.parent), ckpt_dir=str(ckpt),
+                    output_dir=str(tmp_path / "runs"), max_epochs=5)
+    error = find_user_error(info.value)
+    assert isinstance(error, RegistrationInputError), info.value
+    assert str(error).startswith(f"checkpoint '{ckpt / 'checkpoint_epoch=3.pt'}' does not match the network: ")
+    assert _digest(ckpt) == before
