@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["bundle_copy_with_weights", "run_bundle_command", "run_checked"]
+__all__ = ["bundle_copy_with_weights", "run_bundle_command", "run_checked", "save_seeded_weights"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 
@@ -27,14 +27,20 @@ def bundle_copy_with_weights(folder: Path) -> Path:
     shutil.copytree(BUNDLE_ROOT, root, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs"))
     weights = root / "models" / "model.pt"
     if not weights.is_file():
-        from scripts.net import SACBNet
-
-        config = json.loads((root / "configs" / "inference.json").read_text())["network_def"]
-        torch.manual_seed(0)
-        network = SACBNet(**{k: v for k, v in config.items() if not k.startswith("_")})
-        weights.parent.mkdir(exist_ok=True)
-        torch.save(network.state_dict(), weights)
+        save_seeded_weights(weights, root)
     return root
+
+
+def save_seeded_weights(path: Path, bundle_root: Path = BUNDLE_ROOT) -> Path:
+    """Save the state dict of ``network_def`` (from the bundle's inference.json) initialised with seed 0."""
+    from scripts.net import SACBNet
+
+    config = json.loads((Path(bundle_root) / "configs" / "inference.json").read_text())["network_def"]
+    torch.manual_seed(0)
+    network = SACBNet(**{k: v for k, v in config.items() if not k.startswith("_")})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), path)
+    return Path(path)
 
 
 def run_checked(

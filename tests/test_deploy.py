@@ -13,9 +13,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from conftest import BUNDLE_ROOT, REPO_ROOT
-from ecosystem_utils import run_bundle_command, run_checked
+from ecosystem_utils import run_bundle_command, run_checked, save_seeded_weights
 from reliability_data import load_sample, save
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
@@ -47,11 +46,7 @@ def deployed_run(tmp_path_factory):
         save(inputs / name, *load_sample(key, factor=4))
     weights = BUNDLE_ROOT / "models" / "model.pt"
     if not weights.is_file():
-        from scripts.net import SACBNet
-
-        torch.manual_seed(0)
-        weights = work / "model.pt"
-        torch.save(SACBNet().state_dict(), weights)
+        weights = save_seeded_weights(work / "model.pt")
     model_ts = work / "model.ts"
     run_bundle_command(
         ["ckpt_export", "--net_id", "network_def", "--filepath", str(model_ts), "--ckpt_file", str(weights),

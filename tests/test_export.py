@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import BUNDLE_ROOT
-from ecosystem_utils import run_bundle_command
+from ecosystem_utils import run_bundle_command, save_seeded_weights
 from monai.bundle import ConfigParser
 
 SHIPPED_WEIGHTS = BUNDLE_ROOT / "models" / "model.pt"
@@ -30,9 +30,7 @@ def exported(tmp_path_factory):
     if SHIPPED_WEIGHTS.is_file():
         ckpt_file = SHIPPED_WEIGHTS
     else:
-        torch.manual_seed(0)
-        ckpt_file = folder / "model.pt"
-        torch.save(_network_def().state_dict(), ckpt_file)
+        ckpt_file = save_seeded_weights(folder / "model.pt")
     ts_file = folder / "model.ts"
     run_bundle_command(
         [

@@ -12,7 +12,6 @@ unsupervised (labels dropped); validation pairs keep labels for the bundle's Dic
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional
 
