@@ -16,14 +16,12 @@ from typing import Any
 
 from scripts.atomic import write_json
 from scripts.errors import BundleUserError, RegistrationInputError
-from scripts.validation import MAX_SPACING_RATIO, MIN_FOV_OVERLAP, MIN_SPATIAL_SIZE, validate_pair
+from scripts.validation import MAX_SPACING_RATIO, MIN_FOV_OVERLAP, MIN_SPATIAL_SIZE, VALIDATED_KEY, validate_pair
 
 __all__ = ["VALIDATED_KEY", "FAILED_PAIRS_FILE", "PairScreen"]
 
 logger = logging.getLogger(__name__)
 
-#: set to True on pairs that passed screening, so ``ValidateRegistrationInputsd`` does not read them a second time.
-VALIDATED_KEY = "inputs_validated"
 FAILED_PAIRS_FILE = "failed_pairs.json"
 
 

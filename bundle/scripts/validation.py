@@ -37,6 +37,7 @@ __all__ = [
     "MAX_SPACING_RATIO",
     "MIN_SPATIAL_SIZE",
     "MIN_FOV_OVERLAP",
+    "VALIDATED_KEY",
     "check_file_exists",
     "load_volume",
     "check_spatial_dims",
@@ -67,6 +68,8 @@ logger = logging.getLogger(__name__)
 MAX_SPACING_RATIO = 5.0
 MIN_SPATIAL_SIZE = 16
 MIN_FOV_OVERLAP = 0.1
+#: set to True on a data dict whose files were already fully checked (``scripts.screening.PairScreen``)
+VALIDATED_KEY = "inputs_validated"
 NIFTI_HINT = "a readable 3-D NIfTI file (.nii or .nii.gz)"
 
 
@@ -603,7 +606,7 @@ class ValidateRegistrationInputsd(MapTransform):
                 return d
             missing = [k for k in self.keys if k not in d]
             raise RegistrationInputError(f"no input given for {missing}; expected file paths for {list(self.keys)}.")
-        if d.get("inputs_validated"):  # already checked by scripts.screening.PairScreen: do not read the files twice
+        if d.get(VALIDATED_KEY):  # already checked by scripts.screening.PairScreen: do not read the files twice
             return d
         keys = [k for k in (moving_key, fixed_key, *self.label_keys) if d.get(k) is not None and not _is_empty(d[k])]
         if any(not isinstance(d[k], (str, os.PathLike)) for k in keys):
