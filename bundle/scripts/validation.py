@@ -566,9 +566,12 @@ def load_network_weights(
 
 
 class ValidateRegistrationInputsd(MapTransform):
-    """Check a registration pair given as file paths; placed first in ``preprocessing`` (before ``LoadImaged``).
+    """Check a registration pair; placed first in ``preprocessing`` (before ``LoadImaged``).
 
-    The data dict passes through unchanged. Empty/None label entries are skipped (labels are optional).
+    File paths get every check of :func:`validate_pair`. Volumes that are already loaded (channel-first arrays or
+    MetaTensors, as an app may feed them) get the checks that need no file: 3-D, size, finite, not constant, integer
+    labels. The data dict passes through unchanged. Empty/None label entries are skipped (labels are optional); a dict
+    marked with ``VALIDATED_KEY`` (by ``scripts.screening.PairScreen``) is not checked again.
 
     Args:
         keys: ``(moving image key, fixed image key)``.
