@@ -1,6 +1,6 @@
 """TorchScript export as the model-zoo CI does it: ``python -m monai.bundle ckpt_export --net_id network_def`` with
-``torch.jit.script`` from the bundle root; the ``.ts`` must carry the bundle configs, run at sizes it never saw and match
-the eager network."""
+``torch.jit.script`` from the bundle root; the ``.ts`` must carry the bundle configs, run at sizes it never saw and
+match the eager network."""
 
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def infer_run(tmp_path_factory):
         f"app = SACBNetLabelApp({str(APP_DIR)!r}, {str(studies)!r}, {conf!r})\n"
         f"info = app.info()['models'][{MODEL!r}]\n"
         f"result = app.infer({{'model': {MODEL!r}, 'image': 'mni152', 'device': 'cpu'}})\n"
-        "print('RESULT ' + json.dumps({'info': info, 'label': result['label'], 'params': result['params']}, default=str))\n"
+        "out = {'info': info, 'label': result['label'], 'params': result['params']}\n"
+        "print('RESULT ' + json.dumps(out, default=str))\n"
     )
     app_result = _run_in_label_venv(code, work)
     reference = work / "bundle_out"

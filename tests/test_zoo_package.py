@@ -146,7 +146,8 @@ def test_download_from_local_server_then_infer_and_load(served_release, tmp_path
     url, _ = served_release
     downloads = tmp_path / "downloads"
     run_checked(
-        [sys.executable, "-m", "monai.bundle", "download", "--name", NAME, "--url", url, "--bundle_dir", str(downloads)],
+        [sys.executable, "-m", "monai.bundle", "download", "--name", NAME, "--url", url,
+         "--bundle_dir", str(downloads)],
         cwd=tmp_path,
         env={"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"},
     )

@@ -35,10 +35,24 @@ import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-__all__ = ["LARGE_FILE_BYTES", "bundle_name", "bundle_files", "changelog_text", "large_files_yaml", "package_bundle", "main"]
+__all__ = [
+    "LARGE_FILE_BYTES",
+    "bundle_name",
+    "bundle_files",
+    "changelog_text",
+    "large_files_yaml",
+    "package_bundle",
+    "main",
+]
 
 LARGE_FILE_BYTES = 25 * 1024 * 1024  # model-zoo limit for files stored in the repository / archive
-REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "configs/inference.json", "docs/README.md", "docs/data_license.txt")
+REQUIRED_FILES = (
+    "LICENSE",
+    "configs/metadata.json",
+    "configs/inference.json",
+    "docs/README.md",
+    "docs/data_license.txt",
+)
 SHIPPED_FOLDERS = ("configs", "scripts", "docs", "models", "sample_data")
 SKIPPED_NAMES = re.compile(r"(__pycache__|\.pyc$|\.pyo$|^\.|~$)")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]*$")
@@ -149,7 +163,7 @@ def package_bundle(
         path = bundle_dir / relative
         if relative.parts[0] == "models" and path.stat().st_size > LARGE_FILE_BYTES:
             if not weights_url:
-                raise ValueError(f"{relative} is over 25 MB: give --weights_url so it can be listed in large_files.yml.")
+                raise ValueError(f"{relative} is over 25 MB: give --weights_url to list it in large_files.yml.")
             large.append((relative.as_posix(), f"{weights_url.rstrip('/')}/{relative.name}", _md5(path)))
         else:
             members.append((relative.as_posix(), path))
@@ -163,7 +177,8 @@ def package_bundle(
             generated = {"changelog": changelog}
             if large:
                 generated["large_files.yml"] = large_files_yaml(large)
-            entries = [(arc, path.read_bytes()) for arc, path in members] + [(k, v.encode()) for k, v in generated.items()]
+            entries = [(arc, path.read_bytes()) for arc, path in members]
+            entries += [(arc, text.encode()) for arc, text in generated.items()]
             for arc, data in sorted(entries):
                 info = zipfile.ZipInfo(f"{name}/{arc}", date_time=ZIP_TIMESTAMP)
                 info.compress_type = zipfile.ZIP_DEFLATED
@@ -178,7 +193,9 @@ def package_bundle(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--bundle_dir", default="bundle", help="bundle root (default: bundle)")
     parser.add_argument("--output_dir", default="dist", help="where to write <name>_v<version>.zip (default: dist)")
     parser.add_argument("--name", default=None, help="zoo folder name (default: from metadata 'name')")

@@ -55,7 +55,11 @@ class SACBNetRegistrationApp(Application):
             raise ValueError(f"-m must name the exported TorchScript file (models/model.ts), got {model_path}.")
 
         loader = PairLoaderOperator(
-            self, CountCondition(self, 1), input_folder=Path(app_context.input_path), bundle_path=model_path, name="loader"
+            self,
+            CountCondition(self, 1),  # a source operator: run once
+            input_folder=Path(app_context.input_path),
+            bundle_path=model_path,
+            name="loader",
         )
         inference = RegistrationBundleInferenceOperator(
             self,

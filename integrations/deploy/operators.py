@@ -5,8 +5,9 @@ MONAI Deploy operators that run the SACB-Net bundle's exported TorchScript on a 
 ``MonaiBundleInferenceOperator`` takes ONE network input (``image``) per call, while registration needs two volumes.
 The pipeline therefore is::
 
-    PairLoaderOperator --image (2-channel Image: moving, fixed)--> RegistrationBundleInferenceOperator --pred (DDF)-->
-    PairLoaderOperator --pair (the loaded, preprocessed dict)----------------------------------------> RegistrationWriterOperator
+    PairLoaderOperator --image (2-channel Image)--> RegistrationBundleInferenceOperator --pred (DDF)--> Writer
+    PairLoaderOperator --pair (the preprocessed data dict)------------------------------------------> Writer
+    (Writer = RegistrationWriterOperator)
 
 The loader and the writer run the bundle's own ``preprocessing`` / ``postprocessing`` parsed from the ``inference.json``
 stored inside the TorchScript file, so the app's outputs equal those of ``python -m monai.bundle run`` on the same pair.
@@ -26,7 +27,13 @@ from monai.data import MetaTensor
 from monai.deploy.core import Fragment, Image, Operator, OperatorSpec
 from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator, get_bundle_config
 
-__all__ = ["PAIR_FILES", "PreprocessedPair", "PairLoaderOperator", "RegistrationBundleInferenceOperator", "RegistrationWriterOperator"]
+__all__ = [
+    "PAIR_FILES",
+    "PreprocessedPair",
+    "PairLoaderOperator",
+    "RegistrationBundleInferenceOperator",
+    "RegistrationWriterOperator",
+]
 
 #: input folder layout: data key -> file name (labels optional; with them the writer also saves a warped label map and
 #: label metrics).
@@ -64,7 +71,7 @@ class PairLoaderOperator(Operator):
     Named outputs:
         image: :py:class:`Image` (2, D, H, W) float32, channel 0 moving, 1 fixed, with the fixed image's affine in its
             metadata (what ``MonaiBundleInferenceOperator`` turns into a MetaTensor).
-        pair: :py:class:`PreprocessedPair`, the whole preprocessed data dict, for :py:class:`RegistrationWriterOperator`.
+        pair: :py:class:`PreprocessedPair`, the whole preprocessed data dict, for the writer.
     """
 
     def __init__(self, fragment: Fragment, *args, input_folder: Path, bundle_path: Path, **kwargs) -> None:
@@ -148,7 +155,9 @@ class RegistrationWriterOperator(Operator):
         ddf = torch.as_tensor(np.asarray(pred.asnumpy()), dtype=torch.float32)
         fixed = data["fixed_image"]
         if tuple(ddf.shape[1:]) != tuple(fixed.shape[1:]):
-            raise ValueError(f"displacement grid {tuple(ddf.shape[1:])} differs from the fixed grid {tuple(fixed.shape[1:])}.")
+            raise ValueError(
+                f"displacement grid {tuple(ddf.shape[1:])} differs from the fixed grid {tuple(fixed.shape[1:])}."
+            )
         data["pred"] = MetaTensor(ddf, affine=fixed.affine.clone())
         self.output_folder.mkdir(parents=True, exist_ok=True)
         parser = _bundle_parser(self.bundle_path, {"output_dir": str(self.output_folder)})

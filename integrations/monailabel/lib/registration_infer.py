@@ -55,7 +55,7 @@ class AtlasPaird(MapTransform):
         d = dict(data)
         image = d.get("image")
         if not isinstance(image, str):
-            raise ValueError(f"the registration task needs the request image as a file path, got {type(image).__name__}.")
+            raise ValueError(f"the registration task needs the request image as a path, got {type(image).__name__}.")
         d["fixed_image"] = image
         d["moving_image"] = d.get("atlas_image") or self.atlas_image
         d["moving_label"] = d.get("atlas_label") or self.atlas_label
@@ -119,5 +119,7 @@ class RegistrationInferTask(BundleInferTask):
         }
         return d
 
-    def writer(self, data: Dict[str, Any], extension: Optional[str] = None, dtype: Optional[str] = None) -> Tuple[Any, Any]:
+    def writer(
+        self, data: Dict[str, Any], extension: Optional[str] = None, dtype: Optional[str] = None
+    ) -> Tuple[Any, Any]:
         return super().writer(data, extension=".nii.gz", dtype="uint8")
