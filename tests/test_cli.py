@@ -24,6 +24,7 @@ def _cli(*args, timeout=600):
     )
 
 
+@pytest.mark.slow
 def test_help_explains_every_argument():
     result = _cli("register", "--help")
     assert result.returncode == 0, result.stderr
@@ -47,6 +48,7 @@ def test_cli_uses_the_bundle_configs():
         workflow_overrides("f", "m", "o", iterations=-1)
 
 
+@pytest.mark.slow
 def test_register_writes_outputs_and_prints_dice(tmp_path):
     pair = write_small_pair(tmp_path / "data", factor=4)
     out = tmp_path / "out"

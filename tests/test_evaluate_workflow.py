@@ -43,6 +43,7 @@ def _zero_field_network(workflow):
     torch.nn.init.zeros_(network.weight)
 
 
+@pytest.mark.slow
 def test_evaluate_identical_and_real_pair(small_pair, tmp_path):
     pairs = [
         {  # identical images and labels: Dice 1, HD95 0, SSIM 1, no folding

@@ -125,6 +125,7 @@ def _dice(a, b, label):
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
+@pytest.mark.slow
 def test_inference_run_writes_outputs_on_fixed_grid(small_pair, tmp_path):
     out = tmp_path / "out"
     overrides = dict(small_pair, output_dir=str(out), network_scale=0.5, ckpt_path=str(tmp_path / "none.pt"))
@@ -162,6 +163,7 @@ def test_inference_run_writes_outputs_on_fixed_grid(small_pair, tmp_path):
     assert metrics["percent_non_positive_jacobian"] == pytest.approx(100.0 * (det <= 0).mean(), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_existing_outputs_are_kept_unless_overwrite(small_pair, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -180,6 +182,7 @@ def test_existing_outputs_are_kept_unless_overwrite(small_pair, tmp_path):
     assert nib.load(str(out / "ddf.nii.gz")).shape[-1] == 3
 
 
+@pytest.mark.slow
 def test_datalist_of_pairs_writes_one_folder_per_pair(small_pair, tmp_path):
     pairs = [
         {"id": "colin_to_mni", **{k: small_pair[k] for k in ("moving_image", "fixed_image")}},

@@ -60,6 +60,7 @@ def _overrides(root):
     }
 
 
+@pytest.mark.slow
 def test_training_resumes_from_last_checkpoint(train_setup):
     root = train_setup
     assert len(training_pairs(str(root / "datalist.json"), "training")) == 2  # both ordered pairs
