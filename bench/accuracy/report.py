@@ -19,7 +19,23 @@ def render(reports: list[dict]) -> str:
     """Markdown for the given reports (the dicts written by ``run_benchmark``)."""
     if not reports:
         raise ValueError("need at least one results report.")
-    rows = [format_row(record) for report in reports for record in report["results"]]
+    # group rows by pair; an identical (pair, method, settings) run seen twice (e.g. identity in two runs) shows once;
+    # a method run with overrides shows them beside its name
+    seen, keyed = set(), []
+    for report in reports:
+        for record in report["results"]:
+            settings = report["methods"].get(record["method"], {})
+            key = (record["pair"], record["method"], json.dumps(settings, sort_keys=True, default=str))
+            if key in seen:
+                continue
+            seen.add(key)
+            overrides = settings.get("overrides") or {}
+            if overrides:
+                label = ", ".join(f"{k}={v}" for k, v in overrides.items())
+                record = {**record, "method": f"{record['method']} ({label})"}
+            keyed.append(record)
+    order = {pair: i for i, pair in enumerate(dict.fromkeys(r["pair"] for r in keyed))}
+    rows = [format_row(r) for r in sorted(keyed, key=lambda r: order[r["pair"]])]
     lines = [TABLE_HEADER, *rows, ""]
     machine, versions = reports[0]["machine"], reports[0]["versions"]
     lines.append(
