@@ -1,0 +1,62 @@
+"""The config ids later issues and users rely on: network_def, warp (inference.json), image_loss, regularization (train.json)."""
+
+import os
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from conftest import BUNDLE_ROOT
+from scripts.ncc import LocalNCCLoss
+from scripts.net import SACBNet
+from scripts.regularization import GradientLoss
+from scripts.warp import Warp
+
+
+def _parser(config_name):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / config_name))
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    return parser
+
+
+@pytest.fixture
+def in_bundle_root():
+    previous = os.getcwd()
+    os.chdir(BUNDLE_ROOT)  # as a user runs the bundle
+    yield
+    os.chdir(previous)
+
+
+def test_network_def_maps_pairs_to_fields_at_two_sizes(in_bundle_root):
+    network = _parser("inference.json").get_parsed_content("network_def")
+    assert isinstance(network, SACBNet)
+    assert abs(sum(p.numel() for p in network.parameters()) - 1.11e6) / 1.11e6 < 0.02
+    network.eval()
+    for spatial in [(80, 96, 112), (70, 90, 100)]:
+        with torch.inference_mode():
+            ddf = network(torch.rand(1, 2, *spatial))
+        assert ddf.shape == (1, 3, *spatial)
+        assert torch.isfinite(ddf).all()
+
+
+def test_warp_id_warps_image_by_ddf(in_bundle_root):
+    warp = _parser("inference.json").get_parsed_content("warp")
+    assert isinstance(warp, Warp)
+    image = torch.rand(1, 1, 8, 9, 10)
+    ddf = torch.zeros(1, 3, 8, 9, 10)
+    ddf[:, 2] = 1.0
+    assert torch.allclose(warp(image, ddf)[..., :-1], image[..., 1:], atol=1e-5)
+
+
+def test_train_losses_are_built_from_their_ids(in_bundle_root):
+    parser = _parser("train.json")
+    image_loss = parser.get_parsed_content("image_loss")
+    regularization = parser.get_parsed_content("regularization")
+    assert isinstance(image_loss, LocalNCCLoss) and isinstance(regularization, GradientLoss)
+    image = torch.rand(1, 1, 12, 12, 12)
+    assert image_loss(image, image).item() == pytest.approx(-1.0, abs=1e-3)
+    ramp = torch.zeros(1, 3, 6, 6, 6)
+    ramp[:, 0] = torch.arange(6.0).view(6, 1, 1)  # channel 0 rises by 1 per voxel along axis 0, nothing else varies
+    # mean over axes of the mean squared forward difference: axis 0 gives 1 on one channel of three, others 0.
+    assert regularization(ramp).item() == pytest.approx(1.0 / 9.0, rel=1e-5)
