@@ -301,8 +301,19 @@ def _environment(args) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "load_average_at_start": os.getloadavg(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        # Workers import the working tree as it is when each case starts: note local edits.
+        "git_dirty_paths": _git("status", "--porcelain", "--", "bundle/scripts", "bench").splitlines(),
     }
     return env
+
+
+def _git(*args) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def _spawn(args, case, size) -> dict:

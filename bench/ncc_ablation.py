@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["160,192,224", "96,112,128"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=None, help="subset (default: all)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "ncc_ablation.json")
     args = parser.parse_args(argv)
     variants = {
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
         "shift_custom": _custom_with(ncc._box_sum_shift),
         "gemm_custom": ncc.LocalNCCLoss(),
     }
+    if args.variants:
+        variants = {name: variants[name] for name in args.variants}
     results = []
     for size in args.sizes:
         moving, fixed, _ = _load_pair(tuple(int(s) for s in size.split(",")), torch.device("cpu"))
