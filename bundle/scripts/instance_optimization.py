@@ -13,6 +13,7 @@ from torch import nn
 
 from scripts.errors import NonFiniteLossError
 from scripts.inferer import ResolutionInferer, resize_displacement
+from scripts.registration_loss import RegistrationLoss
 
 __all__ = ["InstanceOptimizationInferer"]
 
@@ -65,12 +66,8 @@ class InstanceOptimizationInferer(ResolutionInferer):
             raise ValueError(f"iterations must be >= 0, got {iterations}.")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
-        if regularization_weight < 0:
-            raise ValueError(f"regularization_weight must be >= 0, got {regularization_weight}.")
-        self.image_loss = image_loss
-        self.regularization = regularization
-        self.warp = warp
-        self.regularization_weight = float(regularization_weight)
+        # The training objective itself (it also validates regularization_weight), so both optimise the same thing.
+        self.loss = RegistrationLoss(image_loss, regularization, warp, regularization_weight)
         self.iterations = int(iterations)
         self.learning_rate = float(learning_rate)
         self.log_interval = int(log_interval)
@@ -90,9 +87,7 @@ class InstanceOptimizationInferer(ResolutionInferer):
     def objective(self, network: nn.Module, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of the network on a (B, 2, d, h, w) pair and the predicted (B, 3, d, h, w) field."""
         ddf = network(pair)
-        warped = self.warp(pair[:, :1], ddf)
-        loss = self.image_loss(warped, pair[:, 1:]) + self.regularization_weight * self.regularization(ddf)
-        return loss, ddf
+        return self.loss(ddf, pair), ddf
 
     def optimize(self, network: nn.Module, pair: torch.Tensor) -> list[float]:
         """Run the Adam steps on one (B, 2, d, h, w) pair at network resolution; returns the loss per step."""
