@@ -8,13 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "bundle" / "sample_data"
-SAMPLE_FILES = {
-    "moving_image": "moving_colin27_t1.nii.gz",
-    "fixed_image": "fixed_mni152_t1.nii.gz",
-    "moving_label": "moving_colin27_seg8.nii.gz",
-    "fixed_label": "fixed_mni152_seg8.nii.gz",
-}
+from conftest import SAMPLE_DATA as SAMPLE_DIR
+from conftest import SAMPLE_PAIR
+
+SAMPLE_FILES = {key: path.name for key, path in SAMPLE_PAIR.items()}
 
 
 @lru_cache(maxsize=4)

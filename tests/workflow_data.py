@@ -9,13 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "bundle" / "sample_data"
-PAIR_FILES = {
-    "moving_image": "moving_colin27_t1.nii.gz",
-    "fixed_image": "fixed_mni152_t1.nii.gz",
-    "moving_label": "moving_colin27_seg8.nii.gz",
-    "fixed_label": "fixed_mni152_seg8.nii.gz",
-}
+from conftest import SAMPLE_DATA as SAMPLE_DIR
+from conftest import SAMPLE_PAIR
+
+PAIR_FILES = {key: path.name for key, path in SAMPLE_PAIR.items()}
 
 
 def downsample_volume(path: Path, factor: int, label: bool) -> nib.Nifti1Image:
