@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.conv import ChannelsLastConv3d
 from scripts.cross_similarity import CrossSimilarityFlow
 from scripts.integration import VelocityIntegration
 from scripts.sacb import SACB, conv_in_lrelu
@@ -88,7 +89,7 @@ class SACBNet(nn.Module):
         self.similarity_flow = CrossSimilarityFlow()
         self.refine = nn.Sequential(conv_in_lrelu(widths[0], widths[0]), conv_in_lrelu(widths[0], widths[0]))
         self.fuse = nn.Sequential(conv_in_lrelu(2 * widths[0], widths[0]), conv_in_lrelu(widths[0], widths[0]))
-        self.flow_out = nn.Conv3d(widths[0], 3, kernel_size=3, padding=1)
+        self.flow_out = ChannelsLastConv3d(widths[0], 3, kernel_size=3, padding=1)
         self.diffeomorphic = diffeomorphic
         self.integrate = VelocityIntegration(integration_steps)
 

@@ -11,14 +11,20 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from scripts.conv import ChannelsLastConv3d
 from scripts.kmeans import kmeans
 
 __all__ = ["SACB", "conv_in_lrelu"]
 
 
 def conv_in_lrelu(in_channels: int, out_channels: int, negative_slope: float = 0.1) -> Convolution:
-    """3x3x3 convolution (with bias) -> InstanceNorm3d -> LeakyReLU, the unit every SACB-Net conv layer uses."""
-    return Convolution(
+    """
+    3x3x3 convolution (with bias) -> InstanceNorm3d -> LeakyReLU, the unit every SACB-Net conv layer uses.
+
+    MONAI's ``Convolution`` block with its convolution swapped for :py:class:`scripts.conv.ChannelsLastConv3d` (same
+    parameters and state-dict keys, faster on CPU).
+    """
+    block = Convolution(
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=out_channels,
@@ -27,6 +33,8 @@ def conv_in_lrelu(in_channels: int, out_channels: int, negative_slope: float = 0
         norm="instance",
         bias=True,
     )
+    block.conv = ChannelsLastConv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=True)
+    return block
 
 
 class SACB(nn.Module):
