@@ -97,3 +97,24 @@ def test_training_resumes_from_last_checkpoint(train_setup):
     net = SACBNet(kmeans_iterations=3)
     net.load_state_dict(best, strict=True)  # plain state dict of network_def
     assert (root / "runs").is_dir() and any((root / "runs").iterdir())  # TensorBoard event files
+
+
+def test_training_downsampling_gives_the_network_what_inference_gives_it():
+    """Training at network_scale (DownsampleToNetworkGridd) must feed the network the same input as inference
+    (ResolutionInferer.downsample), or a model trained at half resolution would see other images at inference."""
+    from monai.data import MetaTensor
+
+    from scripts.inferer import ResolutionInferer
+    from scripts.transforms import DownsampleToNetworkGridd
+
+    generator = torch.Generator().manual_seed(0)
+    moving, fixed = torch.rand(2, 1, 30, 41, 26, generator=generator)
+    out = DownsampleToNetworkGridd(["moving_image", "fixed_image"], network_scale=0.5)(
+        {"moving_image": MetaTensor(moving, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))), "fixed_image": fixed}
+    )
+    expected = ResolutionInferer(network_scale=0.5).downsample(torch.stack([moving, fixed]))
+    assert out["moving_image"].shape == (1, 15, 20, 13) and not isinstance(out["moving_image"], MetaTensor)
+    torch.testing.assert_close(out["moving_image"], expected[0])
+    torch.testing.assert_close(out["fixed_image"], expected[1])
+    with pytest.raises(ValueError, match=r"\(C, D, H, W\)"):
+        DownsampleToNetworkGridd(["moving_image"], network_scale=0.5)({"moving_image": torch.rand(30, 41, 26)})

@@ -14,7 +14,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation, ResampleToMatch
 
+from scripts.inferer import ResolutionInferer
+
 __all__ = [
+    "DownsampleToNetworkGridd",
     "ResampleToFixedGridd",
     "WarpByDdfd",
     "JacobianDeterminantd",
@@ -82,6 +85,35 @@ class ResampleToFixedGridd(MapTransform):
                 mode,
             )
             d[key] = ResampleToMatch(mode=mode, padding_mode="zeros")(d[key], fixed)
+        return d
+
+
+class DownsampleToNetworkGridd(MapTransform):
+    """
+    Resize images to the grid :py:class:`scripts.inferer.ResolutionInferer` gives the network at ``network_scale``,
+    with the same anti-aliasing and interpolation, so a model trained on these images sees at inference exactly the
+    kind of input it was trained on (e.g. train at ``network_scale=0.5`` on CPU, infer with the same value).
+
+    Images of one pair must share a grid (run after :py:class:`ResampleToFixedGridd`). Spatial metadata is dropped:
+    the output is a plain tensor meant for training, where only voxels matter.
+
+    Args:
+        keys: image keys, each (C, D, H, W).
+        network_scale: resolution relative to the input, a number or one per axis.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, network_scale: float | Sequence[float], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.resolution = ResolutionInferer(network_scale=network_scale)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            if image.ndim != 4:
+                raise ValueError(f"'{key}' must have shape (C, D, H, W), got {tuple(image.shape)}.")
+            d[key] = self.resolution.downsample(image.unsqueeze(0).float())[0]
         return d
 
 
