@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,9 +121,6 @@ class SACBNet(nn.Module):
         """Field of ``p -> p + residual(p) + flow(p + residual(p))``: the residual is applied first."""
         return warp_image(flow, residual, "bilinear", "zeros") + residual
 
-    def _split(self, x: torch.Tensor, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return x[:batch], x[batch:]
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -143,28 +140,26 @@ class SACBNet(nn.Module):
 
     def _register(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 2, D, H, W) -> (1, 3, D, H, W); see :py:meth:`forward`."""
-        batch = image.shape[0]
         spatial = [int(s) for s in image.shape[2:]]
         pads = self._padding(spatial)
         padded = F.pad(image, pads)
-        # One encoder pass over moving and fixed stacked along the batch (shared weights, per-item normalisation).
-        stacked = torch.cat([padded[:, 0:1], padded[:, 1:2]], dim=0)
-        features = self._encode(stacked)
+        # Moving and fixed go through the shared-weight layers one after the other rather than stacked: the result is
+        # the same (instance norm and k-means are per item) and the full-resolution temporaries are half as large.
+        # Features are popped as they are used, coarsest first, so each level is freed once consumed.
+        moving_features = self._encode(padded[:, 0:1])
+        fixed_features = self._encode(padded[:, 1:2])
 
         flow = torch.zeros(1)
         for step, block in enumerate(self.sacb):
-            moving, fixed = self._split(features[self.levels - 1 - step], batch)
+            moving, fixed = moving_features.pop(), fixed_features.pop()
             if step > 0:
                 moving = warp_image(moving, flow, "bilinear", "zeros")
-            moving, fixed = self._split(block(torch.cat([moving, fixed], dim=0)), batch)
-            residual = self.similarity_flow(fixed, moving)
+            residual = self.similarity_flow(block(fixed), block(moving))
             flow = residual if step == 0 else self._compose(flow, residual)
             flow = self._upsample(flow)
 
-        moving, fixed = self._split(features[0], batch)
-        moving = warp_image(moving, flow, "bilinear", "zeros")
-        refined = self.refine(torch.cat([fixed, moving], dim=0))
-        fixed, moving = self._split(refined, batch)
+        moving = self.refine(warp_image(moving_features.pop(), flow, "bilinear", "zeros"))
+        fixed = self.refine(fixed_features.pop())
         residual = self.flow_out(self.fuse(torch.cat([fixed, moving], dim=1)))
         flow = self._compose(flow, residual)
         if self.diffeomorphic:

@@ -29,7 +29,7 @@ def conv_in_lrelu(in_channels: int, out_channels: int, negative_slope: float = 0
         in_channels=in_channels,
         out_channels=out_channels,
         kernel_size=3,
-        act=("leakyrelu", {"negative_slope": negative_slope}),
+        act=("leakyrelu", {"negative_slope": negative_slope, "inplace": True}),
         norm="instance",
         bias=True,
     )
