@@ -143,23 +143,39 @@ class SACBNet(nn.Module):
         spatial = [int(s) for s in image.shape[2:]]
         pads = self._padding(spatial)
         padded = F.pad(image, pads)
-        # Moving and fixed go through the shared-weight layers one after the other rather than stacked: the result is
-        # the same (instance norm and k-means are per item) and the full-resolution temporaries are half as large.
-        # Features are popped as they are used, coarsest first, so each level is freed once consumed.
-        moving_features = self._encode(padded[:, 0:1])
-        fixed_features = self._encode(padded[:, 1:2])
+        # The shared-weight layers see moving and fixed stacked along the batch when gradients are on (one pass is
+        # faster to train), and one after the other otherwise (the same result, as instance norm and k-means are
+        # per item, with full-resolution temporaries half as large). Features are popped as they are consumed.
+        stacked = torch.is_grad_enabled()
+        if stacked:
+            both = self._encode(torch.cat([padded[:, 0:1], padded[:, 1:2]], dim=0))
+            moving_features = [f[:1] for f in both]
+            fixed_features = [f[1:] for f in both]
+        else:
+            moving_features = self._encode(padded[:, 0:1])
+            fixed_features = self._encode(padded[:, 1:2])
 
         flow = torch.zeros(1)
         for step, block in enumerate(self.sacb):
             moving, fixed = moving_features.pop(), fixed_features.pop()
             if step > 0:
                 moving = warp_image(moving, flow, "bilinear", "zeros")
-            residual = self.similarity_flow(block(fixed), block(moving))
+            if stacked:
+                both = block(torch.cat([moving, fixed], dim=0))
+                moving, fixed = both[:1], both[1:]
+            else:
+                moving, fixed = block(moving), block(fixed)
+            residual = self.similarity_flow(fixed, moving)
             flow = residual if step == 0 else self._compose(flow, residual)
             flow = self._upsample(flow)
 
-        moving = self.refine(warp_image(moving_features.pop(), flow, "bilinear", "zeros"))
-        fixed = self.refine(fixed_features.pop())
+        moving = warp_image(moving_features.pop(), flow, "bilinear", "zeros")
+        fixed = fixed_features.pop()
+        if stacked:
+            both = self.refine(torch.cat([fixed, moving], dim=0))
+            moving, fixed = both[1:], both[:1]
+        else:
+            moving, fixed = self.refine(moving), self.refine(fixed)
         residual = self.flow_out(self.fuse(torch.cat([fixed, moving], dim=1)))
         flow = self._compose(flow, residual)
         if self.diffeomorphic:
