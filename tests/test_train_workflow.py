@@ -118,3 +118,17 @@ def test_training_downsampling_gives_the_network_what_inference_gives_it():
     torch.testing.assert_close(out["fixed_image"], expected[1])
     with pytest.raises(ValueError, match=r"\(C, D, H, W\)"):
         DownsampleToNetworkGridd(["moving_image"], network_scale=0.5)({"moving_image": torch.rand(30, 41, 26)})
+
+
+@pytest.mark.slow
+def test_training_starts_from_initial_weights(train_setup, tmp_path):
+    """--initial_weights loads a plain state dict (e.g. the shipped model.pt) before the first epoch; with lr 0 the
+    trained model must still be exactly those weights."""
+    start = SACBNet(kmeans_iterations=3)
+    torch.nn.init.constant_(start.flow_out.bias, 0.25)  # a visible marker, unlike any initialisation
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    overrides = dict(_overrides(train_setup), ckpt_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "runs"))
+    overrides.update(max_epochs=1, learning_rate=0.0, initial_weights=str(tmp_path / "start.pt"))
+    run_bundle_workflow(["train.json"], workflow_type="train", **overrides)
+    trained = torch.load(latest_checkpoint(tmp_path / "ckpt"), weights_only=False)["model"]
+    assert all(torch.equal(trained[k], v) for k, v in start.state_dict().items())
