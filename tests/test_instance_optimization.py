@@ -15,7 +15,7 @@ from scripts.ncc import LocalNCCLoss
 from scripts.regularization import GradientLoss
 from scripts.warp import Warp
 
-IO_ITERATIONS = 40  # the demo's setting on its network grid (40 x 48 x 40)
+IO_ITERATIONS = 30  # the default of configs/instance_optimization.json
 
 
 def _inferer(iterations, **kwargs):
@@ -57,14 +57,16 @@ def test_rejects_bad_settings():
 
 
 @pytest.fixture(scope="module")
-def small_pair(tmp_path_factory):
-    return write_small_pair(tmp_path_factory.mktemp("pair"), factor=4)  # 40 x 48 x 40 voxels of 4 mm
+def half_size_pair(tmp_path_factory):
+    return write_small_pair(tmp_path_factory.mktemp("pair"), factor=2)  # 80 x 96 x 80 voxels of 2 mm
 
 
 @pytest.mark.slow
-def test_instance_optimisation_beats_identity_and_untrained_network_on_real_pair(small_pair, tmp_path):
-    # At 4 mm the network runs on the same 40 x 48 x 40 grid as the demo (1 mm, network_scale 0.25).
-    common = dict(small_pair, network_scale=1.0, ckpt_path=str(tmp_path / "no_weights.pt"))
+def test_instance_optimisation_from_shipped_weights_beats_identity_and_plain_inference(half_size_pair, tmp_path):
+    # At 2 mm and network_scale 1.0 the network sees the grid it was trained on and the demo optimises on
+    # (1 mm pair, network_scale 0.5), with the shipped weights and the default learning rate and regulariser.
+    # Classes 1-7: the primary measure of this pair (the cortex class 8 follows two different label protocols).
+    common = dict(half_size_pair, network_scale=1.0, label_ids=[1, 2, 3, 4, 5, 6, 7])
     run_bundle_workflow(["inference.json"], output_dir=str(tmp_path / "plain"), **common)
     run_bundle_workflow(
         ["inference.json", "instance_optimization.json"], output_dir=str(tmp_path / "io"),
@@ -73,11 +75,7 @@ def test_instance_optimisation_beats_identity_and_untrained_network_on_real_pair
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     optimised = json.loads((tmp_path / "io" / "metrics.json").read_text())
     assert optimised["mean_dice_identity"] == pytest.approx(plain["mean_dice_identity"])
-    # Measured (CPU, torch 2.13): identity 0.7084, untrained 0.4224, after 40 steps 0.7109 with no folding. The gain
-    # over identity is still small at this budget; more steps or a trained model.pt raise it.
-    # Measured once at 0.7109 vs 0.7084 and once below identity in a full-suite run: at 40 steps on this 4 mm grid the
-    # optimisation only reaches identity's level. The clear gain over identity is measured at full size in
-    # docs/results.md (0.662 -> 0.714); here the test guards that it does not degrade the pair.
-    assert optimised["mean_dice"] > optimised["mean_dice_identity"] - 0.01, optimised
-    assert optimised["mean_dice"] > plain["mean_dice"] + 0.05, (plain, optimised)
+    assert plain["mean_dice"] > plain["mean_dice_identity"] + 0.02, plain
+    # Measured (CPU, torch 2.13): identity 0.622, plain 0.701, after 30 steps 0.707 (full size: docs/results.md).
+    assert optimised["mean_dice"] > plain["mean_dice"], (plain, optimised)
     assert optimised["percent_non_positive_jacobian"] < 1.0
