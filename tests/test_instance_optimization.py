@@ -15,8 +15,6 @@ from scripts.ncc import LocalNCCLoss
 from scripts.regularization import GradientLoss
 from scripts.warp import Warp
 
-IO_ITERATIONS = 30  # the default of configs/instance_optimization.json
-
 
 def _inferer(iterations, **kwargs):
     return InstanceOptimizationInferer(
@@ -64,14 +62,11 @@ def half_size_pair(tmp_path_factory):
 @pytest.mark.slow
 def test_instance_optimisation_from_shipped_weights_beats_identity_and_plain_inference(half_size_pair, tmp_path):
     # At 2 mm and network_scale 1.0 the network sees the grid it was trained on and the demo optimises on
-    # (1 mm pair, network_scale 0.5), with the shipped weights and the default learning rate and regulariser.
+    # (1 mm pair, network_scale 0.5), with the shipped weights and the default steps, learning rate and regulariser.
     # Classes 1-7: the primary measure of this pair (the cortex class 8 follows two different label protocols).
     common = dict(half_size_pair, network_scale=1.0, label_ids=[1, 2, 3, 4, 5, 6, 7])
     run_bundle_workflow(["inference.json"], output_dir=str(tmp_path / "plain"), **common)
-    run_bundle_workflow(
-        ["inference.json", "instance_optimization.json"], output_dir=str(tmp_path / "io"),
-        optimization_iterations=IO_ITERATIONS, **common,
-    )
+    run_bundle_workflow(["inference.json", "instance_optimization.json"], output_dir=str(tmp_path / "io"), **common)
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     optimised = json.loads((tmp_path / "io" / "metrics.json").read_text())
     assert optimised["mean_dice_identity"] == pytest.approx(plain["mean_dice_identity"])
