@@ -5,11 +5,11 @@ Side-by-side speed and memory of this bundle's components and MONAI's references
 
 Cases (each at every ``--sizes`` entry, on the real shipped pair resized to that size):
 
-- ``ncc_*``: ``scripts.ncc.LocalNCCLoss`` vs ``monai.losses.LocalNormalizedCrossCorrelationLoss(kernel_size=9,
+- ``ncc_*``: ``scripts.losses.ncc.LocalNCCLoss`` vs ``monai.losses.LocalNormalizedCrossCorrelationLoss(kernel_size=9,
   kernel_type="rectangular")``, forward and forward+backward (gradient w.r.t. the prediction), plus the value difference;
-- ``warp_*``: ``scripts.warp.Warp`` vs ``monai.networks.blocks.Warp``, image (bilinear) and label map (nearest), plus the
+- ``warp_*``: ``scripts.layers.warp.Warp`` vs ``monai.networks.blocks.Warp``, image (bilinear) and label map (nearest), plus the
   maximum absolute difference of the outputs;
-- ``*_infer``: ``scripts.net.SACBNet`` vs ``monai.networks.nets.VoxelMorph()`` (default backbone) inference of one pair
+- ``*_infer``: ``scripts.networks.sacb_net.SACBNet`` vs ``monai.networks.nets.VoxelMorph()`` (default backbone) inference of one pair
   under ``torch.inference_mode`` (field + warped moving image, which VoxelMorph returns anyway);
 - ``*_train``: one training step of each (image NCC + 0.1 · gradient penalty, Adam): SACB-Net with this bundle's losses,
   VoxelMorph with MONAI's (LNCC + DiffusionLoss), i.e. what each stack gives a user;
@@ -119,10 +119,10 @@ def _build_case(name, size, device, amp):
     from monai.networks.blocks import Warp as MonaiWarp
     from monai.networks.nets import VoxelMorph
 
-    from scripts.ncc import LocalNCCLoss
-    from scripts.net import SACBNet
-    from scripts.regularization import GradientLoss
-    from scripts.warp import Warp
+    from scripts.losses.ncc import LocalNCCLoss
+    from scripts.networks.sacb_net import SACBNet
+    from scripts.losses.regularization import GradientLoss
+    from scripts.layers.warp import Warp
 
     moving, fixed, label = _load_pair(size, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

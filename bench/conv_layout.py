@@ -1,7 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """
 Time SACB-Net's conv layer shapes in the default (NCDHW) and the channels-last layout on this machine, forward and
-backward, side by side in one run. Why the network uses ``scripts.conv.ChannelsLastConv3d``.
+backward, side by side in one run. Why the network uses ``scripts.networks.conv.ChannelsLastConv3d``.
 
     python bench/conv_layout.py [--repeats 3]
 """

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 from benchmark import _load_pair  # noqa: E402
 from monai.losses import LocalNormalizedCrossCorrelationLoss  # noqa: E402
 
-import scripts.ncc as ncc  # noqa: E402
+import scripts.losses.ncc as ncc  # noqa: E402
 
 
 def _autograd_ncc(box, kernel_size=9, smooth_dr=1e-5):

@@ -24,6 +24,13 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _run_from_bundle_root(monkeypatch):
+    """Run every test from the bundle root, as ``python -m monai.bundle run`` is run: the configs' ``%configs/...``
+    macros (train.json taking network_def, warp and preprocessing from inference.json) are paths relative to it."""
+    monkeypatch.chdir(BUNDLE_ROOT)
+
+
 SAMPLE_DATA = BUNDLE_ROOT / "sample_data"
 SAMPLE_PAIR = {
     "moving_image": SAMPLE_DATA / "moving_colin27_t1.nii.gz",

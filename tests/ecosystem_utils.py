@@ -33,7 +33,7 @@ def bundle_copy_with_weights(folder: Path) -> Path:
 
 def save_seeded_weights(path: Path, bundle_root: Path = BUNDLE_ROOT) -> Path:
     """Save the state dict of ``network_def`` (from the bundle's inference.json) initialised with seed 0."""
-    from scripts.net import SACBNet
+    from scripts.networks.sacb_net import SACBNet
 
     config = json.loads((Path(bundle_root) / "configs" / "inference.json").read_text())["network_def"]
     torch.manual_seed(0)

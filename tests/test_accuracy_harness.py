@@ -1,4 +1,4 @@
-"""Tests of the accuracy benchmark (bench/accuracy) and the QC figure (scripts.qc).
+"""Tests of the accuracy benchmark (bench/accuracy) and the QC figure (scripts.workflow.qc).
 
 Known-answer metric cases, pair discovery on a folder laid out like shared/data, scoring and the end-to-end runner on
 a crop of the shipped real pair, the ANTs world→voxel displacement conversion against ANTs' own warped image (skipped
@@ -226,7 +226,7 @@ def test_ants_syn_outputs_agree_with_voxel_ddf(tmp_path):
 
 
 def test_qc_png(tmp_path):
-    from scripts.qc import qc_figure, save_qc_png
+    from scripts.workflow.qc import qc_figure, save_qc_png
 
     rng = np.random.default_rng(0)
     fixed = rng.random((20, 24, 16)).astype(np.float32)
@@ -251,7 +251,7 @@ def test_qc_png(tmp_path):
 
 
 def test_qc_png_from_outputs_resamples_moving_grid(tmp_path):
-    from scripts.qc import _resample_to_grid, qc_png_from_outputs
+    from scripts.workflow.qc import _resample_to_grid, qc_png_from_outputs
 
     rng = np.random.default_rng(1)
     fixed = rng.random((16, 18, 14)).astype(np.float32)

@@ -7,10 +7,10 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE_ROOT
-from scripts.ncc import LocalNCCLoss
-from scripts.net import SACBNet
-from scripts.regularization import GradientLoss
-from scripts.warp import Warp
+from scripts.losses.ncc import LocalNCCLoss
+from scripts.networks.sacb_net import SACBNet
+from scripts.losses.regularization import GradientLoss
+from scripts.layers.warp import Warp
 
 
 def _parser(config_name):

@@ -4,7 +4,7 @@
 import torch
 from torch import nn
 
-from scripts.conv import ChannelsLastConv3d
+from scripts.networks.conv import ChannelsLastConv3d
 
 
 def _pair(in_channels: int, out_channels: int) -> tuple[nn.Conv3d, ChannelsLastConv3d]:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from scripts.cross_similarity import CrossSimilarityFlow
-from scripts.warp import Warp
+from scripts.networks.cross_similarity import CrossSimilarityFlow
+from scripts.layers.warp import Warp
 
 
 @pytest.mark.parametrize("shift", [(1, 0, 0), (0, -1, 0), (0, 0, 1), (1, -1, 1)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from workflow_data import run_bundle_workflow, write_small_pair
 
-from scripts.metrics import registration_metrics
+from scripts.workflow.metrics import registration_metrics
 
 LABELS = [1, 2, 3, 4, 5, 6, 7, 8]
 

@@ -60,7 +60,7 @@ def test_torchscript_carries_bundle_configs(exported):
     shipped = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
     assert metadata["version"] == shipped["version"]
     assert metadata["network_data_format"] == shipped["network_data_format"]
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "scripts.net.SACBNet"
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "scripts.networks.SACBNet"
 
 
 @pytest.mark.slow

@@ -14,10 +14,10 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation
 from workflow_data import run_bundle_workflow, write_small_pair
 
-from scripts.errors import OutputExistsError
-from scripts.inferer import ResolutionInferer, network_grid_size, resize_displacement
-from scripts.transforms import ResampleToFixedGridd, RestoreOriginalGridd
-from scripts.warp import Warp
+from scripts.io.errors import OutputExistsError
+from scripts.engines.resolution_inferer import ResolutionInferer, network_grid_size, resize_displacement
+from scripts.workflow.grid_transforms import ResampleToFixedGridd, RestoreOriginalGridd
+from scripts.layers.warp import Warp
 
 OUTPUTS = ("warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "metrics.json")
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from workflow_data import run_bundle_workflow, write_small_pair
 
-from scripts.inferer import ResolutionInferer
-from scripts.instance_optimization import InstanceOptimizationInferer
-from scripts.ncc import LocalNCCLoss
-from scripts.regularization import GradientLoss
-from scripts.warp import Warp
+from scripts.engines.resolution_inferer import ResolutionInferer
+from scripts.engines.instance_optimization import InstanceOptimizationInferer
+from scripts.losses.ncc import LocalNCCLoss
+from scripts.losses.regularization import GradientLoss
+from scripts.layers.warp import Warp
 
 
 def _inferer(iterations, **kwargs):

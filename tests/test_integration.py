@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.networks.blocks import DVF2DDF
 
-from scripts.integration import VelocityIntegration
+from scripts.layers.velocity_integration import VelocityIntegration
 
 
 def _smooth_field(shape, magnitude, seed=0):

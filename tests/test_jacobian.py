@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.jacobian import folding_percentage, jacobian_determinant
+from scripts.layers.jacobian import folding_percentage, jacobian_determinant
 
 
 def _coordinates(shape):

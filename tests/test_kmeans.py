@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from scripts.kmeans import kmeans
+from scripts.networks.kmeans import kmeans
 
 
 def _blobs(generator, centres, per_blob=50, spread=0.05):

@@ -5,7 +5,7 @@ import torch
 from monai.losses import LocalNormalizedCrossCorrelationLoss as MonaiLNCC
 
 from conftest import load_sample_pair
-from scripts.ncc import LocalNCCLoss, _box_sum_gemm, _box_sum_shift, box_sum
+from scripts.losses.ncc import LocalNCCLoss, _box_sum_gemm, _box_sum_shift, box_sum
 
 
 @pytest.fixture(scope="module")

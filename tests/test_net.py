@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from scripts.jacobian import folding_percentage, jacobian_determinant
-from scripts.net import SACBNet
+from scripts.layers.jacobian import folding_percentage, jacobian_determinant
+from scripts.networks.sacb_net import SACBNet
 
 SMALL = dict(base_channels=2, num_clusters=3, kmeans_iterations=5)
 

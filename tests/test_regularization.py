@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.losses import DiffusionLoss
 
-from scripts.regularization import GradientLoss
+from scripts.losses.regularization import GradientLoss
 
 
 def _ramp(slopes, shape=(2, 3, 7, 8, 9)):

@@ -13,16 +13,8 @@ import pytest
 import torch
 from reliability_data import load_sample
 
-from scripts.atomic import (
-    OutputExistsError,
-    atomic_path,
-    check_outputs_writable,
-    save_nifti,
-    save_torch,
-    temporary_path,
-    write_json,
-)
-from scripts.errors import RegistrationInputError
+from scripts.io.atomic import OutputExistsError, atomic_path, check_outputs_writable, save_nifti, save_torch, temporary_path, write_json
+from scripts.io.errors import RegistrationInputError
 
 
 def test_temporary_name_keeps_the_format_suffix(tmp_path):
@@ -67,7 +59,7 @@ WRITER = textwrap.dedent(
     """
     import sys, torch
     sys.path.insert(0, {bundle!r})
-    from scripts.atomic import save_torch
+    from scripts.io.atomic import save_torch
     step = 0
     while True:
         step += 1

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from reliability_data import load_sample, save, small_pair
 
-from scripts.errors import BundleUserError, RegistrationInputError
-from scripts.screening import FAILED_PAIRS_FILE, VALIDATED_KEY, PairScreen
-from scripts.validation import ValidateRegistrationInputsd
+from scripts.io.errors import BundleUserError, RegistrationInputError
+from scripts.io.screening import FAILED_PAIRS_FILE, VALIDATED_KEY, PairScreen
+from scripts.io.pair_checks import ValidateRegistrationInputsd
 
 
 @pytest.fixture()

@@ -16,8 +16,8 @@ import torch
 from reliability_data import load_sample, save, small_pair
 
 from scripts.cli import register
-from scripts.errors import BundleUserError, RegistrationInputError, find_user_error
-from scripts.screening import FAILED_PAIRS_FILE
+from scripts.io.errors import BundleUserError, RegistrationInputError, find_user_error
+from scripts.io.screening import FAILED_PAIRS_FILE
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 NO_WEIGHTS = {"ckpt_path": "/nonexistent/model.pt"}  # run from initialisation, whatever is in bundle/models
@@ -195,7 +195,7 @@ def _bundle_run(config, **overrides):
 
 
 def test_checkpoint_from_another_architecture_is_named_before_inference(pair, tmp_path):
-    from scripts.net import SACBNet
+    from scripts.networks.sacb_net import SACBNet
 
     checkpoint = tmp_path / "model.pt"
     torch.save({"model": SACBNet(base_channels=2, num_clusters=5).state_dict()}, checkpoint)
@@ -264,11 +264,11 @@ def test_training_datalist_reports_every_bad_entry_before_training(pair, tmp_pat
 def test_diverging_instance_optimisation_stops_with_a_message(pair):
     from reliability_data import load_sample
 
-    from scripts.errors import NonFiniteLossError
-    from scripts.instance_optimization import InstanceOptimizationInferer
-    from scripts.ncc import LocalNCCLoss
-    from scripts.regularization import GradientLoss
-    from scripts.warp import Warp
+    from scripts.io.errors import NonFiniteLossError
+    from scripts.engines.instance_optimization import InstanceOptimizationInferer
+    from scripts.losses.ncc import LocalNCCLoss
+    from scripts.losses.regularization import GradientLoss
+    from scripts.layers.warp import Warp
 
     moving, fixed = (torch.as_tensor(load_sample(k, factor=8)[0], dtype=torch.float32) for k in ("moving_image",
                                                                                                 "fixed_image"))
@@ -282,7 +282,7 @@ def test_diverging_instance_optimisation_stops_with_a_message(pair):
 
 
 def test_resuming_from_a_checkpoint_of_another_architecture_is_named(pair, tmp_path):
-    from scripts.net import SACBNet
+    from scripts.networks.sacb_net import SACBNet
 
     names = {k: Path(v).name for k, v in pair.items()}
     path = Path(pair["fixed_image"]).parent / "datalist.json"

@@ -5,8 +5,8 @@ import torch
 from ignite.engine import Engine, Events
 from reliability_data import load_sample
 
-from scripts.errors import BundleUserError
-from scripts.handlers import AtomicCheckpointSaver, NonFiniteLossError, NonFiniteLossGuard, all_finite, loss_from_output
+from scripts.io.errors import BundleUserError
+from scripts.workflow.handlers import AtomicCheckpointSaver, NonFiniteLossError, NonFiniteLossGuard, all_finite, loss_from_output
 
 
 def _pair_batches(nan_at=None, count=3):
@@ -75,7 +75,7 @@ def test_saver_replaces_old_checkpoints_only_after_the_new_one_is_complete(tmp_p
     trainer.run(_pair_batches(count=2), max_epochs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt"]
 
-    import scripts.handlers as handlers
+    import scripts.workflow.handlers as handlers
 
     def crash(*args, **kwargs):
         raise OSError("No space left on device")

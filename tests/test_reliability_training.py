@@ -15,15 +15,15 @@ import pytest
 import torch
 from reliability_data import small_pair
 
-from scripts.errors import find_user_error
-from scripts.handlers import NonFiniteLossError
-from scripts.net import SACBNet
-from scripts.validation import load_network_weights
+from scripts.io.errors import find_user_error
+from scripts.workflow.handlers import NonFiniteLossError
+from scripts.networks.sacb_net import SACBNet
+from scripts.io.checkpoints import load_network_weights
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 ITERATIONS_PER_EPOCH = 1  # one training pair
 # a narrower network with fewer k-means iterations keeps each step around a second of CPU; everything else as shipped
-SMALL_NETWORK = {"network_def#base_channels": 2, "network_def#kmeans_iterations": 3}
+SMALL_NETWORK = {"network_def": {"_target_": "scripts.networks.SACBNet", "base_channels": 2, "kmeans_iterations": 3}}
 
 
 @pytest.fixture()

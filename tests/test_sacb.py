@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from scripts.sacb import SACB
+from scripts.networks.sacb import SACB
 
 
 def _reference_modulated_conv(block, z, labels, centroids):

@@ -10,9 +10,9 @@ import torch
 from ignite.engine import Events
 from workflow_data import run_bundle_workflow, write_small_pair
 
-from scripts.checkpoints import latest_checkpoint
-from scripts.datalist import make_pairs, training_pairs
-from scripts.net import SACBNet
+from scripts.io.checkpoints import latest_checkpoint
+from scripts.io.datalist import make_pairs, training_pairs
+from scripts.networks.sacb_net import SACBNet
 
 
 def test_make_pairs_all_ordered_pairs_and_atlas():
@@ -56,7 +56,7 @@ def _overrides(root):
         "max_epochs": 2,
         "network_scale": 0.5,
         "label_ids": [1, 2, 3, 4, 5, 6, 7, 8],
-        "network_def::kmeans_iterations": 3,
+        "network_def": {"_target_": "scripts.networks.SACBNet", "kmeans_iterations": 3},
     }
 
 
@@ -104,8 +104,8 @@ def test_training_downsampling_gives_the_network_what_inference_gives_it():
     (ResolutionInferer.downsample), or a model trained at half resolution would see other images at inference."""
     from monai.data import MetaTensor
 
-    from scripts.inferer import ResolutionInferer
-    from scripts.transforms import DownsampleToNetworkGridd
+    from scripts.engines.resolution_inferer import ResolutionInferer
+    from scripts.workflow.grid_transforms import DownsampleToNetworkGridd
 
     generator = torch.Generator().manual_seed(0)
     moving, fixed = torch.rand(2, 1, 30, 41, 26, generator=generator)

@@ -11,10 +11,10 @@ from conftest import BUNDLE_ROOT, SAMPLE_PAIR, SHARED_DATA
 from monai.bundle import ConfigParser
 from monai.transforms import ScaleIntensityRangePercentiles
 
-from scripts.inferer import ResolutionInferer
-from scripts.jacobian import folding_percentage, jacobian_determinant
-from scripts.metrics import dice_per_label
-from scripts.warp import Warp
+from scripts.engines.resolution_inferer import ResolutionInferer
+from scripts.layers.jacobian import folding_percentage, jacobian_determinant
+from scripts.workflow.metrics import dice_per_label
+from scripts.layers.warp import Warp
 
 MODEL = BUNDLE_ROOT / "models" / "model.pt"
 LAPIRN = SHARED_DATA / "brain_oasis_lapirn_weaklabels"

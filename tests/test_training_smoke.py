@@ -2,11 +2,11 @@
 
 import torch
 
-from scripts.metrics import dice_per_label
-from scripts.ncc import LocalNCCLoss
-from scripts.net import SACBNet
-from scripts.regularization import GradientLoss
-from scripts.warp import Warp
+from scripts.workflow.metrics import dice_per_label
+from scripts.losses.ncc import LocalNCCLoss
+from scripts.networks.sacb_net import SACBNet
+from scripts.losses.regularization import GradientLoss
+from scripts.layers.warp import Warp
 
 LABELS = list(range(1, 9))
 

@@ -12,16 +12,11 @@ import torch
 from monai.transforms import Compose, LoadImaged
 from reliability_data import load_sample, save, small_pair
 
-from scripts.validation import (
-    RegistrationInputError,
-    ValidateRegistrationInputsd,
-    check_datalist,
-    fov_overlap_fraction,
-    find_user_error,
-    load_network_weights,
-    load_volume,
-    validate_pair,
-)
+from scripts.io.errors import RegistrationInputError, find_user_error
+from scripts.io.pair_checks import ValidateRegistrationInputsd, fov_overlap_fraction, validate_pair
+from scripts.io.datalist_checks import check_datalist
+from scripts.io.checkpoints import load_network_weights
+from scripts.io.volume_checks import load_volume
 
 
 @pytest.fixture()
@@ -94,7 +89,7 @@ def test_different_grid_is_resampled_with_a_log_line(pair, tmp_path, caplog):
     crop_affine[:3, 3] = affine[:3, :3] @ [4, 6, 0] + affine[:3, 3]
     pair["moving_image"] = str(save(tmp_path / "other_grid.nii.gz", cropped, crop_affine))
     pair.pop("moving_label")
-    with caplog.at_level(logging.INFO, logger="scripts.validation"):
+    with caplog.at_level(logging.INFO, logger="scripts.io.volume_checks"):
         assert _validate(pair) is True
     assert re.search(r"other_grid.nii.gz.*different grid.*resampling it onto the fixed grid", caplog.text)
 
@@ -263,8 +258,8 @@ def test_transform_in_a_pipeline_and_unwrapping(pair, tmp_path):
 def test_sacbnet_checkpoint_from_another_architecture(tmp_path):
     from monai.networks.nets import LocalNet
 
-    from scripts.net import SACBNet
-    from scripts.validation import check_checkpoint
+    from scripts.networks.sacb_net import SACBNet
+    from scripts.io.checkpoints import check_checkpoint
 
     network = SACBNet(base_channels=4)
     check_checkpoint(network, None)  # no checkpoint configured: nothing to check
@@ -291,7 +286,7 @@ def test_sacbnet_checkpoint_from_another_architecture(tmp_path):
 def test_cli_boundary_prints_one_line_and_exits_2(pair, tmp_path, capsys):
     from monai.data import DataLoader, Dataset
 
-    from scripts.errors import exit_on_user_error
+    from scripts.io.errors import exit_on_user_error
 
     pair["moving_image"] = str(tmp_path / "absent.nii.gz")
     # errors raised in a DataLoader worker come back with the worker's traceback pasted into the message

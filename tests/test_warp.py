@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.networks.blocks import Warp as MonaiWarp
 
-from scripts.warp import Warp
+from scripts.layers.warp import Warp
 
 
 def test_zero_field_leaves_real_image_unchanged(sample_pair_small):

@@ -134,7 +134,7 @@ def test_release_zip_of_the_real_bundle(served_release):
         changelog = archive_file.read(f"{NAME}/changelog").decode()
     for required in ("LICENSE", "changelog", "configs/metadata.json", "configs/inference.json", "configs/train.json",
                      "docs/README.md", "docs/data_license.txt", "models/model.pt", "scripts/__init__.py",
-                     "scripts/net.py", "scripts/warp.py"):
+                     "scripts/networks/sacb_net.py", "scripts/layers/warp.py"):
         assert f"{NAME}/{required}" in names, required
     assert all(n.startswith(f"{NAME}/") for n in names)
     assert not any("__pycache__" in n for n in names)
@@ -180,4 +180,4 @@ def test_download_from_local_server_then_infer_and_load(served_release, tmp_path
         "print('loaded', type(net).__module__, sum(p.numel() for p in net.parameters()))\n"
     )
     result = run_checked([sys.executable, "-c", check], cwd=bundle, env={"PYTHONPATH": str(bundle)})
-    assert "loaded scripts.net 1105591" in result.stdout
+    assert "loaded scripts.networks.sacb_net 1105591" in result.stdout

@@ -56,7 +56,9 @@ def workflow_overrides(
         (config file list, {config id: value}).
     """
     if iterations is not None and int(iterations) < 0:
-        from scripts.errors import RegistrationInputError  # a ValueError the CLI shows without traceback
+        from scripts.io.errors import (
+            RegistrationInputError,  # a ValueError the CLI shows without traceback
+        )
 
         raise RegistrationInputError(f"--iterations must be >= 0, got {iterations}.")
     files = [str(CONFIG_DIR / "inference.json")]
@@ -159,7 +161,7 @@ def register(
         debug: show full Python tracebacks for input errors.
         qc_png: also write a QC figure (PNG: middle slice of fixed, moving, warped, differences, grid, det J) here.
     """
-    from scripts.errors import exit_on_user_error
+    from scripts.io.errors import exit_on_user_error
 
     files, overrides = exit_on_user_error(
         workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
@@ -169,7 +171,7 @@ def register(
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)
     print(_summary(overrides["output_dir"], time.time() - start), flush=True)
     if qc_png:
-        from scripts.qc import qc_png_from_outputs
+        from scripts.workflow.qc import qc_png_from_outputs
 
         print(f"QC figure: {qc_png_from_outputs(fixed, moving, overrides['output_dir'], _absolute(qc_png))}", flush=True)
 

@@ -4,13 +4,14 @@ MONAI Label train task for the SACB-Net bundle: the datastore's labelled images 
 
 :py:class:`BundleTrainTask` hands the bundle ``train.json`` a list of ``{"image", "label"}`` records
 (``train#dataset#data``, ``validate#dataset#data``). A registration network trains on pairs, so this task turns the
-records into the bundle's pair records with ``scripts.datalist.make_pairs``: every ordered pair of training images
+records into the bundle's pair records with ``scripts.io.datalist.make_pairs``: every ordered pair of training images
 (``pairing="all_pairs"``, the default) or atlas-to-image pairs (``pairing="atlas"`` with the app's atlas). Training is
 unsupervised (labels dropped); validation pairs keep labels for the bundle's Dice metric.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import Any, Dict, List, Mapping, Optional
@@ -45,7 +46,7 @@ class RegistrationTrainTask(BundleTrainTask):
         # scripts.* is the bundle's own package: import it from the bundle root, as BundleTrainTask does for training
         sys.path.insert(0, self.bundle_path)
         try:
-            datalist = importlib.import_module("scripts.datalist")
+            datalist = importlib.import_module("scripts.io.datalist")
         finally:
             sys.path.remove(self.bundle_path)
         images = [{k: r[k] for k in ("image", "label") if r.get(k)} for r in records]
@@ -70,5 +71,9 @@ class RegistrationTrainTask(BundleTrainTask):
         return train, validation
 
     def __call__(self, request, datastore):
-        result = super().__call__(request, datastore)
+        # train.json takes network_def, the warp layers and the preprocessing from inference.json through
+        # "%configs/inference.json::..." macros, which MONAI resolves relative to the working directory: train from the
+        # bundle root, as `python -m monai.bundle run` is run (also for the torchrun subprocess of multi-GPU training)
+        with contextlib.chdir(self.bundle_path):
+            result = super().__call__(request, datastore)
         return result if result is not None else {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scripts.warp import warp_image
+from scripts.layers.warp import warp_image
 
 __all__ = ["VelocityIntegration"]
 

@@ -11,9 +11,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from scripts.errors import NonFiniteLossError
-from scripts.inferer import ResolutionInferer, resize_displacement
-from scripts.registration_loss import RegistrationLoss
+from scripts.engines.resolution_inferer import ResolutionInferer, resize_displacement
+from scripts.io.errors import NonFiniteLossError
+from scripts.losses.registration_loss import RegistrationLoss
 
 __all__ = ["InstanceOptimizationInferer"]
 
@@ -27,14 +27,14 @@ class InstanceOptimizationInferer(ResolutionInferer):
     For each call (one batch of pairs), the network is reset to the weights it had when the inferer first saw it (the
     bundle weights, or its initialisation when none are shipped), then trained for ``iterations`` Adam steps on the
     unsupervised objective ``image_loss(warp(moving, ddf), fixed) + regularization_weight * regularization(ddf)`` at the
-    network resolution (see :py:class:`scripts.inferer.ResolutionInferer`), and finally run once more to predict the
+    network resolution (see :py:class:`scripts.engines.resolution_inferer.ResolutionInferer`), and finally run once more to predict the
     field, which is resized to the input grid. Gradients are enabled locally, so it works inside MONAI evaluators
     (which run under ``torch.no_grad``). After the call the network keeps the optimised weights.
 
     Args:
-        image_loss: callable ``(warped, fixed) -> loss``, e.g. ``scripts.ncc.LocalNCCLoss``.
-        regularization: callable ``(ddf) -> loss``, e.g. ``scripts.regularization.GradientLoss``.
-        warp: callable ``(image, ddf) -> warped``, e.g. ``scripts.warp.Warp``.
+        image_loss: callable ``(warped, fixed) -> loss``, e.g. ``scripts.losses.ncc.LocalNCCLoss``.
+        regularization: callable ``(ddf) -> loss``, e.g. ``scripts.losses.regularization.GradientLoss``.
+        warp: callable ``(image, ddf) -> warped``, e.g. ``scripts.layers.warp.Warp``.
         regularization_weight: lambda of the smoothness term.
         iterations: optimisation steps per pair (0: plain inference).
         learning_rate: Adam learning rate.

@@ -1,3 +1,4 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Quality-control figure of one registration: the picture a registration user looks at first.
 
 One PNG, middle slice along one array axis, 2 × 4 panels:
@@ -61,7 +62,7 @@ def qc_figure(
         moving: moving image (D, H, W), on the fixed grid.
         warped: warped moving image (D, H, W).
         ddf: displacement (3, D, H, W) in voxels, channel i along array axis i (warped(p) = moving(p + ddf(p))).
-        det: Jacobian determinant (D, H, W); computed from ``ddf`` with ``scripts.jacobian`` when None.
+        det: Jacobian determinant (D, H, W); computed from ``ddf`` with ``scripts.layers.jacobian`` when None.
         axis: array axis to slice across (2 = axial for the shipped LAS/RAS data).
         index: slice index along ``axis``; the middle slice when None.
         grid_step: spacing in voxels of the deformation-grid lines.
@@ -89,7 +90,7 @@ def qc_figure(
     if det is None:
         import torch
 
-        from scripts.jacobian import jacobian_determinant
+        from scripts.layers.jacobian import jacobian_determinant
 
         det = jacobian_determinant(torch.from_numpy(ddf)[None])[0, 0]
     det = _as_numpy(det, "det", 3)
@@ -165,7 +166,7 @@ def qc_figure(
 
 def save_qc_png(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
     """Build the figure with ``qc_figure(*args, **kwargs)`` and write it to ``path`` (PNG) atomically."""
-    from scripts.atomic import atomic_path
+    from scripts.io.atomic import atomic_path
 
     path = Path(path)
     if path.suffix.lower() != ".png":

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.conv import ChannelsLastConv3d
-from scripts.cross_similarity import CrossSimilarityFlow
-from scripts.integration import VelocityIntegration
-from scripts.sacb import SACB, conv_in_lrelu
-from scripts.warp import warp_image
+from scripts.layers.velocity_integration import VelocityIntegration
+from scripts.layers.warp import warp_image
+from scripts.networks.conv import ChannelsLastConv3d
+from scripts.networks.cross_similarity import CrossSimilarityFlow
+from scripts.networks.sacb import SACB, conv_in_lrelu
 
 __all__ = ["SACBNet"]
 
@@ -56,7 +56,7 @@ class SACBNet(nn.Module):
         image (B, 2, D, H, W), channel 0 = moving, 1 = fixed, intensities about [0, 1], any D, H, W >= 1
         (padded internally to a multiple of 16, at least 32, and cropped back)
         -> ddf (B, 3, D, H, W) in voxels of the input grid, channel i = shift along array axis i, such that
-        ``warped(p) = moving(p + ddf(p))`` (see :py:class:`scripts.warp.Warp`).
+        ``warped(p) = moving(p + ddf(p))`` (see :py:class:`scripts.layers.warp.Warp`).
     """
 
     def __init__(

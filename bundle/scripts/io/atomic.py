@@ -1,3 +1,4 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Write files so that a crash, ``kill -9`` or full disk never leaves a half-written result under the final name.
 
 Every writer here writes to a hidden temporary file in the destination folder (same file system, so the rename is
@@ -8,16 +9,20 @@ or the complete new one. :func:`check_outputs_writable` refuses to replace exist
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from scripts.errors import OutputExistsError
+from scripts.io.errors import OutputExistsError
 
 __all__ = [
     "OutputExistsError",
@@ -26,7 +31,9 @@ __all__ = [
     "save_nifti",
     "save_torch",
     "write_text",
+    "json_safe",
     "write_json",
+    "write_csv",
     "check_outputs_writable",
 ]
 
@@ -101,9 +108,36 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
-    """Write JSON atomically (serialised first, so an unserialisable object never touches the disk)."""
-    return write_text(json.dumps(obj, indent=indent) + "\n", path)
+def json_safe(obj: Any) -> Any:
+    """Replace NaN/Inf floats by None (JSON has no NaN) and numpy/torch scalars by Python numbers, recursively."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.generic, torch.Tensor)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(obj: Any, path: str | os.PathLike, indent: int = 2, overwrite: bool = True) -> Path:
+    """Write ``obj`` as JSON atomically (NaN/Inf as null; serialised first, so an unserialisable object never touches
+    the disk). With ``overwrite=False`` an existing file raises :class:`OutputExistsError`."""
+    check_outputs_writable([path], overwrite)
+    return write_text(json.dumps(json_safe(obj), indent=indent) + "\n", path)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write dict rows (columns = keys of the first row) as CSV atomically."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}.")
+    check_outputs_writable([path], overwrite)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(buffer.getvalue(), path)
 
 
 def check_outputs_writable(paths: Iterable[str | os.PathLike], overwrite: bool = False) -> None:

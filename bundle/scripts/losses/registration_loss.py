@@ -20,9 +20,9 @@ class RegistrationLoss(nn.Module):
     ``label``), so no custom trainer is needed.
 
     Args:
-        image_loss: callable ``(warped, fixed) -> scalar`` (e.g. ``scripts.ncc.LocalNCCLoss``).
-        regularization: callable ``(ddf) -> scalar`` (e.g. ``scripts.regularization.GradientLoss``).
-        warp: callable ``(image, ddf) -> warped`` (e.g. ``scripts.warp.Warp``).
+        image_loss: callable ``(warped, fixed) -> scalar`` (e.g. ``scripts.losses.ncc.LocalNCCLoss``).
+        regularization: callable ``(ddf) -> scalar`` (e.g. ``scripts.losses.regularization.GradientLoss``).
+        warp: callable ``(image, ddf) -> warped`` (e.g. ``scripts.layers.warp.Warp``).
         regularization_weight: lambda >= 0.
 
     Shapes:

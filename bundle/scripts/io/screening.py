@@ -1,7 +1,8 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Batch runs go on past a bad pair: every pair is checked before the batch starts, bad ones are skipped and reported.
 
 A batch over thousands of scans must not stop at pair 517 because one file is truncated, and must not silently drop it
-either. :class:`PairScreen` runs :func:`scripts.validation.validate_pair` on every pair, keeps the good ones for the
+either. :class:`PairScreen` runs :func:`scripts.io.pair_checks.validate_pair` on every pair, keeps the good ones for the
 run, logs each bad one, and :meth:`PairScreen.report` (called when the run ends) writes ``failed_pairs.json`` and
 raises one error listing them, so the command exits non-zero and the user knows exactly what to fix.
 """
@@ -14,9 +15,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.atomic import write_json
-from scripts.errors import BundleUserError, RegistrationInputError
-from scripts.validation import MAX_SPACING_RATIO, MIN_FOV_OVERLAP, MIN_SPATIAL_SIZE, VALIDATED_KEY, validate_pair
+from scripts.io.atomic import write_json
+from scripts.io.errors import BundleUserError, RegistrationInputError
+from scripts.io.pair_checks import VALIDATED_KEY, validate_pair
+from scripts.io.volume_checks import (
+    MAX_SPACING_RATIO,
+    MIN_FOV_OVERLAP,
+    MIN_SPATIAL_SIZE,
+)
 
 __all__ = ["VALIDATED_KEY", "FAILED_PAIRS_FILE", "PairScreen"]
 
@@ -30,8 +36,8 @@ class PairScreen:
 
     Args:
         pairs: pair dicts with ``moving_image``, ``fixed_image`` and optional ``moving_label``/``fixed_label``,
-            ``pair_id`` (as made by ``scripts.datalist.inference_pairs``).
-        max_spacing_ratio, min_size, min_overlap: passed to :func:`scripts.validation.validate_pair`.
+            ``pair_id`` (as made by ``scripts.io.datalist.inference_pairs``).
+        max_spacing_ratio, min_size, min_overlap: passed to :func:`scripts.io.pair_checks.validate_pair`.
 
     Raises:
         RegistrationInputError: at once for a single pair (nothing else to do), naming the problem.

@@ -1,3 +1,4 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Ignite handlers that keep training results safe: a NaN/Inf-loss guard and an atomic, never-NaN checkpoint saver.
 
 - :class:`NonFiniteLossGuard` stops training with one clear message as soon as the loss is NaN/Inf, instead of letting
@@ -23,8 +24,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
-from scripts.atomic import save_torch
-from scripts.errors import NonFiniteLossError
+from scripts.io.atomic import save_torch
+from scripts.io.errors import NonFiniteLossError
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "AtomicCheckpointSaver", "all_finite", "loss_from_output"]
 

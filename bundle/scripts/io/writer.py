@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Hashable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -17,15 +14,13 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.atomic import check_outputs_writable, save_nifti, write_json, write_text
+from scripts.io.atomic import check_outputs_writable, save_nifti
 
 __all__ = [
     "DEFAULT_OUTPUT_NAMES",
     "SaveRegistrationOutputsd",
     "pair_output_dir",
-    "write_csv_atomic",
-    "write_json_atomic",
-    "write_nifti_atomic",
+    "write_nifti",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,31 +34,7 @@ DEFAULT_OUTPUT_NAMES = {
 }
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    check_outputs_writable([path], overwrite)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, overwrite: bool = False) -> Path:
-    """Write ``obj`` as indented JSON (NaN/Inf written as null) atomically."""
-    target = Path(path)
-    _check_target(target, overwrite)
-    return write_json(_json_safe(obj), target, indent=4)
-
-
-def write_csv_atomic(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], overwrite: bool = False) -> Path:
-    """Write a list of dict rows (columns = keys of the first row) as CSV atomically."""
-    if not rows:
-        raise ValueError(f"no rows to write to {path}.")
-    target = Path(path)
-    _check_target(target, overwrite)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text(buffer.getvalue(), target)
-
-
-def write_nifti_atomic(
+def write_nifti(
     path: str | os.PathLike,
     array: torch.Tensor | np.ndarray,
     affine: np.ndarray | torch.Tensor,
@@ -78,12 +49,12 @@ def write_nifti_atomic(
         path: target file (``.nii`` or ``.nii.gz``).
         array: (C, D, H, W) volume; one channel is written as a 3-D image (D, H, W), several as (D, H, W, C).
         affine: 4x4 voxel-to-world affine of the grid.
-        overwrite: replace an existing file; otherwise raise ``scripts.atomic.OutputExistsError``.
+        overwrite: replace an existing file; otherwise raise ``scripts.io.atomic.OutputExistsError``.
         dtype: on-disk data type (default: the array's, float64 stored as float32).
         vector: mark the file as a vector field (NIfTI intent "vector"), e.g. for displacements.
     """
     target = Path(path)
-    _check_target(target, overwrite)
+    check_outputs_writable([target], overwrite)
     data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     if data.ndim != 4:
         raise ValueError(f"expected a channel-first (C, D, H, W) array for {target.name}, got shape {data.shape}.")
@@ -109,7 +80,7 @@ class SaveRegistrationOutputsd(MapTransform):
     Save one pair's outputs (already on the fixed image's grid) into its output folder, atomically.
 
     All target files are checked first: if any exists and ``overwrite`` is False, nothing is written and
-    ``scripts.atomic.OutputExistsError`` names the files. Each file is written under a temporary name and renamed.
+    ``scripts.io.atomic.OutputExistsError`` names the files. Each file is written under a temporary name and renamed.
 
     Args:
         output_dir: root output folder.
@@ -149,7 +120,7 @@ class SaveRegistrationOutputsd(MapTransform):
             if key in self.label_keys:
                 value = torch.round(torch.as_tensor(value).float())
             dtype = _label_dtype(value) if key in self.label_keys else np.float32
-            path = write_nifti_atomic(
+            path = write_nifti(
                 folder / self.names[key], value, affine, overwrite=True, dtype=dtype, vector=key in self.vector_keys
             )
             written[key] = str(path)
@@ -167,16 +138,3 @@ def _label_dtype(value: torch.Tensor) -> type:
     if -32768 <= low and high <= 32767:
         return np.int16
     return np.int32
-
-
-def _json_safe(obj: Any) -> Any:
-    """Replace NaN/Inf floats by None and numpy/torch scalars by Python numbers."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.generic, torch.Tensor)):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj

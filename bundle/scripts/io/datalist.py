@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from scripts.atomic import check_outputs_writable
-from scripts.validation import RegistrationInputError, check_datalist
+from scripts.io.atomic import check_outputs_writable
+from scripts.io.datalist_checks import check_datalist
+from scripts.io.errors import RegistrationInputError
 
 __all__ = [
     "PAIR_KEYS",
@@ -79,7 +80,7 @@ def inference_pairs(
     dict with such a list under ``"pairs"``. Relative paths are taken from ``base_dir`` (default: the datalist's
     folder). Datalist pairs get a ``pair_id`` (their ``id`` or index + file names): their outputs go into
     ``output_dir/<pair_id>/``. All missing files are reported at once, before anything runs (``check=False`` leaves
-    that to ``scripts.screening.PairScreen``, which skips bad pairs of a batch instead of stopping it).
+    that to ``scripts.io.screening.PairScreen``, which skips bad pairs of a batch instead of stopping it).
     """
     if datalist:
         source = str(datalist) if isinstance(datalist, (str, os.PathLike)) else "the datalist"

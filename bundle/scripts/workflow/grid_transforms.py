@@ -14,7 +14,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation, ResampleToMatch
 
-from scripts.inferer import ResolutionInferer
+from scripts.engines.resolution_inferer import ResolutionInferer
 
 __all__ = [
     "DownsampleToNetworkGridd",
@@ -90,7 +90,7 @@ class ResampleToFixedGridd(MapTransform):
 
 class DownsampleToNetworkGridd(MapTransform):
     """
-    Resize images to the grid :py:class:`scripts.inferer.ResolutionInferer` gives the network at ``network_scale``,
+    Resize images to the grid :py:class:`scripts.engines.resolution_inferer.ResolutionInferer` gives the network at ``network_scale``,
     with the same anti-aliasing and interpolation, so a model trained on these images sees at inference exactly the
     kind of input it was trained on (e.g. train at ``network_scale=0.5`` on CPU, infer with the same value).
 
@@ -126,7 +126,7 @@ class WarpByDdfd(MapTransform):
 
     Args:
         keys: volumes to warp, each (C, D, H, W).
-        warp: callable ``warp(image (B, C, D, H, W), ddf (B, 3, D, H, W))`` such as ``scripts.warp.Warp``.
+        warp: callable ``warp(image (B, C, D, H, W), ddf (B, 3, D, H, W))`` such as ``scripts.layers.warp.Warp``.
         ddf_key: key of the (3, D, H, W) displacement in voxels.
         output_keys: where to store the results, one per key (default: ``"warped_" + key``).
         reference_key: key whose affine/meta the outputs carry (the fixed image).
@@ -186,7 +186,7 @@ class JacobianDeterminantd(MapTransform):
         self.reference_key = reference_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from scripts.jacobian import jacobian_determinant
+        from scripts.layers.jacobian import jacobian_determinant
 
         d = dict(data)
         ddf = torch.as_tensor(d[self.keys[0]]).float()

@@ -1,3 +1,4 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Error types for problems the user can fix; the CLI prints their message and exits non-zero without a traceback."""
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _user_error_classes(base: type = BundleUserError) -> dict[str, type]:
     return classes
 
 
-# "scripts.errors.RegistrationInputError: <message>" inside a traceback pasted into a DataLoader worker's error
+# "scripts.io.errors.RegistrationInputError: <message>" inside a traceback pasted into a DataLoader worker's error
 _PASTED_ERROR = re.compile(r"^(?:[\w.]*\.)?(\w+): (.*?)(?=\n\nThe above exception|\n\nDuring handling|\Z)", re.M | re.S)
 
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from scripts.conv import ChannelsLastConv3d
-from scripts.kmeans import kmeans
+from scripts.networks.conv import ChannelsLastConv3d
+from scripts.networks.kmeans import kmeans
 
 __all__ = ["SACB", "conv_in_lrelu"]
 
@@ -21,7 +21,7 @@ def conv_in_lrelu(in_channels: int, out_channels: int, negative_slope: float = 0
     """
     3x3x3 convolution (with bias) -> InstanceNorm3d -> LeakyReLU, the unit every SACB-Net conv layer uses.
 
-    MONAI's ``Convolution`` block with its convolution swapped for :py:class:`scripts.conv.ChannelsLastConv3d` (same
+    MONAI's ``Convolution`` block with its convolution swapped for :py:class:`scripts.networks.conv.ChannelsLastConv3d` (same
     parameters and state-dict keys, faster on CPU).
     """
     block = Convolution(

@@ -1,0 +1,11 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Registration engines that run a network on a pair: resolution-aware inference and instance optimisation."""
+
+from .resolution_inferer import (
+    ResolutionInferer,
+    network_grid_size,
+    resize_displacement,
+)
+from .instance_optimization import (
+    InstanceOptimizationInferer,
+)

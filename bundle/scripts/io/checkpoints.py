@@ -1,0 +1,128 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Checkpoints: find the newest one to resume from, read one safely and check it fits the network before loading."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scripts.io.errors import RegistrationInputError
+from scripts.io.volume_checks import check_file_exists
+
+__all__ = ["latest_checkpoint", "extract_state_dict", "check_state_dict", "read_checkpoint_state", "check_checkpoint", "load_network_weights"]
+
+_COUNTER = re.compile(r"(epoch|iteration)=(\d+)")
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
+    """
+    Path of the newest ``<prefix>*.pt`` in ``ckpt_dir`` (as written by ``CheckpointSaver``, e.g.
+    ``checkpoint_epoch=12.pt``), ranked by the epoch/iteration number in its name, then by modification time;
+    ``None`` when there is none. Hidden temporary files of interrupted saves are ignored.
+    """
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    candidates = [p for p in folder.glob(f"{prefix}*.pt") if p.is_file() and not p.name.startswith(".")]
+    if not candidates:
+        return None
+
+    def rank(path: Path) -> tuple[int, float]:
+        match = _COUNTER.search(path.name)
+        return (int(match.group(2)) if match else -1, path.stat().st_mtime)
+
+    return str(max(candidates, key=rank))
+
+
+def extract_state_dict(checkpoint: Any) -> Mapping[str, torch.Tensor]:
+    """The network weights inside a loaded checkpoint: a plain state dict, or one under ``model``/``network``/
+    ``state_dict`` (MONAI CheckpointSaver and common trainers); a ``module.`` prefix from DataParallel is removed."""
+    if isinstance(checkpoint, Mapping):
+        for key in ("model", "network", "state_dict"):
+            if isinstance(checkpoint.get(key), Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise RegistrationInputError(
+            "checkpoint does not hold a state dict of tensors; expected a file written by torch.save(model.state_dict())"
+            " or by the bundle's training (key 'model')."
+        )
+    if checkpoint and all(k.startswith("module.") for k in checkpoint):
+        checkpoint = {k[len("module.") :]: v for k, v in checkpoint.items()}
+    return checkpoint
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: Any, show: int = 5
+) -> None:
+    """Raise when a checkpoint's keys or shapes differ from the network's, listing the first ``show`` of each kind."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(found[k].shape)} vs network {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)):
+            if items:
+                more = f", ... ({len(items) - show} more)" if len(items) > show else ""
+                parts.append(f"{len(items)} {name} keys ({', '.join(items[:show])}{more})")
+        raise RegistrationInputError(
+            f"checkpoint '{source}' does not match the network: {'; '.join(parts)}. Expected weights saved from the "
+            "same architecture (scripts.networks.sacb_net.SACBNet with the same base_channels, num_clusters and diffeomorphic "
+            "setting as network_def). Use a checkpoint trained with this bundle's configs or fix network_def."
+        )
+
+
+def read_checkpoint_state(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> Mapping[str, torch.Tensor]:
+    """Read a checkpoint file and return the network state dict inside it (see :func:`extract_state_dict`).
+
+    Raises:
+        RegistrationInputError: missing, unreadable/truncated, or not holding a state dict of tensors.
+    """
+    path = check_file_exists(path, "checkpoint")
+    try:
+        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise RegistrationInputError(
+            f"checkpoint '{path}' could not be read ({type(error).__name__}: {str(error).splitlines()[0]}); expected a "
+            "PyTorch file saved with torch.save. The file may be truncated (interrupted copy or save)."
+        ) from error
+    try:
+        return extract_state_dict(checkpoint)
+    except RegistrationInputError as error:
+        raise RegistrationInputError(f"checkpoint '{path}': {error}") from error
+
+
+def check_checkpoint(network: torch.nn.Module, path: str | os.PathLike | None) -> None:
+    """Check (without loading) that a checkpoint file fits ``network``; does nothing when ``path`` is empty or absent.
+
+    Meant for a workflow's ``initialize`` step, before MONAI's ``CheckpointLoader`` loads the file: a mismatch then
+    becomes one message naming the differing keys instead of PyTorch's wall of key names.
+    """
+    if not path or not os.path.exists(path):
+        return
+    check_state_dict(network.state_dict(), read_checkpoint_state(path), path)
+
+
+def load_network_weights(
+    network: torch.nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """Load a checkpoint into ``network`` after checking it exists, is readable and matches the architecture.
+
+    Returns:
+        ``network`` with the weights loaded (so a config can write ``$scripts.io.checkpoints.load_network_weights(...)``).
+    """
+    state = read_checkpoint_state(path, map_location)
+    check_state_dict(network.state_dict(), state, path)
+    network.load_state_dict(state, strict=True)
+    return network

@@ -1,0 +1,13 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Registration losses: local normalised cross-correlation, displacement smoothness, the combined objective."""
+
+from .ncc import (
+    LocalNCCLoss,
+    box_sum,
+)
+from .regularization import (
+    GradientLoss,
+)
+from .registration_loss import (
+    RegistrationLoss,
+)

@@ -1,0 +1,32 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Pieces of the bundle workflows: dictionary transforms on the fixed grid, ignite handlers, metrics and QC figures."""
+
+from .grid_transforms import (
+    DownsampleToNetworkGridd,
+    ResampleToFixedGridd,
+    WarpByDdfd,
+    JacobianDeterminantd,
+    RestoreOriginalGridd,
+    grids_match,
+)
+from .handlers import (
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    AtomicCheckpointSaver,
+    all_finite,
+    loss_from_output,
+)
+from .metrics import (
+    dice_per_label,
+    hd95_per_label,
+    label_one_hot,
+    present_labels,
+    registration_metrics,
+)
+from .metric_transforms import (
+    OneHotLabelsd,
+    RegistrationMetricsd,
+)
+from .metrics_summary import (
+    MetricsSummaryHandler,
+)
