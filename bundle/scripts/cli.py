@@ -10,6 +10,7 @@ From the bundle root::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,16 +90,19 @@ def workflow_overrides(
 def _run_workflow(files: list[str], overrides: dict[str, Any]) -> None:
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(
-        config_file=files,
-        meta_file=str(CONFIG_DIR / "metadata.json"),
-        logging_file=str(CONFIG_DIR / "logging.conf"),
-        workflow_type="infer",
-        **overrides,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    # the configs' "%configs/..." macros are relative to the working directory: run from the bundle root (user paths
+    # are absolute by now, see workflow_overrides)
+    with contextlib.chdir(BUNDLE_ROOT):
+        workflow = ConfigWorkflow(
+            config_file=files,
+            meta_file=str(CONFIG_DIR / "metadata.json"),
+            logging_file=str(CONFIG_DIR / "logging.conf"),
+            workflow_type="infer",
+            **overrides,
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
 
 
 def _summary(out: str, seconds: float) -> str:

@@ -1,5 +1,4 @@
-# Copyright (c) the SACB-Net MONAI bundle authors.
-# Licensed under the Apache License, Version 2.0 (the "License"); see the LICENSE file at the bundle root.
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Jacobian determinant of a displacement field and the share of folded voxels (det <= 0)."""
 
 from __future__ import annotations

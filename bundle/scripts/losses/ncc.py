@@ -1,5 +1,4 @@
-# Copyright (c) the SACB-Net MONAI bundle authors.
-# Licensed under the Apache License, Version 2.0 (the "License"); see the LICENSE file at the bundle root.
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Fast local (windowed) squared normalised cross-correlation loss, as SACB-Net trains with.
 
 The definition is exactly MONAI's ``LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_type="rectangular")``

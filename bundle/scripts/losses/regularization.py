@@ -1,5 +1,4 @@
-# Copyright (c) the SACB-Net MONAI bundle authors.
-# Licensed under the Apache License, Version 2.0 (the "License"); see the LICENSE file at the bundle root.
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """L2 forward-difference gradient penalty on a displacement field, as SACB-Net trains with."""
 
 from __future__ import annotations
