@@ -1,0 +1,194 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""
+Reading and writing ITK/ANTs transform files: ``affine.mat`` and ``warp.nii.gz`` (also ``inverse_warp.nii.gz``).
+
+* ``affine.mat``: an ITK ``AffineTransform_double_3_3`` (MATLAB binary, written by SimpleITK) holding the affine
+  stage's ``T`` in **LPS** (``T_LPS = F4 T_RAS F4``, centre 0). Like every ITK transform it maps a FIXED point to the
+  MOVING point: ``resampled(x) = moving(T x)``.
+* ``warp.nii.gz``: an ITK/ANTs displacement field: a 5-D NIfTI of shape (X, Y, Z, 1, 3), ``intent_code`` 1007
+  (vector), float32, **LPS millimetres**, on the fixed image's grid (same shape and affine as the fixed file). As an
+  ITK ``DisplacementFieldTransform`` it maps a fixed point ``x`` to ``x + d(x)``.
+* Together (ANTs order, point mapping from the fixed space): first the warp, then the affine,
+  ``x -> T(x + d(x))``; ``antsApplyTransforms -r fixed -i moving -t warp.nii.gz -t affine.mat``,
+  ``ants.apply_transforms(fixed, moving, [warp, affine])`` or ``sitk.CompositeTransform([affine, warp])``
+  (SimpleITK applies the last transform of the list first).
+
+A file written by ANTs itself (``0GenericAffine.mat``, ``1Warp.nii.gz``) reads the same way. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from scripts.io.atomic import atomic_path
+from scripts.io.errors import RegistrationInputError
+
+from .world import (
+    RAS_LPS_FLIP,
+    as_channel_first,
+    as_matrix4,
+    itk_geometry,
+    lps_to_voxel_ddf,
+    ras_lps_transform,
+    voxel_ddf_to_lps,
+)
+
+__all__ = [
+    "NIFTI_INTENT_DISPVECT",
+    "NIFTI_INTENT_VECTOR",
+    "TransformFileError",
+    "read_itk_affine",
+    "read_itk_displacement",
+    "write_itk_affine",
+    "write_itk_displacement",
+]
+
+NIFTI_INTENT_VECTOR = 1007  # ITK / ANTs displacement fields: vectors stored in LPS as they are
+NIFTI_INTENT_DISPVECT = 1006  # NIfTI "displacement vector": vectors in RAS (ITK >= 5.4 converts them on reading)
+
+
+class TransformFileError(RegistrationInputError):
+    """A transform file is missing, unreadable, of the wrong kind, or on a grid other than the image it is used with."""
+
+
+def _check_exists(path: Path, kind: str) -> None:
+    if not path.is_file():
+        raise TransformFileError(f"{kind} '{path}' does not exist (or is not a file).")
+
+
+def write_itk_affine(transform_ras, path: str | os.PathLike) -> Path:
+    """Write a RAS world transform as an ITK affine transform file (``.mat``; ``.tfm`` / ``.txt`` give text).
+
+    Args:
+        transform_ras: (4, 4) matrix mapping a FIXED world point (RAS mm) to the MOVING world point.
+        path: destination, normally ``affine.mat``; written atomically.
+
+    Returns:
+        ``path``.
+    """
+    import SimpleITK as sitk
+
+    transform_lps = ras_lps_transform(as_matrix4(transform_ras, "transform_ras"))
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter((0.0, 0.0, 0.0))
+    affine.SetMatrix(tuple(transform_lps[:3, :3].ravel().tolist()))
+    affine.SetTranslation(tuple(transform_lps[:3, 3].tolist()))
+    with atomic_path(path) as tmp:
+        sitk.WriteTransform(affine, str(tmp))
+    return Path(path)
+
+
+def read_itk_affine(path: str | os.PathLike) -> np.ndarray:
+    """Read an ITK linear transform file (ours, ANTs' ``0GenericAffine.mat``, any centre) as a RAS 4x4 matrix.
+
+    The matrix is measured by mapping points, so every ITK linear type (affine, Euler, similarity, a composite of
+    them) reads the same; a non-linear transform is refused.
+
+    Returns:
+        (4, 4) float64 matrix mapping a FIXED world point (RAS mm) to the MOVING world point.
+
+    Raises:
+        TransformFileError: missing, unreadable, not 3-D, or not a linear transform.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    _check_exists(path, "affine transform file")
+    try:
+        transform = sitk.ReadTransform(str(path))
+    except RuntimeError as error:
+        detail = [line.strip() for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__]
+        raise TransformFileError(
+            f"affine transform file '{path}' could not be read as an ITK transform ({detail[0]}); expected an ITK/ANTs "
+            "affine file (.mat, .tfm, .txt or .h5) such as write_itk_affine or antsRegistration writes."
+        ) from error
+    if transform.GetDimension() != 3:
+        raise TransformFileError(f"'{path}' holds a {transform.GetDimension()}-D transform; expected 3-D.")
+    corners = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64) * 100.0
+    mapped = np.array([transform.TransformPoint(tuple(c.tolist())) for c in corners])
+    transform_lps = np.eye(4)
+    transform_lps[:3, 3] = mapped[0]
+    transform_lps[:3, :3] = (mapped[1:] - mapped[0]).T / 100.0
+    probe = np.array([37.0, -61.0, 83.0])
+    expected = transform_lps[:3, :3] @ probe + transform_lps[:3, 3]
+    if not np.allclose(transform.TransformPoint(tuple(probe.tolist())), expected, atol=1e-6):
+        raise TransformFileError(f"'{path}' holds a non-linear {transform.GetName()}; expected an affine transform.")
+    try:
+        return ras_lps_transform(transform_lps)
+    except ValueError as error:
+        raise TransformFileError(f"affine transform file '{path}' holds an unusable matrix: {error}") from error
+
+
+def write_itk_displacement(
+    ddf_voxels, fixed_affine, path: str | os.PathLike, channel_first: bool | None = None
+) -> Path:
+    """Write a voxel displacement field as an ITK/ANTs displacement field file (``warp.nii.gz``).
+
+    Args:
+        ddf_voxels: (3, X, Y, Z) or (X, Y, Z, 3) displacement in voxels of the fixed grid (the bundle's ``ddf``;
+            numpy or torch); see :func:`scripts.spatial.world.as_channel_first` for the accepted layouts.
+        fixed_affine: (4, 4) RAS voxel-to-world matrix of the fixed image (the file gets exactly this affine).
+        path: destination, normally ``warp.nii.gz``; written atomically.
+        channel_first: layout of ``ddf_voxels`` when its shape alone is ambiguous.
+
+    Returns:
+        ``path``. The file is (X, Y, Z, 1, 3) float32, intent 1007, LPS millimetres, readable by ``sitk.ReadImage`` /
+        ``sitk.DisplacementFieldTransform`` and ``ants.image_read`` / ``ants.apply_transforms``.
+    """
+    fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
+    itk_geometry(fixed_affine)  # refuses a sheared grid, which ITK/ANTs would read differently
+    displacement = voxel_ddf_to_lps(as_channel_first(ddf_voxels, channel_first), fixed_affine)
+    if not np.isfinite(displacement).all():
+        raise ValueError("the displacement field has non-finite values (NaN or inf).")
+    data = np.moveaxis(displacement, 0, -1)[:, :, :, None, :].astype(np.float32)
+    image = nib.Nifti1Image(data, fixed_affine)
+    image.header.set_intent(NIFTI_INTENT_VECTOR, (), name="displacement")
+    image.header.set_xyzt_units("mm")
+    image.header.set_qform(fixed_affine, code=1)
+    image.header.set_sform(fixed_affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)
+
+
+def read_itk_displacement(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read an ITK/ANTs displacement field file (ours or ANTs' ``1Warp.nii.gz`` / ``1InverseWarp.nii.gz``).
+
+    Returns:
+        ``(ddf_voxels, affine)``: (3, X, Y, Z) float32 displacement in voxels of the file's grid along its array axes,
+        and that grid's (4, 4) RAS voxel-to-world matrix.
+
+    Raises:
+        TransformFileError: missing or unreadable file, or not a 5-D (X, Y, Z, 1, 3) vector image (for example the
+            bundle's voxel ``ddf.nii.gz``, which must be converted with :func:`write_itk_displacement` first).
+    """
+    path = Path(path)
+    _check_exists(path, "displacement field file")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float64)
+    except Exception as error:  # nibabel raises ImageFileError, EOFError, zlib errors, ... depending on the damage
+        raise TransformFileError(
+            f"displacement field file '{path}' could not be read ({type(error).__name__}: {error})."
+        ) from error
+    try:
+        intent = int(image.header["intent_code"])
+    except (KeyError, TypeError, ValueError):  # not a NIfTI header (e.g. .mgz)
+        intent = 0
+    if data.ndim != 5 or data.shape[3:] != (1, 3) or intent not in (NIFTI_INTENT_VECTOR, NIFTI_INTENT_DISPVECT):
+        raise TransformFileError(
+            f"'{path}' is not an ITK displacement field: shape {data.shape}, intent code {intent}; expected "
+            "(X, Y, Z, 1, 3) with intent 1007 in LPS mm. A voxel ddf.nii.gz of the bundle (X, Y, Z, 3) must be "
+            "converted with write_itk_displacement(ddf, fixed_affine, 'warp.nii.gz')."
+        )
+    if not np.isfinite(data).all():
+        raise TransformFileError(f"displacement field file '{path}' has non-finite values (NaN or inf).")
+    displacement = np.moveaxis(data[:, :, :, 0, :], -1, 0)
+    if intent == NIFTI_INTENT_DISPVECT:  # NIfTI displacement vectors are RAS
+        displacement = np.einsum("ij,j...->i...", RAS_LPS_FLIP[:3, :3], displacement)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    return lps_to_voxel_ddf(displacement, affine).astype(np.float32), affine

@@ -1,0 +1,129 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""
+A registration's saved transforms: one folder with ``affine.mat``, ``warp.nii.gz`` and ``inverse_warp.nii.gz``.
+
+Any of the files may be absent (affine-only or deformable-only registration). Forward (fixed -> moving point map, used
+to resample moving-space images onto the fixed grid): ``x -> T(x + u(x))``, ANTs ``-t warp.nii.gz -t affine.mat``.
+Inverse (moving -> fixed point map, to bring fixed-space images onto the moving grid): ``m -> y + v(y)`` with
+``y = T^-1 m``, ANTs ``-t [affine.mat,1] -t inverse_warp.nii.gz``. Both fields are on the fixed grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .inversion import invert_displacement, write_inverse_warp
+from .itk_files import (
+    TransformFileError,
+    read_itk_affine,
+    read_itk_displacement,
+    write_itk_affine,
+    write_itk_displacement,
+)
+from .world import as_matrix4
+
+__all__ = ["AFFINE_FILE", "INVERSE_WARP_FILE", "WARP_FILE", "SavedTransforms", "load_transforms", "save_transforms"]
+
+AFFINE_FILE = "affine.mat"
+WARP_FILE = "warp.nii.gz"
+INVERSE_WARP_FILE = "inverse_warp.nii.gz"
+
+logger = logging.getLogger(__name__)
+
+
+class SavedTransforms(NamedTuple):
+    """Transforms of one direction read from a folder.
+
+    Attributes:
+        affine: (4, 4) RAS matrix mapping FIXED world points to MOVING world points, or None (no ``affine.mat``).
+        field: (3, X, Y, Z) float32 voxel displacement on the fixed grid (forward ``u`` or inverse ``v``), or None.
+        field_affine: (4, 4) RAS voxel-to-world matrix of the field's grid, or None.
+        field_path: the file the field came from (for the inverse possibly ``warp.nii.gz``, inverted on the fly).
+        affine_path: the affine file, or None.
+    """
+
+    affine: np.ndarray | None
+    field: np.ndarray | None
+    field_affine: np.ndarray | None
+    field_path: Path | None
+    affine_path: Path | None
+
+
+def save_transforms(
+    transform_dir: str | os.PathLike,
+    fixed_affine,
+    transform_ras=None,
+    ddf_voxels=None,
+    inverse: bool = True,
+    iterations: int = 50,
+    tolerance: float = 1e-4,
+) -> dict:
+    """Write a registration's transforms in ITK/ANTs formats (atomically, one file at a time).
+
+    Args:
+        transform_dir: destination folder (created when missing).
+        fixed_affine: (4, 4) RAS voxel-to-world matrix of the fixed image.
+        transform_ras: optional (4, 4) affine stage (FIXED world -> MOVING world, RAS) -> ``affine.mat``.
+        ddf_voxels: optional bundle ``ddf`` on the fixed grid, (X, Y, Z, 3) or (3, X, Y, Z) -> ``warp.nii.gz``.
+        inverse: also write ``inverse_warp.nii.gz`` (fixed-point inversion of ``ddf_voxels``).
+        iterations, tolerance: of the inversion.
+
+    Returns:
+        ``{"affine": path, "warp": path, "inverse_warp": path, "inverse_consistency": stats}`` for what was written.
+    """
+    if transform_ras is None and ddf_voxels is None:
+        raise ValueError("nothing to save: give transform_ras, ddf_voxels or both.")
+    folder = Path(transform_dir)
+    written: dict = {}
+    if transform_ras is not None:
+        written["affine"] = write_itk_affine(transform_ras, folder / AFFINE_FILE)
+    if ddf_voxels is not None:
+        fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
+        written["warp"] = write_itk_displacement(ddf_voxels, fixed_affine, folder / WARP_FILE)
+        if inverse:
+            path, stats = write_inverse_warp(
+                ddf_voxels, fixed_affine, folder / INVERSE_WARP_FILE, iterations, tolerance
+            )
+            written["inverse_warp"], written["inverse_consistency"] = path, stats
+    return written
+
+
+def load_transforms(transform_dir: str | os.PathLike, inverse: bool = False) -> SavedTransforms:
+    """Read the transforms of one direction from a folder written by :func:`save_transforms` (or renamed ANTs files).
+
+    Args:
+        transform_dir: folder holding ``affine.mat`` and/or ``warp.nii.gz`` / ``inverse_warp.nii.gz``.
+        inverse: read the inverse field (``inverse_warp.nii.gz``; when only ``warp.nii.gz`` exists it is inverted here).
+
+    Raises:
+        TransformFileError: the folder is missing or holds none of the files, or a file is unreadable.
+    """
+    folder = Path(transform_dir)
+    if not folder.is_dir():
+        raise TransformFileError(f"transform folder '{folder}' does not exist.")
+    affine_path = folder / AFFINE_FILE
+    warp_path, inverse_path = folder / WARP_FILE, folder / INVERSE_WARP_FILE
+    if not (affine_path.exists() or warp_path.exists() or (inverse and inverse_path.exists())):
+        raise TransformFileError(
+            f"transform folder '{folder}' holds none of {AFFINE_FILE}, {WARP_FILE}"
+            f"{', ' + INVERSE_WARP_FILE if inverse else ''}; expected the output folder of a registration."
+        )
+    affine = read_itk_affine(affine_path) if affine_path.exists() else None
+    field = field_affine = field_path = None
+    if inverse and inverse_path.exists():
+        field_path = inverse_path
+        field, field_affine = read_itk_displacement(inverse_path)
+    elif warp_path.exists():
+        field_path = warp_path
+        field, field_affine = read_itk_displacement(warp_path)
+        if inverse:
+            logger.info("%s not found: inverting %s on the fly.", inverse_path, warp_path)
+            result = invert_displacement(torch.as_tensor(field)[None])
+            field = result.ddf[0].numpy()
+    return SavedTransforms(affine, field, field_affine, field_path, affine_path if affine is not None else None)

@@ -1,0 +1,130 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""ITK transform files of ``scripts.spatial``: ``affine.mat`` and ``warp.nii.gz`` round trips, their LPS meaning as
+SimpleITK reads them, and affine-only resampling against SimpleITK on the shipped pair at 3 mm."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from spatial_cases import brain_correlation, make_case, mean_dice, sitk_affine, sitk_resample
+
+from scripts.spatial import (
+    apply_transforms,
+    itk_geometry,
+    read_itk_affine,
+    read_itk_displacement,
+    save_transforms,
+    write_itk_affine,
+    write_itk_displacement,
+)
+
+sitk = pytest.importorskip("SimpleITK")
+FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    return make_case(tmp_path_factory.mktemp("spatial_itk"))
+
+
+def _brain(case) -> np.ndarray:
+    fixed = np.asarray(nib.load(str(case["fixed"])).dataobj)
+    return fixed > 0.2 * np.percentile(fixed, 99)
+
+
+def test_affine_file_round_trip_and_lps_meaning(case, tmp_path):
+    transform = case["rotation"].copy()
+    transform[:3, :3] = transform[:3, :3] @ np.array([[1.05, 0.02, 0.0], [0.0, 0.97, 0.03], [0.01, 0.0, 1.1]])
+    path = write_itk_affine(transform, tmp_path / "affine.mat")
+    np.testing.assert_allclose(read_itk_affine(path), transform, rtol=0, atol=1e-12)
+    itk = sitk.ReadTransform(str(path))
+    points_ras = np.array([[10.0, -20.0, 30.0], [-55.0, 12.0, -7.0], [0.0, 0.0, 0.0]])
+    for x in points_ras:  # ITK maps LPS points: F T F
+        mapped_lps = np.array(itk.TransformPoint(tuple((FLIP[:3, :3] @ x).tolist())))
+        np.testing.assert_allclose(FLIP[:3, :3] @ mapped_lps, transform[:3, :3] @ x + transform[:3, 3], atol=1e-9)
+    assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
+
+
+def test_affine_file_with_centre_reads_as_the_same_point_map(tmp_path):
+    """ANTs writes its 0GenericAffine.mat with a centre; the point map, not the parameters, must come back."""
+    itk = sitk.AffineTransform(3)
+    itk.SetMatrix([0.9, -0.2, 0.05, 0.2, 0.95, 0.0, -0.03, 0.01, 1.1])
+    itk.SetTranslation([3.0, -4.0, 5.0])
+    itk.SetCenter([12.0, -30.0, 8.0])
+    sitk.WriteTransform(itk, str(tmp_path / "centred.mat"))
+    transform = read_itk_affine(tmp_path / "centred.mat")
+    for x in np.array([[1.0, 2.0, 3.0], [-40.0, 25.0, 60.0]]):
+        expected = FLIP[:3, :3] @ np.array(itk.TransformPoint(tuple((FLIP[:3, :3] @ x).tolist())))
+        np.testing.assert_allclose(transform[:3, :3] @ x + transform[:3, 3], expected, atol=1e-9)
+
+
+def test_affine_translation_of_one_voxel_shifts_the_array(case, tmp_path):
+    """T moving one voxel along array axis 0 in world space samples fixed[i + 1] at voxel i (direction check)."""
+    transform = np.eye(4)
+    transform[:3, 3] = case["fixed_affine"][:3, 0]
+    save_transforms(tmp_path, case["fixed_affine"], transform_ras=transform)
+    fixed = np.asarray(nib.load(str(case["fixed"])).dataobj)
+    shifted = apply_transforms(case["fixed"], case["fixed"], tmp_path).get_fdata()
+    np.testing.assert_allclose(shifted[:-1], fixed[1:], rtol=0, atol=1e-5 * fixed.max())  # float32 sampling grid
+    assert np.all(shifted[-1] == 0)
+
+
+def test_affine_only_matches_simpleitk(case, tmp_path):
+    save_transforms(tmp_path, case["fixed_affine"], transform_ras=case["rotation"])
+    reference = sitk.ReadTransform(str(tmp_path / "affine.mat"))
+    ours = apply_transforms(case["fixed"], case["moving"], tmp_path).get_fdata()
+    theirs = sitk_resample(case["moving"], case["fixed"], reference)
+    brain = _brain(case)
+    assert brain_correlation(ours, theirs, brain) >= 0.99
+    assert np.abs(ours - theirs)[brain].max() < 1e-3 * theirs.max()
+    assert brain_correlation(ours, np.asarray(nib.load(str(case["fixed"])).dataobj), brain) < 0.99  # it moved
+    ours_label = np.asarray(apply_transforms(case["fixed"], case["moving_label"], tmp_path, "nearest").dataobj)
+    theirs_label = sitk_resample(case["moving_label"], case["fixed"], sitk_affine(case["rotation"]), label=True)
+    assert ours_label.dtype == np.uint8
+    assert mean_dice(theirs_label, ours_label) >= 0.97
+
+
+def test_displacement_file_round_trip_and_itk_meaning(case, tmp_path):
+    ddf, affine = case["ddf"], case["fixed_affine"]
+    path = write_itk_displacement(np.moveaxis(ddf, 0, -1), affine, tmp_path / "warp.nii.gz")  # (X, Y, Z, 3) as on disk
+    image = nib.load(str(path))
+    assert image.shape == (*case["fixed_shape"], 1, 3) and int(image.header["intent_code"]) == 1007
+    np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    back, back_affine = read_itk_displacement(path)
+    np.testing.assert_allclose(back, ddf, atol=1e-5)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-5)
+    field = sitk.ReadImage(str(path), sitk.sitkVectorFloat64)
+    fixed = sitk.ReadImage(str(case["fixed"]))
+    assert field.GetNumberOfComponentsPerPixel() == 3
+    np.testing.assert_allclose(field.GetOrigin(), fixed.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(field.GetDirection(), fixed.GetDirection(), atol=1e-6)
+    transform = sitk.DisplacementFieldTransform(field)
+    for p in [(10, 20, 30), (25, 40, 12), (40, 8, 44)]:  # x -> x + d(x) in LPS == A (p + ddf(p)) in RAS
+        x_lps = fixed.TransformIndexToPhysicalPoint(p)
+        expected_ras = affine[:3, :3] @ (np.array(p) + ddf[(slice(None), *p)]) + affine[:3, 3]
+        np.testing.assert_allclose(FLIP[:3, :3] @ np.array(transform.TransformPoint(x_lps)), expected_ras, atol=1e-4)
+
+
+def test_itk_geometry_is_what_simpleitk_reads(case, tmp_path):
+    origin, spacing, direction = itk_geometry(case["fixed_affine"])
+    fixed = sitk.ReadImage(str(case["fixed"]))
+    np.testing.assert_allclose(origin, fixed.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(spacing, fixed.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(direction, fixed.GetDirection(), atol=1e-6)
+    sheared = case["fixed_affine"].copy()
+    sheared[0, 1] = 0.5
+    with pytest.raises(ValueError, match="shear"):
+        write_itk_displacement(case["ddf"], sheared, tmp_path / "warp.nii.gz")
+
+
+def test_displacement_layouts_write_the_same_file(case, tmp_path):
+    ddf, affine = case["ddf"], case["fixed_affine"]
+    write_itk_displacement(ddf, affine, tmp_path / "a.nii.gz")
+    write_itk_displacement(torch.as_tensor(ddf)[None], affine, tmp_path / "b.nii.gz")
+    a = np.asarray(nib.load(str(tmp_path / "a.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="ambiguous"):
+        write_itk_displacement(np.zeros((3, 4, 5, 3)), affine, tmp_path / "c.nii.gz")
