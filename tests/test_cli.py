@@ -38,11 +38,15 @@ def test_help_explains_every_argument():
 
 
 def test_cli_uses_the_bundle_configs():
-    files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=0)
+    files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=0, affine="none")
     assert [os.path.basename(f) for f in files] == ["inference.json"]
     files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=7, overwrite=True)
-    assert [os.path.basename(f) for f in files] == ["inference.json", "instance_optimization.json"]
+    assert [os.path.basename(f) for f in files] == ["inference.json", "instance_optimization.json", "affine.json"]
+    assert overrides["affine_transform"] == "affine" and overrides["affine_only"] is False
     assert overrides["optimization_iterations"] == 7 and overrides["overwrite"] is True
+    files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=7, affine="rigid", affine_only=True)
+    assert [os.path.basename(f) for f in files] == ["inference.json", "affine.json"]  # no deformable optimisation
+    assert overrides["affine_transform"] == "rigid" and overrides["affine_only"] is True
     assert os.path.isabs(overrides["fixed_image"]) and os.path.isabs(overrides["output_dir"])
     with pytest.raises(ValueError, match="iterations"):
         workflow_overrides("f", "m", "o", iterations=-1)

@@ -63,18 +63,20 @@ def test_scripted_network_matches_eager_at_two_sizes():
 
 
 def test_diffeomorphic_mode_integrates_the_velocity():
+    """The output is exp(last_velocity) (tests/test_diffeomorphic.py checks invertibility and det J on real pairs)."""
     torch.manual_seed(0)
     plain = SACBNet(**SMALL).eval()
     diffeo = SACBNet(**SMALL, diffeomorphic=True).eval()
     diffeo.load_state_dict(plain.state_dict())
     image = torch.rand(1, 2, 32, 32, 32)
     with torch.no_grad():
-        velocity = plain(image)
+        displacement = plain(image)
         ddf = diffeo(image)
-    assert ddf.shape == velocity.shape
+    velocity = diffeo.last_velocity
+    assert plain.last_velocity is None and velocity.shape == ddf.shape == displacement.shape
     assert torch.allclose(ddf, diffeo.integrate(velocity), atol=1e-5)
     assert not torch.allclose(ddf, velocity)
-    assert folding_percentage(jacobian_determinant(ddf)).item() <= folding_percentage(jacobian_determinant(velocity)).item()
+    assert folding_percentage(jacobian_determinant(ddf)).item() == 0.0
 
 
 def test_bad_input_raises():

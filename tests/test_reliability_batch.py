@@ -32,8 +32,10 @@ def batch(tmp_path):
 
 def test_bad_pairs_are_skipped_and_reported_at_the_end(batch, tmp_path):
     screen = PairScreen(batch)
-    assert [p["pair_id"] for p in screen.good] == ["p0", "p3"]
-    assert all(p[VALIDATED_KEY] for p in screen.good)
+    assert not screen.bad and not screen.full_reads  # nothing is read before the run reaches a pair
+    good = list(screen.iter_good())
+    assert [p["pair_id"] for p in good] == ["p0", "p3"]
+    assert all(p[VALIDATED_KEY] for p in good)
     assert [p["pair_id"] for p in screen.bad] == ["p1_truncated", "p2_nan", "p4_missing"]
     out = tmp_path / "out"
     with pytest.raises(BundleUserError) as info:
@@ -50,7 +52,7 @@ def test_bad_pairs_are_skipped_and_reported_at_the_end(batch, tmp_path):
 
 def test_screened_pairs_are_not_read_twice(batch):
     screen = PairScreen(batch[:1])
-    pair = dict(screen.good[0])
+    pair = screen.check(batch[0])
     pair["fixed_image"] = "/not/read/again.nii.gz"  # would fail if the transform checked it again
     assert ValidateRegistrationInputsd()(pair) == pair
     pair.pop(VALIDATED_KEY)
@@ -60,7 +62,8 @@ def test_screened_pairs_are_not_read_twice(batch):
 
 def test_single_bad_pair_fails_at_once_and_clean_batch_reports_nothing(batch, tmp_path):
     with pytest.raises(RegistrationInputError, match=r"fixed image '.*truncated.nii.gz' could not be read"):
-        PairScreen(batch[1:2])
+        PairScreen(batch[1:2]).check(batch[1])
     screen = PairScreen([batch[0], batch[3]])
+    assert len(list(screen.iter_good())) == 2
     screen.report(tmp_path / "out")
     assert not (tmp_path / "out" / FAILED_PAIRS_FILE).exists()

@@ -91,7 +91,7 @@ def hd95_per_label(
 def jacobian_determinant_numpy(ddf: np.ndarray) -> np.ndarray:
     """det(I + ∇u) of a voxel displacement field with central differences (``np.gradient``).
 
-    This is the reference used when the bundle's ``scripts.jacobian`` is not importable; it follows the same convention.
+    This is the reference used when the bundle's ``scripts.layers.jacobian`` is not importable; it follows the same convention.
 
     Args:
         ddf: displacement (3, D, H, W) in voxels, channel i along array axis i.

@@ -92,12 +92,12 @@ def load_ddf(path: Path) -> np.ndarray:
 
 
 def _det_from_ddf(ddf: np.ndarray) -> np.ndarray:
-    """det J with the bundle's own ``scripts.jacobian`` when importable (same code users get), else numpy."""
+    """det J with the bundle's own ``scripts.layers.jacobian`` when importable (same code users get), else numpy."""
     try:
         if str(BUNDLE_ROOT) not in sys.path:
             sys.path.insert(0, str(BUNDLE_ROOT))
         import torch
-        from scripts.jacobian import jacobian_determinant
+        from scripts.layers.jacobian import jacobian_determinant
 
         return jacobian_determinant(torch.from_numpy(ddf)[None]).numpy()[0, 0]
     except ImportError:

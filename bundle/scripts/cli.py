@@ -5,6 +5,9 @@ From the bundle root::
 
     python -m scripts.cli demo
     python -m scripts.cli register --fixed F.nii.gz --moving M.nii.gz --out OUT [--moving_label L] [--fixed_label FL]
+        [--affine affine|rigid|none] [--affine_only] [--inverse]
+    python -m scripts.cli apply --fixed F.nii.gz --moving X.nii.gz --transform_dir OUT --warped_out Y.nii.gz
+        [--interpolation linear|nearest] [--inverse]
     python -m scripts.cli register --help
 """
 
@@ -24,12 +27,16 @@ if __package__ in (None, ""):  # run as a file (python bundle/scripts/cli.py): m
 
 import fire  # noqa: E402
 
-__all__ = ["register", "demo", "BUNDLE_ROOT", "workflow_overrides"]
+__all__ = ["register", "apply", "demo", "BUNDLE_ROOT", "workflow_overrides"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = BUNDLE_ROOT / "configs"
 SAMPLE_DIR = BUNDLE_ROOT / "sample_data"
-OUTPUT_FILES = ("warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "metrics.json")
+OUTPUT_FILES = (
+    "warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat", "warp.nii.gz",
+    "inverse_warp.nii.gz", "metrics.json",
+)
+AFFINE_CHOICES = ("affine", "rigid", "none")
 
 
 def _absolute(path: str | os.PathLike | None) -> str | None:
@@ -48,10 +55,16 @@ def workflow_overrides(
     learning_rate: float | None = None,
     regularization_weight: float | None = None,
     device: str | None = None,
+    affine: str = "affine",
+    affine_only: bool = False,
+    inverse: bool = False,
+    label_names: str | None = None,
+    datalist: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """
     The config files and run overrides that :py:func:`register` hands to ``ConfigWorkflow`` (also what the equivalent
-    ``python -m monai.bundle run`` command would pass).
+    ``python -m monai.bundle run`` command would pass). The device and the label names are checked here, before
+    anything runs (a device this machine lacks or an unreadable names file: RegistrationInputError, nothing written).
 
     Returns:
         (config file list, {config id: value}).
@@ -62,9 +75,17 @@ def workflow_overrides(
         )
 
         raise RegistrationInputError(f"--iterations must be >= 0, got {iterations}.")
+    if affine not in AFFINE_CHOICES or (affine_only and affine == "none"):
+        from scripts.io.errors import RegistrationInputError
+
+        raise RegistrationInputError(
+            f"--affine must be one of {', '.join(AFFINE_CHOICES)} ('none' only without --affine_only), got {affine!r}."
+        )
     files = [str(CONFIG_DIR / "inference.json")]
-    if iterations is None or int(iterations) > 0:
+    if not affine_only and (iterations is None or int(iterations) > 0):
         files.append(str(CONFIG_DIR / "instance_optimization.json"))
+    if affine != "none":
+        files.append(str(CONFIG_DIR / "affine.json"))
     overrides: dict[str, Any] = {
         "bundle_root": str(BUNDLE_ROOT),
         "fixed_image": _absolute(fixed),
@@ -73,8 +94,16 @@ def workflow_overrides(
         "fixed_label": _absolute(fixed_label),
         "output_dir": _absolute(out),
         "overwrite": bool(overwrite),
+        "write_inverse": bool(inverse),
     }
-    if iterations is not None and int(iterations) > 0:
+    from scripts.io.datalist import cli_datalist_overrides
+
+    # a datalist registers every pair, resumably (docs/usage.md, "Cohorts"); else --fixed and --moving are needed
+    overrides.update(cli_datalist_overrides(datalist, fixed, moving, out, (moving_label, fixed_label)))
+    if affine != "none":
+        overrides["affine_transform"] = affine
+        overrides["affine_only"] = bool(affine_only)
+    if not affine_only and iterations is not None and int(iterations) > 0:
         overrides["optimization_iterations"] = int(iterations)
     if network_scale is not None:
         overrides["network_scale"] = float(network_scale)
@@ -83,7 +112,15 @@ def workflow_overrides(
     if regularization_weight is not None:
         overrides["regularization_weight"] = float(regularization_weight)
     if device is not None:
-        overrides["device"] = f"$torch.device('{device}')"
+        from scripts.io.devices import resolve_device
+
+        # checked against this machine now; only a validated name ('cpu', 'cuda', 'cuda:N') reaches the expression
+        overrides["device"] = f"$scripts.io.resolve_device('{resolve_device(device)}')"
+    if label_names:
+        from scripts.io.label_names import read_label_names
+
+        read_label_names(_absolute(label_names))  # a bad file fails here, not after the registration
+        overrides["label_names"] = _absolute(label_names)
     return files, overrides
 
 
@@ -117,7 +154,8 @@ def _summary(out: str, seconds: float) -> str:
         for row in metrics["labels"]:
             before, after = row.get("dice_identity"), row.get("dice")
             fmt = lambda v: f"{v:12.4f}" if v is not None else f"{'n/a':>12}"  # noqa: E731
-            lines.append(f"{str(row['label']) + ' ' + row['name']:<20}{fmt(before)}{fmt(after)}")
+            name = str(row["label"]) if row.get("name") in (None, str(row["label"])) else f"{row['label']} {row['name']}"
+            lines.append(f"{name:<20}{fmt(before)}{fmt(after)}")
         lines.append(
             f"{'mean':<20}{metrics.get('mean_dice_identity', float('nan')):12.4f}{metrics['mean_dice']:12.4f}"
         )
@@ -127,9 +165,9 @@ def _summary(out: str, seconds: float) -> str:
 
 
 def register(
-    fixed: str,
-    moving: str,
-    out: str,
+    fixed: str | None = None,
+    moving: str | None = None,
+    out: str | None = None,
     moving_label: str | None = None,
     fixed_label: str | None = None,
     iterations: int | None = None,
@@ -140,15 +178,22 @@ def register(
     device: str | None = None,
     debug: bool = False,
     qc_png: str | None = None,
+    affine: str = "affine",
+    affine_only: bool = False,
+    inverse: bool = False,
+    label_names: str | None = None,
+    datalist: str | None = None,
 ) -> None:
     """
-    Register a moving image onto a fixed image with SACB-Net (both 3-D NIfTI, affinely pre-aligned).
+    Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
 
-    Runs the bundle's configs/inference.json, merged with configs/instance_optimization.json unless --iterations 0,
-    through monai.bundle's ConfigWorkflow. Writes into OUT, on the fixed image's grid and affine: warped_image.nii.gz,
-    ddf.nii.gz (displacement in voxels, channel i = shift along array axis i of the fixed image, warped(p) =
-    moving(p + ddf(p))), jacobian_det.nii.gz, warped_label.nii.gz (with --moving_label) and metrics.json (with both
-    labels: Dice per label before and after, % of voxels with det J <= 0).
+    Runs the bundle's configs/inference.json, merged with configs/instance_optimization.json unless --iterations 0 and
+    with configs/affine.json unless --affine none, through monai.bundle's ConfigWorkflow. Writes into OUT, on the
+    fixed image's grid and affine: warped_image.nii.gz, warped_label.nii.gz (with --moving_label), ddf.nii.gz (displacement in
+    voxels of the fixed grid, applied after the affine stage), jacobian_det.nii.gz, the transforms for ITK/ANTs
+    (affine.mat, warp.nii.gz; with --inverse also inverse_warp.nii.gz: antsApplyTransforms -r F -i M -t warp.nii.gz
+    -t affine.mat reproduces warped_image.nii.gz) and metrics.json (with both labels: Dice per label before and after
+    the deformable step, % of voxels with det J <= 0).
 
     Args:
         fixed: fixed (target) image, NIfTI.
@@ -161,18 +206,34 @@ def register(
         network_scale: network resolution relative to the image, e.g. 0.5 (default from the configs).
         learning_rate: Adam learning rate of the instance optimisation (default from the config).
         regularization_weight: lambda of the smoothness term of the instance optimisation (default from the config).
-        device: "cpu" or "cuda" (default: CUDA when available).
-        debug: show full Python tracebacks for input errors.
+        device: "cpu", "cuda" or "cuda:N" (default: CUDA when available); one this machine lacks stops the run at once.
+        debug: show full Python tracebacks for input errors (and library deprecation warnings).
         qc_png: also write a QC figure (PNG: middle slice of fixed, moving, warped, differences, grid, det J) here.
+        affine: the affine stage: "affine" (12 parameters, default), "rigid" (6) or "none" (inputs already aligned).
+        affine_only: stop after the affine stage (zero deformable field; outputs as usual).
+        inverse: also write inverse_warp.nii.gz (maps fixed-space images onto the moving scan with affine.mat).
+        label_names: names of the label ids in the report: a JSON {"1": "name", ...}, a TSV/CSV with index and name
+            columns, or a FreeSurfer colour table. Default: the label map's own table (X.tsv beside X.nii.gz), else
+            the numbers.
+        datalist: instead of --fixed/--moving, a JSON datalist of pairs (or an atlas and its subjects): every pair is
+            registered into OUT/<id>/, pairs finished by an earlier run are skipped (unless --overwrite), and
+            OUT/cohort.csv, cohort.json, cohort.md summarise them (docs/usage.md, "Cohorts").
     """
     from scripts.io.errors import exit_on_user_error
 
+    _route_warnings(debug)
     files, overrides = exit_on_user_error(
         workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
-        learning_rate, regularization_weight, device, debug=debug,
+        learning_rate, regularization_weight, device, affine, affine_only, inverse, label_names, datalist,
+        debug=debug,
     )
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)
+    if datalist is not None:
+        from scripts.workflow.cohort_summary import cohort_console_summary
+
+        print(cohort_console_summary(overrides["output_dir"]), flush=True)
+        return
     print(_summary(overrides["output_dir"], time.time() - start), flush=True)
     if qc_png:
         from scripts.workflow.qc import qc_png_from_outputs
@@ -202,13 +263,71 @@ def demo(out: str | None = None, iterations: int | None = None, overwrite: bool 
         iterations=iterations,
         overwrite=overwrite,
         debug=debug,
+        affine="none",  # the shipped pair is already in one (MNI) space
     )
+
+
+def apply(
+    fixed: str,
+    moving: str,
+    transform_dir: str,
+    warped_out: str,
+    interpolation: str = "linear",
+    inverse: bool = False,
+    overwrite: bool = False,
+    debug: bool = False,
+) -> None:
+    """
+    Warp another image or label map with the transforms a registration saved (affine.mat, warp.nii.gz), like
+    antsApplyTransforms: the moving-space image X onto the fixed grid, or with --inverse a fixed-space image onto the
+    moving grid (then --moving is the reference scan and --fixed the image to warp; uses inverse_warp.nii.gz).
+
+    Args:
+        fixed: the fixed image of the registration (the output grid; with --inverse the image that is warped).
+        moving: the image to warp (moving space; with --inverse the moving scan that gives the output grid).
+        transform_dir: the registration's output folder.
+        warped_out: NIfTI file to write (atomically; refused if it exists unless --overwrite).
+        interpolation: "linear" for images, "nearest" for label maps (keep their integer ids).
+        inverse: map from the fixed space onto the moving scan.
+        overwrite: replace an existing warped_out.
+        debug: show full Python tracebacks for input errors.
+    """
+    from scripts.io.errors import RegistrationInputError, exit_on_user_error
+
+    def run() -> str:
+        if interpolation not in ("linear", "nearest"):
+            raise RegistrationInputError(f"--interpolation must be 'linear' or 'nearest', got {interpolation!r}.")
+        from scripts.io.atomic import check_outputs_writable
+        from scripts.spatial import apply_transforms
+
+        target = _absolute(warped_out)
+        check_outputs_writable([target], overwrite)
+        apply_transforms(_absolute(fixed), _absolute(moving), _absolute(transform_dir), interpolation, inverse, target)
+        return target
+
+    print(f"wrote {exit_on_user_error(run, debug=debug)}", flush=True)
+
+
+def _route_warnings(debug: bool = False) -> None:
+    """
+    Python warnings go to the log (logger ``py.warnings``), not straight to the terminal: library deprecation notices
+    (FutureWarning, DeprecationWarning, e.g. MONAI's note on ``Orientationd``'s ``labels`` default) at DEBUG level,
+    which the bundle's logging.conf (INFO) does not show unless ``--debug``; every other warning at WARNING level.
+    """
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        notice = issubclass(category, (FutureWarning, DeprecationWarning)) and not debug
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        logging.getLogger("py.warnings").log(logging.DEBUG if notice else logging.WARNING, "%s", text)
+
+    warnings.showwarning = show
 
 
 def main() -> None:
     """Entry point: ``register`` and ``demo`` commands (fire)."""
-    logging.captureWarnings(True)  # MONAI deprecation warnings go to the log, not the terminal
-    fire.Fire({"register": register, "demo": demo})
+    _route_warnings()  # library deprecation warnings go to the log at DEBUG level, not to the terminal
+    fire.Fire({"register": register, "apply": apply, "demo": demo})
 
 
 if __name__ == "__main__":

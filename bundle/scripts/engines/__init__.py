@@ -9,3 +9,12 @@ from .resolution_inferer import (
 from .instance_optimization import (
     InstanceOptimizationInferer,
 )
+from .zero_field_inferer import (
+    ZeroFieldInferer,
+)
+from .affine_registration import (
+    AffineRegistration,
+    check_affine_result,
+    normalize_intensity,
+    resample_moving,
+)

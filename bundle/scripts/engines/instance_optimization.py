@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from scripts.engines.resolution_inferer import ResolutionInferer, resize_displacement
+from scripts.engines.resolution_inferer import ResolutionInferer
 from scripts.io.errors import NonFiniteLossError
 from scripts.losses.registration_loss import RegistrationLoss
 
@@ -29,7 +29,9 @@ class InstanceOptimizationInferer(ResolutionInferer):
     unsupervised objective ``image_loss(warp(moving, ddf), fixed) + regularization_weight * regularization(ddf)`` at the
     network resolution (see :py:class:`scripts.engines.resolution_inferer.ResolutionInferer`), and finally run once more to predict the
     field, which is resized to the input grid. Gradients are enabled locally, so it works inside MONAI evaluators
-    (which run under ``torch.no_grad``). After the call the network keeps the optimised weights.
+    (which run under ``torch.no_grad``). After the call the network keeps the optimised weights. Under a float16
+    ``torch.autocast`` (an evaluator with ``amp=True`` on CUDA) the steps use a gradient scaler; k-means, the flow
+    heads and the loss run in float32 (see :py:class:`scripts.networks.sacb_net.SACBNet`).
 
     Args:
         image_loss: callable ``(warped, fixed) -> loss``, e.g. ``scripts.losses.ncc.LocalNCCLoss``.
@@ -117,6 +119,7 @@ class InstanceOptimizationInferer(ResolutionInferer):
 
     def _steps(self, network: nn.Module, pair: torch.Tensor, optimizer: torch.optim.Optimizer, start: float) -> list[float]:
         history: list[float] = []
+        scaler = _grad_scaler(pair.device)
         with torch.enable_grad():
             for step in range(1, self.iterations + 1):
                 optimizer.zero_grad(set_to_none=True)
@@ -127,8 +130,9 @@ class InstanceOptimizationInferer(ResolutionInferer):
                         "loss. Nothing was written for this pair. Lower the learning rate (--learning_rate) or raise "
                         "--regularization_weight, and check the inputs."
                     )
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 history.append(float(loss.detach()))
                 if step == 1 or step == self.iterations or (self.log_interval and step % self.log_interval == 0):
                     logger.info(
@@ -153,4 +157,12 @@ class InstanceOptimizationInferer(ResolutionInferer):
         self.history = self.optimize(network, pair)
         with torch.no_grad():
             ddf = network(pair, *args, **kwargs)
-        return resize_displacement(ddf, inputs.shape[2:])
+        return self.to_input_grid(network, ddf, inputs.shape[2:])
+
+
+def _grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only under float16 autocast (a MONAI engine with ``amp=True`` on CUDA): float16
+    gradients of a loss around -0.5 underflow without one. bfloat16 and float32 need none (a disabled scaler steps as
+    usual)."""
+    active = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=active)

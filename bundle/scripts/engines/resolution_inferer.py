@@ -69,7 +69,9 @@ class ResolutionInferer(Inferer):
     sees an 8x smaller volume. The input (B, 2, D, H, W) is resized with trilinear interpolation (align_corners=True;
     with ``antialias`` it is first smoothed by a centred box filter to limit aliasing), the network predicts a
     displacement on that grid and :py:func:`resize_displacement` brings it back, scaling each component by the exact
-    per-axis ratio ``(D - 1) / (d - 1)``. With ``network_scale=1`` the network is called directly.
+    per-axis ratio ``(D - 1) / (d - 1)``. With ``network_scale=1`` the network is called directly. The result is float32
+    also under ``torch.autocast`` (MONAI engines with ``amp=True``). A diffeomorphic network's velocity is resized
+    and integrated on the input grid instead (see :py:meth:`to_input_grid`); it is kept in :py:attr:`last_velocity`.
 
     Args:
         network_scale: resolution of the network grid relative to the input, one number or one per axis, in (0, 1]
@@ -86,6 +88,7 @@ class ResolutionInferer(Inferer):
         super().__init__()
         self.network_scale = _per_axis(network_scale, "network_scale")
         self.antialias = antialias
+        self.last_velocity: torch.Tensor | None = None
 
     def downsample(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) -> (B, C, d, h, w) on the network grid."""
@@ -114,7 +117,39 @@ class ResolutionInferer(Inferer):
         if inputs.ndim != 5:
             raise ValueError(f"inputs must have shape (B, C, D, H, W), got {tuple(inputs.shape)}.")
         ddf = network(self.downsample(inputs), *args, **kwargs)
-        return resize_displacement(ddf, inputs.shape[2:])
+        return self.to_input_grid(network, ddf, inputs.shape[2:])
+
+    def to_input_grid(self, network: Callable[..., torch.Tensor], ddf: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        """
+        The network's displacement on its own grid -> the displacement on the input grid, in float32 (also when the
+        network ran under ``torch.autocast``).
+
+        A diffeomorphic network (one with ``diffeomorphic`` set and a ``last_velocity``, see
+        :py:class:`scripts.networks.sacb_net.SACBNet`) is handled through its velocity: the velocity is resized
+        (:py:func:`resize_displacement`) and integrated on the input grid by the network's own ``integrate``, so the
+        output is ``exp(v)`` there and ``exp(-v)`` its inverse; the resized velocity is kept in
+        :py:attr:`last_velocity` ((B, 3, D, H, W), voxels of the input grid; None for other networks).
+
+        Args:
+            network: the network that produced ``ddf`` (possibly wrapped in DataParallel/DDP).
+            ddf: (B, 3, d, h, w) displacement in voxels of the network grid.
+            spatial_shape: the input grid (D, H, W).
+
+        Returns:
+            (B, 3, D, H, W) displacement in voxels of the input grid.
+        """
+        if ddf.dtype in (torch.float16, torch.bfloat16):
+            ddf = ddf.float()
+        module = getattr(network, "module", network)  # DataParallel / DistributedDataParallel
+        velocity = getattr(module, "last_velocity", None) if getattr(module, "diffeomorphic", False) else None
+        if not isinstance(velocity, torch.Tensor) or velocity.shape != ddf.shape:
+            self.last_velocity = None
+            return resize_displacement(ddf, spatial_shape)
+        with torch.autocast(device_type=ddf.device.type, enabled=False):
+            self.last_velocity = resize_displacement(velocity.float(), spatial_shape)
+            if list(self.last_velocity.shape[2:]) == list(ddf.shape[2:]):
+                return ddf  # already exp(velocity) on this grid
+            return module.integrate(self.last_velocity)
 
 
 def _centre_pad(kernel: Sequence[int]) -> list[int]:

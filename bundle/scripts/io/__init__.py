@@ -61,6 +61,7 @@ from .checkpoints import (
     read_checkpoint_state,
     check_checkpoint,
     load_network_weights,
+    install_weights,
 )
 from .datalist import (
     PAIR_KEYS,
@@ -74,9 +75,41 @@ from .screening import (
     FAILED_PAIRS_FILE,
     PairScreen,
 )
+from .devices import (
+    DEVICE_PATTERN,
+    available_devices,
+    check_device_name,
+    resolve_device,
+)
+from .label_names import (
+    LOOKUP_TABLE_SUFFIXES,
+    read_label_names,
+    sidecar_lookup_table,
+    label_names_for,
+)
 from .writer import (
     DEFAULT_OUTPUT_NAMES,
     SaveRegistrationOutputsd,
     pair_output_dir,
     write_nifti,
+)
+from .completion import (
+    IN_PROGRESS_MARKER,
+    LABEL_OUTPUTS,
+    RUN_OUTPUTS,
+    expected_pair_outputs,
+    pair_output_state,
+    pair_outputs_complete,
+    mark_in_progress,
+    clear_in_progress,
+    clear_interrupted_outputs,
+)
+from .sharding import (
+    distributed_context,
+    shard_indices,
+    rank_device,
+    init_distributed,
+    close_distributed,
+    gather_to_main,
+    check_launch,
 )

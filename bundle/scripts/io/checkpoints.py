@@ -3,18 +3,31 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
 from scripts.io.volume_checks import check_file_exists
 
-__all__ = ["latest_checkpoint", "extract_state_dict", "check_state_dict", "read_checkpoint_state", "check_checkpoint", "load_network_weights"]
+__all__ = [
+    "latest_checkpoint",
+    "extract_state_dict",
+    "check_state_dict",
+    "read_checkpoint_state",
+    "check_checkpoint",
+    "load_network_weights",
+    "install_weights",
+]
+
+logger = logging.getLogger(__name__)
 
 _COUNTER = re.compile(r"(epoch|iteration)=(\d+)")
 
@@ -76,9 +89,23 @@ def check_state_dict(
                 parts.append(f"{len(items)} {name} keys ({', '.join(items[:show])}{more})")
         raise RegistrationInputError(
             f"checkpoint '{source}' does not match the network: {'; '.join(parts)}. Expected weights saved from the "
-            "same architecture (scripts.networks.sacb_net.SACBNet with the same base_channels, num_clusters and diffeomorphic "
-            "setting as network_def). Use a checkpoint trained with this bundle's configs or fix network_def."
+            f"same architecture as network_def{_width_hint(expected, found)}: scripts.networks.SACBNet with the same "
+            "base_channels, the only SACBNet setting that changes the weights (num_clusters, kmeans_iterations, "
+            "diffeomorphic and integration_steps do not). Use a checkpoint trained with this bundle's configs or fix "
+            "network_def."
         )
+
+
+# the first encoder convolution of scripts.networks.SACBNet: (base_channels, 1, 3, 3, 3)
+_FIRST_CONV = "encoder.0.convs.0.conv.weight"
+
+
+def _width_hint(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str:
+    """' (the checkpoint has base_channels=8, network_def 4)' when both are SACB-Net weights of different widths."""
+    if _FIRST_CONV not in expected or _FIRST_CONV not in found:
+        return ""
+    theirs, ours = int(found[_FIRST_CONV].shape[0]), int(expected[_FIRST_CONV].shape[0])
+    return f" (the checkpoint has base_channels={theirs}, network_def {ours})" if theirs != ours else ""
 
 
 def read_checkpoint_state(
@@ -126,3 +153,35 @@ def load_network_weights(
     check_state_dict(network.state_dict(), state, path)
     network.load_state_dict(state, strict=True)
     return network
+
+
+def install_weights(
+    source: str | os.PathLike, target: str | os.PathLike, network: torch.nn.Module | None = None
+) -> str:
+    """
+    Copy a training run's best model over the bundle's weights: the explicit step that replaces ``models/model.pt``
+    (training itself only writes into its run folder).
+
+    The file is checked first (readable, a state dict, and matching ``network`` when given), then copied byte for byte
+    under a temporary name and renamed, so ``target`` is always either the old or the complete new file.
+
+    Args:
+        source: the run's ``model.pt`` (e.g. ``runs/train/model.pt``).
+        target: the weights to replace (e.g. ``models/model.pt``).
+        network: the network the weights must load into (``network_def``), or None to skip that check.
+
+    Returns:
+        ``target`` as a string.
+
+    Raises:
+        RegistrationInputError: ``source`` is missing (no validation ran yet), unreadable or does not fit ``network``.
+    """
+    state = read_checkpoint_state(source)
+    if network is not None:
+        check_state_dict(network.state_dict(), state, source)
+    if os.path.exists(target) and os.path.samefile(source, target):
+        return str(target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    logger.info("installed the weights of %s as %s (the previous file was replaced)", source, target)
+    return str(target)

@@ -18,6 +18,7 @@ from scripts.io.errors import RegistrationInputError
 __all__ = [
     "PAIR_KEYS",
     "check_outputs_free",
+    "cli_datalist_overrides",
     "inference_pairs",
     "load_json",
     "make_pairs",
@@ -48,14 +49,21 @@ def _resolve(value: str | None, base_dir: Path | None) -> str | None:
     return str(path)
 
 
+def _file_stem(path: str | os.PathLike) -> str:
+    """File name without its image suffix (``s01.nii.gz`` -> ``s01``)."""
+    return re.sub(r"(\.nii(\.gz)?|\.mgz|\.nrrd)$", "", Path(path).name)
+
+
+def _safe_id(raw: Any) -> str:
+    """Folder-safe form of an id: runs of other characters than letters, digits, ``.``, ``_``, ``-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(raw))
+
+
 def _pair_id(pair: Mapping[str, Any], index: int) -> str:
     """Folder-safe id of a pair: the entry's ``id`` or ``<index>_<moving>_to_<fixed>``."""
     if pair.get("id"):
-        raw = str(pair["id"])
-    else:
-        stem = lambda p: re.sub(r"(\.nii(\.gz)?|\.mgz|\.nrrd)$", "", Path(p).name)  # noqa: E731
-        raw = f"{index:04d}_{stem(pair['moving_image'])}_to_{stem(pair['fixed_image'])}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+        return _safe_id(pair["id"])
+    return _safe_id(f"{index:04d}_{_file_stem(pair['moving_image'])}_to_{_file_stem(pair['fixed_image'])}")
 
 
 def _check_pairs(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
@@ -63,12 +71,54 @@ def _check_pairs(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
     check_datalist(list(pairs), source=source)
 
 
+def _subject_pairs(content: Mapping[str, Any], root: Path | None, source: str) -> list[dict[str, Any]]:
+    """Atlas-to-subject pairs of ``{"atlas": {"image", "label"}, "subjects": [...]}``: the atlas is the moving image
+    (and label) of every pair, each subject (a path or ``{"image"[, "label", "id"]}``) a fixed image; ids default to the
+    subject file names."""
+    atlas = content.get("atlas")
+    if not isinstance(atlas, Mapping) or not atlas.get("image"):
+        raise RegistrationInputError(
+            f"{source} lists 'subjects' without an atlas; expected {{'atlas': {{'image': ..., 'label': ...}}, "
+            "'subjects': [...]}."
+        )
+    subjects = content["subjects"]
+    if not isinstance(subjects, list) or not subjects:
+        raise RegistrationInputError(f"'subjects' in {source} must be a non-empty list of images.")
+    pairs = []
+    for index, subject in enumerate(subjects):
+        subject = {"image": subject} if isinstance(subject, (str, os.PathLike)) else dict(subject or {})
+        entry = {"moving_image": atlas["image"], "moving_label": atlas.get("label"), "fixed_image": subject.get("image"),
+                 "fixed_label": subject.get("label")}
+        pair = {k: _resolve(v, root) for k, v in entry.items()}
+        pair = {k: v for k, v in pair.items() if v is not None}
+        stem = _file_stem(pair["fixed_image"]) if pair.get("fixed_image") else ""
+        pair["pair_id"] = _safe_id(subject.get("id") or stem or index)
+        pairs.append(pair)
+    return pairs
+
+
+def _check_unique_ids(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
+    """Two pairs with one id would write into one folder (and the second would be taken as done): refuse them."""
+    seen: dict[str, int] = {}
+    clashes = []
+    for index, pair in enumerate(pairs):
+        pair_id = pair.get("pair_id")
+        if pair_id in seen:
+            clashes.append(f"entries {seen[pair_id]} and {index} are both '{pair_id}'")
+        seen.setdefault(pair_id, index)
+    if clashes:
+        raise RegistrationInputError(
+            f"{source}: {len(clashes)} duplicate pair id(s) ({'; '.join(clashes[:5])}); expected one id per pair "
+            "(each pair writes into output_dir/<id>/). Give the entries distinct 'id' values."
+        )
+
+
 def inference_pairs(
     moving_image: str | None = None,
     fixed_image: str | None = None,
     moving_label: str | None = None,
     fixed_label: str | None = None,
-    datalist: str | Sequence[Mapping[str, Any]] | None = None,
+    datalist: str | Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None,
     base_dir: str | None = None,
     check: bool = True,
 ) -> list[dict[str, Any]]:
@@ -76,26 +126,42 @@ def inference_pairs(
     The pairs an inference/evaluation run processes.
 
     Either one pair from the run arguments (outputs go straight into ``output_dir``), or every pair of a datalist:
-    a JSON file (or list) of ``{"moving_image", "fixed_image"[, "moving_label", "fixed_label", "id"]}`` entries, or a
-    dict with such a list under ``"pairs"``. Relative paths are taken from ``base_dir`` (default: the datalist's
-    folder). Datalist pairs get a ``pair_id`` (their ``id`` or index + file names): their outputs go into
-    ``output_dir/<pair_id>/``. All missing files are reported at once, before anything runs (``check=False`` leaves
-    that to ``scripts.io.screening.PairScreen``, which skips bad pairs of a batch instead of stopping it).
+    a JSON file (or list) of ``{"moving_image", "fixed_image"[, "moving_label", "fixed_label", "id"]}`` entries, a
+    dict with such a list under ``"pairs"``, or an atlas and its subjects, ``{"atlas": {"image", "label"}, "subjects":
+    [path or {"image"[, "label", "id"]}, ...]}`` (atlas-based segmentation: the atlas is the moving image of every
+    pair). Relative paths are taken from ``base_dir`` (default: the datalist's folder). Datalist pairs get a unique
+    ``pair_id`` (their ``id``, the subject's file name, or index + file names): their outputs go into
+    ``output_dir/<pair_id>/``. Nothing is read but the datalist itself; ``check=True`` also reports every missing or
+    unreadable file at once (headers only) before anything runs, whereas ``check=False`` leaves the checks to
+    ``scripts.io.screening.PairScreen``, which checks each pair when the run reaches it and skips bad ones.
+
+    Raises:
+        RegistrationInputError: an empty or malformed datalist, duplicate pair ids, (with ``check``) missing files.
     """
     if datalist:
         source = str(datalist) if isinstance(datalist, (str, os.PathLike)) else "the datalist"
         entries = load_json(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
-        if isinstance(entries, Mapping):
-            entries = entries.get("pairs", entries.get("testing"))
-        if not isinstance(entries, list) or not entries:
-            raise RegistrationInputError(f"{source} must hold a non-empty list of pairs (or {{'pairs': [...]}}).")
         root = Path(base_dir) if base_dir else (Path(datalist).parent if isinstance(datalist, (str, os.PathLike)) else None)
-        pairs = []
-        for index, entry in enumerate(entries):
-            pair = {k: _resolve(entry.get(k), root) for k in PAIR_KEYS}
-            pair = {k: v for k, v in pair.items() if v is not None}
-            pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if pair.get("moving_image") and pair.get("fixed_image") else str(index)
-            pairs.append(pair)
+        if isinstance(entries, Mapping) and "subjects" in entries:
+            pairs = _subject_pairs(entries, root, source)
+        else:
+            if isinstance(entries, Mapping):
+                entries = entries.get("pairs", entries.get("testing"))
+            if not isinstance(entries, list) or not entries:
+                raise RegistrationInputError(
+                    f"{source} must hold a non-empty list of pairs (or {{'pairs': [...]}}, or {{'atlas': ..., "
+                    "'subjects': [...]}})."
+                )
+            pairs = []
+            for index, entry in enumerate(entries):
+                if not isinstance(entry, Mapping):
+                    raise RegistrationInputError(f"{source}: entry {index} is a {type(entry).__name__}; expected a dict.")
+                pair = {k: _resolve(entry.get(k), root) for k in PAIR_KEYS}
+                pair = {k: v for k, v in pair.items() if v is not None}
+                complete = pair.get("moving_image") and pair.get("fixed_image")
+                pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if complete else str(index)
+                pairs.append(pair)
+        _check_unique_ids(pairs, source)
     else:
         pair = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label, "fixed_label": fixed_label}
         pairs = [{k: _resolve(v, Path(base_dir) if base_dir else None) for k, v in pair.items() if v}]
@@ -104,6 +170,35 @@ def inference_pairs(
     if check:
         _check_pairs(pairs, source)
     return pairs
+
+
+def cli_datalist_overrides(
+    datalist: str | os.PathLike | None,
+    fixed: str | None,
+    moving: str | None,
+    out: str | None,
+    labels: Sequence[str | None] = (),
+) -> dict[str, Any]:
+    """The run override for ``register --datalist D`` (``{"datalist": absolute path}``; ``{}`` without one), after
+    checking that the command names either one pair (``--fixed`` and ``--moving``) or a datalist, and an ``--out``.
+
+    Raises:
+        RegistrationInputError: neither or both given, labels with a datalist, or no output folder.
+    """
+    if not out:
+        raise RegistrationInputError("--out is required: the output folder (created if missing).")
+    if datalist is None:
+        if not fixed or not moving:
+            raise RegistrationInputError(
+                "give --fixed and --moving (one pair) or --datalist (a JSON datalist of pairs, docs/usage.md 'Cohorts')."
+            )
+        return {}
+    if fixed or moving or any(labels):
+        raise RegistrationInputError(
+            "--datalist names every pair (and its labels); expected no --fixed/--moving/--moving_label/--fixed_label "
+            "with it."
+        )
+    return {"datalist": str(Path(os.path.expanduser(str(datalist))).resolve())}
 
 
 def check_outputs_free(

@@ -20,7 +20,9 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
         ddf: (B, 3, D, H, W) displacement field in voxels, every spatial size >= 2.
 
     Returns:
-        (B, 1, D, H, W) determinant map in the dtype of ``ddf`` (values <= 0 mark folding).
+        (B, 1, D, H, W) determinant map (values <= 0 mark folding), in the dtype of ``ddf`` or float32 for
+        half-precision fields: the products of derivatives are always taken in at least float32, also under
+        ``torch.autocast`` (float16 keeps ~3 digits, too few to tell det = 0.001 from 0).
     """
     if ddf.ndim != 5 or ddf.shape[1] != 3:
         raise ValueError(f"ddf must have shape (B, 3, D, H, W), got {tuple(ddf.shape)}")
@@ -28,6 +30,14 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"every spatial size of ddf must be >= 2 for finite differences, got {tuple(ddf.shape)}")
     if not ddf.is_floating_point():
         raise ValueError(f"ddf must be floating point, got {ddf.dtype}")
+    if ddf.dtype in (torch.float16, torch.bfloat16):
+        ddf = ddf.float()
+    with torch.autocast(device_type=ddf.device.type, enabled=False):
+        return _determinant(ddf)
+
+
+def _determinant(ddf: torch.Tensor) -> torch.Tensor:
+    """det(I + ∇u) of a checked (B, 3, D, H, W) field; see :func:`jacobian_determinant`."""
     # derivative[j][:, i] = ∂u_i/∂x_j, each (B, 3, D, H, W)
     derivative = torch.gradient(ddf, dim=(2, 3, 4))
     jac = [[derivative[j][:, i] + (1.0 if i == j else 0.0) for j in range(3)] for i in range(3)]

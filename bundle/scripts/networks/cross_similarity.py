@@ -21,7 +21,8 @@ class CrossSimilarityFlow(nn.Module):
     The head has no parameters.
 
     Shapes:
-        fixed, moving: (B, C, D, H, W) -> flow (B, 3, D, H, W), channel i = shift along array axis i.
+        fixed, moving: (B, C, D, H, W) -> flow (B, 3, D, H, W), channel i = shift along array axis i; float32 for
+        half-precision features (the scores and the flow are computed in float32, also under ``torch.autocast``).
     """
 
     def __init__(self) -> None:
@@ -35,6 +36,23 @@ class CrossSimilarityFlow(nn.Module):
                 f"fixed and moving features must both be (B, C, D, H, W) of one shape, "
                 f"got {list(fixed.shape)} and {list(moving.shape)}."
             )
+        if torch.jit.is_scripting():
+            return self._flow(fixed, moving)
+        return self._flow_without_autocast(fixed, moving)
+
+    @torch.jit.unused
+    def _flow_without_autocast(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """:py:meth:`_flow` with autocast off: in float16 the channel sums of the scores can overflow and the offset
+        average (an einsum, i.e. a matrix product autocast would lower) keeps only ~3 digits of the flow."""
+        with torch.autocast(device_type=fixed.device.type, enabled=False):
+            return self._flow(fixed, moving)
+
+    def _flow(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The flow of :py:meth:`forward`, computed in at least float32 (half-precision features are upcast)."""
+        if fixed.dtype in (torch.float16, torch.bfloat16):
+            fixed = fixed.float()
+        if moving.dtype in (torch.float16, torch.bfloat16):
+            moving = moving.float()
         depth, height, width = fixed.shape[2], fixed.shape[3], fixed.shape[4]
         padded = F.pad(moving, (1, 1, 1, 1, 1, 1))
         scores = []

@@ -60,7 +60,8 @@ def kmeans(
         tol: stop once the summed squared centroid shift of every batch item is at most ``tol``.
 
     Returns:
-        labels (B, N) int64 cluster index per point, and centroids (B, K, C) with K = min(num_clusters, N).
+        labels (B, N) int64 cluster index per point, and centroids (B, K, C) with K = min(num_clusters, N), float32
+        for half-precision points (the clustering always runs in at least float32, also under ``torch.autocast``).
         A cluster that loses all its points keeps its previous centroid.
     """
     if points.dim() != 3:
@@ -69,7 +70,26 @@ def kmeans(
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}.")
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0, got {max_iterations}.")
+    if torch.jit.is_scripting():
+        return _kmeans(points, num_clusters, max_iterations, tol)
+    return _kmeans_without_autocast(points, num_clusters, max_iterations, tol)
+
+
+@torch.jit.unused
+def _kmeans_without_autocast(
+    points: torch.Tensor, num_clusters: int, max_iterations: int, tol: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:py:func:`_kmeans` with autocast switched off: under mixed precision ``bmm`` would run in float16, where the
+    cluster sums over ~10^6 voxels overflow (65,504) and distances lose the digits that decide the assignments."""
+    with torch.autocast(device_type=points.device.type, enabled=False):
+        return _kmeans(points, num_clusters, max_iterations, tol)
+
+
+def _kmeans(points: torch.Tensor, num_clusters: int, max_iterations: int, tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """See :py:func:`kmeans`; half-precision points are clustered in float32."""
     points = points.detach()
+    if points.dtype in (torch.float16, torch.bfloat16):
+        points = points.float()
     # Items run one after another so that each item's result is bit-identical to clustering it alone (batched
     # matrix products round differently, and k-means labels flip on last-bit differences near cluster borders).
     k = min(num_clusters, points.shape[1])

@@ -48,16 +48,30 @@ class SACBNet(nn.Module):
             an int applies to all four levels. The paper trains with 7.
         kmeans_iterations: cap on the Lloyd iterations of every SACB clustering.
         kmeans_tol: k-means convergence tolerance (summed squared centroid shift).
-        diffeomorphic: if True, treat the output as a stationary velocity field and integrate it by scaling and
-            squaring (an extension; the paper's model is not diffeomorphic).
+        diffeomorphic: if True, the decoder builds a stationary velocity field instead of a displacement (our
+            extension beyond the paper, whose model is not diffeomorphic): every level adds its residual to the
+            velocity (``v <- v + d``, the first-order form of composing ``exp(v)`` with ``exp(d)``), and wherever a
+            transform is applied it is the integrated field ``exp(v)`` (scaling and squaring): the moving features
+            of the next level are warped by it, and the output is ``exp(v)``. The velocity of the last call is kept in
+            :py:attr:`last_velocity`; ``integrate(-last_velocity)`` is the inverse transform. Same parameters and
+            state-dict keys as the plain mode, so the same weights load into both.
         integration_steps: scaling-and-squaring steps in diffeomorphic mode.
 
     Shapes:
         image (B, 2, D, H, W), channel 0 = moving, 1 = fixed, intensities about [0, 1], any D, H, W >= 1
         (padded internally to a multiple of 16, at least 32, and cropped back)
         -> ddf (B, 3, D, H, W) in voxels of the input grid, channel i = shift along array axis i, such that
-        ``warped(p) = moving(p + ddf(p))`` (see :py:class:`scripts.layers.warp.Warp`).
+        ``warped(p) = moving(p + ddf(p))`` (see :py:class:`scripts.layers.warp.Warp`); float32 also under
+        ``torch.autocast`` (k-means and the flow heads run in float32, the convolutions in the autocast dtype).
+
+    Attributes:
+        last_velocity: diffeomorphic mode only: the (B, 3, D, H, W) stationary velocity (voxels, detached) of the last
+            :py:meth:`forward`, whose output is ``integrate(last_velocity)``; ``integrate(-last_velocity)`` is the
+            displacement of the inverse transform. None in the plain mode and before the first call. Kept in eager
+            mode only (a TorchScript export does not record it).
     """
+
+    __jit_ignored_attributes__ = ["last_velocity"]
 
     def __init__(
         self,
@@ -90,8 +104,9 @@ class SACBNet(nn.Module):
         self.refine = nn.Sequential(conv_in_lrelu(widths[0], widths[0]), conv_in_lrelu(widths[0], widths[0]))
         self.fuse = nn.Sequential(conv_in_lrelu(2 * widths[0], widths[0]), conv_in_lrelu(widths[0], widths[0]))
         self.flow_out = ChannelsLastConv3d(widths[0], 3, kernel_size=3, padding=1)
-        self.diffeomorphic = diffeomorphic
+        self.diffeomorphic = bool(diffeomorphic)
         self.integrate = VelocityIntegration(integration_steps)
+        self.last_velocity = None  # Optional[torch.Tensor], see the class docstring
 
     def _padding(self, spatial: List[int]) -> List[int]:
         """F.pad amounts (last axis first) that bring every axis to a multiple of 16 and at least 32 voxels."""
@@ -121,13 +136,18 @@ class SACBNet(nn.Module):
         """Field of ``p -> p + residual(p) + flow(p + residual(p))``: the residual is applied first."""
         return warp_image(flow, residual, "bilinear", "zeros") + residual
 
+    @staticmethod
+    def _float32(x: torch.Tensor) -> torch.Tensor:
+        """Half-precision (autocast) conv outputs -> float32, so that fields are sampled and composed in float32."""
+        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """
         Args:
             image: (B, 2, D, H, W), channel 0 = moving, 1 = fixed.
 
         Returns:
-            (B, 3, D, H, W) displacement field in voxels.
+            (B, 3, D, H, W) displacement field in voxels (in diffeomorphic mode ``integrate(last_velocity)``).
         """
         if image.dim() != 5 or image.shape[1] != 2:
             raise ValueError(
@@ -136,10 +156,19 @@ class SACBNet(nn.Module):
         # Pairs are registered one at a time: k-means labels are discontinuous in the features, so the last-bit
         # differences of batched convolutions could flip voxels between clusters. This keeps every pair's result
         # identical whether it is run alone or in a batch.
-        return torch.cat([self._register(image[b : b + 1]) for b in range(image.shape[0])], dim=0)
+        fields = [self._register(image[b : b + 1]) for b in range(image.shape[0])]
+        if not self.diffeomorphic:
+            return torch.cat(fields, dim=0)
+        if not torch.jit.is_scripting():
+            self._keep_velocity(torch.cat(fields, dim=0))
+        return torch.cat([self.integrate(v) for v in fields], dim=0)
+
+    @torch.jit.unused
+    def _keep_velocity(self, velocity: torch.Tensor) -> None:
+        self.last_velocity = velocity.detach()
 
     def _register(self, image: torch.Tensor) -> torch.Tensor:
-        """(1, 2, D, H, W) -> (1, 3, D, H, W); see :py:meth:`forward`."""
+        """(1, 2, D, H, W) -> (1, 3, D, H, W) displacement, or velocity in diffeomorphic mode; see :py:meth:`forward`."""
         spatial = [int(s) for s in image.shape[2:]]
         pads = self._padding(spatial)
         padded = F.pad(image, pads)
@@ -155,31 +184,38 @@ class SACBNet(nn.Module):
             moving_features = self._encode(padded[:, 0:1])
             fixed_features = self._encode(padded[:, 1:2])
 
-        flow = torch.zeros(1)
+        # field: the displacement so far (plain) or the velocity so far (diffeomorphic); transform: the displacement
+        # the next level's moving features are warped with (the field itself, or its integral exp(field)).
+        field = torch.zeros(1)
+        transform = torch.zeros(1)
         for step, block in enumerate(self.sacb):
             moving, fixed = moving_features.pop(), fixed_features.pop()
             if step > 0:
-                moving = warp_image(moving, flow, "bilinear", "zeros")
+                moving = warp_image(moving, transform, "bilinear", "zeros")
             if stacked:
                 both = block(torch.cat([moving, fixed], dim=0))
                 moving, fixed = both[:1], both[1:]
             else:
                 moving, fixed = block(moving), block(fixed)
             residual = self.similarity_flow(fixed, moving)
-            flow = residual if step == 0 else self._compose(flow, residual)
-            flow = self._upsample(flow)
+            if step == 0:
+                field = residual
+            elif self.diffeomorphic:
+                field = field + residual
+            else:
+                field = self._compose(field, residual)
+            field = self._upsample(field)
+            transform = self.integrate(field) if self.diffeomorphic else field
 
-        moving = warp_image(moving_features.pop(), flow, "bilinear", "zeros")
+        moving = warp_image(moving_features.pop(), transform, "bilinear", "zeros")
         fixed = fixed_features.pop()
         if stacked:
             both = self.refine(torch.cat([fixed, moving], dim=0))
             moving, fixed = both[1:], both[:1]
         else:
             moving, fixed = self.refine(moving), self.refine(fixed)
-        residual = self.flow_out(self.fuse(torch.cat([fixed, moving], dim=1)))
-        flow = self._compose(flow, residual)
-        if self.diffeomorphic:
-            flow = self.integrate(flow)
+        residual = self._float32(self.flow_out(self.fuse(torch.cat([fixed, moving], dim=1))))
+        field = field + residual if self.diffeomorphic else self._compose(field, residual)
 
         depth, height, width = spatial[0], spatial[1], spatial[2]
-        return flow[:, :, pads[4] : pads[4] + depth, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
+        return field[:, :, pads[4] : pads[4] + depth, pads[2] : pads[2] + height, pads[0] : pads[0] + width]

@@ -30,3 +30,24 @@ from .metric_transforms import (
 from .metrics_summary import (
     MetricsSummaryHandler,
 )
+from .alignment import (
+    AFFINE_MATRIX_KEY,
+    AffineAlignd,
+)
+from .transform_outputs import (
+    TRANSFORM_METRICS_KEY,
+    SaveTransformsd,
+    WarpFromSourced,
+)
+from .cohort_rows import (
+    pair_row,
+    structure_volumes,
+    markdown_report,
+)
+from .cohort_summary import (
+    CohortSummary,
+    cohort_console_summary,
+)
+from .cohort_dataset import (
+    CohortDataset,
+)

@@ -14,6 +14,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation, ResampleToMatch
 
+from scripts.engines.affine_registration import resample_moving
 from scripts.engines.resolution_inferer import ResolutionInferer
 
 __all__ = [
@@ -53,6 +54,10 @@ class ResampleToFixedGridd(MapTransform):
         fixed_key: key of the fixed image whose grid is the target.
         mode: interpolation per key, e.g. ``["bilinear", "nearest"]`` (nearest for label maps).
         atol: affine tolerance in mm under which two grids are treated as equal.
+        matrix_key: data key of the affine stage's world matrix T (fixed point -> moving point, RAS mm; see
+            :py:class:`scripts.workflow.AffineAlignd`); when present and not the identity, the moving volumes are
+            resampled through it (``out(p) = moving(inv(A_m) T A_f p)``).
+        fixed_space_keys: keys already in the fixed image's space (e.g. ``fixed_label``): never moved by the matrix.
         allow_missing_keys: skip keys that are absent (optional labels).
     """
 
@@ -62,10 +67,14 @@ class ResampleToFixedGridd(MapTransform):
         fixed_key: str = "fixed_image",
         mode: str | Sequence[str] = "bilinear",
         atol: float = 1e-3,
+        matrix_key: str = "affine_matrix",
+        fixed_space_keys: Sequence[str] = ("fixed_label",),
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.fixed_key = fixed_key
+        self.matrix_key = matrix_key
+        self.fixed_space_keys = set(fixed_space_keys)
         self.mode = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
         if len(self.mode) != len(self.keys):
             raise ValueError(f"mode needs one entry per key ({len(self.keys)}), got {mode!r}.")
@@ -74,7 +83,13 @@ class ResampleToFixedGridd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         fixed = d[self.fixed_key]
+        matrix = d.get(self.matrix_key)
+        if matrix is not None and torch.allclose(torch.as_tensor(matrix, dtype=torch.float64), torch.eye(4, dtype=torch.float64)):
+            matrix = None
         for key, mode in self.key_iterator(d, self.mode):
+            if matrix is not None and key not in self.fixed_space_keys:
+                d[key] = _resample_through(d[key], fixed, matrix, mode)
+                continue
             if grids_match(d[key], fixed, self.atol):
                 continue
             logger.info(
@@ -86,6 +101,14 @@ class ResampleToFixedGridd(MapTransform):
             )
             d[key] = ResampleToMatch(mode=mode, padding_mode="zeros")(d[key], fixed)
         return d
+
+
+def _resample_through(moving: torch.Tensor, fixed: torch.Tensor, matrix: torch.Tensor, mode: str) -> MetaTensor:
+    """``moving`` (C, X, Y, Z) sampled on the grid of ``fixed`` through the world matrix (fixed -> moving point)."""
+    resampled = resample_moving(
+        moving.as_tensor()[None], _affine(moving), fixed.shape[1:], _affine(fixed), matrix, mode=mode
+    )[0]
+    return MetaTensor(resampled, affine=fixed.affine.clone(), meta={"filename_or_obj": moving.meta.get("filename_or_obj")})
 
 
 class DownsampleToNetworkGridd(MapTransform):

@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.io.atomic import check_outputs_writable, write_csv, write_json
+from scripts.io.label_names import label_names_for, read_label_names
 from scripts.io.volume_checks import voxel_spacing
 from scripts.io.writer import pair_output_dir
 from scripts.workflow.metrics import label_one_hot, registration_metrics
@@ -53,6 +54,13 @@ class OneHotLabelsd(MapTransform):
         return d
 
 
+def _source_file(image: Any) -> str | None:
+    """The file a loaded MetaTensor was read from (None for a plain tensor)."""
+    meta = getattr(image, "meta", None) or {}
+    name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+    return str(name) if isinstance(name, (str, os.PathLike)) and str(name) else None
+
+
 def _spacing_of(image: torch.Tensor) -> list[float] | None:
     """Voxel size (mm) of a MetaTensor's grid, None for a plain tensor."""
     if not isinstance(image, MetaTensor):
@@ -73,7 +81,9 @@ class RegistrationMetricsd(MapTransform):
         jacobian_key: Jacobian determinant key (optional in the data).
         warped_image_key, fixed_image_key: [0, 1] intensity images for SSIM.
         label_ids: ids to evaluate (None: ids present in the label maps).
-        label_names: optional id -> name mapping.
+        label_names: id -> name mapping or a lookup-table file (see :py:mod:`scripts.io.label_names`), used for every
+            pair. None: each pair's names come from its label maps' own lookup tables (``X.tsv`` beside
+            ``X.nii.gz``, fixed label first), else labels are named by their numbers.
         hd95: add per-label HD95; ssim: add SSIM; write_csv: also write the per-label ``metrics.csv``.
         overwrite: replace existing metric files.
         pair_id_key: key of the pair's sub-folder name.
@@ -89,7 +99,7 @@ class RegistrationMetricsd(MapTransform):
         warped_image_key: str = "warped_moving_scaled",
         fixed_image_key: str = "fixed_image",
         label_ids: Sequence[int] | None = None,
-        label_names: Mapping[Any, str] | None = None,
+        label_names: Mapping[Any, str] | str | os.PathLike | None = None,
         hd95: bool = False,
         ssim: bool = False,
         write_csv: bool = False,
@@ -101,7 +111,7 @@ class RegistrationMetricsd(MapTransform):
         self.fixed_label_key, self.warped_label_key, self.moving_label_key = fixed_label_key, warped_label_key, moving_label_key
         self.jacobian_key, self.warped_image_key, self.fixed_image_key = jacobian_key, warped_image_key, fixed_image_key
         self.label_ids = list(label_ids) if label_ids else None
-        self.label_names = label_names
+        self.label_names = read_label_names(label_names) if label_names else None
         self.hd95, self.ssim, self.write_csv = hd95, ssim, write_csv
         self.overwrite = overwrite
         self.pair_id_key = pair_id_key
@@ -123,7 +133,8 @@ class RegistrationMetricsd(MapTransform):
             warped_label=d[self.warped_label_key],
             moving_label=d.get(self.moving_label_key),
             label_ids=self.label_ids,
-            label_names=self.label_names,
+            label_names=self.label_names
+            or label_names_for(None, _source_file(d[self.fixed_label_key]), _source_file(d.get(self.moving_label_key))),
             jacobian_det=d.get(self.jacobian_key),
             warped_image=d.get(self.warped_image_key),
             fixed_image=d.get(self.fixed_image_key),
@@ -133,6 +144,7 @@ class RegistrationMetricsd(MapTransform):
         )
         if d.get(self.pair_id_key):
             metrics["pair_id"] = d[self.pair_id_key]
+        metrics.update(d.get("transform_metrics") or {})  # e.g. the inverse-consistency error (SaveTransformsd)
         write_json(metrics, folder / "metrics.json", indent=4)
         if self.write_csv:
             write_csv(metrics["labels"], folder / "metrics.csv")

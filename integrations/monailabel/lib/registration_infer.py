@@ -17,8 +17,10 @@ Everything else is the bundle's own ``inference.json``: preprocessing, the netwo
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -66,6 +68,17 @@ class AtlasPaird(MapTransform):
         return d
 
 
+def _label_names(bundle_path: str, configured: Any, atlas_label: str) -> Dict[str, str]:
+    """The bundle's ``label_names`` (a mapping or a lookup-table file), else the atlas label map's own lookup table
+    (``X.tsv`` beside ``X.nii.gz``, as the shipped atlas has), through the bundle's ``scripts.io.label_names``."""
+    sys.path.insert(0, bundle_path)
+    try:
+        label_names = importlib.import_module("scripts.io.label_names")
+    finally:
+        sys.path.remove(bundle_path)
+    return label_names.label_names_for(configured, atlas_label) or {}
+
+
 class RegistrationInferTask(BundleInferTask):
     """
     :py:class:`BundleInferTask` for a registration bundle whose network takes the stacked ``[moving, fixed]`` pair.
@@ -91,7 +104,7 @@ class RegistrationInferTask(BundleInferTask):
         atlas_label = conf.get("atlas_label") or os.path.join(path, SHIPPED_ATLAS[1])
         self.atlas = AtlasPaird(atlas_image, atlas_label)
         # the labels are the atlas classes, not the channels of the network output (a displacement field)
-        names = self.bundle_config.get("label_names") or {}
+        names = _label_names(path, self.bundle_config.get("label_names"), atlas_label)
         self.labels = {str(name): int(idx) for idx, name in names.items()}
         self._config.update({"atlas_image": atlas_image, "atlas_label": atlas_label})
         self.description = f"SACB-Net atlas registration: warps the atlas labels onto the image. {self.description}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -56,6 +57,9 @@ class RegistrationTrainTask(BundleTrainTask):
         return pairs
 
     def _update_overrides(self, overrides: Dict[str, Any]) -> None:
+        # train.json writes into its own run folder by default; the app serves <bundle>/models/model.pt, so its
+        # training writes (and resumes) there on purpose
+        overrides.setdefault("ckpt_dir", os.path.join(self.bundle_path, "models"))
         overrides[TRAIN_DATA] = self._make_pairs(overrides[TRAIN_DATA], with_labels=False)
         validation = overrides.get(VALIDATE_DATA)
         if validation is not None:

@@ -1,0 +1,160 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Markdown tables of a native-pair benchmark results JSON (``bench/accuracy/native.py``).
+
+``python -m bench.accuracy.native_report bench/accuracy/results/native_ants.json``
+
+Prints, for the native and the pre-aligned inputs, one row per method with means over the ``brain_mal2012`` test
+pairs it finished (seg14 Dice over the classes present in both, subcortical Dice, % det J <= 0 and SDlogJ in the
+fixed brain, wall / CPU time, peak RSS) and the mean Dice over the pairs that *every* row of that table finished;
+then the per-pair Dice of every method (the FreeSurfer pair is listed there, not averaged with the others: its
+labels come from FreeSurfer, not from the manual protocol), per-class Dice, and the machine of each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["NATIVE_ROWS", "PREALIGNED_ROWS", "main", "render"]
+
+NATIVE_ROWS = {
+    "identity": "identity (world coordinates)",
+    "ants_affine": "ANTs Affine",
+    "ants_syn_60_30_10": "ANTs SyN (60,30,10)",
+    "ants_syn_40_20_0": "ANTs SyN (40,20,0) antspyx default",
+}
+PREALIGNED_ROWS = {
+    "identity_after_affine": "identity after ANTs Affine",
+    "ants_synonly_60_30_10": "ANTs SyNOnly (60,30,10)",
+    "ants_synonly_40_20_0": "ANTs SyNOnly (40,20,0) antspyx default",
+    "bundle_register_it0": "bundle register --iterations 0",
+    "bundle_register": "bundle register (default)",
+}
+SEG14_NAMES = {
+    1: "thalamus",
+    2: "cerebellum cortex",
+    3: "lateral ventricle",
+    4: "cerebellum WM",
+    5: "putamen",
+    6: "caudate",
+    7: "pallidum",
+    8: "hippocampus",
+    9: "amygdala",
+    10: "cerebral cortex",
+    11: "3rd ventricle",
+    12: "4th ventricle",
+    13: "brainstem",
+    14: "cerebral WM",
+}
+
+
+def _ok(report: dict) -> dict[tuple[str, str], dict]:
+    return {(r["pair"], r["method"]): r for r in report["results"] if r.get("status") == "ok"}
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None and not np.isnan(float(v))]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _f(value, spec: str = ".3f") -> str:
+    return "—" if value is None or np.isnan(value) else format(value, spec)
+
+
+def _summary(report: dict, rows: dict[str, str], pairs: list[str]) -> list[str]:
+    ok = _ok(report)
+    shown = [m for m in rows if any((p, m) in ok for p in pairs)]
+    common = [p for p in pairs if all((p, m) in ok for m in shown)]
+    lines = [
+        f"| method | pairs | Dice (14) | Dice subcortical | Dice (14) on the {len(common)} common pairs | % det J ≤ 0 | SDlogJ | wall (s) | CPU (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in shown:
+        recs = [ok[(p, m)] for p in pairs if (p, m) in ok]
+        cells = [
+            rows[m],
+            str(len(recs)),
+            _f(_mean(r["dice_mean"] for r in recs)),
+            _f(_mean(r["dice_subcortical"] for r in recs)),
+            _f(_mean(ok[(p, m)]["dice_mean"] for p in common)),
+            _f(_mean(r.get("fold_pct") for r in recs), ".4f"),
+            _f(_mean(r.get("sdlogj") for r in recs)),
+            _f(_mean(r["wall_s"] for r in recs), ".0f"),
+            _f(_mean(r["cpu_s"] for r in recs), ".0f"),
+            _f(_mean(r["peak_rss_mib"] for r in recs), ".0f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_pair(report: dict, methods: list[str], pairs: list[str]) -> list[str]:
+    ok = _ok(report)
+    labels = {**NATIVE_ROWS, **PREALIGNED_ROWS}
+    lines = ["| pair | " + " | ".join(labels[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for p in pairs:
+        lines.append(
+            f"| {p} | " + " | ".join(_f(ok[(p, m)]["dice_mean"]) if (p, m) in ok else "·" for m in methods) + " |"
+        )
+    return lines
+
+
+def _per_class(report: dict, methods: list[str], pairs: list[str]) -> list[str]:
+    ok = _ok(report)
+    labels = {**NATIVE_ROWS, **PREALIGNED_ROWS}
+    lines = ["| class | " + " | ".join(labels[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for c, name in SEG14_NAMES.items():
+        cells = [_f(_mean(ok[(p, m)]["dice_per_class"].get(str(c)) for p in pairs if (p, m) in ok)) for m in methods]
+        lines.append(f"| {c} {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(report: dict) -> str:
+    """The Markdown report of one results document (the dict ``native.run`` writes)."""
+    if "results" not in report or "pairs" not in report:
+        raise ValueError("not a native-benchmark results document (needs 'pairs' and 'results').")
+    names = list(report["pairs"])
+    mal = [
+        p
+        for p in names
+        if report["pairs"][p]["source"] == "brain_mal2012" and "retest" not in report["pairs"][p]["note"]
+    ]
+    ok = _ok(report)
+    methods = [m for m in {**NATIVE_ROWS, **PREALIGNED_ROWS} if any((p, m) in ok for p in names)]
+    out = [f"### Native pairs: means over the brain_mal2012 test pairs ({len(mal)} listed)", ""]
+    out += _summary(report, NATIVE_ROWS, mal)
+    out += ["", "### Pre-aligned pairs (moving scan resampled by the ANTs Affine result): same pairs", ""]
+    out += _summary(report, PREALIGNED_ROWS, mal)
+    fs = [p for p in names if report["pairs"][p]["source"] == "brain_freesurfer_native"]
+    if fs:
+        out += ["", f"### FreeSurfer pair ({', '.join(fs)}; FreeSurfer aseg labels, not averaged with the others)", ""]
+        out += _summary(report, {**NATIVE_ROWS, **PREALIGNED_ROWS}, fs)
+    out += ["", "### Dice (14 classes) per pair (· = not run yet)", ""] + _per_pair(report, methods, names)
+    out += ["", "### Dice per class, mean over the brain_mal2012 test pairs each method finished", ""]
+    out += _per_class(report, methods, mal)
+    out += ["", "Runs:"]
+    for run in report["runs"]:
+        v = run["versions"]
+        out.append(
+            f"- {run['started_utc']}: {run['cpu']} ({run['cpu_count']} CPUs), {run['threads_per_method']} threads per "
+            f"method, 1-min load {run['loadavg_1min']:.2f}, nice {run['nice']}, commit {run['git_commit']}; "
+            + ", ".join(f"{k} {val}" for k, val in v.items())
+        )
+    failed = [r for r in report["results"] if r.get("status") != "ok"]
+    out += [f"- failed: {r['pair']} / {r['method']}: {r.get('reason', '')}" for r in failed]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="results JSON of bench.accuracy.native")
+    args = parser.parse_args(argv)
+    text = render(json.loads(Path(args.results).read_text()))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

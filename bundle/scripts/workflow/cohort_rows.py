@@ -1,0 +1,169 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""One row per pair of a cohort run, read back from the pair's finished output folder, and the Markdown report.
+
+A row holds the pair's status, rank and time, the Dice scores of its ``metrics.json`` (pairs with labels), the % of
+voxels with det J <= 0 (from ``metrics.json``, else from ``jacobian_det.nii.gz``) and, when a label map was warped, the
+volume of every structure of ``warped_label.nii.gz`` in millilitres (atlas-based segmentation of a subject).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["STATUSES", "pair_row", "read_pair_metrics", "structure_volumes", "table_columns", "markdown_report"]
+
+#: row statuses: registered by this run, found complete from an earlier run, skipped (bad input), not reached yet.
+STATUSES = ("registered", "already_complete", "failed", "pending")
+
+_BASE_COLUMNS = (
+    "pair_id", "status", "rank", "seconds", "mean_dice", "mean_dice_identity", "percent_non_positive_jacobian", "error",
+)
+
+
+def _label_name(label: Any, label_names: Mapping[Any, str] | None) -> str:
+    """Column suffix of a label: ``<id>_<name>`` (``7_cerebellum``), or ``<id>`` when it has no name."""
+    names = {str(k): v for k, v in (label_names or {}).items()}
+    name = names.get(str(label))
+    return f"{label}_{name}".replace(" ", "_") if name and str(name) != str(label) else str(label)
+
+
+def read_pair_metrics(folder: str | Path) -> dict[str, Any] | None:
+    """The pair's ``metrics.json`` (None when it has none)."""
+    path = Path(folder) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def structure_volumes(label_file: str | Path, label_names: Mapping[Any, str] | None = None) -> dict[str, float]:
+    """Volume (mL) of every non-zero label of a label map: voxel count x voxel volume (|det| of the affine's 3x3).
+
+    Returns:
+        ``{"volume_ml_<id>_<name>": volume}`` in ascending label order.
+    """
+    image = nib.load(str(label_file))
+    data = np.asarray(image.dataobj)
+    voxel_ml = abs(float(np.linalg.det(np.asarray(image.affine, float)[:3, :3]))) / 1000.0
+    ids, counts = np.unique(data[data != 0], return_counts=True)
+    return {f"volume_ml_{_label_name(int(i), label_names)}": float(c) * voxel_ml for i, c in zip(ids, counts)}
+
+
+def _folding_percent(jacobian_file: Path) -> float | None:
+    if not jacobian_file.is_file():
+        return None
+    det = np.asarray(nib.load(str(jacobian_file)).dataobj)
+    return float((det <= 0).mean() * 100.0)
+
+
+def pair_row(
+    pair_id: str,
+    status: str,
+    folder: str | Path | None = None,
+    label_names: Mapping[Any, str] | None = None,
+    seconds: float | None = None,
+    rank: int | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The summary row of one pair; with a ``folder`` of finished outputs its metrics and volumes are read from it.
+
+    Args:
+        pair_id: the pair's id (its output sub-folder).
+        status: one of :data:`STATUSES`.
+        folder: the pair's output folder (read for ``registered``/``already_complete``).
+        label_names: label id -> name, for column names.
+        seconds: wall time of the pair in this run (load, check, register, write).
+        rank: rank that registered it.
+        error: why a failed pair was skipped.
+
+    Raises:
+        ValueError: an unknown status.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}.")
+    row: dict[str, Any] = {"pair_id": pair_id, "status": status, "rank": rank,
+                           "seconds": None if seconds is None else round(float(seconds), 3), "error": error}
+    if folder is None or status not in ("registered", "already_complete"):
+        return row
+    folder = Path(folder)
+    metrics = read_pair_metrics(folder) or {}
+    label_names = {**(label_names or {}), **{str(r.get("label")): r.get("name") for r in metrics.get("labels", [])
+                                             if r.get("name") and str(r.get("name")) != str(r.get("label"))}}
+    for key in ("mean_dice", "mean_dice_identity", "percent_non_positive_jacobian"):
+        if metrics.get(key) is not None:
+            row[key] = metrics[key]
+    if row.get("percent_non_positive_jacobian") is None:
+        row["percent_non_positive_jacobian"] = _folding_percent(folder / "jacobian_det.nii.gz")
+    for label in metrics.get("labels", []):
+        row[f"dice_{_label_name(label.get('label'), label_names)}"] = label.get("dice")
+    if (folder / "warped_label.nii.gz").is_file():
+        row.update(structure_volumes(folder / "warped_label.nii.gz", label_names))
+    return row
+
+
+def _column_order(name: str) -> tuple[int, int, str]:
+    """Base columns first, then ``dice_<id>...`` and ``volume_ml_<id>...`` by label id."""
+    if name in _BASE_COLUMNS:
+        return 0, _BASE_COLUMNS.index(name), name
+    for group, prefix in ((1, "dice_"), (2, "volume_ml_")):
+        if name.startswith(prefix):
+            head = name[len(prefix):].split("_", 1)[0]
+            return group, int(head) if head.isdigit() else 10**9, name
+    return 3, 0, name
+
+
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every column of ``rows`` (base columns, Dice per label, volumes per label), so rows can share one CSV header."""
+    names = dict.fromkeys(_BASE_COLUMNS)
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return sorted(names, key=_column_order)
+
+
+def _mean_std(values: Sequence[Any]) -> tuple[float, float, int] | None:
+    finite = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return (float(np.mean(finite)), float(np.std(finite)), len(finite)) if finite else None
+
+
+def markdown_report(rows: Sequence[Mapping[str, Any]], run: Mapping[str, Any]) -> str:
+    """A short Markdown report of a cohort: counts, time and throughput, Dice, folding, volumes, failed pairs.
+
+    Args:
+        rows: one row per pair (:func:`pair_row`), in datalist order.
+        run: ``{"world_size", "wall_seconds", "registered_this_run"}`` of the run that wrote it.
+    """
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    lines = ["# Cohort summary", "", f"- pairs: {len(rows)} — " + ", ".join(f"{s.replace('_', ' ')} {n}" for s, n in counts.items())]
+    wall, done = run.get("wall_seconds"), run.get("registered_this_run", counts["registered"])
+    if wall:
+        rate = f", {3600.0 * done / wall:.1f} pairs/hour" if done else ""
+        lines.append(f"- this run: {done} pair(s) registered on {run.get('world_size', 1)} rank(s) in {wall:.1f} s{rate}")
+    times = _mean_std([r.get("seconds") for r in rows if r["status"] == "registered"])
+    if times:
+        lines.append(f"- time per pair (one rank): {times[0]:.2f} ± {times[1]:.2f} s")
+    for key, title in (("mean_dice", "mean Dice after"), ("mean_dice_identity", "mean Dice before (identity)")):
+        stats = _mean_std([r.get(key) for r in rows])
+        if stats:
+            lines.append(f"- {title}: {stats[0]:.4f} ± {stats[1]:.4f} over {stats[2]} pair(s)")
+    folding = [(r.get("percent_non_positive_jacobian"), r["pair_id"]) for r in rows if r.get("percent_non_positive_jacobian") is not None]
+    if folding:
+        worst = max(folding)
+        lines.append(f"- voxels with det J <= 0: mean {np.mean([f for f, _ in folding]):.4f} %, most {worst[0]:.4f} % ({worst[1]})")
+    volumes = [c for c in table_columns(rows) if c.startswith("volume_ml_")]
+    if volumes:
+        lines += ["", "## Structure volumes (warped labels, mL)", "", "| structure | mean | std | pairs |", "|---|---|---|---|"]
+        for column in volumes:
+            stats = _mean_std([r.get(column) for r in rows])
+            if stats:
+                lines.append(f"| {column[len('volume_ml_'):]} | {stats[0]:.2f} | {stats[1]:.2f} | {stats[2]} |")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "## Failed pairs", "", "| pair | error |", "|---|---|"]
+        for row in failed:
+            first_line = (str(row.get("error") or "").splitlines() or [""])[0].replace("|", "/")
+            lines.append(f"| {row['pair_id']} | {first_line} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""The registration as transforms other tools read, and the warped moving volumes made through exactly those transforms.
+
+- :class:`WarpFromSourced` resamples the moving image and label from their own grids onto the fixed file's grid in one
+  interpolation, through the affine stage and the displacement field: the point map of ``affine.mat`` + ``warp.nii.gz``
+  (``x -> T(x + u(x))``), computed by the same function as ``scripts.spatial.apply_transforms``, so
+  ``cli apply`` and ``antsApplyTransforms -t warp.nii.gz -t affine.mat`` reproduce ``warped_image`` / ``warped_label``.
+- :class:`SaveTransformsd` writes ``affine.mat`` (ITK, LPS), ``warp.nii.gz`` (ITK/ANTs displacement, LPS mm, fixed grid)
+  and optionally ``inverse_warp.nii.gz``, atomically, and stores the inverse-consistency error for ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from scripts.io.atomic import check_outputs_writable
+from scripts.io.writer import pair_output_dir
+from scripts.spatial import AFFINE_FILE, INVERSE_WARP_FILE, WARP_FILE, SavedTransforms, mapped_voxel_coordinates
+from scripts.spatial import sample_at_voxels, save_transforms
+from scripts.workflow.alignment import AFFINE_MATRIX_KEY
+
+__all__ = ["WarpFromSourced", "SaveTransformsd", "TRANSFORM_METRICS_KEY"]
+
+logger = logging.getLogger(__name__)
+
+#: data key of the transform figures (inverse consistency) that ``metrics.json`` takes over
+TRANSFORM_METRICS_KEY = "transform_metrics"
+
+
+def _affine(image: Any, key: str) -> np.ndarray:
+    if not isinstance(image, MetaTensor):
+        raise ValueError(f"'{key}' must be a MetaTensor with an affine, got {type(image).__name__}.")
+    return np.asarray(image.affine, dtype=np.float64)
+
+
+def _matrix(d: Mapping[Hashable, Any], key: str) -> np.ndarray:
+    value = d.get(key)
+    return np.eye(4) if value is None else np.asarray(torch.as_tensor(value, dtype=torch.float64).cpu())
+
+
+class WarpFromSourced(MapTransform):
+    """
+    Warp moving-space volumes from their own grids onto the fixed grid: ``out(p) = src(inv(A_src) T A_f (p + ddf(p)))``.
+
+    Run after :py:class:`scripts.workflow.RestoreOriginalGridd`, so ``ddf`` and the reference are on the fixed file's own
+    grid (``A_f`` = its affine). The sources are the moving image/label as loaded, before any resampling
+    (``keep_source_transforms`` in ``inference.json``), so each voxel is interpolated once.
+
+    Args:
+        keys: source keys, e.g. ``["moving_source", "moving_label_source"]``, channel-first MetaTensors.
+        output_keys: one output key per source key (e.g. ``["warped_image", "warped_label"]``).
+        mode: "bilinear" or "nearest" per key (nearest for label maps).
+        ddf_key: displacement field (3, X, Y, Z) in voxels of the fixed grid.
+        reference_key: the fixed image (its grid and affine are the output's).
+        matrix_key: the affine stage's world matrix (identity when absent).
+        allow_missing_keys: skip absent sources (optional labels).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_keys: Sequence[str],
+        mode: str | Sequence[str] = "bilinear",
+        ddf_key: str = "pred",
+        reference_key: str = "fixed_image",
+        matrix_key: str = AFFINE_MATRIX_KEY,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = list(output_keys)
+        self.mode = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(self.output_keys) != len(self.keys) or len(self.mode) != len(self.keys):
+            raise ValueError(f"need one output key and one mode per key {self.keys}, got {output_keys}, {mode}.")
+        if any(m not in ("bilinear", "nearest") for m in self.mode):
+            raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
+        self.ddf_key, self.reference_key, self.matrix_key = ddf_key, reference_key, matrix_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ddf, reference = d[self.ddf_key], d[self.reference_key]
+        if ddf.ndim != 4 or ddf.shape[0] != 3 or tuple(ddf.shape[1:]) != tuple(reference.shape[1:]):
+            raise ValueError(f"'{self.ddf_key}' must be (3, *fixed spatial shape), got {tuple(ddf.shape)}.")
+        fixed_affine = _affine(reference, self.reference_key)
+        field = torch.as_tensor(ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf).detach().float().cpu()
+        transforms = SavedTransforms(_matrix(d, self.matrix_key), field.numpy(), fixed_affine, None, None)
+        for key, out_key, mode in self.key_iterator(d, self.output_keys, self.mode):
+            source = d[key]
+            coords = mapped_voxel_coordinates(
+                transforms, (tuple(reference.shape[1:]), fixed_affine), (tuple(source.shape[1:]), _affine(source, key))
+            )
+            volume = source.as_tensor().detach().cpu()
+            volume = volume.float() if mode == "bilinear" or volume.is_floating_point() else volume
+            warped = sample_at_voxels(volume[None], coords, mode)
+            d[out_key] = MetaTensor(warped[0], affine=torch.as_tensor(fixed_affine))
+        return d
+
+
+class SaveTransformsd(MapTransform):
+    """
+    Write the registration as ITK/ANTs transform files into the pair's output folder (atomically).
+
+    ``affine.mat`` holds the affine stage (identity when there was none), ``warp.nii.gz`` the displacement field in LPS
+    mm on the fixed grid; with ``inverse`` also ``inverse_warp.nii.gz`` (fixed-point inversion, see
+    :py:func:`scripts.spatial.invert_displacement`), whose inverse-consistency error is stored under
+    ``TRANSFORM_METRICS_KEY`` for ``metrics.json``. ANTs: ``antsApplyTransforms -r F -i M -t warp.nii.gz -t affine.mat``.
+
+    Args:
+        output_dir: root output folder (pairs with a ``pair_id`` get a sub-folder).
+        ddf_key: displacement (3, X, Y, Z) in voxels of the fixed file's grid (after ``RestoreOriginalGridd``).
+        reference_key: the fixed image on its own grid.
+        matrix_key: the affine stage's world matrix.
+        inverse: also write the inverse field.
+        overwrite: replace existing transform files.
+        pair_id_key: key of the pair's sub-folder name.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        ddf_key: str = "pred",
+        reference_key: str = "fixed_image",
+        matrix_key: str = AFFINE_MATRIX_KEY,
+        inverse: bool = False,
+        overwrite: bool = False,
+        pair_id_key: str = "pair_id",
+    ) -> None:
+        super().__init__([ddf_key])
+        self.output_dir = output_dir
+        self.ddf_key, self.reference_key, self.matrix_key = ddf_key, reference_key, matrix_key
+        self.inverse, self.overwrite, self.pair_id_key = bool(inverse), bool(overwrite), pair_id_key
+
+    def file_names(self) -> list[str]:
+        """Names of the files this transform writes."""
+        return [AFFINE_FILE, WARP_FILE] + ([INVERSE_WARP_FILE] if self.inverse else [])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        folder = pair_output_dir(self.output_dir, d.get(self.pair_id_key))
+        check_outputs_writable([folder / name for name in self.file_names()], self.overwrite)
+        ddf = d[self.ddf_key]
+        field = torch.as_tensor(ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf).detach().float().cpu()
+        written = save_transforms(
+            folder, _affine(d[self.reference_key], self.reference_key), _matrix(d, self.matrix_key), field.numpy(),
+            inverse=self.inverse,
+        )
+        if "inverse_consistency" in written:
+            stats = written["inverse_consistency"]
+            d[TRANSFORM_METRICS_KEY] = {"inverse_consistency": stats}
+            logger.info("inverse warp written; inverse-consistency error %s", stats)
+        d.setdefault("output_files", {}).update({k: str(v) for k, v in written.items() if k != "inverse_consistency"})
+        return d

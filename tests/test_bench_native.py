@@ -1,0 +1,242 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Tests of the native-pair benchmark (bench/accuracy/native*.py): the person split of brain_mal2012, the scoring
+(Dice, SDlogJ, folding), resampling through world coordinates, the crop, the task order and the resumable runner.
+
+No ANTs is needed; the volumes are crops of the shipped real Colin27 -> MNI152 labels (<= 40^3), seconds in all.
+"""
+
+import json
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, SAMPLE_PAIR
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.accuracy.native import _load_report, run
+from bench.accuracy.native_methods import METHODS, prealigned_pair, task_order
+from bench.accuracy.native_pairs import NativePair, crop_to_foreground
+from bench.accuracy.native_scoring import dice_scores, jacobian_stats, resample_to_grid, score_labels
+from bench.accuracy.native_split import (
+    PEOPLE,
+    SPLIT_PATH,
+    build_split_document,
+    check_split,
+    load_split,
+    make_split,
+    test_pairs,
+)
+
+# 40^3 crop of the shipped MNI152 seg8 map around the deep grey matter: classes 1-7 occur in it
+CROP = (slice(60, 100), slice(80, 120), slice(50, 90))
+
+
+def _real_labels() -> np.ndarray:
+    return np.asanyarray(nib.load(str(SAMPLE_PAIR["fixed_label"])).dataobj)[CROP].astype(np.int16)
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_split_by_person_keeps_rescans_together_and_is_stored():
+    doc = load_split(SPLIT_PATH)
+    assert doc == json.loads(json.dumps(build_split_document()))  # the stored split is the one the rules give
+    parts = [set(doc[p]) for p in ("train", "tuning", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set().union(*parts) == set(PEOPLE) and len(PEOPLE) == 20
+    scans = {p: set(doc["scans"][p]) for p in ("train", "tuning", "test")}
+    assert sum(len(s) for s in scans.values()) == 23
+    for first, rescan in (("1005", "1025"), ("1018", "1038"), ("1019", "1039")):
+        holding = [p for p, s in scans.items() if first in s or rescan in s]
+        assert len(holding) == 1 and {first, rescan} <= scans[holding[0]]
+    # every part holds exactly one test-retest person
+    assert all(len(doc["retest_pairs"][p]) == 1 for p in ("train", "tuning", "test"))
+
+
+def test_test_pairs_are_inter_subject_from_the_test_part_only():
+    doc = load_split(SPLIT_PATH)
+    pairs = [(p["moving"], p["fixed"]) for p in doc["test_pairs"]]
+    assert len(pairs) >= 10 and len(set(pairs)) == len(pairs)
+    person_of = {s: p for p, scans in PEOPLE.items() for s in scans}
+    for moving, fixed in pairs:
+        assert person_of[moving] != person_of[fixed]
+        assert person_of[moving] in doc["test"] and person_of[fixed] in doc["test"]
+    assert test_pairs(["1", "3", "2"]) == [("2", "1"), ("3", "1"), ("3", "2")]
+
+
+def test_check_split_rejects_a_person_in_two_parts_or_a_separated_rescan():
+    split = make_split()
+    bad = {**split, "test": split["test"] + [split["train"][0]]}
+    with pytest.raises(ValueError, match="in both"):
+        check_split(bad)
+    doc = build_split_document()
+    moved = {k: list(v) for k, v in doc["scans"].items()}
+    rescan = next(s for s in moved["test"] if s in ("1025", "1038", "1039"))
+    moved["test"].remove(rescan)
+    moved["train"].append(rescan)
+    with pytest.raises(ValueError, match="do not match"):
+        check_split({**doc, "scans": moved})
+    assert make_split(seed=7) != split  # the seed matters, so the stored seed is what fixes the split
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_dice_matches_a_direct_count_on_real_labels():
+    fixed = _real_labels()
+    warped = np.roll(fixed, 2, axis=0)
+    scores = dice_scores(fixed, warped, [1, 2, 3, 9])
+    for lab in (1, 2, 3):
+        a, b = fixed == lab, warped == lab
+        assert scores[lab] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert np.isnan(scores[9])  # in neither map
+    assert dice_scores(fixed, fixed, [1, 2])[1] == 1.0
+    with pytest.raises(ValueError, match="one grid"):
+        dice_scores(fixed, fixed[1:], [1])
+
+
+def test_score_labels_uses_classes_present_in_both_inputs():
+    fixed = _real_labels()
+    moving = fixed.copy()
+    moving[moving == 3] = 0  # class 3 missing from the moving map: not scored
+    result = score_labels(fixed, moving, fixed)
+    assert 3 not in result["classes"] and set(result["classes"]) <= set(range(1, 15))
+    assert result["dice_mean"] == 1.0 and result["dice_subcortical"] == 1.0
+
+
+def test_sdlogj_and_folding_known_values_and_mask():
+    det = np.ones((4, 4, 4), np.float32)
+    det[:2] = np.e  # half the voxels log det = 1, half 0: std 0.5
+    stats = jacobian_stats(det)
+    assert stats["sdlogj"] == pytest.approx(0.5) and stats["fold_pct"] == 0.0
+    mask = np.zeros_like(det, bool)
+    mask[2:] = True
+    assert jacobian_stats(det, mask)["sdlogj"] == pytest.approx(0.0)
+    det[0, 0, 0] = -1.0  # folded: counted, and its log clipped at log(1e-9) instead of NaN
+    stats = jacobian_stats(det)
+    assert stats["fold_pct"] == pytest.approx(100 / 64) and np.isfinite(stats["sdlogj"])
+    assert jacobian_stats(det, mask)["fold_pct"] == 0.0
+    with pytest.raises(ValueError, match="mask"):
+        jacobian_stats(det, mask[1:])
+
+
+# ---------------------------------------------------------------- world-coordinate resampling and crop
+
+
+def test_resample_through_world_coordinates_recovers_a_flip_and_shift():
+    labels = _real_labels()
+    ras = np.diag([1.0, 1.0, 1.0, 1.0])
+    ras[:3, 3] = (-20.0, -30.0, 5.0)
+    # the same voxels stored flipped along x (LAS) and with the origin moved: a different grid, the same world
+    las = ras.copy()
+    las[0, 0] = -1.0
+    las[0, 3] = ras[0, 3] + labels.shape[0] - 1
+    flipped = labels[::-1].copy()
+    back = resample_to_grid(flipped, las, labels.shape, ras, order=0)
+    np.testing.assert_array_equal(back, labels)
+    # a target grid 3 voxels further along y sees the labels shifted by 3 voxels, zeros past the edge
+    shifted_affine = ras.copy()
+    shifted_affine[1, 3] += 3.0
+    shifted = resample_to_grid(labels, ras, labels.shape, shifted_affine, order=0, chunk=7)
+    np.testing.assert_array_equal(shifted[:, :-3], labels[:, 3:])
+    assert not shifted[:, -3:].any()
+
+
+def test_crop_keeps_world_positions(tmp_path):
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[5:35, 8:30, 10:33] = _real_labels()[5:35, 8:30, 10:33]
+    image = np.zeros((40, 40, 40), np.float32)
+    image[5:35, 8:30, 10:33] = 100.0  # foreground box (the labels alone have holes: seg8 has no white-matter class)
+    affine = np.array([[-1.0, 0, 0, 20], [0, 0, 1, -30], [0, -1, 0, 40], [0, 0, 0, 1]])  # LIA, like FreeSurfer
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "s_t1.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "s_seg14.nii.gz")
+    _, lab_c, box = crop_to_foreground(
+        tmp_path / "s_t1.nii.gz", tmp_path / "s_seg14.nii.gz", tmp_path / "crop", margin=2
+    )
+    assert box == [[3, 37], [6, 32], [8, 35]]
+    cropped = nib.load(str(lab_c))
+    back = resample_to_grid(np.asanyarray(cropped.dataobj), cropped.affine, labels.shape, affine, order=0)
+    np.testing.assert_array_equal(back, labels)
+
+
+# ---------------------------------------------------------------- order and resumable runner
+
+
+def _pair(tmp_path, name="p") -> NativePair:
+    labels = _real_labels()
+    affine = np.eye(4)
+    for stem, data, aff in (("f", labels, affine), ("m", np.roll(labels, 1, axis=2), affine)):
+        nib.save(nib.Nifti1Image(data.astype(np.float32), aff), tmp_path / f"{stem}_t1.nii.gz")
+        nib.save(nib.Nifti1Image(data.astype(np.uint8), aff), tmp_path / f"{stem}_seg14.nii.gz")
+    return NativePair(
+        name, *(str(tmp_path / f) for f in ("f_t1.nii.gz", "m_t1.nii.gz", "f_seg14.nii.gz", "m_seg14.nii.gz")), "test"
+    )
+
+
+def test_task_order_does_identity_and_affine_on_every_pair_first(tmp_path):
+    pairs = [_pair(tmp_path, "a"), _pair(tmp_path, "b")]
+    tasks = [
+        (p.name, m.name)
+        for p, m in task_order(pairs, ["ants_synonly_60_30_10", "ants_syn_60_30_10", "identity", "ants_affine"])
+    ]
+    assert tasks == [
+        ("a", "identity"),
+        ("a", "ants_affine"),
+        ("b", "identity"),
+        ("b", "ants_affine"),
+        ("a", "ants_syn_60_30_10"),
+        ("b", "ants_syn_60_30_10"),
+        ("a", "ants_synonly_60_30_10"),
+        ("b", "ants_synonly_60_30_10"),
+    ]
+    aligned = prealigned_pair(pairs[0], tmp_path / "pre")
+    assert aligned.fixed_image == pairs[0].fixed_image and aligned.moving_label.endswith("moving_seg14_affine.nii.gz")
+    argv, _ = METHODS["ants_syn_60_30_10"].command(pairs[0], tmp_path / "o", seed=3)
+    assert argv[argv.index("--reg_iterations") + 1] == "60,30,10" and argv[argv.index("--random_seed") + 1] == "3"
+    with pytest.raises(ValueError, match="unknown method"):
+        task_order(pairs, ["nope"])
+
+
+@pytest.mark.slow
+def test_runner_scores_identity_and_resumes_without_rerunning(tmp_path):
+    pair = _pair(tmp_path)
+    out = tmp_path / "out"
+    report = run([pair], ["identity", "identity_after_affine"], out, threads=1, seed=1, argv=[])
+    first = {r["method"]: r for r in report["results"]}
+    assert set(first) == {"identity"}  # identity_after_affine waits for ants_affine
+    labels = _real_labels()
+    expected = score_labels(labels, labels, np.roll(labels, 1, axis=2))["dice_mean"]
+    assert first["identity"]["status"] == "ok" and first["identity"]["dice_mean"] == pytest.approx(expected)
+    assert first["identity"]["cpu_s"] > 0 and first["identity"]["peak_rss_mib"] > 0
+    again = run([pair], ["identity"], out, threads=1, seed=1, argv=[])
+    assert again["results"][0]["finished_utc"] == first["identity"]["finished_utc"]  # skipped, not rerun
+    saved = _load_report(out / "results.json")
+    assert len(saved["runs"]) == 2 and len(saved["results"]) == 1 and "loadavg_1min" in saved["runs"][0]
+
+
+def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():
+    from bench.accuracy.native_report import render
+
+    def rec(pair, method, dice, **extra):
+        base = {"pair": pair, "method": method, "status": "ok", "dice_mean": dice, "dice_subcortical": dice}
+        return {**base, "dice_per_class": {"1": dice}, "wall_s": 10.0, "cpu_s": 8.0, "peak_rss_mib": 100.0, **extra}
+
+    pairs = {
+        "fs": {"source": "brain_freesurfer_native", "note": ""},
+        "a": {"source": "brain_mal2012", "note": "inter-subject test pair"},
+        "b": {"source": "brain_mal2012", "note": "inter-subject test pair"},
+    }
+    results = [rec("fs", "identity", 0.9), rec("a", "identity", 0.2), rec("b", "identity", 0.4)]
+    results += [rec("a", "ants_syn_60_30_10", 0.8, fold_pct=0.0, sdlogj=0.3)]
+    results += [{"pair": "b", "method": "ants_syn_60_30_10", "status": "failed", "reason": "exit 1"}]
+    run_info = {"started_utc": "t", "cpu": "c", "cpu_count": 2, "threads_per_method": 2, "loadavg_1min": 1.0}
+    text = render(
+        {"pairs": pairs, "results": results, "runs": [{**run_info, "nice": 10, "git_commit": "x", "versions": {}}]}
+    )
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| identity (world coordinates) | 2 | 0.300 |" in text  # fs (0.9) not in the mal mean
+    assert rows["| ANTs SyN (60,30,10)"].split(" | ")[1:5] == ["1", "0.800", "0.800", "0.800"]
+    assert "failed: b / ants_syn_60_30_10" in text

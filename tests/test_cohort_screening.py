@@ -1,0 +1,159 @@
+"""Cohort building blocks on real files: lazy screening (an atlas read once), the definition of a complete pair,
+interrupted folders, sharding over ranks, and datalists of an atlas and its subjects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from reliability_data import load_sample, save, small_pair
+
+from scripts.io.completion import (
+    ABSENT,
+    COMPLETE,
+    FOREIGN,
+    IN_PROGRESS_MARKER,
+    INTERRUPTED,
+    clear_interrupted_outputs,
+    expected_pair_outputs,
+    mark_in_progress,
+    pair_output_state,
+    pair_outputs_complete,
+)
+from scripts.io.datalist import cli_datalist_overrides, inference_pairs
+from scripts.io.errors import RegistrationInputError
+from scripts.io.screening import PairScreen
+from scripts.io.sharding import check_launch, shard_indices
+
+OUTPUT_NAMES = ["warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat",
+                "metrics.json", "metrics.csv", "summary.json", "summary.csv"]
+
+
+@pytest.fixture()
+def atlas_study(tmp_path):
+    """The real Colin27 volume as an atlas and three subjects (the MNI152 volume under three names)."""
+    files = small_pair(tmp_path / "data")
+    subjects = []
+    for i in range(3):
+        target = tmp_path / "data" / f"subject{i}.nii.gz"
+        shutil.copy(files["fixed_image"], target)
+        subjects.append(str(target))
+    return files, subjects
+
+
+def test_nothing_is_read_before_a_pair_is_checked(tmp_path):
+    pairs = [{"moving_image": str(tmp_path / f"m{i}.nii.gz"), "fixed_image": str(tmp_path / "f.nii.gz"),
+              "pair_id": f"p{i}"} for i in range(500)]
+    screen = PairScreen(pairs)  # 500 missing files: not even looked at yet
+    assert screen.total == 500 and not screen.bad and not screen.full_reads
+    assert screen.check(pairs[7], 7) is None
+    assert [b["pair_id"] for b in screen.bad] == ["p7"] and "does not exist" in screen.bad[0]["error"]
+
+
+def test_an_atlas_shared_by_every_pair_is_read_once(atlas_study):
+    files, subjects = atlas_study
+    pairs = [{"moving_image": files["moving_image"], "moving_label": files["moving_label"], "fixed_image": s,
+              "pair_id": f"s{i}"} for i, s in enumerate(subjects)]
+    screen = PairScreen(pairs)
+    assert len(list(screen.iter_good())) == 3
+    assert screen.full_reads[files["moving_image"]] == 1 and screen.full_reads[files["moving_label"]] == 1
+    assert all(screen.full_reads[s] == 1 for s in subjects)
+
+
+def test_a_bad_atlas_fails_every_pair_but_is_decoded_once(atlas_study, tmp_path):
+    files, subjects = atlas_study
+    volume, affine = load_sample("moving_image")
+    volume = volume.astype(np.float32)
+    volume[3, 3, 3] = np.inf
+    atlas = str(save(tmp_path / "data" / "inf_atlas.nii.gz", volume, affine))
+    screen = PairScreen([{"moving_image": atlas, "fixed_image": s, "pair_id": f"s{i}"} for i, s in enumerate(subjects)])
+    assert list(screen.iter_good()) == []
+    assert len(screen.bad) == 3 and all("NaN/Inf" in b["error"] for b in screen.bad)
+    assert screen.full_reads[atlas] == 1
+
+
+def test_header_problems_are_found_before_any_image_is_decoded(atlas_study, tmp_path):
+    files, subjects = atlas_study
+    flat = str(save(tmp_path / "data" / "flat_label.nii.gz", np.zeros((40, 50, 1), np.uint8), np.eye(4)))
+    screen = PairScreen([{"moving_image": files["moving_image"], "moving_label": flat, "fixed_image": subjects[0],
+                          "pair_id": "a"}, {**files, "pair_id": "b"}])
+    assert screen.check(screen.pairs[0], 0) is None
+    assert "is 2-D" in screen.bad[0]["error"] and not screen.full_reads
+
+
+def test_expected_outputs_follow_the_pair_and_the_config():
+    labelled = {"moving_image": "m", "fixed_image": "f", "moving_label": "ml", "fixed_label": "fl"}
+    assert expected_pair_outputs(labelled, OUTPUT_NAMES) == OUTPUT_NAMES[:7]  # run-level summary files excluded
+    moving_only = {"moving_image": "m", "fixed_image": "f", "moving_label": "ml"}
+    assert expected_pair_outputs(moving_only, OUTPUT_NAMES) == [
+        "warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat"]
+    images_only = {"moving_image": "m", "fixed_image": "f"}
+    new_output = expected_pair_outputs(images_only, OUTPUT_NAMES + ["inverse_warp.nii.gz"])
+    assert "inverse_warp.nii.gz" in new_output and "metrics.json" not in new_output  # new outputs join by config
+    with pytest.raises(ValueError, match="single name"):
+        expected_pair_outputs(images_only, "ddf.nii.gz")
+
+
+def test_pair_folder_states_and_clearing_an_interrupted_one(tmp_path):
+    pair = {"moving_image": "m", "fixed_image": "f", "moving_label": "ml", "fixed_label": "fl"}
+    expected = expected_pair_outputs(pair, OUTPUT_NAMES)
+    folder = tmp_path / "p0"
+    assert pair_output_state(folder, expected) == (ABSENT, [])
+    folder.mkdir()
+    for name in expected:
+        if name != "metrics.json":  # written last
+            (folder / name).write_text("x")
+    assert pair_output_state(folder, expected)[0] == FOREIGN
+    assert not pair_outputs_complete(folder, pair, OUTPUT_NAMES)
+    (folder / "metrics.json").write_text("{}")
+    assert pair_output_state(folder, expected)[0] == COMPLETE and pair_outputs_complete(folder, pair, OUTPUT_NAMES)
+    with pytest.raises(ValueError, match="refusing"):
+        clear_interrupted_outputs(folder, expected)  # complete results without a marker are never removed
+    mark_in_progress(folder)
+    (folder / ".jacobian_det.tmp-0a1b2c3d.nii.gz").write_text("half a file")  # a write cut short by SIGKILL
+    (folder / "notes.txt").write_text("the user's")
+    assert pair_output_state(folder, expected)[0] == INTERRUPTED  # may mix an older and a newer result
+    removed = clear_interrupted_outputs(folder, expected)
+    assert sorted(removed) == sorted(expected + [".jacobian_det.tmp-0a1b2c3d.nii.gz"])
+    assert sorted(p.name for p in folder.iterdir()) == [IN_PROGRESS_MARKER, "notes.txt"]
+
+
+@pytest.mark.parametrize("count, world", [(10, 3), (2, 4), (0, 2), (7, 1)])
+def test_every_pair_has_exactly_one_rank(count, world):
+    shards = [shard_indices(count, rank, world) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(count))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_sharding_refuses_bad_ranks_and_torchrun_without_a_process_group(monkeypatch):
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard_indices(4, 2, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RegistrationInputError, match="multi_gpu_inference.json"):
+        check_launch()
+
+
+def test_atlas_and_subjects_datalist_and_duplicate_ids(atlas_study, tmp_path):
+    files, subjects = atlas_study
+    datalist = tmp_path / "study.json"
+    datalist.write_text(json.dumps({"atlas": {"image": files["moving_image"], "label": files["moving_label"]},
+                                    "subjects": [subjects[0], {"image": subjects[1], "id": "second"}]}))
+    pairs = inference_pairs(datalist=str(datalist))
+    assert [p["pair_id"] for p in pairs] == ["subject0", "second"]
+    assert all(p["moving_image"] == files["moving_image"] and p["moving_label"] == files["moving_label"] for p in pairs)
+    assert pairs[1]["fixed_image"] == subjects[1] and "fixed_label" not in pairs[1]
+    clash = [{"id": "a b", "moving_image": subjects[0], "fixed_image": subjects[1]},
+             {"id": "a_b", "moving_image": subjects[1], "fixed_image": subjects[0]}]
+    with pytest.raises(RegistrationInputError, match="duplicate pair id.*'a_b'"):
+        inference_pairs(datalist=clash)
+
+
+def test_cli_takes_either_one_pair_or_a_datalist(tmp_path):
+    assert cli_datalist_overrides(None, "f.nii.gz", "m.nii.gz", "out") == {}
+    assert cli_datalist_overrides("d.json", None, None, "out")["datalist"].endswith("d.json")
+    with pytest.raises(RegistrationInputError, match="--fixed and --moving"):
+        cli_datalist_overrides(None, "f.nii.gz", None, "out")
+    with pytest.raises(RegistrationInputError, match="expected no --fixed"):
+        cli_datalist_overrides("d.json", None, None, "out", ("label.nii.gz", None))

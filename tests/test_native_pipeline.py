@@ -1,0 +1,126 @@
+"""Native scans end to end: affine stage -> SACB-Net -> ITK/ANTs transforms that other programs apply identically.
+
+The native pair is the shipped real pair at 3 mm with the moving scan's header moved by a known rigid transform (10
+degrees about z and a translation of about 1 cm), so the moving scan lies in its own "scanner space" and the true world
+transform is known.
+"""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import BUNDLE_ROOT
+from workflow_data import write_small_pair
+
+from scripts.cli import apply, register
+from scripts.spatial import read_itk_affine
+
+LABELS = range(1, 9)
+ANGLE = np.deg2rad(10.0)
+TRUE_T = np.array(  # fixed world point -> moving world point (the moving header moved by it)
+    [[np.cos(ANGLE), -np.sin(ANGLE), 0, 8.0], [np.sin(ANGLE), np.cos(ANGLE), 0, -5.0], [0, 0, 1, 3.0], [0, 0, 0, 1]]
+)
+
+
+def _mean_dice(a, b):
+    return float(np.mean([2 * ((a == k) & (b == k)).sum() / max((a == k).sum() + (b == k).sum(), 1) for k in LABELS]))
+
+
+def _array(path):
+    return np.asanyarray(nib.load(str(path)).dataobj)
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """The moved pair and one full registration of it (plain inference, inverse written)."""
+    root = tmp_path_factory.mktemp("native")
+    pair = write_small_pair(root / "data", factor=3)
+    aligned = {k: str(root / "data" / f"aligned_{k}.nii.gz") for k in ("moving_image", "moving_label")}
+    for key in ("moving_image", "moving_label"):
+        image = nib.load(pair[key])
+        nib.save(image, aligned[key])  # the original, aligned moving scan (the reference for the recovery check)
+        nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), TRUE_T @ image.affine), pair[key])
+    out = root / "out"
+    register(fixed=pair["fixed_image"], moving=pair["moving_image"], out=str(out), moving_label=pair["moving_label"],
+             fixed_label=pair["fixed_label"], iterations=0, inverse=True)
+    return {"pair": pair, "aligned": aligned, "out": out, "root": root}
+
+
+def test_affine_stage_recovers_the_scanner_space_offset(native):
+    estimated = read_itk_affine(native["out"] / "affine.mat")
+    label = nib.load(native["pair"]["fixed_label"])
+    voxels = np.argwhere(np.asanyarray(label.dataobj) > 0)
+    world = nib.affines.apply_affine(label.affine, voxels)
+    error = np.linalg.norm(nib.affines.apply_affine(estimated, world) - nib.affines.apply_affine(TRUE_T, world), axis=1)
+    assert np.sqrt(np.mean(error**2)) < 1.5  # mm over the brain, at 3 mm voxels
+    metrics = json.loads((native["out"] / "metrics.json").read_text())
+    unmoved = _mean_dice(_array(native["pair"]["fixed_label"]), _array(native["aligned"]["moving_label"]))
+    assert metrics["mean_dice_identity"] > unmoved - 0.02  # after the affine stage: back to the aligned pair's overlap
+
+
+def test_simpleitk_applies_affine_and_warp_like_the_bundle(native):
+    pair, out = native["pair"], native["out"]
+    affine = sitk.ReadTransform(str(out / "affine.mat"))
+    field = sitk.ReadImage(str(out / "warp.nii.gz"), sitk.sitkVectorFloat64)
+    transform = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)])  # last one applied first
+    fixed = sitk.ReadImage(pair["fixed_image"])
+
+    def warp(path, interpolator, pixel):
+        moving = sitk.Cast(sitk.ReadImage(path), pixel)
+        return sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, interpolator, 0.0, pixel)).transpose(2, 1, 0)
+
+    image = warp(pair["moving_image"], sitk.sitkLinear, sitk.sitkFloat32)
+    label = warp(pair["moving_label"], sitk.sitkNearestNeighbor, sitk.sitkUInt8)
+    brain = _array(pair["fixed_label"]) > 0
+    ours = _array(out / "warped_image.nii.gz")
+    assert np.corrcoef(image[brain], ours[brain])[0, 1] >= 0.99
+    assert _mean_dice(label, _array(out / "warped_label.nii.gz")) >= 0.97
+
+
+def test_apply_reproduces_warped_label_and_the_inverse_maps_fixed_labels_back(native, tmp_path):
+    pair, out = native["pair"], native["out"]
+    apply(fixed=pair["fixed_image"], moving=pair["moving_label"], transform_dir=str(out),
+          warped_out=str(tmp_path / "label.nii.gz"), interpolation="nearest")
+    assert _mean_dice(_array(tmp_path / "label.nii.gz"), _array(out / "warped_label.nii.gz")) >= 0.99
+    apply(fixed=pair["fixed_label"], moving=pair["moving_image"], transform_dir=str(out),
+          warped_out=str(tmp_path / "inverse.nii.gz"), interpolation="nearest", inverse=True)
+    on_moving = nib.load(str(tmp_path / "inverse.nii.gz"))
+    assert np.allclose(on_moving.affine, nib.load(pair["moving_image"]).affine)
+    forward = json.loads((out / "metrics.json").read_text())["mean_dice"]
+    backward = _mean_dice(np.asanyarray(on_moving.dataobj), _array(pair["moving_label"]))
+    assert abs(backward - forward) <= 0.03
+    assert "inverse_consistency" in json.loads((out / "metrics.json").read_text())
+
+
+def test_affine_only_stops_after_the_affine_stage(native, tmp_path):
+    pair = native["pair"]
+    register(fixed=pair["fixed_image"], moving=pair["moving_image"], out=str(tmp_path / "aff"),
+             moving_label=pair["moving_label"], fixed_label=pair["fixed_label"], affine_only=True)
+    metrics = json.loads((tmp_path / "aff" / "metrics.json").read_text())
+    assert not np.any(_array(tmp_path / "aff" / "ddf.nii.gz"))
+    assert metrics["mean_dice"] == pytest.approx(metrics["mean_dice_identity"], abs=0.01)
+    assert np.allclose(read_itk_affine(tmp_path / "aff" / "affine.mat"), read_itk_affine(native["out"] / "affine.mat"))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "scripts.cli", *args], cwd=BUNDLE_ROOT, capture_output=True, text=True)
+
+
+def test_apply_refuses_missing_or_foreign_transforms(native, tmp_path):
+    pair = native["pair"]
+    missing = _cli("apply", "--fixed", pair["fixed_image"], "--moving", pair["moving_label"], "--transform_dir",
+                   str(tmp_path / "nothing"), "--warped_out", str(tmp_path / "x.nii.gz"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nothing" in missing.stderr
+    other = write_small_pair(tmp_path / "other", factor=4)  # another fixed grid (4 mm)
+    foreign = _cli("apply", "--fixed", other["fixed_image"], "--moving", pair["moving_label"], "--transform_dir",
+                   str(native["out"]), "--warped_out", str(tmp_path / "y.nii.gz"), "--interpolation", "nearest")
+    assert foreign.returncode == 2 and "warp.nii.gz" in foreign.stderr and "Traceback" not in foreign.stderr
+    assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / "y.nii.gz").exists()
+    bad = _cli("register", "--fixed", pair["fixed_image"], "--moving", pair["moving_image"], "--out",
+               str(tmp_path / "z"), "--affine", "similarity")
+    assert bad.returncode == 2 and "--affine" in bad.stderr and not (tmp_path / "z").exists()
