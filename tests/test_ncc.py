@@ -161,3 +161,36 @@ def test_bad_shapes_raise_naming_the_shape():
         loss(torch.rand(1, 8, 8, 8), torch.rand(1, 8, 8, 8))
     with pytest.raises(ValueError, match=r"\(1, 1, 8, 8, 9\)"):
         loss(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 9))
+
+
+def _eq1_direct(fixed, warped, window):
+    """Eq. (1) of the SACB-Net supplementary material, written out window by window with zero padding:
+    ncc(p) = sum_i (f_i - mean_f)(m_i - mean_m) / sqrt(sum_i (f_i - mean_f)^2 * sum_i (m_i - mean_m)^2)."""
+    r = window // 2
+    f = torch.nn.functional.pad(fixed[0, 0], (r,) * 6)
+    m = torch.nn.functional.pad(warped[0, 0], (r,) * 6)
+    f_windows = f.unfold(0, window, 1).unfold(1, window, 1).unfold(2, window, 1).reshape(*fixed.shape[2:], -1)
+    m_windows = m.unfold(0, window, 1).unfold(1, window, 1).unfold(2, window, 1).reshape(*fixed.shape[2:], -1)
+    fc = f_windows - f_windows.mean(-1, keepdim=True)
+    mc = m_windows - m_windows.mean(-1, keepdim=True)
+    var_f = (fc * fc).sum(-1).clamp_min(1e-5)
+    var_m = (mc * mc).sum(-1).clamp_min(1e-5)
+    return (fc * mc).sum(-1) / torch.sqrt(var_f * var_m)
+
+
+def test_unsquared_option_is_equation_1_in_value_and_gradient(real_pair):
+    """``squared=False`` computes the paper's Eq. (1) (w = 9) on a real pair: value and gradient equal a direct,
+    window-by-window implementation of the formula; it differs from the squared form (signs of correlation count)."""
+    moving, fixed = (image[..., 24:40, 28:46, 24:40].double() for image in real_pair)  # a 16x18x16 brain block
+    moving.requires_grad_(True)
+    loss = LocalNCCLoss(kernel_size=9, squared=False)(moving, fixed)
+    reference = -_eq1_direct(fixed, moving, 9).mean()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-9, abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, moving)
+    (grad_ref,) = torch.autograd.grad(reference, moving)
+    assert torch.allclose(grad, grad_ref, rtol=1e-7, atol=1e-12)
+    squared = LocalNCCLoss(kernel_size=9)(moving.detach(), fixed)
+    assert abs(squared.item() - loss.item()) > 1e-3
+    negated = -moving.detach()  # a contrast-inverted image: Eq. (1) flips sign, the squared form cannot tell
+    assert LocalNCCLoss(kernel_size=9, squared=False)(negated, fixed).item() == pytest.approx(-loss.item(), rel=1e-9)
+    assert LocalNCCLoss(kernel_size=9)(negated, fixed).item() == pytest.approx(squared.item(), rel=1e-9)

@@ -132,9 +132,28 @@ class _LocalSquaredNCC(torch.autograd.Function):
         return grad_pred, grad_target, None, None, None
 
 
+def _local_unsquared_ncc(pred: torch.Tensor, target: torch.Tensor, kernel_size: int, smooth_dr: float) -> torch.Tensor:
+    """Voxel-wise unsquared local NCC map ``cross / sqrt(var_t var_p)`` (autograd through the box sums)."""
+    shape = pred.shape
+    p = pred.reshape(-1, *shape[2:])
+    t = target.reshape(-1, *shape[2:])
+    sums = box_sum(torch.cat((t, p, t * t, p * p, t * p)), kernel_size).reshape(5, *p.shape)
+    n = float(kernel_size**3)
+    t_sum, p_sum, t2_sum, p2_sum, tp_sum = sums.unbind(0)
+    cross = tp_sum - p_sum * t_sum / n
+    t_var = (t2_sum - t_sum * t_sum / n).clamp_min(smooth_dr)
+    p_var = (p2_sum - p_sum * p_sum / n).clamp_min(smooth_dr)
+    return (cross * torch.rsqrt(t_var * p_var)).reshape(shape)
+
+
 class LocalNCCLoss(_Loss):
     """
-    Negative local squared normalised cross-correlation over cubic windows (the image loss SACB-Net trains with).
+    Negative local normalised cross-correlation over cubic windows (the image loss SACB-Net trains with).
+
+    ``squared=True`` (default): the squared form of SACB-Net's official code and of MONAI's LNCC, always in [0, 1] per
+    window, so anti-correlated windows also count as matched. ``squared=False``: Eq. (1) of the SACB-Net supplementary
+    material, ``ncc = cross / sqrt(var_t · var_p)`` in [-1, 1] per window (the sign of the correlation counts); computed
+    with autograd through the same box sums.
 
     Same value as ``monai.losses.LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_type="rectangular")``:
     in each zero-padded window, ``ncc = (cross² + smooth_nr) / (max(var_t, smooth_dr) · max(var_p, smooth_dr))``
@@ -147,13 +166,19 @@ class LocalNCCLoss(_Loss):
         reduction: ``"mean"`` (over batch, channels and voxels), ``"sum"`` or ``"none"`` (the (B, C, D, H, W) map).
         smooth_nr: constant added to the squared cross term, >= 0.
         smooth_dr: lower clamp of each window variance, > 0 (keeps constant images finite).
+        squared: square the correlation (MONAI LNCC, official code) or not (the paper's Eq. (1)).
 
     Shapes:
         pred, target: (B, C, D, H, W). Output: scalar, or (B, C, D, H, W) for ``reduction="none"``.
     """
 
     def __init__(
-        self, kernel_size: int = 9, reduction: str = "mean", smooth_nr: float = 0.0, smooth_dr: float = 1e-5
+        self,
+        kernel_size: int = 9,
+        reduction: str = "mean",
+        smooth_nr: float = 0.0,
+        smooth_dr: float = 1e-5,
+        squared: bool = True,
     ) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -167,6 +192,7 @@ class LocalNCCLoss(_Loss):
         self.kernel_size = kernel_size
         self.smooth_nr = float(smooth_nr)
         self.smooth_dr = float(smooth_dr)
+        self.squared = bool(squared)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
@@ -184,9 +210,12 @@ class LocalNCCLoss(_Loss):
         compute_dtype = torch.promote_types(out_dtype, torch.float32)
         # Autocast would run the GEMMs in half precision; the variance cancellation needs float32.
         with torch.autocast(device_type=pred.device.type, enabled=False):
-            ncc = _LocalSquaredNCC.apply(
-                pred.to(compute_dtype), target.to(compute_dtype), self.kernel_size, self.smooth_nr, self.smooth_dr
-            )
+            if self.squared:
+                ncc = _LocalSquaredNCC.apply(
+                    pred.to(compute_dtype), target.to(compute_dtype), self.kernel_size, self.smooth_nr, self.smooth_dr
+                )
+            else:
+                ncc = _local_unsquared_ncc(pred.to(compute_dtype), target.to(compute_dtype), self.kernel_size, self.smooth_dr)
             if self.reduction == "mean":
                 loss = ncc.mean().neg()
             elif self.reduction == "sum":
