@@ -89,25 +89,30 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def run_case(bundle: Path, datalist: Path, out: Path, count: int, extra: list[str]) -> dict:
-    """One cohort run in a fresh process: time to the first result, total time, peak RSS."""
+def run_case(bundle: Path, datalist: Path, out: Path, count: int, extra: list[str], first_only: bool = False) -> dict:
+    """One cohort run in a fresh process: time to the first result, total time, peak RSS (``first_only``: stop the
+    process at its first result and report only that)."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                "--datalist", str(datalist), "--output_dir", str(out), *extra]
     first_result = out / "p0000" / "metrics.json"
-    log = open(out.parent / f"{out.name}.log", "w")
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=bundle, env={**os.environ, "PYTHONPATH": str(bundle)}, stdout=log,
-                               stderr=subprocess.STDOUT)
+    log_file = out.parent / f"{out.name}.log"
     first, peak = None, 0.0
-    while process.poll() is None:
-        if first is None and first_result.exists():
-            first = time.perf_counter() - start
-        peak = max(peak, _peak_rss_mb(process.pid) or 0.0)
-        time.sleep(0.02)
-    total = time.perf_counter() - start
-    log.close()
+    with open(log_file, "w") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=bundle, env={**os.environ, "PYTHONPATH": str(bundle)}, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            if first is None and first_result.exists():
+                first = time.perf_counter() - start
+            peak = max(peak, _peak_rss_mb(process.pid) or 0.0)
+            if first is not None and first_only:
+                process.terminate()
+                process.wait()
+                return {"pairs": count, "time_to_first_result_s": round(first, 3), "peak_rss_mb_to_first": round(peak, 1)}
+            time.sleep(0.02)
+        total = time.perf_counter() - start
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; see {log.name}")
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; see {log_file}")
     first = first if first is not None else total
     done = sum(1 for p in out.iterdir() if (p / "metrics.json").is_file())
     return {
@@ -129,6 +134,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="override the config's device, e.g. cpu or cuda")
     parser.add_argument("--work", type=Path, default=None, help="folder for data and outputs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--first-only", action="store_true", help="stop each run at its first result")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cohort_bench_"))
     extra = ["--device", f"$torch.device('{args.device}')"] if args.device else []
@@ -137,7 +143,7 @@ def main() -> None:
         case = work / f"n{count}"
         case.mkdir(parents=True, exist_ok=True)
         datalist = write_datalist(case, count, args.factor)
-        result = run_case(args.bundle.resolve(), datalist, case / "out", count, extra)
+        result = run_case(args.bundle.resolve(), datalist, case / "out", count, extra, args.first_only)
         results.append(result)
         print(json.dumps(result), flush=True)
     base = next((r for r in results if r["pairs"] == 1), results[0])
