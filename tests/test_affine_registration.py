@@ -83,6 +83,18 @@ def test_rigid_header_transform_recovered(pair):
     assert abs(np.linalg.det(t[:3, :3]) - 1) < 1e-9  # rigid stays rigid
 
 
+@pytest.mark.parametrize("axis, degrees", [(2, 180.0), (0, 90.0)])
+def test_large_rotation_found_by_principal_axes(pair, axis, degrees):
+    """A header turned upside down / face down is found by the principal-axes candidates (whatever the eigenvector
+    signs), which score clearly better than the identity rotation after the search steps."""
+    q = _rotation(axis, degrees, (20.0, -10.0, 5.0))
+    reg = AffineRegistration(transform="rigid", **FAST)
+    t = reg(pair["moving"], pair["fixed"], q @ pair["moving_affine"], pair["fixed_affine"])[0].numpy()
+    assert _rms_mm(pair["points"], t, q @ pair["rigid"][0].numpy()) < 1.0
+    losses = reg.last_report["items"][0]["candidate_losses"]
+    assert len(losses) == 5 and min(losses) < losses[0] - 0.05  # the identity rotation (first) is clearly worse
+
+
 def test_affine_header_transform_recovered(pair):
     """Scaling 1.08, a 0.06 shear and a 10 degree rotation in the header are recovered by transform='affine'."""
     q = _rotation(0, -10.0, (-8.0, 5.0, 6.0))
@@ -94,15 +106,9 @@ def test_affine_header_transform_recovered(pair):
     assert np.abs(np.linalg.svd(t[:3, :3])[1] - np.linalg.svd(truth[:3, :3])[1]).max() < 0.02
 
 
-def test_deterministic(pair):
-    """The same inputs give a bit-identical matrix."""
-    reg = AffineRegistration(transform="rigid", **FAST)
-    again = reg(pair["moving"], pair["fixed"], pair["moving_affine"], pair["fixed_affine"])
-    assert torch.equal(again, pair["rigid"])
-
-
-def test_batch_items_independent(pair):
-    """A batch of two pairs with per-item affines gives each item's own result."""
+def test_deterministic_and_batched(pair):
+    """Registering the same pair again (as item 0 of a batch of two, with per-item affines) gives a bit-identical
+    matrix; item 1, whose header is moved by 8 degrees and 7 mm, gets its own result."""
     q = _rotation(1, 8.0, (0.0, 7.0, 0.0))
     affines = torch.as_tensor(np.stack([pair["moving_affine"], q @ pair["moving_affine"]]))
     reg = AffineRegistration(transform="rigid", **FAST)
@@ -111,6 +117,20 @@ def test_batch_items_independent(pair):
     assert out.shape == (2, 4, 4) and len(reg.last_report["items"]) == 2
     assert torch.equal(out[0], pair["rigid"][0])
     assert _rms_mm(pair["points"], out[1].numpy(), q @ pair["rigid"][0].numpy()) < 1.0
+    assert reg.last_report["items"][0]["final_loss"] == pair["rigid_report"]["final_loss"]
+
+
+def test_mutual_information_handles_inverted_contrast(pair):
+    """With the brain's contrast inverted (a second contrast), similarity='mi' still recovers a header rotation, which
+    NCC cannot (it would need a negative correlation)."""
+    moving = pair["moving"]
+    inverted = torch.where(moving > 0.05 * moving.max(), 1.2 * moving.max() - moving, torch.zeros_like(moving))
+    q = _rotation(2, 12.0, (10.0, -6.0, 4.0))
+    reg = AffineRegistration(transform="rigid", similarity="mi", levels_mm=(8.0, 4.0), iterations=(40, 15),
+                             search_iterations=5, mi_bins=16)
+    t = reg(inverted, pair["fixed"], q @ pair["moving_affine"], pair["fixed_affine"])[0].numpy()
+    assert _rms_mm(pair["points"], t, q @ pair["rigid"][0].numpy()) < 1.5
+    assert reg.last_report["final_loss"] < reg.last_report["initial_loss"]
 
 
 def _as_lia(image: nib.Nifti1Image) -> nib.Nifti1Image:
