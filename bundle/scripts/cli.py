@@ -60,6 +60,7 @@ def workflow_overrides(
     inverse: bool = False,
     label_names: str | None = None,
     datalist: str | None = None,
+    refine_iterations: int | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """
     The config files and run overrides that :py:func:`register` hands to ``ConfigWorkflow`` (also what the equivalent
@@ -69,12 +70,12 @@ def workflow_overrides(
     Returns:
         (config file list, {config id: value}).
     """
-    if iterations is not None and int(iterations) < 0:
+    if (iterations is not None and int(iterations) < 0) or (refine_iterations is not None and int(refine_iterations) < 0):
         from scripts.io.errors import (
             RegistrationInputError,  # a ValueError the CLI shows without traceback
         )
 
-        raise RegistrationInputError(f"--iterations must be >= 0, got {iterations}.")
+        raise RegistrationInputError(f"--iterations and --refine_iterations must be >= 0, got {iterations}, {refine_iterations}.")
     if affine not in AFFINE_CHOICES or (affine_only and affine == "none"):
         from scripts.io.errors import RegistrationInputError
 
@@ -84,6 +85,8 @@ def workflow_overrides(
     files = [str(CONFIG_DIR / "inference.json")]
     if not affine_only and (iterations is None or int(iterations) > 0):
         files.append(str(CONFIG_DIR / "instance_optimization.json"))
+    if not affine_only and (refine_iterations is None or int(refine_iterations) > 0):
+        files.append(str(CONFIG_DIR / "refinement.json"))
     if affine != "none":
         files.append(str(CONFIG_DIR / "affine.json"))
     overrides: dict[str, Any] = {
@@ -96,15 +99,15 @@ def workflow_overrides(
         "overwrite": bool(overwrite),
         "write_inverse": bool(inverse),
     }
-    from scripts.io.datalist import cli_datalist_overrides
-
-    # a datalist registers every pair, resumably (docs/usage.md, "Cohorts"); else --fixed and --moving are needed
+    from scripts.io.datalist import cli_datalist_overrides  # --datalist: every pair, resumably (usage.md, "Cohorts")
     overrides.update(cli_datalist_overrides(datalist, fixed, moving, out, (moving_label, fixed_label)))
     if affine != "none":
         overrides["affine_transform"] = affine
         overrides["affine_only"] = bool(affine_only)
     if not affine_only and iterations is not None and int(iterations) > 0:
         overrides["optimization_iterations"] = int(iterations)
+    if not affine_only and refine_iterations is not None and int(refine_iterations) > 0:
+        overrides["refinement_iterations"] = int(refine_iterations)
     if network_scale is not None:
         overrides["network_scale"] = float(network_scale)
     if learning_rate is not None:
@@ -119,8 +122,8 @@ def workflow_overrides(
     if label_names:
         from scripts.io.label_names import read_label_names
 
-        read_label_names(_absolute(label_names))  # a bad file fails here, not after the registration
-        overrides["label_names"] = _absolute(label_names)
+        # read now: a bad file fails before the registration, and the config gets the {id: name} mapping itself
+        overrides["label_names"] = read_label_names(_absolute(label_names))
     return files, overrides
 
 
@@ -183,6 +186,7 @@ def register(
     inverse: bool = False,
     label_names: str | None = None,
     datalist: str | None = None,
+    refine_iterations: int | None = None,
 ) -> None:
     """
     Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
@@ -212,12 +216,12 @@ def register(
         affine: the affine stage: "affine" (12 parameters, default), "rigid" (6) or "none" (inputs already aligned).
         affine_only: stop after the affine stage (zero deformable field; outputs as usual).
         inverse: also write inverse_warp.nii.gz (maps fixed-space images onto the moving scan with affine.mat).
+        refine_iterations: steps of the field refinement after the network (default: configs/refinement.json; 0: off).
         label_names: names of the label ids in the report: a JSON {"1": "name", ...}, a TSV/CSV with index and name
             columns, or a FreeSurfer colour table. Default: the label map's own table (X.tsv beside X.nii.gz), else
             the numbers.
-        datalist: instead of --fixed/--moving, a JSON datalist of pairs (or an atlas and its subjects): every pair is
-            registered into OUT/<id>/, pairs finished by an earlier run are skipped (unless --overwrite), and
-            OUT/cohort.csv, cohort.json, cohort.md summarise them (docs/usage.md, "Cohorts").
+        datalist: instead of --fixed/--moving, a JSON datalist of pairs: each into OUT/<id>/, finished ones skipped
+            (unless --overwrite), summary in OUT/cohort.csv, cohort.md (docs/usage.md, "Cohorts").
     """
     from scripts.io.errors import exit_on_user_error
 
@@ -225,15 +229,13 @@ def register(
     files, overrides = exit_on_user_error(
         workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
         learning_rate, regularization_weight, device, affine, affine_only, inverse, label_names, datalist,
-        debug=debug,
+        refine_iterations, debug=debug,
     )
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)
-    if datalist is not None:
+    if datalist is not None:  # a cohort: its summary instead of one pair's report
         from scripts.workflow.cohort_summary import cohort_console_summary
-
-        print(cohort_console_summary(overrides["output_dir"]), flush=True)
-        return
+        return print(cohort_console_summary(overrides["output_dir"]), flush=True)
     print(_summary(overrides["output_dir"], time.time() - start), flush=True)
     if qc_png:
         from scripts.workflow.qc import qc_png_from_outputs
@@ -264,6 +266,7 @@ def demo(out: str | None = None, iterations: int | None = None, overwrite: bool 
         overwrite=overwrite,
         debug=debug,
         affine="none",  # the shipped pair is already in one (MNI) space
+        refine_iterations=0,  # the demo as documented in README: the shipped weights + 30 instance-optimisation steps
     )
 
 

@@ -18,3 +18,7 @@ from .affine_registration import (
     normalize_intensity,
     resample_moving,
 )
+from .field_refinement import (
+    FieldRefinementInferer,
+    refine_displacement,
+)

@@ -1,0 +1,129 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Refinement of a network's displacement by optimising a correction field directly on the pair (no network)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.inferers import Inferer
+
+from scripts.engines.resolution_inferer import ResolutionInferer, resize_displacement
+from scripts.io.errors import NonFiniteLossError
+from scripts.layers.warp import warp_image
+
+__all__ = ["FieldRefinementInferer", "refine_displacement"]
+
+logger = logging.getLogger(__name__)
+
+
+def refine_displacement(
+    inputs: torch.Tensor,
+    ddf: torch.Tensor,
+    image_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    regularization: Callable[[torch.Tensor], torch.Tensor],
+    regularization_weight: float = 1.0,
+    iterations: int = 50,
+    learning_rate: float = 0.1,
+    scale: float | Sequence[float] = 0.5,
+    log_interval: int = 0,
+) -> torch.Tensor:
+    """
+    Add to ``ddf`` the correction ``c`` that minimises ``image_loss(warp(m, ddf + c), f) + w * regularization(ddf + c)``
+    on a grid at ``scale`` of the input (Adam, fixed iteration count, zero start), and return ``ddf + upsample(c)``.
+
+    The network's field keeps its full-resolution detail; the correction adds what a free-form field can still gain on
+    this pair (the network was trained on other scans). The objective is the one of training and instance
+    optimisation (same ``image_loss`` and ``regularization``), evaluated on the smoothed, downsampled pair.
+
+    Args:
+        inputs: (B, 2, D, H, W) pair (channel 0 moving, 1 fixed), intensities scaled as for the network.
+        ddf: (B, 3, D, H, W) displacement in voxels of the input grid (from the network).
+        image_loss: dissimilarity of (warped moving, fixed), both (B, 1, d, h, w).
+        regularization: smoothness penalty of a (B, 3, d, h, w) displacement.
+        regularization_weight: weight ``w`` of the penalty, >= 0.
+        iterations: Adam steps (0 returns ``ddf`` unchanged).
+        learning_rate: Adam step size, in voxels of the refinement grid.
+        scale: refinement grid relative to the input (one number or one per axis).
+        log_interval: log the loss every this many steps (0: never).
+
+    Returns:
+        (B, 3, D, H, W) refined displacement in voxels of the input grid (float32, no gradient).
+    """
+    if inputs.ndim != 5 or inputs.shape[1] != 2:
+        raise ValueError(f"inputs must be (B, 2, D, H, W) moving + fixed, got {tuple(inputs.shape)}.")
+    if ddf.shape != (inputs.shape[0], 3, *inputs.shape[2:]):
+        raise ValueError(f"ddf must be (B, 3, D, H, W) on the inputs' grid, got {tuple(ddf.shape)}.")
+    if iterations < 0 or not learning_rate > 0 or regularization_weight < 0:
+        raise ValueError(
+            f"need iterations >= 0, learning_rate > 0, regularization_weight >= 0; got {iterations}, {learning_rate}, "
+            f"{regularization_weight}."
+        )
+    ddf = ddf.detach().float()
+    if iterations == 0:
+        return ddf
+    with torch.enable_grad(), torch.autocast(device_type=inputs.device.type, enabled=False):
+        small = ResolutionInferer(network_scale=scale).downsample(inputs.detach().float())
+        moving, fixed = small[:, :1], small[:, 1:]
+        base = resize_displacement(ddf, small.shape[2:])
+        correction = torch.zeros_like(base, requires_grad=True)
+        optimizer = torch.optim.Adam([correction], lr=learning_rate)
+        for step in range(iterations):
+            field = base + correction
+            loss = image_loss(warp_image(moving, field), fixed) + regularization_weight * regularization(field)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"field refinement: loss became {loss.item()} at step {step}.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if log_interval and (step + 1) % log_interval == 0:
+                logger.info("field refinement step %d/%d: loss %.5f", step + 1, iterations, loss.item())
+    return ddf + resize_displacement(correction.detach(), inputs.shape[2:])
+
+
+class FieldRefinementInferer(Inferer):
+    """
+    Run another inferer (the network, plain or instance-optimised) and refine its displacement on the pair with
+    :py:func:`refine_displacement`: a free-form correction optimised at ``scale`` of the input resolution.
+
+    Args:
+        base_inferer: inferer producing the (B, 3, D, H, W) displacement, e.g.
+            :py:class:`scripts.engines.ResolutionInferer` or :py:class:`scripts.engines.InstanceOptimizationInferer`.
+        image_loss, regularization, regularization_weight, iterations, learning_rate, scale, log_interval: see
+            :py:func:`refine_displacement`.
+
+    Call:
+        inputs: (B, 2, D, H, W) moving + fixed; network: passed to ``base_inferer``. Returns (B, 3, D, H, W).
+    """
+
+    def __init__(
+        self,
+        base_inferer: Inferer,
+        image_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        regularization: Callable[[torch.Tensor], torch.Tensor],
+        regularization_weight: float = 1.0,
+        iterations: int = 50,
+        learning_rate: float = 0.1,
+        scale: float | Sequence[float] = 0.5,
+        log_interval: int = 0,
+    ) -> None:
+        super().__init__()
+        if not callable(base_inferer):
+            raise ValueError(f"base_inferer must be an inferer (callable), got {type(base_inferer).__name__}.")
+        if int(iterations) < 0 or not float(learning_rate) > 0 or float(regularization_weight) < 0:
+            raise ValueError(
+                f"need iterations >= 0, learning_rate > 0, regularization_weight >= 0; got {iterations}, "
+                f"{learning_rate}, {regularization_weight}."
+            )
+        self.base_inferer = base_inferer
+        self.image_loss, self.regularization = image_loss, regularization
+        self.regularization_weight, self.iterations = float(regularization_weight), int(iterations)
+        self.learning_rate, self.scale, self.log_interval = float(learning_rate), scale, int(log_interval)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ddf = self.base_inferer(inputs, network, *args, **kwargs)
+        return refine_displacement(
+            inputs, ddf, self.image_loss, self.regularization, self.regularization_weight, self.iterations,
+            self.learning_rate, self.scale, self.log_interval,
+        )
