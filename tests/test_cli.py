@@ -38,10 +38,13 @@ def test_help_explains_every_argument():
 
 
 def test_cli_uses_the_bundle_configs():
-    files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=0, affine="none")
+    files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=0, affine="none", refine_iterations=0)
     assert [os.path.basename(f) for f in files] == ["inference.json"]
+    files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=0)  # register's defaults
+    assert [os.path.basename(f) for f in files] == ["inference.json", "refinement.json", "affine.json"]
     files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=7, overwrite=True)
-    assert [os.path.basename(f) for f in files] == ["inference.json", "instance_optimization.json", "affine.json"]
+    assert [os.path.basename(f) for f in files] == [
+        "inference.json", "instance_optimization.json", "refinement.json", "affine.json"]
     assert overrides["affine_transform"] == "affine" and overrides["affine_only"] is False
     assert overrides["optimization_iterations"] == 7 and overrides["overwrite"] is True
     files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=7, affine="rigid", affine_only=True)

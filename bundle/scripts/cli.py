@@ -173,7 +173,7 @@ def register(
     out: str | None = None,
     moving_label: str | None = None,
     fixed_label: str | None = None,
-    iterations: int | None = None,
+    iterations: int | None = 0,
     overwrite: bool = False,
     network_scale: float | None = None,
     learning_rate: float | None = None,
@@ -191,8 +191,9 @@ def register(
     """
     Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
 
-    Runs the bundle's configs/inference.json, merged with configs/instance_optimization.json unless --iterations 0 and
-    with configs/affine.json unless --affine none, through monai.bundle's ConfigWorkflow. Writes into OUT, on the
+    Runs the bundle's configs/inference.json merged with configs/affine.json (unless --affine none), the network's
+    field refined on the pair by configs/refinement.json (unless --refine_iterations 0) and, with --iterations N > 0,
+    configs/instance_optimization.json first, through monai.bundle's ConfigWorkflow. Writes into OUT, on the
     fixed image's grid and affine: warped_image.nii.gz, warped_label.nii.gz (with --moving_label), ddf.nii.gz (displacement in
     voxels of the fixed grid, applied after the affine stage), jacobian_det.nii.gz, the transforms for ITK/ANTs
     (affine.mat, warp.nii.gz; with --inverse also inverse_warp.nii.gz: antsApplyTransforms -r F -i M -t warp.nii.gz
@@ -205,7 +206,8 @@ def register(
         out: output folder (created if missing).
         moving_label: optional label map of the moving image; warped with nearest-neighbour sampling.
         fixed_label: optional label map of the fixed image; with moving_label, Dice is reported.
-        iterations: instance-optimisation steps that fine-tune the network on this pair (default: configs; 0: no tuning).
+        iterations: instance-optimisation steps that fine-tune the network on this pair before the refinement (default
+            0: one forward pass; None: configs/instance_optimization.json's count).
         overwrite: replace existing outputs in OUT (otherwise the run refuses to start).
         network_scale: network resolution relative to the image, e.g. 0.5 (default from the configs).
         learning_rate: Adam learning rate of the instance optimisation (default from the config).
@@ -312,19 +314,10 @@ def apply(
 
 
 def _route_warnings(debug: bool = False) -> None:
-    """
-    Python warnings go to the log (logger ``py.warnings``), not straight to the terminal: library deprecation notices
-    (FutureWarning, DeprecationWarning, e.g. MONAI's note on ``Orientationd``'s ``labels`` default) at DEBUG level,
-    which the bundle's logging.conf (INFO) does not show unless ``--debug``; every other warning at WARNING level.
-    """
-    import warnings
+    """Warnings to the log, library deprecation notices at DEBUG level (see :py:func:`scripts.io.console.route_warnings`)."""
+    from scripts.io.console import route_warnings
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        notice = issubclass(category, (FutureWarning, DeprecationWarning)) and not debug
-        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
-        logging.getLogger("py.warnings").log(logging.DEBUG if notice else logging.WARNING, "%s", text)
-
-    warnings.showwarning = show
+    route_warnings(debug)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from scripts.engines.resolution_inferer import ResolutionInferer, resize_displacement
@@ -60,6 +61,8 @@ def refine_displacement(
             f"need iterations >= 0, learning_rate > 0, regularization_weight >= 0; got {iterations}, {learning_rate}, "
             f"{regularization_weight}."
         )
+    # plain tensors: a MetaTensor (as MONAI engines pass) would make the optimised field a non-leaf
+    inputs, ddf = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (inputs, ddf))
     ddf = ddf.detach().float()
     if iterations == 0:
         return ddf
