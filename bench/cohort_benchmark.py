@@ -12,9 +12,15 @@ the first pair's ``metrics.json`` (written last) appears, *total* when the proce
 steady rate (N - 1) / (total - first). *Peak RSS* is the process's ``VmHWM`` (Linux), polled until it exits.
 ``--bundle`` runs another copy of the bundle (e.g. the code before this change, from ``git archive``) for comparison.
 
+``--first-only`` stops each run at its first result (for long datalists of full-size scans), ``--repeats`` runs each
+size several times (medians reported, every run kept).
+
 Usage::
 
-    python bench/cohort_benchmark.py --sizes 1 10 100 --out bench/results/cohort_cpu.json
+    python bench/cohort_benchmark.py --sizes 1 10 100 --out bench/results/cohort_cpu_3mm.json
+    python bench/cohort_benchmark.py --sizes 1 100 --factor 1 --first-only --repeats 3 --out bench/results/cohort_1mm_first.json
+    git archive <commit> bundle | tar -x -C /tmp/old && \
+        python bench/cohort_benchmark.py --bundle /tmp/old/bundle ...          # the same against older code
     python bench/cohort_benchmark.py --sizes 1 10 --factor 4 --out /tmp/cohort.json      # quick
 """
 
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +83,7 @@ def write_datalist(folder: Path, count: int, factor: int) -> Path:
         pairs.append(pair)
     datalist = folder / f"datalist_{count}.json"
     datalist.write_text(json.dumps({"pairs": pairs}))
+    os.sync()  # the run must not pay for flushing the data just written (its atomic writes fsync)
     return datalist
 
 
@@ -95,6 +103,7 @@ def run_case(bundle: Path, datalist: Path, out: Path, count: int, extra: list[st
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                "--datalist", str(datalist), "--output_dir", str(out), *extra]
     first_result = out / "p0000" / "metrics.json"
+    out.mkdir(parents=True, exist_ok=True)
     log_file = out.parent / f"{out.name}.log"
     first, peak = None, 0.0
     with open(log_file, "w") as log:
@@ -135,6 +144,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for data and outputs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--first-only", action="store_true", help="stop each run at its first result")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per size (fresh output folder); medians reported")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cohort_bench_"))
     extra = ["--device", f"$torch.device('{args.device}')"] if args.device else []
@@ -143,9 +153,14 @@ def main() -> None:
         case = work / f"n{count}"
         case.mkdir(parents=True, exist_ok=True)
         datalist = write_datalist(case, count, args.factor)
-        result = run_case(args.bundle.resolve(), datalist, case / "out", count, extra, args.first_only)
+        runs = []
+        for repeat in range(args.repeats):
+            runs.append(run_case(args.bundle.resolve(), datalist, case / f"out{repeat}", count, extra, args.first_only))
+            print(json.dumps(runs[-1]), flush=True)
+        result = {k: (statistics.median(r[k] for r in runs) if isinstance(v, (int, float)) and k != "pairs" else v)
+                  for k, v in runs[0].items()}
+        result["runs"] = runs
         results.append(result)
-        print(json.dumps(result), flush=True)
     base = next((r for r in results if r["pairs"] == 1), results[0])
     for r in results:
         r["first_result_vs_1_pair"] = round(r["time_to_first_result_s"] / base["time_to_first_result_s"], 3)

@@ -34,6 +34,8 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+__all__ = ["main", "markdown"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 BENCH_CASES = ["ncc_ours_fwd_bwd", "ncc_monai_fwd_bwd", "warp_ours_image", "warp_monai_image", "warp_ours_label",
@@ -179,16 +181,17 @@ def main(argv=None) -> int:
     report["amp_agreement"] = amp_agreement(device, size)
     _write(out, report)
     code, seconds = _run([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p",
-                          "no:cacheprovider", f"--junitxml={out / 'cuda_tests.xml'}"], min(left() - 200, 240),
+                          "no:cacheprovider", f"--junitxml={out / 'cuda_tests.xml'}"], min(left() - 230, 180),
                          out / "cuda_tests.log")
     report["tests"] = dict(_junit_counts(out / "cuda_tests.xml"), exit_code=code, seconds=seconds)
+    _write(out, report)
     report["benchmark"] = {}
     for mode in ("fp32", "amp"):
         raw = out / f"benchmark_{mode}.json"
         command = [sys.executable, "bench/benchmark.py", "--device", device.type, "--sizes", ",".join(map(str, size)),
                    "--cases", *BENCH_CASES, "--repeats", str(repeats), "--warmup", str(warmup), "--in-process",
                    "--out", str(raw)] + (["--amp"] if mode == "amp" else [])
-        code, seconds = _run(command, min(left() - 30, 150), out / f"benchmark_{mode}.log")
+        code, seconds = _run(command, min(left() - 50, 110), out / f"benchmark_{mode}.log")
         report["benchmark"][mode] = json.loads(raw.read_text()) if raw.is_file() else {"error": f"exit {code}"}
         report["benchmark"][mode].update(exit_code=code, seconds=seconds)
         _write(out, report)

@@ -14,7 +14,16 @@ import time
 
 import numpy as np
 import pytest
-from cohort_data import SMALL_NETWORK, SMALL_NETWORK_ARGS, cohort, file_stamps, real_pairs, statuses, volume, write_datalist
+from cohort_data import (
+    SMALL_NETWORK,
+    SMALL_NETWORK_ARGS,
+    cohort,
+    file_stamps,
+    real_pairs,
+    statuses,
+    volume,
+    write_datalist,
+)
 from conftest import BUNDLE_ROOT
 from workflow_data import run_bundle_workflow
 
@@ -118,16 +127,15 @@ def test_a_run_killed_with_sigkill_and_started_again_completes_every_pair_once(t
                "--datalist", str(datalist), "--output_dir", str(out), "--ckpt_path", str(tmp_path / "no_weights.pt"),
                *SMALL_NETWORK_ARGS]
     env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT), "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "first_run.log", "w")
-    process = subprocess.Popen(command, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while not (out / "cohort.json").exists() or not any(r["status"] == "registered" for r in cohort(out)["pairs"]):
-        assert process.poll() is None, (tmp_path / "first_run.log").read_text()[-3000:]
-        assert time.time() < deadline, "the first pair did not finish in time"
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)  # mid-run: the next pair is being loaded, registered or written
-    process.wait()
-    log.close()
+    with open(tmp_path / "first_run.log", "w") as log:
+        process = subprocess.Popen(command, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while not (out / "cohort.json").exists() or not any(r["status"] == "registered" for r in cohort(out)["pairs"]):
+            assert process.poll() is None, (tmp_path / "first_run.log").read_text()[-3000:]
+            assert time.time() < deadline, "the first pair did not finish in time"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)  # mid-run: the next pair is being loaded, registered or written
+        process.wait()
     done = [p["id"] for p in pairs if pair_outputs_complete(out / p["id"], p, ["warped_image.nii.gz", "ddf.nii.gz",
                                                                               "jacobian_det.nii.gz", "metrics.json"])]
     assert 1 <= len(done) < len(pairs), f"kill landed after the run: {done}"

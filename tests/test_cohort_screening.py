@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 from reliability_data import load_sample, save, small_pair
@@ -63,7 +64,7 @@ def test_an_atlas_shared_by_every_pair_is_read_once(atlas_study):
 
 
 def test_a_bad_atlas_fails_every_pair_but_is_decoded_once(atlas_study, tmp_path):
-    files, subjects = atlas_study
+    _, subjects = atlas_study
     volume, affine = load_sample("moving_image")
     volume = volume.astype(np.float32)
     volume[3, 3, 3] = np.inf
@@ -92,7 +93,7 @@ def test_expected_outputs_follow_the_pair_and_the_config():
     images_only = {"moving_image": "m", "fixed_image": "f"}
     new_output = expected_pair_outputs(images_only, OUTPUT_NAMES + ["inverse_warp.nii.gz"])
     assert "inverse_warp.nii.gz" in new_output and "metrics.json" not in new_output  # new outputs join by config
-    with pytest.raises(ValueError, match="single name"):
+    with pytest.raises(TypeError, match="single name"):
         expected_pair_outputs(images_only, "ddf.nii.gz")
 
 
@@ -157,3 +158,58 @@ def test_cli_takes_either_one_pair_or_a_datalist(tmp_path):
         cli_datalist_overrides(None, "f.nii.gz", None, "out")
     with pytest.raises(RegistrationInputError, match="expected no --fixed"):
         cli_datalist_overrides("d.json", None, None, "out", ("label.nii.gz", None))
+
+
+def test_the_first_pair_of_a_long_datalist_is_ready_after_reading_only_its_own_files(atlas_study, tmp_path):
+    from scripts.workflow.cohort_dataset import CohortDataset
+
+    files, subjects = atlas_study
+    first = {**files, "pair_id": "first"}
+    rest = [{"moving_image": str(tmp_path / f"m{i}.nii.gz"), "fixed_image": subjects[0], "pair_id": f"p{i}"}
+            for i in range(300)]
+    screen = PairScreen([first, *rest])
+    dataset = CohortDataset(screen.pairs, None, screen=screen, output_dir=tmp_path / "out", output_names=OUTPUT_NAMES)
+    item = next(iter(dataset))
+    assert item["pair_id"] == "first" and item["inputs_validated"]
+    assert set(screen.full_reads) == set(files.values()) and not screen.bad  # the other 300 not looked at yet
+    assert (tmp_path / "out" / "first" / IN_PROGRESS_MARKER).exists()
+
+
+def test_summary_row_of_a_segmented_subject_has_named_structure_volumes(atlas_study, tmp_path):
+    from conftest import SAMPLE_DATA
+
+    from scripts.workflow.cohort_summary import CohortSummary
+
+    atlas_label = tmp_path / "data" / "moving_colin27_seg8.nii.gz"  # written by atlas_study
+    shutil.copy(SAMPLE_DATA / "moving_colin27_seg8.tsv", atlas_label.with_name("moving_colin27_seg8.tsv"))
+    folder = tmp_path / "out" / "subject0"
+    folder.mkdir(parents=True)
+    shutil.copy(atlas_label, folder / "warped_label.nii.gz")  # stands in for the atlas labels warped onto a subject
+    summary = CohortSummary(tmp_path / "out")
+    summary.start(["subject0"])
+    row = summary.record("subject0", "registered", folder, seconds=1.5, label_files=(None, str(atlas_label)))
+    labels = np.asarray(nib.load(str(atlas_label)).dataobj)
+    voxel_ml = abs(np.linalg.det(nib.load(str(atlas_label)).affine[:3, :3])) / 1000
+    assert row["volume_ml_7_cerebellum"] == pytest.approx((labels == 7).sum() * voxel_ml)
+    assert len([k for k in row if k.startswith("volume_ml_")]) == 8 and row.get("mean_dice") is None  # no labels
+    assert json.loads((tmp_path / "out" / "cohort.json").read_text())["pairs"][0]["volume_ml_7_cerebellum"] > 0
+
+
+def test_rows_left_by_a_stopped_multi_rank_run_are_kept_and_merged(tmp_path):
+    from scripts.workflow.cohort_summary import CohortSummary
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cohort.rank1.json").write_text(json.dumps({"rank": 1, "pairs": [
+        {"pair_id": "b", "status": "registered", "rank": 1, "seconds": 12.5, "mean_dice": 0.8}]}))
+    summary = CohortSummary(out)
+    summary.start(["a", "b", "c"])
+    summary.record("b", "already_complete", out / "b")
+    summary.record("c", "failed", error="moving image 'x' does not exist")
+    document = summary.finalize()
+    rows = {r["pair_id"]: r for r in document["pairs"]}
+    assert rows["b"] == {"pair_id": "b", "status": "already_complete", "rank": 1, "seconds": 12.5, "mean_dice": 0.8}
+    assert rows["a"]["status"] == "pending" and rows["c"]["error"].startswith("moving image")
+    assert not list(out.glob("cohort.rank*.json")) and (out / "cohort.md").exists()
+    assert json.loads((out / "cohort.json").read_text())["counts"] == {
+        "registered": 0, "already_complete": 1, "failed": 1, "pending": 1}

@@ -47,7 +47,11 @@ def _write_pair(folder: Path, factor: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     names = {"moving_image": "colin27.nii.gz", "moving_label": "colin27_seg.nii.gz",
              "fixed_image": "mni152.nii.gz", "fixed_label": "mni152_seg.nii.gz"}
-    return {key: str(save(folder / name, *load_sample(key, factor=factor))) for key, name in names.items()}
+    pair = {key: str(save(folder / name, *load_sample(key, factor=factor))) for key, name in names.items()}
+    # the shipped label maps' own lookup tables travel with their copies (X.tsv beside X.nii.gz names the classes)
+    for key, table in (("moving_label", "moving_colin27_seg8.tsv"), ("fixed_label", "fixed_mni152_seg8.tsv")):
+        shutil.copy(REPO_ROOT / "bundle" / "sample_data" / table, pair[key].replace(".nii.gz", ".tsv"))
+    return pair
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,26 @@ def training_data(tmp_path):
             "output_dir": str(tmp_path / "runs"), **SMALL_NETWORK}
 
 
-def _command(settings, max_epochs):
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json"]
+class PauseAtIteration:
+    """Training handler for the kill test: when iteration ``iteration`` starts, create ``marker`` and wait there (the
+    test then kills the process), so the kill lands inside that iteration on any machine, however fast."""
+
+    def __init__(self, iteration: int, marker: str) -> None:
+        self.iteration, self.marker = iteration, marker
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_STARTED(once=self.iteration), self)
+
+    def __call__(self, engine) -> None:
+        Path(self.marker).touch()
+        time.sleep(600)
+
+
+def _command(settings, max_epochs, extra_config=None):
+    configs = "configs/train.json" if extra_config is None else str(["configs/train.json", str(extra_config)])
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
     for key, value in {**settings, "max_epochs": max_epochs, "val_interval": max_epochs}.items():
         args += [f"--{key}", str(value)]
     return args
@@ -54,14 +72,21 @@ def _all_checkpoints_load(ckpt_dir):
 
 def test_training_killed_mid_epoch_resumes_and_finishes(training_data, tmp_path):
     ckpt = Path(training_data["ckpt_dir"])
+    # the first run announces the start of its second iteration (= inside epoch 2) and waits there to be killed
+    marker = tmp_path / "inside_epoch_2"
+    pause = tmp_path / "pause.json"
+    pause.write_text(json.dumps({"+train::handlers": [
+        {"_target_": "test_reliability_training.PauseAtIteration", "iteration": ITERATIONS_PER_EPOCH + 1,
+         "marker": str(marker)}]}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(_command(training_data, 2), cwd=BUNDLE, stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(_command(training_data, 2, pause), cwd=BUNDLE, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while not (ckpt / "checkpoint_epoch=1.pt").exists():
+    while not marker.exists():
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint after 300 s"
+        assert time.time() < deadline, "epoch 2 did not start within 300 s"
         time.sleep(0.05)
-    time.sleep(0.3)  # inside epoch 2 (an iteration takes over a second)
+    assert (ckpt / "checkpoint_epoch=1.pt").exists()  # saved at the end of epoch 1, before epoch 2 started
     first.send_signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
     log.close()

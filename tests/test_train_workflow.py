@@ -51,8 +51,7 @@ def train_setup(tmp_path_factory):
 def _overrides(root):
     return {
         "datalist": str(root / "datalist.json"),
-        "ckpt_dir": str(root / "ckpt"),
-        "output_dir": str(root / "runs"),
+        "run_dir": str(root / "run"),  # checkpoints, best model and TensorBoard files of this run
         "max_epochs": 2,
         "network_scale": 0.5,
         "label_ids": [1, 2, 3, 4, 5, 6, 7, 8],
@@ -70,7 +69,7 @@ def test_training_resumes_from_last_checkpoint(train_setup):
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
 
     run_bundle_workflow(["train.json"], workflow_type="train", prepare=stop_after_first_epoch, **_overrides(root))
-    first = latest_checkpoint(root / "ckpt")
+    first = latest_checkpoint(root / "run")
     assert first.endswith("checkpoint_epoch=1.pt")
     state = torch.load(first, weights_only=False)
     assert state["trainer"]["iteration"] == 2 and state["trainer"]["epoch_length"] == 2  # = end of epoch 1
@@ -86,17 +85,17 @@ def test_training_resumes_from_last_checkpoint(train_setup):
 
     run_bundle_workflow(["train.json"], workflow_type="train", prepare=record_epochs, **_overrides(root))
     assert epochs_run == [2]  # resumed: epoch 1 was not trained again
-    final = torch.load(latest_checkpoint(root / "ckpt"), weights_only=False)
+    final = torch.load(latest_checkpoint(root / "run"), weights_only=False)
     assert final["trainer"]["iteration"] == 4  # = end of epoch 2
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {4}  # Adam state carried over
     assert final["lr_scheduler"]["last_epoch"] == 2
     assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # poly decay to the end
     assert any(not torch.equal(final["model"][k], state["model"][k]) for k in state["model"])  # epoch 2 trained
 
-    best = torch.load(root / "ckpt" / "model.pt", weights_only=True)
+    best = torch.load(root / "run" / "model.pt", weights_only=True)
     net = SACBNet(kmeans_iterations=3)
     net.load_state_dict(best, strict=True)  # plain state dict of network_def
-    assert (root / "runs").is_dir() and any((root / "runs").iterdir())  # TensorBoard event files
+    assert any(p.name.startswith("events.out.tfevents") for p in (root / "run").iterdir())  # TensorBoard, same folder
 
 
 def test_training_downsampling_gives_the_network_what_inference_gives_it():
@@ -127,8 +126,8 @@ def test_training_starts_from_initial_weights(train_setup, tmp_path):
     start = SACBNet(kmeans_iterations=3)
     torch.nn.init.constant_(start.flow_out.bias, 0.25)  # a visible marker, unlike any initialisation
     torch.save(start.state_dict(), tmp_path / "start.pt")
-    overrides = dict(_overrides(train_setup), ckpt_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "runs"))
+    overrides = dict(_overrides(train_setup), run_dir=str(tmp_path / "run"))
     overrides.update(max_epochs=1, learning_rate=0.0, initial_weights=str(tmp_path / "start.pt"))
     run_bundle_workflow(["train.json"], workflow_type="train", **overrides)
-    trained = torch.load(latest_checkpoint(tmp_path / "ckpt"), weights_only=False)["model"]
+    trained = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=False)["model"]
     assert all(torch.equal(trained[k], v) for k, v in start.state_dict().items())

@@ -75,6 +75,10 @@ from .screening import (
     FAILED_PAIRS_FILE,
     PairScreen,
 )
+from .console import (
+    WARNINGS_LOGGER,
+    route_warnings,
+)
 from .devices import (
     DEVICE_PATTERN,
     available_devices,

@@ -18,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.io.atomic import write_text
-
 __all__ = [
     "IN_PROGRESS_MARKER",
     "LABEL_OUTPUTS",
@@ -67,7 +65,7 @@ def expected_pair_outputs(
         file names in ``output_names`` order, without duplicates.
     """
     if isinstance(output_names, (str, os.PathLike)):
-        raise ValueError(f"output_names must be a list of file names, got the single name {output_names!r}.")
+        raise TypeError(f"output_names must be a list of file names, got the single name {output_names!r}.")
     label_outputs = LABEL_OUTPUTS if label_outputs is None else label_outputs
     run_outputs = set(RUN_OUTPUTS if run_outputs is None else run_outputs)
     names: list[str] = []
@@ -121,8 +119,15 @@ def pair_outputs_complete(
 
 
 def mark_in_progress(folder: str | os.PathLike, note: str = "") -> Path:
-    """Create the folder's :data:`IN_PROGRESS_MARKER` (atomically) before its pair is registered."""
-    return write_text(note or "registration in progress\n", Path(folder) / IN_PROGRESS_MARKER)
+    """Create the folder's :data:`IN_PROGRESS_MARKER` before its pair is registered.
+
+    Written in place, not through a temporary file: only its existence matters, and a run killed while writing it
+    leaves the marker (the safe side: the pair counts as interrupted) rather than a stray temporary file.
+    """
+    marker = Path(folder) / IN_PROGRESS_MARKER
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(note or "registration in progress\n")
+    return marker
 
 
 def clear_in_progress(folder: str | os.PathLike) -> None:

@@ -8,8 +8,9 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from scripts.io.atomic import check_outputs_writable
 from scripts.io.datalist_checks import check_datalist

@@ -37,8 +37,8 @@ def check_device_name(name: object) -> str:
     text = str(name).strip().lower() if isinstance(name, (str, torch.device)) else None
     if text is None or not DEVICE_PATTERN.match(text):
         raise RegistrationInputError(
-            f"device {name!r} is not a device name; expected 'cpu', 'cuda' or 'cuda:N' (N = GPU index). "
-            f"Available here: {', '.join(available_devices())}."
+            f"device {name!r} is not a device name; expected 'cpu', 'cuda' or 'cuda:N' (N = GPU index); "
+            f"available: {', '.join(available_devices())}."
         )
     return text
 

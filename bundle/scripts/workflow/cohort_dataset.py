@@ -80,6 +80,8 @@ class CohortDataset(IterableDataset):
         self.pairs = self.screen.pairs if isinstance(data, PairScreen) else [dict(p) for p in data]
         self.transform = transform
         self.output_dir = output_dir
+        if len(self.pairs) > 1 and not all(p.get("pair_id") for p in self.pairs):
+            raise ValueError("every pair of a datalist needs a 'pair_id' (its output folder); see inference_pairs.")
         self.output_names = list(output_names)
         if not self.output_names:
             raise ValueError("output_names must list the run's output files (configs: @output_names).")
@@ -158,6 +160,8 @@ class CohortDataset(IterableDataset):
             if user_error is None or len(self.pairs) == 1:
                 raise
             clear_in_progress(folder)
+            if not any(folder.iterdir()):
+                folder.rmdir()  # created for the marker only
             self._fail(index, pair, user_error)
             return None
 
@@ -165,7 +169,7 @@ class CohortDataset(IterableDataset):
         """Step 4: the engine wrote the pair's outputs (it asks for the next pair only then)."""
         folder = pair_output_dir(self.output_dir, pair["pair_id"])
         expected = self._expected(pair)
-        state, existing = pair_output_state(folder, expected)
+        existing = pair_output_state(folder, expected)[1]
         missing = [n for n in expected if n not in existing]
         if missing:  # a configuration error (a name in output_names that nothing writes): no pair would ever count
             raise ValueError(

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ _DONE = ("registered", "already_complete")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class CohortSummary:
@@ -193,8 +193,8 @@ class CohortSummary:
         registered = sum(r["status"] == "registered" for r in rows.values())
         document = self._write_tables(ordered, True, registered)
         write_text(markdown_report(ordered, document), self.output_dir / COHORT_MD)
-        for path in self.output_dir.glob(_RANK_FILE.format("*")):
-            path.unlink(missing_ok=True)
+        for path in [*self.output_dir.glob(_RANK_FILE.format("*")), *self.output_dir.glob(".cohort*.tmp-*")]:
+            path.unlink(missing_ok=True)  # rank files are merged now; temporary files of writes cut short by a kill
         self._rewrite_metrics_summaries()
         counts = document["counts"]
         logger.info(
@@ -222,9 +222,9 @@ def cohort_console_summary(output_dir: str | os.PathLike) -> str:
     document = json.loads(path.read_text())
     counts = document.get("counts", {})
     lines = [
-        f"Cohort of {document.get('total', 0)} pair(s) in {folder}: {counts.get('registered', 0)} registered in this run, "
-        f"{counts.get('already_complete', 0)} complete from earlier runs, {counts.get('failed', 0)} failed, "
-        f"{counts.get('pending', 0)} pending.",
+        (f"Cohort of {document.get('total', 0)} pair(s) in {folder}: {counts.get('registered', 0)} registered in this "
+         f"run, {counts.get('already_complete', 0)} complete from earlier runs, {counts.get('failed', 0)} failed, "
+         f"{counts.get('pending', 0)} pending."),
         f"  per pair: {folder / COHORT_CSV}",
         f"  report:   {folder / COHORT_MD}",
     ]

@@ -83,7 +83,9 @@ class RegistrationMetricsd(MapTransform):
         label_ids: ids to evaluate (None: ids present in the label maps).
         label_names: id -> name mapping or a lookup-table file (see :py:mod:`scripts.io.label_names`), used for every
             pair. None: each pair's names come from its label maps' own lookup tables (``X.tsv`` beside
-            ``X.nii.gz``, fixed label first), else labels are named by their numbers.
+            ``X.nii.gz``), else labels are named by their numbers.
+        name_source_keys: keys whose MetaTensor ``filename_or_obj`` names a label file whose table is looked up, in
+            order (the fixed label first; copies made before loading keep the name where later steps drop it).
         hd95: add per-label HD95; ssim: add SSIM; write_csv: also write the per-label ``metrics.csv``.
         overwrite: replace existing metric files.
         pair_id_key: key of the pair's sub-folder name.
@@ -105,6 +107,7 @@ class RegistrationMetricsd(MapTransform):
         write_csv: bool = False,
         overwrite: bool = False,
         pair_id_key: str = "pair_id",
+        name_source_keys: Sequence[str] = ("fixed_label", "moving_label", "moving_label_source"),
     ) -> None:
         super().__init__([fixed_label_key], allow_missing_keys=True)
         self.output_dir = output_dir
@@ -115,6 +118,7 @@ class RegistrationMetricsd(MapTransform):
         self.hd95, self.ssim, self.write_csv = hd95, ssim, write_csv
         self.overwrite = overwrite
         self.pair_id_key = pair_id_key
+        self.name_source_keys = list(name_source_keys)
 
     def file_names(self) -> list[str]:
         """Names of the files this transform writes."""
@@ -133,8 +137,7 @@ class RegistrationMetricsd(MapTransform):
             warped_label=d[self.warped_label_key],
             moving_label=d.get(self.moving_label_key),
             label_ids=self.label_ids,
-            label_names=self.label_names
-            or label_names_for(None, _source_file(d[self.fixed_label_key]), _source_file(d.get(self.moving_label_key))),
+            label_names=self.label_names or label_names_for(None, *[_source_file(d.get(k)) for k in self.name_source_keys]),
             jacobian_det=d.get(self.jacobian_key),
             warped_image=d.get(self.warped_image_key),
             fixed_image=d.get(self.fixed_image_key),

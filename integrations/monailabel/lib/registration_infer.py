@@ -71,6 +71,8 @@ class AtlasPaird(MapTransform):
 def _label_names(bundle_path: str, configured: Any, atlas_label: str) -> Dict[str, str]:
     """The bundle's ``label_names`` (a mapping or a lookup-table file), else the atlas label map's own lookup table
     (``X.tsv`` beside ``X.nii.gz``, as the shipped atlas has), through the bundle's ``scripts.io.label_names``."""
+    if isinstance(configured, str) and configured.startswith("$"):
+        configured = None  # the default expression: the names of the request's own labels, i.e. the atlas label's
     sys.path.insert(0, bundle_path)
     try:
         label_names = importlib.import_module("scripts.io.label_names")
