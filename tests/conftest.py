@@ -1,5 +1,6 @@
 """Shared pytest setup: make ``scripts.<module>`` importable exactly as MONAI bundles expect (bundle root on sys.path)."""
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,21 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_streams():
+    """In-process workflows configure logging (configs/logging.conf) and ignite binds its own handlers to the
+    sys.stdout/stderr of the test that ran first; pytest closes those captures afterwards. Point such handlers at the
+    real stderr so a later test's log record is written instead of failing with "--- Logging error ---"."""
+    loggers = [logging.getLogger()] + [
+        item for item in logging.Logger.manager.loggerDict.values() if isinstance(item, logging.Logger)
+    ]
+    for item in loggers:
+        for handler in item.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.__stderr__  # setStream would flush the closed stream first
     yield
 
 

@@ -199,3 +199,7 @@ def test_datalist_of_pairs_writes_one_folder_per_pair(small_pair, tmp_path):
         ddf = nib.load(str(out / pair_id / "ddf.nii.gz"))
         assert np.allclose(ddf.affine, nib.load(small_pair[fixed]).affine)
         assert not (out / pair_id / "metrics.json").exists()  # no labels given
+        assert not [p.name for p in (out / pair_id).iterdir() if p.name.startswith(".")]  # no marker, no temp file
+    cohort = json.loads((out / "cohort.json").read_text())  # the datalist's summary (tests/test_cohort_*.py)
+    assert [(r["pair_id"], r["status"]) for r in cohort["pairs"]] == [("colin_to_mni", "registered"),
+                                                                      ("mni_to_colin", "registered")]

@@ -81,7 +81,7 @@ CASES = {
     "no overlap": (
         lambda t, p: {"moving": _bad(t, "far.nii.gz", load_sample("moving_image")[0],
                                      np.diag([4.0, 4, 4, 1]) + np.array([[0, 0, 0, 900.0]] + [[0] * 4] * 3)),
-                      "moving_label": None, "fixed_label": None},
+                      "moving_label": None, "fixed_label": None, "affine": "none"},  # pre-aligned inputs
         r"error: moving image '.*far.nii.gz' .* and fixed image .* have no physical overlap .*; expected affinely "
         r"pre-aligned images",
     ),

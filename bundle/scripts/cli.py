@@ -70,12 +70,11 @@ def workflow_overrides(
     Returns:
         (config file list, {config id: value}).
     """
-    if (iterations is not None and int(iterations) < 0) or (refine_iterations is not None and int(refine_iterations) < 0):
-        from scripts.io.errors import (
-            RegistrationInputError,  # a ValueError the CLI shows without traceback
-        )
+    for flag, value in (("--iterations", iterations), ("--refine_iterations", refine_iterations)):
+        if value is not None and int(value) < 0:
+            from scripts.io.errors import RegistrationInputError  # a ValueError the CLI shows without traceback
 
-        raise RegistrationInputError(f"--iterations and --refine_iterations must be >= 0, got {iterations}, {refine_iterations}.")
+            raise RegistrationInputError(f"{flag} must be >= 0, got {value}.")
     if affine not in AFFINE_CHOICES or (affine_only and affine == "none"):
         from scripts.io.errors import RegistrationInputError
 

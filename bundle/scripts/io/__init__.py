@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Input/output of the bundle: user errors, atomic writes, input checks (volumes, pairs, datalists, checkpoints),
-datalists and pair screening, and the writer of registration outputs. Imports nothing else from ``scripts``."""
+datalists and pair screening, when a pair's outputs are complete, sharding over ranks, and the writer of registration
+outputs. Imports nothing else from ``scripts``."""
 
 from .errors import (
     BundleUserError,

@@ -1,5 +1,6 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Pieces of the bundle workflows: dictionary transforms on the fixed grid, ignite handlers, metrics and QC figures."""
+"""Pieces of the bundle workflows: dictionary transforms on the fixed grid, ignite handlers, metrics and QC figures, and
+cohorts (the streaming, resumable dataset of a datalist run and its summary)."""
 
 from .grid_transforms import (
     DownsampleToNetworkGridd,

@@ -12,8 +12,9 @@ with the datalist. For each pair this rank owns (``scripts.io.sharding.shard_ind
 4. when the engine asks for the next pair (num_workers=0: after this one's outputs are written), checks that the
    outputs are complete, removes the mark and records the pair's row in the ``CohortSummary`` with its wall time.
 
-A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) behaves as before: it fails at once if outputs
-exist (unless ``overwrite``) or its inputs are bad, and writes no cohort files.
+A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) behaves as before: it fails when the dataset is
+built, before the engine starts, if outputs exist (unless ``overwrite``) or its inputs are bad, and writes no cohort
+files. A datalist of one pair is checked then too.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class CohortDataset(IterableDataset):
         self.summary = summary if summary is not None else CohortSummary(output_dir)
         self.label_outputs = label_outputs
         self.run_outputs = run_outputs
+        self._checked_first: dict[str, Any] | None = None
+        if len(self.pairs) == 1:  # nothing else to do: fail at once, before the engine starts, as before
+            if not self.pairs[0].get("pair_id"):
+                check_outputs_free(self.pairs, self.output_dir, self.output_names, self.overwrite)
+            self._checked_first = self.screen.check(self.pairs[0], 0)
 
     def __iter__(self) -> Iterator[Any]:
         if get_worker_info() is not None:
@@ -114,8 +120,8 @@ class CohortDataset(IterableDataset):
             self._finish(pair, time.perf_counter() - started)
 
     def _single_pair(self) -> Iterator[Any]:
-        check_outputs_free(self.pairs, self.output_dir, self.output_names, self.overwrite)
-        checked = self.screen.check(self.pairs[0], 0)
+        checked = self._checked_first or self.screen.check(self.pairs[0], 0)
+        self._checked_first = None  # a second run checks again
         yield self.transform(checked) if self.transform is not None else checked
 
     def _expected(self, pair: Mapping[str, Any]) -> list[str]:
@@ -147,7 +153,7 @@ class CohortDataset(IterableDataset):
             removed = clear_interrupted_outputs(folder, known)
             logger.warning("pair %s was interrupted in an earlier run (removed its partial outputs: %s); registering "
                            "it again.", pair["pair_id"], ", ".join(removed) or "none")
-        checked = self.screen.check(pair, index)
+        checked, self._checked_first = self._checked_first or self.screen.check(pair, index), None
         if checked is None:
             self.summary.record(pair["pair_id"], "failed", error=self.screen.bad[-1]["error"])
             return None
