@@ -19,6 +19,14 @@ __all__ = ["FieldRefinementInferer", "refine_displacement"]
 logger = logging.getLogger(__name__)
 
 
+def _check_settings(iterations: int, learning_rate: float, regularization_weight: float) -> None:
+    if int(iterations) < 0 or not float(learning_rate) > 0 or float(regularization_weight) < 0:
+        raise ValueError(
+            f"need iterations >= 0, learning_rate > 0, regularization_weight >= 0; got {iterations}, {learning_rate}, "
+            f"{regularization_weight}."
+        )
+
+
 def refine_displacement(
     inputs: torch.Tensor,
     ddf: torch.Tensor,
@@ -56,11 +64,7 @@ def refine_displacement(
         raise ValueError(f"inputs must be (B, 2, D, H, W) moving + fixed, got {tuple(inputs.shape)}.")
     if ddf.shape != (inputs.shape[0], 3, *inputs.shape[2:]):
         raise ValueError(f"ddf must be (B, 3, D, H, W) on the inputs' grid, got {tuple(ddf.shape)}.")
-    if iterations < 0 or not learning_rate > 0 or regularization_weight < 0:
-        raise ValueError(
-            f"need iterations >= 0, learning_rate > 0, regularization_weight >= 0; got {iterations}, {learning_rate}, "
-            f"{regularization_weight}."
-        )
+    _check_settings(iterations, learning_rate, regularization_weight)
     # plain tensors: a MetaTensor (as MONAI engines pass) would make the optimised field a non-leaf
     inputs, ddf = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (inputs, ddf))
     ddf = ddf.detach().float()
@@ -114,11 +118,7 @@ class FieldRefinementInferer(Inferer):
         super().__init__()
         if not callable(base_inferer):
             raise ValueError(f"base_inferer must be an inferer (callable), got {type(base_inferer).__name__}.")
-        if int(iterations) < 0 or not float(learning_rate) > 0 or float(regularization_weight) < 0:
-            raise ValueError(
-                f"need iterations >= 0, learning_rate > 0, regularization_weight >= 0; got {iterations}, "
-                f"{learning_rate}, {regularization_weight}."
-            )
+        _check_settings(iterations, learning_rate, regularization_weight)
         self.base_inferer = base_inferer
         self.image_loss, self.regularization = image_loss, regularization
         self.regularization_weight, self.iterations = float(regularization_weight), int(iterations)
