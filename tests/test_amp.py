@@ -5,6 +5,8 @@ tolerance of float32 (checked on CPU with bfloat16 autocast, on the real pair wi
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import BUNDLE_ROOT, load_sample_pair
@@ -107,8 +109,8 @@ def test_inferers_return_float32_and_instance_optimisation_steps_under_autocast(
     with torch.no_grad(), torch.autocast(**BF16):
         ddf = ResolutionInferer(network_scale=0.5)(image, shipped_network)
     assert ddf.dtype == torch.float32 and ddf.shape == (1, 3, 40, 48, 40)
-    torch.manual_seed(0)  # the same initial weights whichever fixtures were built first (module/session scope)
-    net = SACBNet(base_channels=2, num_clusters=3, kmeans_iterations=3)
+    # the shipped weights (a copy): a random-init network can diverge to NaN under bfloat16 depending on its draw
+    net = copy.deepcopy(shipped_network)
     inferer = InstanceOptimizationInferer(LocalNCCLoss(5), GradientLoss(), Warp(), iterations=3, learning_rate=1e-3,
                                           network_scale=0.5, log_interval=0)
     with torch.no_grad(), torch.autocast(**BF16):
