@@ -5,7 +5,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import load_sample_pair
-from scripts.engines import FieldRefinementInferer, ResolutionInferer, refine_displacement
+from scripts.engines import FieldRefinementInferer, ForegroundCropInferer, ResolutionInferer, refine_displacement
 from scripts.layers.warp import warp_image
 from scripts.losses import GradientLoss, LocalNCCLoss
 
@@ -61,9 +61,51 @@ def test_config_puts_refinement_after_the_network_and_affine_only_skips_it():
     parser.read_config(["configs/inference.json", "configs/refinement.json", "configs/affine.json"])
     parser.parse()
     inferer = parser.get_parsed_content("evaluator").inferer
+    assert isinstance(inferer, ForegroundCropInferer)
+    inferer = inferer.base_inferer
     assert isinstance(inferer, FieldRefinementInferer) and isinstance(inferer.base_inferer, ResolutionInferer)
+    assert inferer.parameterization == "velocity" and inferer.image_loss.kernel_size == 9
     parser = ConfigParser()
     parser.read_config(["configs/inference.json", "configs/refinement.json", "configs/affine.json"])
     parser["affine_only"] = True
     parser.parse()
     assert type(parser.get_parsed_content("evaluator").inferer).__name__ == "ZeroFieldInferer"
+
+
+def test_velocity_correction_does_not_fold_where_a_free_displacement_does(pair):
+    from scripts.layers.jacobian import jacobian_determinant
+
+    inputs = torch.cat([pair["moving"], pair["fixed"]], 1)
+    start = torch.zeros(1, 3, *inputs.shape[2:])
+    loss, grad = LocalNCCLoss(5), GradientLoss()
+    folds, objective = {}, {}
+    for parameterization in ("velocity", "displacement"):
+        # a weak smoothness term and large steps: a free displacement folds, the diffeomorphic correction must not
+        field = refine_displacement(
+            inputs, start, loss, grad, 0.05, iterations=30, learning_rate=1.0, scale=1.0, parameterization=parameterization
+        )
+        folds[parameterization] = (jacobian_determinant(field) <= 0).float().mean().item()
+        objective[parameterization] = loss(warp_image(pair["moving"], field), pair["fixed"]).item()
+    assert folds["displacement"] > 0.01 and folds["velocity"] < 0.001
+    assert objective["velocity"] < loss(pair["moving"], pair["fixed"]).item() - 0.01
+
+
+def test_velocity_correction_is_composed_after_the_base_field(pair):
+    inputs = torch.cat([pair["moving"], pair["fixed"]], 1)
+    base = torch.zeros(1, 3, *inputs.shape[2:])
+    base[:, 0] = 2.0  # a whole-voxel shift: warping by it is exact, so base o exp(c) must equal exp(c) + 2 on axis 0
+    refined = refine_displacement(inputs, base, LocalNCCLoss(5), GradientLoss(), 1.0, iterations=5, scale=1.0)
+    # the same refinement of the pair whose moving image was shifted beforehand, from a zero start
+    shifted = torch.cat([warp_image(pair["moving"], base), pair["fixed"]], 1)
+    correction = refine_displacement(shifted, torch.zeros_like(base), LocalNCCLoss(5), GradientLoss(), 1.0, iterations=5, scale=1.0)
+    # Adam's sign-like early steps make the two fields differ where the gradient is almost zero; what must agree is
+    # the result: the same objective value, below the start, and the shift kept inside the refined field
+    loss = LocalNCCLoss(5)
+    start, after_base = loss(shifted[:, :1], pair["fixed"]).item(), loss(warp_image(pair["moving"], refined), pair["fixed"]).item()
+    assert after_base < start - 0.005
+    assert abs(after_base - loss(warp_image(shifted[:, :1], correction), pair["fixed"]).item()) < 2e-3
+    assert abs((refined - correction)[:, 0].median().item() - 2.0) < 0.05
+    with pytest.raises(ValueError, match="parameterization"):
+        refine_displacement(inputs, base, LocalNCCLoss(5), GradientLoss(), parameterization="spline")
+    with pytest.raises(ValueError, match="integration_steps"):
+        refine_displacement(inputs, base, LocalNCCLoss(5), GradientLoss(), integration_steps=0)

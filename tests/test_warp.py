@@ -67,3 +67,27 @@ def test_bad_arguments_and_shapes_raise():
         Warp()(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 3, 4, 4, 5))
     with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
         Warp()(torch.rand(4, 4, 4), torch.rand(1, 3, 4, 4, 4))
+
+
+def test_composed_displacement_warps_like_the_two_warps_in_turn():
+    from scripts.layers.warp import compose_displacements, identity_grid, warp_image
+
+    shape = (20, 24, 22)
+    generator = torch.Generator().manual_seed(0)
+    # smooth fields of a few voxels: random values on a coarse grid, upsampled (trilinear)
+    outer, inner = (
+        torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, 4, generator=generator) * 2, size=shape, mode="trilinear")
+        for _ in range(2)
+    )
+    # the voxel coordinates as a 3-channel image: trilinear sampling reproduces them exactly, so warping in turn and
+    # warping once by the composition agree to rounding wherever no sample leaves the volume
+    coordinates = identity_grid(list(shape), torch.device("cpu"), torch.float32).unsqueeze(0)
+    in_turn = warp_image(warp_image(coordinates, outer), inner)
+    interior = [slice(None), slice(None)] + [slice(7, -7)] * 3
+    composed = warp_image(coordinates, compose_displacements(outer, inner))
+    assert torch.allclose(composed[interior], in_turn[interior], atol=1e-4)
+    assert torch.allclose(composed[interior], (coordinates + compose_displacements(outer, inner))[interior], atol=1e-4)
+    wrong_order = warp_image(coordinates, compose_displacements(inner, outer))
+    assert (wrong_order - in_turn)[interior].abs().max() > 0.1
+    with pytest.raises(ValueError, match="displacements of one shape"):
+        compose_displacements(outer, inner[..., :-1])

@@ -100,7 +100,7 @@ METHODS: dict[str, NativeMethod] = {
             extra=("--overwrite",),
             deformable=True,
             tier=5,
-            settings={"cli": "scripts.cli register (defaults: affine stage + instance optimisation)"},
+            settings={"cli": "scripts.cli register (defaults: affine stage + one forward pass + velocity refinement)"},
         ),
         NativeMethod(
             "bundle_native_it0",
@@ -127,7 +127,7 @@ METHODS: dict[str, NativeMethod] = {
             extra=("--affine", "none", "--overwrite"),
             deformable=True,
             tier=6,
-            settings={"cli": "scripts.cli register --affine none (default instance optimisation)"},
+            settings={"cli": "scripts.cli register --affine none (defaults: one forward pass + velocity refinement)"},
         ),
     )
 }

@@ -22,3 +22,7 @@ from .field_refinement import (
     FieldRefinementInferer,
     refine_displacement,
 )
+from .foreground_crop_inferer import (
+    ForegroundCropInferer,
+    foreground_box,
+)

@@ -1,5 +1,5 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Refinement of a network's displacement by optimising a correction field directly on the pair (no network)."""
+"""Refinement of a network's displacement by optimising a correction (velocity or displacement) on the pair itself."""
 
 from __future__ import annotations
 
@@ -12,19 +12,58 @@ from monai.inferers import Inferer
 
 from scripts.engines.resolution_inferer import ResolutionInferer, resize_displacement
 from scripts.io.errors import NonFiniteLossError
-from scripts.layers.warp import warp_image
+from scripts.layers.velocity_integration import VelocityIntegration
+from scripts.layers.warp import compose_displacements, warp_image
 
 __all__ = ["FieldRefinementInferer", "refine_displacement"]
 
 logger = logging.getLogger(__name__)
 
 
-def _check_settings(iterations: int, learning_rate: float, regularization_weight: float) -> None:
+PARAMETERIZATIONS = ("velocity", "displacement")
+
+
+def _check_settings(
+    iterations: int, learning_rate: float, regularization_weight: float, parameterization: str, integration_steps: int
+) -> None:
     if int(iterations) < 0 or not float(learning_rate) > 0 or float(regularization_weight) < 0:
         raise ValueError(
             f"need iterations >= 0, learning_rate > 0, regularization_weight >= 0; got {iterations}, {learning_rate}, "
             f"{regularization_weight}."
         )
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")
+    if int(integration_steps) < 1:
+        raise ValueError(f"integration_steps must be >= 1, got {integration_steps}.")
+
+
+class _Correction:
+    """The optimised correction ``c`` and how it joins the base field ``u`` (both on one grid, in its voxels).
+
+    ``velocity``: ``u ∘ exp(c)`` (scaling and squaring), a diffeomorphism composed after the network's map, so the
+    correction cannot fold and the smoothness term acts on ``c``. ``displacement``: ``u + c``, smoothness on the sum.
+    """
+
+    def __init__(self, base: torch.Tensor, parameterization: str, integration_steps: int) -> None:
+        self.base, self.parameterization = base, parameterization
+        self.integrate = VelocityIntegration(int(integration_steps))
+        self.field = torch.zeros_like(base, requires_grad=True)
+
+    def total(self) -> torch.Tensor:
+        if self.parameterization == "velocity":
+            return compose_displacements(self.base, self.integrate(self.field))
+        return self.base + self.field
+
+    def smoothed(self) -> torch.Tensor:
+        """The field the smoothness term is taken of."""
+        return self.field if self.parameterization == "velocity" else self.total()
+
+    def apply_to(self, ddf: torch.Tensor) -> torch.Tensor:
+        """The correction, brought to ``ddf``'s grid, joined to ``ddf`` (no gradient)."""
+        with torch.no_grad():
+            if self.parameterization == "velocity":
+                return compose_displacements(ddf, resize_displacement(self.integrate(self.field), ddf.shape[2:]))
+            return ddf + resize_displacement(self.field.detach(), ddf.shape[2:])
 
 
 def refine_displacement(
@@ -34,17 +73,22 @@ def refine_displacement(
     regularization: Callable[[torch.Tensor], torch.Tensor],
     regularization_weight: float = 1.0,
     iterations: int = 50,
-    learning_rate: float = 0.1,
+    learning_rate: float = 2.0,
     scale: float | Sequence[float] = 0.5,
     log_interval: int = 0,
+    parameterization: str = "velocity",
+    integration_steps: int = 4,
 ) -> torch.Tensor:
     """
-    Add to ``ddf`` the correction ``c`` that minimises ``image_loss(warp(m, ddf + c), f) + w * regularization(ddf + c)``
-    on a grid at ``scale`` of the input (Adam, fixed iteration count, zero start), and return ``ddf + upsample(c)``.
+    Correct ``ddf`` by a field ``c`` optimised on a grid at ``scale`` of the input (Adam, fixed iteration count, zero
+    start) and return the corrected displacement on the input grid.
 
-    The network's field keeps its full-resolution detail; the correction adds what a free-form field can still gain on
-    this pair (the network was trained on other scans). The objective is the one of training and instance
-    optimisation (same ``image_loss`` and ``regularization``), evaluated on the smoothed, downsampled pair.
+    ``parameterization="velocity"`` (default): ``c`` is a stationary velocity and the result is ``ddf ∘ exp(c)``
+    (the moving image is warped by the network's field, then by the diffeomorphism ``exp(c)``), minimising
+    ``image_loss(warp(m, ddf ∘ exp(c)), f) + w * regularization(c)``; the correction adds no folding of its own.
+    ``"displacement"``: the result is ``ddf + c``, minimising ``image_loss(warp(m, ddf + c), f) + w *
+    regularization(ddf + c)``. The network's field keeps its full-resolution detail; the correction adds what the
+    network (trained on other scans) missed on this pair.
 
     Args:
         inputs: (B, 2, D, H, W) pair (channel 0 moving, 1 fixed), intensities scaled as for the network.
@@ -56,6 +100,8 @@ def refine_displacement(
         learning_rate: Adam step size, in voxels of the refinement grid.
         scale: refinement grid relative to the input (one number or one per axis).
         log_interval: log the loss every this many steps (0: never).
+        parameterization: "velocity" or "displacement", see above.
+        integration_steps: scaling-and-squaring steps of the velocity (>= 1).
 
     Returns:
         (B, 3, D, H, W) refined displacement in voxels of the input grid (float32, no gradient).
@@ -64,7 +110,7 @@ def refine_displacement(
         raise ValueError(f"inputs must be (B, 2, D, H, W) moving + fixed, got {tuple(inputs.shape)}.")
     if ddf.shape != (inputs.shape[0], 3, *inputs.shape[2:]):
         raise ValueError(f"ddf must be (B, 3, D, H, W) on the inputs' grid, got {tuple(ddf.shape)}.")
-    _check_settings(iterations, learning_rate, regularization_weight)
+    _check_settings(iterations, learning_rate, regularization_weight, parameterization, integration_steps)
     # plain tensors: a MetaTensor (as MONAI engines pass) would make the optimised field a non-leaf
     inputs, ddf = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (inputs, ddf))
     ddf = ddf.detach().float()
@@ -73,12 +119,11 @@ def refine_displacement(
     with torch.enable_grad(), torch.autocast(device_type=inputs.device.type, enabled=False):
         small = ResolutionInferer(network_scale=scale).downsample(inputs.detach().float())
         moving, fixed = small[:, :1], small[:, 1:]
-        base = resize_displacement(ddf, small.shape[2:])
-        correction = torch.zeros_like(base, requires_grad=True)
-        optimizer = torch.optim.Adam([correction], lr=learning_rate)
+        correction = _Correction(resize_displacement(ddf, small.shape[2:]), parameterization, integration_steps)
+        optimizer = torch.optim.Adam([correction.field], lr=learning_rate)
         for step in range(iterations):
-            field = base + correction
-            loss = image_loss(warp_image(moving, field), fixed) + regularization_weight * regularization(field)
+            penalty = regularization_weight * regularization(correction.smoothed())
+            loss = image_loss(warp_image(moving, correction.total()), fixed) + penalty
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"field refinement: loss became {loss.item()} at step {step}.")
             optimizer.zero_grad(set_to_none=True)
@@ -86,19 +131,20 @@ def refine_displacement(
             optimizer.step()
             if log_interval and (step + 1) % log_interval == 0:
                 logger.info("field refinement step %d/%d: loss %.5f", step + 1, iterations, loss.item())
-    return ddf + resize_displacement(correction.detach(), inputs.shape[2:])
+        return correction.apply_to(ddf)
 
 
 class FieldRefinementInferer(Inferer):
     """
     Run another inferer (the network, plain or instance-optimised) and refine its displacement on the pair with
-    :py:func:`refine_displacement`: a free-form correction optimised at ``scale`` of the input resolution.
+    :py:func:`refine_displacement`: a correction (by default a diffeomorphism composed after the network's map) optimised at ``scale`` of the input
+    resolution.
 
     Args:
         base_inferer: inferer producing the (B, 3, D, H, W) displacement, e.g.
             :py:class:`scripts.engines.ResolutionInferer` or :py:class:`scripts.engines.InstanceOptimizationInferer`.
-        image_loss, regularization, regularization_weight, iterations, learning_rate, scale, log_interval: see
-            :py:func:`refine_displacement`.
+        image_loss, regularization, regularization_weight, iterations, learning_rate, scale, log_interval,
+            parameterization, integration_steps: see :py:func:`refine_displacement`.
 
     Call:
         inputs: (B, 2, D, H, W) moving + fixed; network: passed to ``base_inferer``. Returns (B, 3, D, H, W).
@@ -111,14 +157,17 @@ class FieldRefinementInferer(Inferer):
         regularization: Callable[[torch.Tensor], torch.Tensor],
         regularization_weight: float = 1.0,
         iterations: int = 50,
-        learning_rate: float = 0.1,
+        learning_rate: float = 2.0,
         scale: float | Sequence[float] = 0.5,
         log_interval: int = 0,
+        parameterization: str = "velocity",
+        integration_steps: int = 4,
     ) -> None:
         super().__init__()
         if not callable(base_inferer):
             raise ValueError(f"base_inferer must be an inferer (callable), got {type(base_inferer).__name__}.")
-        _check_settings(iterations, learning_rate, regularization_weight)
+        _check_settings(iterations, learning_rate, regularization_weight, parameterization, integration_steps)
+        self.parameterization, self.integration_steps = parameterization, int(integration_steps)
         self.base_inferer = base_inferer
         self.image_loss, self.regularization = image_loss, regularization
         self.regularization_weight, self.iterations = float(regularization_weight), int(iterations)
@@ -128,5 +177,5 @@ class FieldRefinementInferer(Inferer):
         ddf = self.base_inferer(inputs, network, *args, **kwargs)
         return refine_displacement(
             inputs, ddf, self.image_loss, self.regularization, self.regularization_weight, self.iterations,
-            self.learning_rate, self.scale, self.log_interval,
+            self.learning_rate, self.scale, self.log_interval, self.parameterization, self.integration_steps,
         )

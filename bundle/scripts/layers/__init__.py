@@ -3,6 +3,7 @@
 
 from .warp import (
     Warp,
+    compose_displacements,
     identity_grid,
     warp_image,
 )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Warp", "identity_grid", "warp_image"]
+__all__ = ["compose_displacements", "Warp", "identity_grid", "warp_image"]
 
 _MODES = ("bilinear", "nearest")
 _PADDING_MODES = ("zeros", "border", "reflection")
@@ -41,6 +41,26 @@ def warp_image(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", p
     grid = 2.0 * grid / scale.view(1, 3, 1, 1, 1) - 1.0
     grid = grid.permute(0, 2, 3, 4, 1).flip(-1)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def compose_displacements(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """
+    Displacement of ``p ↦ q + outer(q)`` with ``q = p + inner(p)``: ``inner`` is followed first, then ``outer``, so
+    warping an image by the result equals warping it by ``outer`` and the outcome by ``inner``.
+
+    ``outer`` is sampled with border padding: near the volume's edge the composed map keeps the nearest displacement
+    instead of dropping to zero (which would fold there).
+
+    Args:
+        outer: (B, 3, D, H, W) displacement in voxels, applied to the image first.
+        inner: (B, 3, D, H, W) displacement in voxels on the same grid.
+
+    Returns:
+        (B, 3, D, H, W) composed displacement in voxels.
+    """
+    if outer.shape != inner.shape or outer.dim() != 5 or outer.shape[1] != 3:
+        raise ValueError(f"need two (B, 3, D, H, W) displacements of one shape, got {list(outer.shape)} and {list(inner.shape)}.")
+    return inner + warp_image(outer, inner, "bilinear", "border")
 
 
 class Warp(nn.Module):
