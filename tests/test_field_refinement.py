@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import load_sample_pair
 from monai.bundle import ConfigParser
 
-from conftest import load_sample_pair
 from scripts.engines import FieldRefinementInferer, ForegroundCropInferer, ResolutionInferer, refine_displacement
 from scripts.layers.warp import warp_image
 from scripts.losses import GradientLoss, LocalNCCLoss
@@ -49,7 +49,7 @@ def test_zero_iterations_returns_the_base_field_and_bad_arguments_raise(pair):
 
 def test_inferer_wraps_the_network_inferer_and_is_deterministic(pair):
     inputs = torch.cat([pair["moving"], pair["fixed"]], 1)
-    zero_network = lambda x: torch.zeros(x.shape[0], 3, *x.shape[2:])  # noqa: E731
+    zero_network = lambda x: torch.zeros(x.shape[0], 3, *x.shape[2:])
     inferer = FieldRefinementInferer(ResolutionInferer(0.5), LocalNCCLoss(5), GradientLoss(), iterations=10, scale=0.5)
     first, second = inferer(inputs, zero_network), inferer(inputs, zero_network)
     assert first.shape == (1, 3, *inputs.shape[2:]) and first.abs().max() > 0

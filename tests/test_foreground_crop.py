@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import load_sample_pair
+
 from scripts.engines import ForegroundCropInferer, ResolutionInferer, foreground_box
 from scripts.layers.jacobian import jacobian_determinant
 
@@ -31,7 +31,7 @@ def _embedded_pair(pad: int):
 
 
 def test_registration_inside_the_box_equals_the_registration_of_the_cropped_pair():
-    inputs, embedded = _embedded_pair(12)
+    _, embedded = _embedded_pair(12)
     calls = []
 
     def shift_network(pair):  # a field that depends on the grid it is given: a ramp along the first axis
@@ -56,7 +56,7 @@ def test_a_pair_that_fills_its_grid_is_passed_through_unchanged():
     inputs, _ = _embedded_pair(0)
     inputs = inputs + 0.01  # no background voxel at 0: the box is the whole grid
     seen = []
-    base = lambda pair, network: seen.append(pair) or torch.zeros(1, 3, *pair.shape[2:])  # noqa: E731
+    base = lambda pair, network: seen.append(pair) or torch.zeros(1, 3, *pair.shape[2:])
     ForegroundCropInferer(base, margin=8)(inputs, None)
     assert seen[0] is inputs
     with pytest.raises(ValueError, match="moving \\+ fixed"):

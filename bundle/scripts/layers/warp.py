@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["compose_displacements", "Warp", "identity_grid", "warp_image"]
+__all__ = ["Warp", "compose_displacements", "identity_grid", "warp_image"]
 
 _MODES = ("bilinear", "nearest")
 _PADDING_MODES = ("zeros", "border", "reflection")
 
 
-def identity_grid(spatial_shape: List[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def identity_grid(spatial_shape: list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Voxel coordinates of a grid, shape (3, D, H, W); channel i holds the index along array axis i."""
     axes = [torch.arange(int(s), device=device, dtype=dtype) for s in spatial_shape]
     return torch.stack(torch.meshgrid(axes, indexing="ij"), dim=0)
