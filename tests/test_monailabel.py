@@ -1,8 +1,10 @@
 """MONAI Label app (integrations/monailabel/): the real ``monailabel`` package serves the bundle, in its own venv.
 
-The app's infer task registers the atlas (Colin27 + labels) onto a study (MNI152) through ``MONAILabelApp.infer`` and
-returns the warped atlas labels on the study's grid, equal to the bundle's own ``monai.bundle run``; the train task
-turns the datastore's labelled studies into registration pairs and trains the bundle for one epoch.
+The app's infer task registers the atlas (Colin27 + labels, its header moved by a known rigid transform: the atlas in
+its own scanner space) onto a study (MNI152) through ``MONAILabelApp.infer`` and returns the warped atlas labels on the
+study's grid, equal to the bundle's own ``python -m scripts.cli register`` with its defaults (affine stage, SACB-Net,
+field refinement); the train task turns the datastore's labelled studies into registration pairs and trains the bundle
+for one epoch.
 
 Needs ``integrations/monailabel/setup_env.sh`` (``$SACB_LABEL_VENV`` or ``.venv-label``): monailabel needs torchvision,
 which needs another torch than the main environment's (see requirements-label.txt)."""
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,14 +22,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
-from ecosystem_utils import bundle_copy_with_weights, run_bundle_command, run_checked
+from ecosystem_utils import bundle_copy_with_weights, run_checked
 from reliability_data import load_sample, save
+
+from scripts.engines.affine_registration import resample_moving
 
 pytestmark = [pytest.mark.label, pytest.mark.slow]
 
 LABEL_PYTHON = Path(os.environ.get("SACB_LABEL_VENV", REPO_ROOT / ".venv-label")) / "bin" / "python"
 APP_DIR = REPO_ROOT / "integrations" / "monailabel"
 MODEL = "sacb_net_registration"
+ANGLE = np.deg2rad(10.0)
+ATLAS_MOVE = np.array(  # fixed world point -> atlas world point: the atlas header moved by 10 degrees and ~17 mm
+    [[np.cos(ANGLE), -np.sin(ANGLE), 0, 12.0], [np.sin(ANGLE), np.cos(ANGLE), 0, -10.0], [0, 0, 1, 8.0], [0, 0, 0, 1]]
+)
 
 if not LABEL_PYTHON.is_file():
     pytest.skip(
@@ -43,23 +52,48 @@ def _run_in_label_venv(code: str, cwd: Path) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _write_pair(folder: Path, factor: int) -> dict:
+def _write_pair(folder: Path, factor: int, atlas_move: np.ndarray | None = None) -> dict:
+    """The shipped pair subsampled by ``factor``; ``atlas_move`` (4, 4) moves the atlas (moving) headers in world."""
     folder.mkdir(parents=True, exist_ok=True)
     names = {"moving_image": "colin27.nii.gz", "moving_label": "colin27_seg.nii.gz",
              "fixed_image": "mni152.nii.gz", "fixed_label": "mni152_seg.nii.gz"}
-    pair = {key: str(save(folder / name, *load_sample(key, factor=factor))) for key, name in names.items()}
+    pair = {}
+    for key, name in names.items():
+        data, affine = load_sample(key, factor=factor)
+        moved = atlas_move is not None and key.startswith("moving")
+        pair[key] = str(save(folder / name, data, atlas_move @ affine if moved else affine))
     # the shipped label maps' own lookup tables travel with their copies (X.tsv beside X.nii.gz names the classes)
     for key, table in (("moving_label", "moving_colin27_seg8.tsv"), ("fixed_label", "fixed_mni152_seg8.tsv")):
         shutil.copy(REPO_ROOT / "bundle" / "sample_data" / table, pair[key].replace(".nii.gz", ".tsv"))
     return pair
 
 
+def _fast_pipeline(bundle: Path) -> None:
+    """Fewer steps of the same stages for the 4 mm pair, in the bundle copy's configs (the app and the CLI read them):
+    the affine stage at 8 and 4 mm only, 10 field-refinement steps."""
+    for name, update in (("affine.json", lambda c: c["affine_registration"].update(levels_mm=[8.0, 4.0],
+                                                                                   iterations=[60, 30])),
+                         ("refinement.json", lambda c: c.update(refinement_iterations=10))):
+        path = bundle / "configs" / name
+        config = json.loads(path.read_text())
+        update(config)
+        path.write_text(json.dumps(config, indent=4))
+
+
+def _mean_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice of the shipped pair's 8 classes."""
+    return float(np.mean([2 * ((a == k) & (b == k)).sum() / max((a == k).sum() + (b == k).sum(), 1)
+                          for k in range(1, 9)]))
+
+
 @pytest.fixture(scope="module")
 def infer_run(tmp_path_factory):
-    """App-level inference (MONAILabelApp.infer on a study id) and the bundle's own run on the same 4 mm pair."""
+    """App-level inference (MONAILabelApp.infer on a study id) and the CLI's default ``register`` on the same 4 mm
+    pair, the atlas in its own scanner space (``ATLAS_MOVE``)."""
     work = tmp_path_factory.mktemp("label_infer")
     bundle = bundle_copy_with_weights(work)
-    pair = _write_pair(work / "data", factor=4)
+    _fast_pipeline(bundle)
+    pair = _write_pair(work / "data", factor=4, atlas_move=ATLAS_MOVE)
     studies = work / "studies"
     studies.mkdir()
     shutil.copy(pair["fixed_image"], studies / "mni152.nii.gz")
@@ -74,11 +108,12 @@ def infer_run(tmp_path_factory):
         "print('RESULT ' + json.dumps(out, default=str))\n"
     )
     app_result = _run_in_label_venv(code, work)
-    reference = work / "bundle_out"
-    run_bundle_command(
-        ["run", "--config_file", "configs/inference.json", "--output_dir", str(reference),
-         *[f"--{key}={value}" for key, value in pair.items()]],
-        bundle,
+    reference = work / "cli_out"
+    run_checked(
+        [sys.executable, "-m", "scripts.cli", "register", "--fixed", pair["fixed_image"], "--moving",
+         pair["moving_image"], "--moving_label", pair["moving_label"], "--fixed_label", pair["fixed_label"],
+         "--out", str(reference), "--device", "cpu"],
+        cwd=bundle,
     )
     return pair, app_result, reference
 
@@ -102,9 +137,24 @@ def test_infer_returns_atlas_labels_on_study_grid(infer_run):
     params = result["params"]
     assert 0.0 <= params["percent_non_positive_jacobian"] < 100.0
     assert params["atlas_label"] == pair["moving_label"]
-    # the same warped atlas labels as the bundle's own inference (the venv's torch differs: allow rare voxel flips)
+    # the same warped atlas labels as the CLI's default register (the venv's torch differs: allow rare voxel flips)
     expected = np.asarray(nib.load(str(reference / "warped_label.nii.gz")).dataobj)
-    assert (data == expected).mean() > 0.999
+    assert (data == expected).mean() > 0.995
+
+
+def test_affine_stage_brings_the_atlas_from_its_own_scanner_space(infer_run):
+    pair, result, reference = infer_run
+    study, atlas = nib.load(pair["fixed_label"]), nib.load(pair["moving_label"])
+    study_labels = np.asarray(study.dataobj)
+    # the atlas labels where its header puts them, without an affine stage (world coordinates only)
+    in_place = resample_moving(torch.as_tensor(np.asarray(atlas.dataobj))[None, None], atlas.affine, study.shape,
+                               study.affine, torch.eye(4, dtype=torch.float64), mode="nearest")[0, 0].numpy()
+    returned = _mean_dice(np.asarray(nib.load(result["label"]).dataobj), study_labels)
+    print("DEBUG", returned, _mean_dice(in_place, study_labels), json.loads((reference / "metrics.json").read_text())["mean_dice_identity"], (np.asarray(nib.load(result["label"]).dataobj) == np.asarray(nib.load(str(reference / "warped_label.nii.gz")).dataobj)).mean())
+    assert returned > _mean_dice(in_place, study_labels) + 0.3
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["mean_dice_identity"] > 0.65  # after the affine stage: the aligned pair's overlap (~0.66-0.71)
+    assert returned == pytest.approx(metrics["mean_dice"], abs=0.02)
 
 
 def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):

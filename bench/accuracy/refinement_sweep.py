@@ -6,9 +6,10 @@
         --fixed_label $D/mal1014_seg14.nii.gz --moving_label $D/mal1015_seg14.nii.gz --out OUT --iterations 0 \
         --refine_iterations 0
     python -m bench.accuracy.refinement_sweep --out OUT --data $D --fixed mal1014 --moving mal1015 \
-        --settings 50,0.1,1 50,0.1,4 50,0.05,2 50,0.1,10
+        --settings velocity,50,2,0.5,9 velocity,50,2,0.5,5 velocity,50,0.1,1,5 displacement,50,0.1,4,5
 
-Each setting is ``iterations,learning_rate,smoothness_weight`` (scale 0.5, LNCC kernel 5, as configs/refinement.json).
+Each setting is ``parameterization,iterations,learning_rate,smoothness_weight,lncc_kernel`` (scale 0.5 and 4 squaring
+steps, as configs/refinement.json, whose defaults are the first setting above).
 The moving scan and labels are taken onto the fixed grid through the run's ``affine.mat`` (bundle ``apply``), the
 refinement starts from the run's ``ddf.nii.gz``; labels are warped with nearest-neighbour sampling.
 """
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="brain_mal2012 folder")
     parser.add_argument("--fixed", required=True)
     parser.add_argument("--moving", required=True)
-    parser.add_argument("--settings", nargs="+", default=["50,0.1,4"])
+    parser.add_argument("--settings", nargs="+", default=["velocity,50,2,0.5,9"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -71,12 +72,15 @@ def main(argv: list[str] | None = None) -> None:
 
     print("plain (no refinement): Dice %.4f, det J <= 0 %.3f %%" % score(ddf), flush=True)
     for setting in args.settings:
-        iterations, learning_rate, weight = setting.split(",")
+        parameterization, iterations, learning_rate, weight, kernel = setting.split(",")
         start = time.time()
-        field = refine_displacement(inputs, ddf, LocalNCCLoss(5), GradientLoss(), float(weight), int(iterations), float(learning_rate), 0.5)
+        field = refine_displacement(
+            inputs, ddf, LocalNCCLoss(int(kernel)), GradientLoss(), float(weight), int(iterations), float(learning_rate),
+            0.5, parameterization=parameterization,
+        )
         dice, folds = score(field)
-        print(f"iterations {iterations}, lr {learning_rate}, weight {weight}: Dice {dice:.4f}, det J <= 0 {folds:.3f} %, "
-              f"{time.time() - start:.0f} s", flush=True)
+        print(f"{parameterization}, iterations {iterations}, lr {learning_rate}, weight {weight}, kernel {kernel}: "
+              f"Dice {dice:.4f}, det J <= 0 {folds:.3f} %, {time.time() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

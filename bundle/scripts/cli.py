@@ -81,13 +81,10 @@ def workflow_overrides(
         raise RegistrationInputError(
             f"--affine must be one of {', '.join(AFFINE_CHOICES)} ('none' only without --affine_only), got {affine!r}."
         )
-    files = [str(CONFIG_DIR / "inference.json")]
-    if not affine_only and (iterations is None or int(iterations) > 0):
-        files.append(str(CONFIG_DIR / "instance_optimization.json"))
-    if not affine_only and (refine_iterations is None or int(refine_iterations) > 0):
-        files.append(str(CONFIG_DIR / "refinement.json"))
-    if affine != "none":
-        files.append(str(CONFIG_DIR / "affine.json"))
+    from scripts.workflow.register_configs import register_config_files  # one definition, also the Label/Deploy apps'
+    deformable = {"instance_optimization": iterations, "refinement": refine_iterations}  # None: the config's count
+    flags = {k: not affine_only and (v is None or int(v) > 0) for k, v in deformable.items()}
+    files = register_config_files(CONFIG_DIR, affine=affine != "none", **flags)
     overrides: dict[str, Any] = {
         "bundle_root": str(BUNDLE_ROOT),
         "fixed_image": _absolute(fixed),

@@ -13,15 +13,19 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.engines.affine_registration import AffineRegistration, check_affine_result
+from scripts.engines.affine_registration import AffineRegistration, check_affine_result, resample_moving
 from scripts.io.errors import RegistrationInputError
 
-__all__ = ["AffineAlignd", "AFFINE_MATRIX_KEY"]
+__all__ = ["AFFINE_MATRIX_KEY", "MIN_FOREGROUND_OVERLAP", "AffineAlignd", "foreground_overlap"]
 
 logger = logging.getLogger(__name__)
 
 #: data key of the (4, 4) float64 world matrix T (RAS mm, fixed point -> moving point) of the affine stage
 AFFINE_MATRIX_KEY = "affine_matrix"
+#: default least share of the fixed image's foreground that the centred moving foreground covers (affine_min_overlap)
+MIN_FOREGROUND_OVERLAP = 0.1
+#: at most this many voxels of each image enter the overlap check (every k-th voxel per axis beyond it)
+OVERLAP_POINTS = 2**18
 
 
 def _volume(image: Any, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,14 +34,76 @@ def _volume(image: Any, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     return image.as_tensor()[:1].float(), torch.as_tensor(image.affine, dtype=torch.float64)
 
 
+def _subsampled(image: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, Y, Z) image -> every k-th voxel per axis (at most ``OVERLAP_POINTS`` voxels) and that grid's affine."""
+    step = max(1, int(np.ceil((image.numel() / OVERLAP_POINTS) ** (1 / 3))))
+    return image[::step, ::step, ::step], affine @ torch.diag(affine.new_tensor([step, step, step, 1.0]))
+
+
+def _foreground_weights(image: torch.Tensor, role: str) -> torch.Tensor:
+    """Intensities scaled so the background (the minimum) is 0 and the 99th percentile of the rest is 1, clamped."""
+    low = image.min()
+    rest = image[image > low]
+    if rest.numel() == 0:
+        raise ValueError(f"{role} is constant: it has no foreground.")
+    high = rest.kthvalue(max(1, round(0.99 * rest.numel()))).values
+    return ((image - low) / (high - low).clamp_min(1e-12)).clamp(0.0, 1.0)
+
+
+def _centre_of_mass(weights: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """World centre (3,) of a (X, Y, Z) grid with voxel-to-world ``affine`` (4, 4), weighted by ``weights``."""
+    axes = [torch.arange(n, dtype=torch.float64) for n in weights.shape]
+    index = torch.stack([g.reshape(-1) for g in torch.meshgrid(*axes, indexing="ij")], 1)
+    w = weights.reshape(-1, 1).double()
+    centre = (w * index).sum(0) / w.sum().clamp_min(1e-12)
+    return affine[:3, :3] @ centre + affine[:3, 3]
+
+
+def foreground_overlap(
+    moving: torch.Tensor,
+    moving_affine: torch.Tensor,
+    fixed: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    threshold: float = 0.05,
+    centre: bool = True,
+) -> float:
+    """
+    Share of the fixed image's foreground that the moving image's foreground covers once their intensity centres of
+    mass coincide (the affine stage's starting point), in [0, 1]. Foreground = above ``threshold`` of an image's
+    intensities scaled from its minimum (0) to the 99th percentile of the voxels above it (1).
+
+    Args:
+        moving, fixed: (X, Y, Z) intensities on their own grids. moving_affine, fixed_affine: (4, 4) voxel-to-world.
+        threshold: foreground threshold in [0, 1). centre: False compares the images where they lie (no centring).
+
+    Raises:
+        ValueError: an image is not 3-D or is constant (it has no foreground).
+    """
+    for role, image in (("moving", moving), ("fixed", fixed)):
+        if image.ndim != 3:
+            raise ValueError(f"{role} must be a (X, Y, Z) volume, got shape {tuple(image.shape)}.")
+    small_m, a_m = _subsampled(moving.float(), moving_affine)
+    small_f, a_f = _subsampled(fixed.float(), fixed_affine)
+    w_m, w_f = _foreground_weights(small_m, "moving"), _foreground_weights(small_f, "fixed")
+    shift = torch.eye(4, dtype=torch.float64)  # fixed world point -> moving world point
+    if centre:
+        shift[:3, 3] = _centre_of_mass(w_m, a_m) - _centre_of_mass(w_f, a_f)
+    moving_fg = (w_m > threshold).float()[None, None]
+    covered = resample_moving(moving_fg, a_m, small_f.shape, a_f, shift)[0, 0] > 0.5
+    fixed_fg = w_f > threshold
+    return float((covered & fixed_fg).sum()) / max(int(fixed_fg.sum()), 1)
+
+
 class AffineAlignd(MapTransform):
     """
     Run the affine (or rigid) stage on a loaded pair and store its world matrix under ``matrix_key``.
 
     Place after ``LoadImaged``/``Orientationd`` and before :py:class:`scripts.workflow.ResampleToFixedGridd`, which then
     resamples the moving image and label through the matrix. Without a ``registration`` (``affine_transform: none``) the
-    matrix is the identity (inputs already aligned in world space). A result that is worse than the centre-of-mass start,
-    or degenerate (det <= 0, scaling outside [0.5, 2]), is refused with one message instead of being used silently.
+    matrix is the identity (inputs already aligned in world space). Before the optimisation, a pair whose foregrounds do
+    not overlap after centring (:py:func:`foreground_overlap` below ``min_overlap``: other anatomy, a blank or tiny
+    volume) is refused; after it, a result that is worse than the centre-of-mass start, or degenerate (det <= 0,
+    scaling outside [0.5, 2]). Each is one message (:py:class:`RegistrationInputError`) instead of a silent bad result.
 
     Args:
         keys: ``(moving image key, fixed image key)``, channel-first MetaTensors (first channel used).
@@ -45,6 +111,9 @@ class AffineAlignd(MapTransform):
         device: where the optimisation runs (default: where the images are).
         matrix_key: output key of the (4, 4) float64 matrix.
         tolerance: how much worse than the start (in loss units) the result may end before it is refused.
+        min_overlap: least share of the fixed foreground the centred moving foreground must cover, in [0, 1]; 0 skips
+            the check. Real brain pairs (MICCAI 2012, FreeSurfer, OASIS, MNI atlases, across datasets) have 0.5-1.
+        foreground_threshold: foreground threshold of :py:func:`foreground_overlap`, in [0, 1).
     """
 
     def __init__(
@@ -54,16 +123,22 @@ class AffineAlignd(MapTransform):
         device: torch.device | str | None = None,
         matrix_key: str = AFFINE_MATRIX_KEY,
         tolerance: float = 1e-3,
+        min_overlap: float = MIN_FOREGROUND_OVERLAP,
+        foreground_threshold: float = 0.05,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) != 2:
             raise ValueError(f"keys must be (moving image key, fixed image key), got {self.keys}.")
+        if not 0.0 <= float(min_overlap) <= 1.0 or not 0.0 <= float(foreground_threshold) < 1.0:
+            raise ValueError(f"min_overlap must be in [0, 1] and foreground_threshold in [0, 1), got {min_overlap}, "
+                             f"{foreground_threshold}.")
         if registration is not None and not isinstance(registration, AffineRegistration):
             raise ValueError(f"registration must be an AffineRegistration or None, got {type(registration).__name__}.")
         self.registration = registration
         self.device = torch.device(device) if device is not None else None
         self.matrix_key = matrix_key
         self.tolerance = float(tolerance)
+        self.min_overlap, self.foreground_threshold = float(min_overlap), float(foreground_threshold)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -71,6 +146,7 @@ class AffineAlignd(MapTransform):
             d[self.matrix_key] = torch.eye(4, dtype=torch.float64)
             return d
         (moving, moving_affine), (fixed, fixed_affine) = (_volume(d[k], k) for k in self.keys)
+        self._check_overlap(moving[0], moving_affine, fixed[0], fixed_affine, d)
         device = self.device or moving.device
         with torch.enable_grad():  # the stage optimises its parameters even inside an evaluator's no-grad context
             matrix = self.registration(moving[None].to(device), fixed[None].to(device), moving_affine, fixed_affine)[0]
@@ -83,9 +159,29 @@ class AffineAlignd(MapTransform):
         d[self.matrix_key] = matrix.detach().cpu().to(torch.float64)
         return d
 
-    def _check(self, matrix: torch.Tensor, report: Mapping[str, float], d: Mapping[Hashable, Any]) -> None:
+    def _source(self, d: Mapping[Hashable, Any]) -> Any:
         moving = d[self.keys[0]]
-        source = moving.meta.get("filename_or_obj", self.keys[0]) if isinstance(moving, MetaTensor) else self.keys[0]
+        return moving.meta.get("filename_or_obj", self.keys[0]) if isinstance(moving, MetaTensor) else self.keys[0]
+
+    def _check_overlap(self, moving, moving_affine, fixed, fixed_affine, d: Mapping[Hashable, Any]) -> None:
+        """Refuse a pair whose centred foregrounds overlap less than ``min_overlap`` (before any optimisation)."""
+        if self.min_overlap <= 0.0:
+            return
+        centre = self.registration.init != "identity"  # the stage's own start: centres of mass, or the identity
+        overlap = foreground_overlap(moving, moving_affine, fixed, fixed_affine, self.foreground_threshold, centre)
+        if overlap < self.min_overlap:
+            start = "after centre-of-mass alignment" if centre else "where they lie (init identity)"
+            raise RegistrationInputError(
+                f"affine stage for moving image '{self._source(d)}': foreground overlap check failed: its foreground "
+                f"covers {100 * overlap:.1f} % of the fixed image's foreground {start}; expected at least "
+                f"{100 * self.min_overlap:.0f} % (affine_min_overlap). The images do not show the same anatomy "
+                "(another body part, a blank or tiny volume, a mask); check the files, or crop both to the same "
+                "anatomy."
+            )
+        logger.info("affine stage: foreground overlap %.3f after centring (minimum %.3f)", overlap, self.min_overlap)
+
+    def _check(self, matrix: torch.Tensor, report: Mapping[str, float], d: Mapping[Hashable, Any]) -> None:
+        source = self._source(d)
         try:
             check_affine_result(matrix)
         except ValueError as error:
