@@ -240,3 +240,23 @@ def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():
     assert "| identity (world coordinates) | 2 | 0.300 |" in text  # fs (0.9) not in the mal mean
     assert rows["| ANTs SyN (60,30,10)"].split(" | ")[1:5] == ["1", "0.800", "0.800", "0.800"]
     assert "failed: b / ants_syn_60_30_10" in text
+
+
+def test_box_plot_covers_only_the_pairs_every_method_finished(tmp_path):
+    from bench.accuracy.native_boxplot import common_pairs, plot
+
+    def record(pair, method, dice, status="ok"):
+        return {"pair": pair, "method": method, "status": status, "dice_mean": dice,
+                "dice_per_class": {str(c): dice for c in range(1, 15)}}
+
+    report = {
+        "pairs": {"a": {}, "b": {}, "c": {}},
+        "results": [record("a", "m1", 0.7), record("a", "m2", 0.8), record("b", "m1", 0.6),
+                    record("b", "m2", 0.9, status="failed"), record("c", "m1", 0.5), record("c", "m2", 0.6)],
+    }
+    assert common_pairs(report, ["m1", "m2"]) == ["a", "c"]
+    png = tmp_path / "box.png"
+    assert plot(report, ["m1", "m2"], png) == ["a", "c"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.partial*"))
+    with pytest.raises(ValueError, match="no pair"):
+        plot(report, ["m1", "m3"], png)
