@@ -61,6 +61,12 @@ def test_centring_is_what_makes_moved_scans_overlap():
 def test_a_tiny_blob_covers_almost_nothing_of_the_fixed_brain():
     fixed, affine = load_sample("fixed_image", factor=4)
     assert foreground_overlap(*_tensor(_blob_like(fixed), affine), *_tensor(fixed, affine)) < 0.01
+    # one bright voxel that the sampling of a large image (every 3rd voxel of 160x192x160) misses: no foreground
+    # found, so no overlap (not an error)
+    full, full_affine = load_sample("fixed_image", factor=1)
+    speck = np.zeros_like(full, dtype=np.float32)
+    speck[80, 95, 80] = 100.0
+    assert foreground_overlap(*_tensor(speck, full_affine), *_tensor(fixed, affine)) == 0.0
 
 
 @pytest.mark.parametrize("moving, fixed", REAL_PAIRS, ids=lambda p: Path(p).name.split("_t1")[0])

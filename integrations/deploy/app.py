@@ -7,11 +7,20 @@ Run (Holoscan wants a 32 MB stack)::
     ulimit -s 32768
     python integrations/deploy/app.py -i <input folder> -o <output folder> -m <bundle>/models/model.ts
 
-``<input folder>`` holds ``moving.nii.gz`` and ``fixed.nii.gz`` (optionally ``moving_label.nii.gz`` and
-``fixed_label.nii.gz``); the output folder receives ``warped_image.nii.gz``, ``ddf.nii.gz``, ``jacobian_det.nii.gz``,
-``metrics.json`` (and ``warped_label.nii.gz``). The TorchScript file is the one written by ``python -m monai.bundle
-ckpt_export``; it carries ``metadata.json`` and ``inference.json``. The bundle's transforms and inferer come from its
-``scripts`` package: the app imports it from ``$SACB_BUNDLE_ROOT`` (default: the repository's ``bundle/`` folder).
+``<input folder>`` holds ``moving.nii.gz`` and ``fixed.nii.gz``, each in its own scanner space (optionally
+``moving_label.nii.gz`` and ``fixed_label.nii.gz``); the output folder receives ``warped_image.nii.gz``, ``ddf.nii.gz``,
+``jacobian_det.nii.gz``, ``affine.mat``, ``warp.nii.gz``, ``metrics.json`` (and ``warped_label.nii.gz``): the outputs
+of ``python -m scripts.cli register`` with its defaults (affine stage, SACB-Net, field refinement). The TorchScript file
+is the one written by ``python -m monai.bundle ckpt_export`` from the bundle root with that pipeline's configs::
+
+    python -m monai.bundle ckpt_export --net_id network_def --filepath models/model.ts --ckpt_file models/model.pt \\
+        --meta_file configs/metadata.json \\
+        --config_file "['configs/inference.json','configs/refinement.json','configs/affine.json']"
+
+so it carries ``metadata.json`` and those three configs (``operators.REGISTER_CONFIGS``; a file exported with
+``inference.json`` alone is refused with that command). The bundle's transforms and inferer come from its ``scripts``
+package: the app imports it from ``$SACB_BUNDLE_ROOT`` (default: the repository's ``bundle/`` folder), whose
+``configs/train.json`` also serves the configs' ``%configs/...`` macros.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from pathlib import Path
 
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Image, IOType
-from monai.deploy.operators.monai_bundle_inference_operator import BundleConfigNames, IOMapping
+from monai.deploy.operators.monai_bundle_inference_operator import IOMapping
 
 __all__ = ["SACBNetRegistrationApp", "bundle_root"]
 
@@ -47,12 +56,19 @@ class SACBNetRegistrationApp(Application):
         for folder in (str(bundle_root()), str(APP_DIR)):
             if folder not in sys.path:
                 sys.path.insert(0, folder)
-        from operators import PairLoaderOperator, RegistrationBundleInferenceOperator, RegistrationWriterOperator
+        from operators import (
+            PairLoaderOperator,
+            RegistrationBundleInferenceOperator,
+            RegistrationWriterOperator,
+            check_exported_configs,
+            registration_config_names,
+        )
 
         app_context: AppContext = Application.init_app_context(self.argv)
-        model_path = Path(app_context.model_path)
+        model_path = Path(app_context.model_path).resolve()
         if not model_path.is_file():
             raise ValueError(f"-m must name the exported TorchScript file (models/model.ts), got {model_path}.")
+        check_exported_configs(model_path)  # before any operator: a file without the pipeline's configs is refused
 
         loader = PairLoaderOperator(
             self,
@@ -67,7 +83,7 @@ class SACBNetRegistrationApp(Application):
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", Image, IOType.IN_MEMORY)],
             bundle_path=model_path,
-            bundle_config_names=BundleConfigNames(config_names=["inference"]),
+            bundle_config_names=registration_config_names(),
             name="sacb_net",
         )
         writer = RegistrationWriterOperator(

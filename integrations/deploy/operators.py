@@ -9,31 +9,53 @@ The pipeline therefore is::
     PairLoaderOperator --pair (the preprocessed data dict)------------------------------------------> Writer
     (Writer = RegistrationWriterOperator)
 
-The loader and the writer run the bundle's own ``preprocessing`` / ``postprocessing`` parsed from the ``inference.json``
-stored inside the TorchScript file, so the app's outputs equal those of ``python -m monai.bundle run`` on the same pair.
-Those transforms live in the bundle's ``scripts`` package, which must be importable (see ``app.py``).
+All three parse the same configs, stored inside the TorchScript file: the default registration pipeline of
+``python -m scripts.cli register`` (:py:data:`REGISTER_CONFIGS`, listed once in ``scripts.workflow.register_configs``:
+``inference`` + ``refinement`` + ``affine``). The loader runs its ``preprocessing`` (the affine stage included), the
+inference operator its evaluator's inferer (the network's field refined on the pair), the writer its
+``postprocessing``, so the app's outputs equal those of ``register`` on the same pair. Those transforms live in the
+bundle's ``scripts`` package, which must be importable (see ``app.py``); the configs' ``%configs/...`` macros are read
+from that package's bundle root.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.deploy.core import Fragment, Image, Operator, OperatorSpec
-from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator, get_bundle_config
+from monai.deploy.operators.monai_bundle_inference_operator import (
+    BundleConfigNames,
+    MonaiBundleInferenceOperator,
+    get_bundle_config,
+)
+
+import scripts  # the bundle's package (app.py puts its bundle root on sys.path)
+from scripts.workflow.register_configs import DEFAULT_REGISTER_CONFIGS
 
 __all__ = [
     "PAIR_FILES",
+    "REGISTER_CONFIGS",
     "PreprocessedPair",
     "PairLoaderOperator",
     "RegistrationBundleInferenceOperator",
     "RegistrationWriterOperator",
+    "check_exported_configs",
+    "registration_config_names",
 ]
+
+#: the configs the app merges: ``register``'s default pipeline (the affine stage, SACB-Net, the field refinement)
+REGISTER_CONFIGS = list(DEFAULT_REGISTER_CONFIGS)
+#: the bundle root whose ``configs/`` the ``%configs/...`` macros read (the folder of the imported ``scripts``)
+MACRO_ROOT = Path(scripts.__file__).resolve().parents[1]
 
 #: input folder layout: data key -> file name (labels optional; with them the writer also saves a warped label map and
 #: label metrics).
@@ -53,9 +75,36 @@ class PreprocessedPair:
     data: Dict[str, Any]
 
 
-def _bundle_parser(bundle_path: Path, overrides: Optional[Mapping[str, Any]] = None):
-    """The bundle's ``inference`` config as stored in the TorchScript file (``<stem>/extra/inference.json``)."""
-    parser = get_bundle_config(str(bundle_path), ["inference"])
+def check_exported_configs(bundle_path: Path) -> None:
+    """
+    Raise ValueError unless the TorchScript file ``bundle_path`` carries every config of :py:data:`REGISTER_CONFIGS`
+    as an extra file (``<stem>/extra/<name>.json``, written by ``ckpt_export --config_file "[...]"``).
+    """
+    try:
+        with zipfile.ZipFile(bundle_path) as archive:
+            stored = {Path(name).stem for name in archive.namelist() if Path(name).parent.name == "extra"}
+    except (OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{bundle_path} is not a readable TorchScript file ({error}).") from error
+    missing = [name for name in REGISTER_CONFIGS if name not in stored]
+    if missing:
+        files = ",".join(f"'configs/{name}.json'" for name in REGISTER_CONFIGS)
+        raise ValueError(
+            f"{bundle_path} lacks the config(s) {missing} of the registration pipeline (it carries {sorted(stored)}); "
+            f'export it with: python -m monai.bundle ckpt_export ... --config_file "[{files}]"'
+        )
+
+
+def registration_config_names() -> BundleConfigNames:
+    """The configs and the inferer the inference operator parses: :py:data:`REGISTER_CONFIGS` and the evaluator's
+    inferer (``evaluator::inferer``, which refines the network's field on the pair), not the bare ``inferer``."""
+    return BundleConfigNames(config_names=REGISTER_CONFIGS, inferer_name="evaluator::inferer")
+
+
+def _bundle_parser(bundle_path: Path, overrides: Optional[Mapping[str, Any]] = None) -> ConfigParser:
+    """The merged :py:data:`REGISTER_CONFIGS` as stored in the TorchScript file (``<stem>/extra/<name>.json``)."""
+    check_exported_configs(bundle_path)
+    with contextlib.chdir(MACRO_ROOT):  # "%configs/train.json::..." macros are paths relative to the working directory
+        parser = get_bundle_config(str(bundle_path), REGISTER_CONFIGS)
     for key, value in (overrides or {}).items():
         parser[key] = value
     parser.parse()
@@ -65,8 +114,9 @@ def _bundle_parser(bundle_path: Path, overrides: Optional[Mapping[str, Any]] = N
 class PairLoaderOperator(Operator):
     """
     Load ``moving.nii.gz`` and ``fixed.nii.gz`` (+ optional labels) from ``input_folder`` and preprocess them with the
-    bundle's ``preprocessing``: reorientation, resampling of the moving image onto the fixed grid, intensity scaling to
-    [0, 1] and stacking into the network input.
+    bundle's ``preprocessing``: reorientation, the affine stage (each scan may lie in its own scanner space), resampling
+    of the moving image onto the fixed grid through its result, intensity scaling to [0, 1] and stacking into the
+    network input.
 
     Named outputs:
         image: :py:class:`Image` (2, D, H, W) float32, channel 0 moving, 1 fixed, with the fixed image's affine in its
@@ -75,7 +125,7 @@ class PairLoaderOperator(Operator):
     """
 
     def __init__(self, fragment: Fragment, *args, input_folder: Path, bundle_path: Path, **kwargs) -> None:
-        self.input_folder = Path(input_folder)
+        self.input_folder = Path(input_folder).resolve()
         self.bundle_path = Path(bundle_path)
         super().__init__(fragment, *args, **kwargs)
 
@@ -112,8 +162,14 @@ class RegistrationBundleInferenceOperator(MonaiBundleInferenceOperator):
     TorchScript network predict the displacement field, and ``pred`` leaves as a float32 (3, D, H, W) :py:class:`Image`.
 
     The base class would otherwise re-run the preprocessing meant for file paths on the stacked tensor, and convert an
-    ``image`` output to a uint8 label volume, which would destroy a displacement field.
+    ``image`` output to a uint8 label volume, which would destroy a displacement field. Pass
+    ``bundle_config_names=registration_config_names()``.
     """
+
+    def _init_config(self, config_names) -> None:
+        check_exported_configs(self.bundle_path)
+        with contextlib.chdir(MACRO_ROOT):  # the configs' "%configs/..." macros, as in _bundle_parser
+            super()._init_config(config_names)
 
     def pre_process(self, data: Any, *args, **kwargs) -> Any:
         return data
@@ -133,8 +189,9 @@ class RegistrationBundleInferenceOperator(MonaiBundleInferenceOperator):
 class RegistrationWriterOperator(Operator):
     """
     Write the registration result with the bundle's ``postprocessing`` into ``output_folder``: ``warped_image.nii.gz``,
-    ``ddf.nii.gz``, ``jacobian_det.nii.gz``, ``metrics.json`` (and ``warped_label.nii.gz`` with labels), all on the
-    fixed image's grid as stored on disk.
+    ``ddf.nii.gz``, ``jacobian_det.nii.gz``, ``affine.mat`` and ``warp.nii.gz`` (the affine stage and the field for
+    ITK/ANTs), ``metrics.json`` (and ``warped_label.nii.gz`` with labels), all on the fixed image's grid as stored on
+    disk.
 
     Named inputs:
         pred: :py:class:`Image` (3, D, H, W) displacement in voxels of the preprocessed fixed grid.
@@ -142,7 +199,7 @@ class RegistrationWriterOperator(Operator):
     """
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, bundle_path: Path, **kwargs) -> None:
-        self.output_folder = Path(output_folder)
+        self.output_folder = Path(output_folder).resolve()
         self.bundle_path = Path(bundle_path)
         super().__init__(fragment, *args, **kwargs)
 

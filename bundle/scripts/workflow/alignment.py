@@ -40,12 +40,13 @@ def _subsampled(image: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor
     return image[::step, ::step, ::step], affine @ torch.diag(affine.new_tensor([step, step, step, 1.0]))
 
 
-def _foreground_weights(image: torch.Tensor, role: str) -> torch.Tensor:
-    """Intensities scaled so the background (the minimum) is 0 and the 99th percentile of the rest is 1, clamped."""
+def _foreground_weights(image: torch.Tensor) -> torch.Tensor:
+    """Intensities scaled so the background (the minimum) is 0 and the 99th percentile of the rest is 1, clamped;
+    all zeros for a constant image (no foreground)."""
     low = image.min()
     rest = image[image > low]
     if rest.numel() == 0:
-        raise ValueError(f"{role} is constant: it has no foreground.")
+        return torch.zeros_like(image)
     high = rest.kthvalue(max(1, round(0.99 * rest.numel()))).values
     return ((image - low) / (high - low).clamp_min(1e-12)).clamp(0.0, 1.0)
 
@@ -70,21 +71,23 @@ def foreground_overlap(
     """
     Share of the fixed image's foreground that the moving image's foreground covers once their intensity centres of
     mass coincide (the affine stage's starting point), in [0, 1]. Foreground = above ``threshold`` of an image's
-    intensities scaled from its minimum (0) to the 99th percentile of the voxels above it (1).
+    intensities scaled from its minimum (0) to the 99th percentile of the voxels above it (1). Large images are read
+    at every k-th voxel (at most ``OVERLAP_POINTS``); 0 when either has no foreground there.
 
     Args:
         moving, fixed: (X, Y, Z) intensities on their own grids. moving_affine, fixed_affine: (4, 4) voxel-to-world.
         threshold: foreground threshold in [0, 1). centre: False compares the images where they lie (no centring).
 
     Raises:
-        ValueError: an image is not 3-D or is constant (it has no foreground).
+        ValueError: an image is not a (X, Y, Z) volume or an affine not (4, 4).
     """
-    for role, image in (("moving", moving), ("fixed", fixed)):
-        if image.ndim != 3:
-            raise ValueError(f"{role} must be a (X, Y, Z) volume, got shape {tuple(image.shape)}.")
-    small_m, a_m = _subsampled(moving.float(), moving_affine)
-    small_f, a_f = _subsampled(fixed.float(), fixed_affine)
-    w_m, w_f = _foreground_weights(small_m, "moving"), _foreground_weights(small_f, "fixed")
+    for role, image, affine in (("moving", moving, moving_affine), ("fixed", fixed, fixed_affine)):
+        if image.ndim != 3 or tuple(torch.as_tensor(affine).shape) != (4, 4):
+            raise ValueError(f"{role} must be a (X, Y, Z) volume with a (4, 4) affine, got shapes "
+                             f"{tuple(image.shape)} and {tuple(torch.as_tensor(affine).shape)}.")
+    small_m, a_m = _subsampled(moving.float(), torch.as_tensor(moving_affine, dtype=torch.float64))
+    small_f, a_f = _subsampled(fixed.float(), torch.as_tensor(fixed_affine, dtype=torch.float64))
+    w_m, w_f = _foreground_weights(small_m), _foreground_weights(small_f)
     shift = torch.eye(4, dtype=torch.float64)  # fixed world point -> moving world point
     if centre:
         shift[:3, 3] = _centre_of_mass(w_m, a_m) - _centre_of_mass(w_f, a_f)

@@ -11,25 +11,37 @@ lie on the request image's grid. The task therefore registers a labelled atlas o
 * result = the atlas label warped by the predicted displacement (nearest neighbour), on the study's grid as stored
   on disk, with the bundle's label names; the JSON result adds the folding percentage of the field.
 
-Everything else is the bundle's own ``inference.json``: preprocessing, the network (``models/model.pt`` or
-``models/model.ts``), the ``inferer`` and the postprocessing (warping, Jacobian, reorientation to the fixed file).
+Everything else is the bundle's own default registration pipeline, the configs ``python -m scripts.cli register``
+merges (``scripts.workflow.register_configs``: ``inference.json`` + ``refinement.json`` + ``affine.json``): the
+preprocessing with the affine stage (the atlas may lie in its own scanner space), the network (``models/model.pt`` or
+``models/model.ts``), the evaluator's inferer (network and field refinement) and the postprocessing (warping through
+the affine matrix and the field, Jacobian, reorientation to the fixed file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import sys
+from types import ModuleType
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 
-__all__ = ["AtlasPaird", "RegistrationInferTask", "DROPPED_POSTPROCESSING"]
+__all__ = [
+    "DROPPED_POSTPROCESSING",
+    "AtlasPaird",
+    "RegistrationBundleConstants",
+    "RegistrationInferTask",
+    "load_register_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,25 +80,61 @@ class AtlasPaird(MapTransform):
         return d
 
 
+def _bundle_module(bundle_path: str, name: str) -> ModuleType:
+    """Import ``name`` (``scripts.<package>.<module>``) from the bundle's own ``scripts`` package."""
+    sys.path.insert(0, bundle_path)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bundle_path)
+
+
 def _label_names(bundle_path: str, configured: Any, atlas_label: str) -> Dict[str, str]:
     """The bundle's ``label_names`` (a mapping or a lookup-table file), else the atlas label map's own lookup table
     (``X.tsv`` beside ``X.nii.gz``, as the shipped atlas has), through the bundle's ``scripts.io.label_names``."""
     if isinstance(configured, str) and configured.startswith("$"):
         configured = None  # the default expression: the names of the request's own labels, i.e. the atlas label's
-    sys.path.insert(0, bundle_path)
-    try:
-        label_names = importlib.import_module("scripts.io.label_names")
-    finally:
-        sys.path.remove(bundle_path)
+    label_names = _bundle_module(bundle_path, "scripts.io.label_names")
     return label_names.label_names_for(configured, atlas_label) or {}
+
+
+def load_register_config(bundle_path: str) -> ConfigParser:
+    """
+    The bundle's default registration configs (those of ``python -m scripts.cli register``, listed once in
+    ``scripts.workflow.register_configs``) merged into one parser, with ``bundle_root`` set to ``bundle_path`` and the
+    ``%configs/...`` macros resolved from the bundle root (they are paths relative to the working directory).
+
+    Raises:
+        ValueError: a config file of the list is missing from ``bundle_path/configs``.
+    """
+    names = _bundle_module(bundle_path, "scripts.workflow.register_configs").DEFAULT_REGISTER_CONFIGS
+    files = [os.path.join(bundle_path, "configs", f"{name}.json") for name in names]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"bundle {bundle_path} lacks the registration config(s) {missing}.")
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.config.update({"bundle_root": bundle_path})  # type: ignore[union-attr]
+    with contextlib.chdir(bundle_path):
+        parser.resolve_macro_and_relative_ids()
+    return parser
+
+
+class RegistrationBundleConstants(BundleConstants):
+    """Bundle keys of the registration task: the inferer is the evaluator's (``evaluator::inferer``: the network's
+    field refined on the pair, or the zero field with ``affine_only``), not the bare network inferer ``inferer``."""
+
+    def key_inferer(self) -> Sequence[str]:
+        return ["evaluator::inferer"]
 
 
 class RegistrationInferTask(BundleInferTask):
     """
-    :py:class:`BundleInferTask` for a registration bundle whose network takes the stacked ``[moving, fixed]`` pair.
+    :py:class:`BundleInferTask` for a registration bundle whose network takes the stacked ``[moving, fixed]`` pair;
+    it runs the bundle's default registration pipeline (:py:func:`load_register_config`), affine stage included.
 
     Args:
-        path: bundle root (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt|ts``, ``scripts``).
+        path: bundle root (``configs/*.json``, ``configs/metadata.json``, ``models/model.pt|ts``, ``scripts``).
         conf: MONAI Label app config; ``atlas_image`` / ``atlas_label`` set the default atlas.
         kwargs: passed on to :py:class:`BundleInferTask`.
     """
@@ -95,6 +143,7 @@ class RegistrationInferTask(BundleInferTask):
         super().__init__(
             path,
             conf,
+            const=RegistrationBundleConstants(),
             type=InferType.SEGMENTATION,  # what the viewer gets: a label map of the request image
             extend_load_image=False,  # the bundle's LoadImaged reads all pair keys (labels optional)
             add_post_restore=False,  # the bundle's postprocessing already restores the fixed file's grid
@@ -110,6 +159,10 @@ class RegistrationInferTask(BundleInferTask):
         self.labels = {str(name): int(idx) for idx, name in names.items()}
         self._config.update({"atlas_image": atlas_image, "atlas_label": atlas_label})
         self.description = f"SACB-Net atlas registration: warps the atlas labels onto the image. {self.description}"
+
+    def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
+        # BundleInferTask reads the one file configs/inference.json; the registration pipeline merges several
+        return load_register_config(path)
 
     def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
         return [self.atlas] + list(super().pre_transforms(data))
