@@ -14,6 +14,7 @@ from monai.bundle import ConfigParser
 
 from scripts.engines import InstanceOptimizationInferer, ResolutionInferer
 from scripts.engines.instance_optimization import _grad_scaler
+from scripts.io.errors import NonFiniteLossError
 from scripts.layers import Warp, jacobian_determinant
 from scripts.losses import GradientLoss, LocalNCCLoss
 from scripts.networks import CrossSimilarityFlow, SACBNet, kmeans
@@ -104,7 +105,7 @@ def test_network_under_bfloat16_autocast_matches_float32_on_the_real_pair(shippe
     assert abs(dice[0] - dice[1]) < 0.01, dice
 
 
-@pytest.mark.xfail(reason="open bug: NaN field under bfloat16 autocast when run after other test modules (passes alone); see the session-3 note", strict=False)
+@pytest.mark.xfail(reason="open bug: after some other test modules (tests/test_accuracy_harness.py + test_affine_registration.py), the bfloat16 backward of the grouped conv3d in SACB.modulated_conv returns NaN weight gradients (autograd anomaly mode: ConvolutionBackward0, output 1) on CPU; the instance optimisation now stops with NonFiniteLossError instead of writing a NaN field", raises=(AssertionError, NonFiniteLossError), strict=False)
 def test_inferers_return_float32_and_instance_optimisation_steps_under_autocast(shipped_network, sample_pair_small):
     image = torch.cat([sample_pair_small["moving"], sample_pair_small["fixed"]], dim=1)  # 40x48x40
     with torch.no_grad(), torch.autocast(**BF16):

@@ -47,6 +47,17 @@ def test_optimisation_lowers_loss_and_restarts_from_the_same_weights_for_every_p
         assert torch.allclose(plain, ResolutionInferer(1.0)(pair, net))  # 0 iterations = plain inference
 
 
+def test_non_finite_gradients_stop_the_pair_before_the_weights_change():
+    from scripts.io.errors import NonFiniteLossError
+
+    net = torch.nn.Conv3d(2, 3, 3, padding=1)
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    net.weight.register_hook(lambda grad: grad * float("nan"))  # a finite loss whose backward pass yields NaN
+    with pytest.raises(NonFiniteLossError, match="gradients became non-finite at step 1"):
+        _inferer(3)(_smooth_pair(), net)
+    assert all(torch.equal(v, initial[k]) for k, v in net.state_dict().items())
+
+
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="iterations"):
         _inferer(-1)

@@ -20,6 +20,17 @@ __all__ = ["InstanceOptimizationInferer"]
 logger = logging.getLogger(__name__)
 
 
+def _check_gradients(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Raise before a step that would write non-finite values into the weights (and a NaN field into the outputs)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        raise NonFiniteLossError(
+            f"instance optimisation stopped: the gradients became non-finite at step {step} (the loss was finite). "
+            "Nothing was written for this pair. Under bfloat16 autocast on CPU this is a known issue of a convolution's "
+            "backward pass: run with amp off; otherwise lower the learning rate (--learning_rate)."
+        )
+
+
 class InstanceOptimizationInferer(ResolutionInferer):
     """
     Inferer that first optimises the network's weights on the pair it is given, then predicts its displacement.
@@ -131,6 +142,8 @@ class InstanceOptimizationInferer(ResolutionInferer):
                         "--regularization_weight, and check the inputs."
                     )
                 scaler.scale(loss).backward()
+                if not scaler.is_enabled():  # float16's scaler skips such steps itself
+                    _check_gradients(optimizer, step)
                 scaler.step(optimizer)
                 scaler.update()
                 history.append(float(loss.detach()))
