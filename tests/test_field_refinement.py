@@ -64,7 +64,7 @@ def test_config_puts_refinement_after_the_network_and_affine_only_skips_it():
     assert isinstance(inferer, ForegroundCropInferer)
     inferer = inferer.base_inferer
     assert isinstance(inferer, FieldRefinementInferer) and isinstance(inferer.base_inferer, ResolutionInferer)
-    assert inferer.parameterization == "velocity" and inferer.image_loss.kernel_size == 9
+    assert inferer.settings["parameterization"] == "velocity" and inferer.image_loss.kernel_size == 9
     parser = ConfigParser()
     parser.read_config(["configs/inference.json", "configs/refinement.json", "configs/affine.json"])
     parser["affine_only"] = True

@@ -168,15 +168,19 @@ class FieldRefinementInferer(Inferer):
         if not callable(base_inferer):
             raise ValueError(f"base_inferer must be an inferer (callable), got {type(base_inferer).__name__}.")
         _check_settings(iterations, learning_rate, regularization_weight, parameterization, integration_steps)
-        self.parameterization, self.integration_steps = parameterization, int(integration_steps)
         self.base_inferer = base_inferer
         self.image_loss, self.regularization = image_loss, regularization
-        self.regularization_weight, self.iterations = float(regularization_weight), int(iterations)
-        self.learning_rate, self.scale, self.log_interval = float(learning_rate), scale, int(log_interval)
+        #: the keyword arguments of :py:func:`refine_displacement` after the pair, the field and the two objectives
+        self.settings = {
+            "regularization_weight": float(regularization_weight),
+            "iterations": int(iterations),
+            "learning_rate": float(learning_rate),
+            "scale": scale,
+            "log_interval": int(log_interval),
+            "parameterization": parameterization,
+            "integration_steps": int(integration_steps),
+        }
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         ddf = self.base_inferer(inputs, network, *args, **kwargs)
-        return refine_displacement(
-            inputs, ddf, self.image_loss, self.regularization, self.regularization_weight, self.iterations,
-            self.learning_rate, self.scale, self.log_interval, self.parameterization, self.integration_steps,
-        )
+        return refine_displacement(inputs, ddf, self.image_loss, self.regularization, **self.settings)

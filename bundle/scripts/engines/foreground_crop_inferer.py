@@ -14,6 +14,11 @@ from monai.inferers import Inferer
 __all__ = ["ForegroundCropInferer", "foreground_box"]
 
 
+def _check_box_settings(margin: int, min_size: int) -> None:
+    if int(margin) < 0 or int(min_size) < 1:
+        raise ValueError(f"need margin >= 0 and min_size >= 1, got {margin} and {min_size}.")
+
+
 def foreground_box(
     inputs: torch.Tensor, margin: int = 8, threshold: float = 0.0, min_size: int = 32
 ) -> tuple[slice, slice, slice]:
@@ -33,8 +38,7 @@ def foreground_box(
     """
     if inputs.ndim != 5:
         raise ValueError(f"inputs must be (B, C, D, H, W), got {tuple(inputs.shape)}.")
-    if int(margin) < 0 or int(min_size) < 1:
-        raise ValueError(f"need margin >= 0 and min_size >= 1, got {margin} and {min_size}.")
+    _check_box_settings(margin, min_size)
     occupied = (inputs > threshold).flatten(0, 1).any(0)  # (D, H, W)
     box = []
     for axis, size in enumerate(occupied.shape):
@@ -76,8 +80,7 @@ class ForegroundCropInferer(Inferer):
         super().__init__()
         if not callable(base_inferer):
             raise ValueError(f"base_inferer must be an inferer (callable), got {type(base_inferer).__name__}.")
-        if int(margin) < 0 or int(min_size) < 1:
-            raise ValueError(f"need margin >= 0 and min_size >= 1, got {margin} and {min_size}.")
+        _check_box_settings(margin, min_size)
         self.base_inferer = base_inferer
         self.margin, self.threshold, self.min_size = int(margin), float(threshold), int(min_size)
 
