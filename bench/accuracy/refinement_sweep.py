@@ -8,8 +8,9 @@
     python -m bench.accuracy.refinement_sweep --out OUT --data $D --fixed mal1014 --moving mal1015 \
         --settings velocity,50,2,0.5,9 velocity,50,2,0.5,5 velocity,50,0.1,1,5 displacement,50,0.1,4,5
 
-Each setting is ``parameterization,iterations,learning_rate,smoothness_weight,lncc_kernel`` (scale 0.5 and 4 squaring
-steps, as configs/refinement.json, whose defaults are the first setting above).
+Each setting is ``parameterization,iterations,learning_rate,smoothness_weight,lncc_kernel[,unsquared]`` (scale 0.5 and
+4 squaring steps, as configs/refinement.json, whose defaults are the first setting above; a sixth field ``unsquared``
+uses Eq. (1) of the SACB-Net supplement, ``LocalNCCLoss(squared=False)``, instead of the squared local NCC).
 The moving scan and labels are taken onto the fixed grid through the run's ``affine.mat`` (bundle ``apply``), the
 refinement starts from the run's ``ddf.nii.gz``; labels are warped with nearest-neighbour sampling.
 """
@@ -72,14 +73,18 @@ def main(argv: list[str] | None = None) -> None:
 
     print("plain (no refinement): Dice %.4f, det J <= 0 %.3f %%" % score(ddf), flush=True)
     for setting in args.settings:
-        parameterization, iterations, learning_rate, weight, kernel = setting.split(",")
+        parameterization, iterations, learning_rate, weight, kernel, *form = setting.split(",")
+        if form not in ([], ["unsquared"]):
+            raise ValueError(f"setting {setting!r}: the sixth field may only be 'unsquared'.")
         start = time.time()
+        loss = LocalNCCLoss(int(kernel), squared=not form)
         field = refine_displacement(
-            inputs, ddf, LocalNCCLoss(int(kernel)), GradientLoss(), float(weight), int(iterations), float(learning_rate),
+            inputs, ddf, loss, GradientLoss(), float(weight), int(iterations), float(learning_rate),
             0.5, parameterization=parameterization,
         )
         dice, folds = score(field)
-        print(f"{parameterization}, iterations {iterations}, lr {learning_rate}, weight {weight}, kernel {kernel}: "
+        print(f"{parameterization}, iterations {iterations}, lr {learning_rate}, weight {weight}, kernel {kernel} "
+              f"{'Eq. (1) unsquared' if form else 'squared'}: "
               f"Dice {dice:.4f}, det J <= 0 {folds:.3f} %, {time.time() - start:.0f} s", flush=True)
 
 
