@@ -75,3 +75,35 @@ def test_register_writes_outputs_and_prints_dice(tmp_path):
     assert again.returncode != 0
     assert "already exist" in again.stderr and "Traceback" not in again.stderr
     assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_weights_flag_is_checked_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="--weights .*no such file"):
+        workflow_overrides("f.nii.gz", "m.nii.gz", str(tmp_path / "out"), weights=str(tmp_path / "missing.pt"))
+    assert not (tmp_path / "out").exists()
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"")
+    _, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", weights=str(weights))
+    assert overrides["ckpt_path"] == str(weights.resolve())
+
+
+@pytest.mark.slow
+def test_weights_flag_registers_with_the_given_state_dict(tmp_path):
+    """The field comes from the file given: perturbed weights give another field than a copy of the shipped ones."""
+    import torch
+
+    pair = write_small_pair(tmp_path / "data", factor=4)
+    shipped = torch.load(BUNDLE_ROOT / "models" / "model.pt", map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    perturbed = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=generator) if v.is_floating_point() and v.numel() > 1
+                 else v for k, v in shipped.items()}
+    torch.save(shipped, tmp_path / "copy.pt")
+    torch.save(perturbed, tmp_path / "perturbed.pt")
+    fields = {}
+    for name in ("copy", "perturbed"):
+        out = tmp_path / name
+        result = _cli("register", "--fixed", pair["fixed_image"], "--moving", pair["moving_image"], "--out", str(out),
+                      "--affine", "none", "--refine_iterations", "0", "--weights", str(tmp_path / f"{name}.pt"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        fields[name] = np.asanyarray(nib.load(str(out / "ddf.nii.gz")).dataobj)
+    assert np.abs(fields["perturbed"] - fields["copy"]).max() > 0.1

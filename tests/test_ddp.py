@@ -74,7 +74,7 @@ def test_only_rank_zero_logs_and_saves(ddp_run):
     writers = {re.search(r"events\.out\.tfevents\.\d+\.[^.]+\.(\d+)\.", p.name).group(1)
                for p in (work / "runs").glob("events.out.tfevents.*")}
     assert len(writers) == 1, f"TensorBoard files from several processes: {sorted(writers)}"
-    assert sorted(p.name for p in (work / "ckpt").iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
+    assert sorted(p.name for p in (work / "ckpt").iterdir()) == ["checkpoint_epoch=2.pt", "model.json", "model.pt"]
 
 
 def test_saved_weights_are_the_plain_network(ddp_run):

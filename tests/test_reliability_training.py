@@ -99,7 +99,7 @@ def test_training_killed_mid_epoch_resumes_and_finishes(training_data, tmp_path)
     assert "Restored all variables from" in output and "checkpoint_epoch=1.pt" in output
     assert "SupervisedTrainer - INFO - Epoch[1] Complete" not in output  # epoch 1 was not trained again
     assert "SupervisedTrainer - INFO - Epoch[2] Complete" in output
-    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]  # n_saved=1 across restarts
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint_epoch=2.pt", "model.json", "model.pt"]  # n_saved=1
 
     final = torch.load(ckpt / "checkpoint_epoch=2.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 2 * ITERATIONS_PER_EPOCH
@@ -129,7 +129,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(training_dat
     ckpt = Path(training_data["ckpt_dir"])
     _train_in_process(training_data, max_epochs=1, val_interval=1)
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    assert sorted(before) == ["checkpoint_epoch=1.pt", "model.pt"]
+    assert sorted(before) == ["checkpoint_epoch=1.pt", "model.json", "model.pt"]  # model.json: its network_scale
 
     # resumed with a broken setting: the first iteration of epoch 2 has a NaN loss
     with pytest.raises(Exception) as info:

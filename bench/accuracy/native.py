@@ -164,9 +164,20 @@ def write_datalist(report: dict, out_dir: Path) -> Path:
 
 
 def run(
-    pairs: list[NativePair], method_names: list[str], out_dir: Path, threads: int, seed: int, argv: list[str]
+    pairs: list[NativePair],
+    method_names: list[str],
+    out_dir: Path,
+    threads: int,
+    seed: int,
+    argv: list[str],
+    weights: str | None = None,
 ) -> dict:
-    """Do every task not yet ``ok`` in ``OUT/results.json``, in :func:`task_order`; returns the report."""
+    """
+    Do every task not yet ``ok`` in ``OUT/results.json``, in :func:`task_order`; returns the report.
+
+    ``weights`` (a state dict) replaces ``bundle/models/model.pt`` in every bundle method (``register --weights``);
+    it is recorded with the methods, so give candidate weights their own ``OUT``.
+    """
     json_path = out_dir / "results.json"
     report = _load_report(json_path)
     report["runs"].append(machine_info(threads, argv))
@@ -179,6 +190,7 @@ def run(
             "deformable": m.deformable,
             "random_seed": seed,
             **m.settings,
+            **({"weights": weights} if weights and m.mode == "bundle" else {}),
         }
     write_json_atomic(report, json_path)
     for native, method in task_order(pairs, method_names):
@@ -195,6 +207,8 @@ def run(
         argv_m, cwd = method.command(pair, method_dir, seed)
         if method.name == "ants_affine":
             argv_m += ["--prealigned_dir", str(prealigned_dir)]
+        if weights and method.mode == "bundle":
+            argv_m += ["--weights", weights]
         print(f"[run] {native.name} / {method.name} (load {os.getloadavg()[0]:.2f}) ...", flush=True)
         record = {"pair": native.name, "method": method.name, "inputs": method.inputs}
         record.update(run_task(argv_m, cwd, threads, method_dir.with_suffix(".log")))
@@ -232,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", default=None, help="comma-separated pair names (default: all, in the fixed order)")
     parser.add_argument("--include_retest", action="store_true", help="add the test-retest pair mal1025 -> mal1005")
     parser.add_argument("--random_seed", type=int, default=1)
+    parser.add_argument("--weights", default=None, help="network weights for the bundle methods (default: the shipped)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out).resolve()
     pairs = native_pairs(args.data, out_dir, include_retest=args.include_retest)
@@ -243,7 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = [p for p in pairs if p.name in wanted]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     return run(
-        pairs, methods, out_dir, args.threads, args.random_seed, ["python", "-m", "bench.accuracy.native", *argv]
+        pairs,
+        methods,
+        out_dir,
+        args.threads,
+        args.random_seed,
+        ["python", "-m", "bench.accuracy.native", *argv],
+        weights=str(Path(args.weights).resolve()) if args.weights else None,
     )
 
 

@@ -5,7 +5,7 @@ From the bundle root::
 
     python -m scripts.cli demo
     python -m scripts.cli register --fixed F.nii.gz --moving M.nii.gz --out OUT [--moving_label L] [--fixed_label FL]
-        [--affine affine|rigid|none] [--affine_only] [--inverse]
+        [--affine affine|rigid|none] [--affine_only] [--inverse] [--weights W.pt]
     python -m scripts.cli apply --fixed F.nii.gz --moving X.nii.gz --transform_dir OUT --warped_out Y.nii.gz
         [--interpolation linear|nearest] [--inverse]
     python -m scripts.cli register --help
@@ -43,6 +43,16 @@ def _absolute(path: str | os.PathLike | None) -> str | None:
     return None if path in (None, "") else str(Path(os.path.expanduser(str(path))).resolve())
 
 
+def _checked_weights(weights: str) -> str:
+    """The absolute path of ``--weights``; a missing file stops the run (the configs would otherwise skip loading)."""
+    path = _absolute(weights)
+    if not os.path.isfile(path):
+        from scripts.io.errors import RegistrationInputError
+
+        raise RegistrationInputError(f"--weights {weights}: no such file; expected a state dict written by training.")
+    return path
+
+
 def workflow_overrides(
     fixed: str,
     moving: str,
@@ -61,6 +71,7 @@ def workflow_overrides(
     label_names: str | None = None,
     datalist: str | None = None,
     refine_iterations: int | None = None,
+    weights: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """
     The config files and run overrides that :py:func:`register` hands to ``ConfigWorkflow`` (also what the equivalent
@@ -104,6 +115,8 @@ def workflow_overrides(
         overrides["optimization_iterations"] = int(iterations)
     if not affine_only and refine_iterations is not None and int(refine_iterations) > 0:
         overrides["refinement_iterations"] = int(refine_iterations)
+    if weights:
+        overrides["ckpt_path"] = _checked_weights(weights)
     if network_scale is not None:
         overrides["network_scale"] = float(network_scale)
     if learning_rate is not None:
@@ -183,6 +196,7 @@ def register(
     label_names: str | None = None,
     datalist: str | None = None,
     refine_iterations: int | None = None,
+    weights: str | None = None,
 ) -> None:
     """
     Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
@@ -220,6 +234,7 @@ def register(
             the numbers.
         datalist: instead of --fixed/--moving, a JSON datalist of pairs: each into OUT/<id>/, finished ones skipped
             (unless --overwrite), summary in OUT/cohort.csv, cohort.md (docs/usage.md, "Cohorts").
+        weights: network weights to use instead of models/model.pt, e.g. a training run's runs/<preset>/model.pt.
     """
     from scripts.io.errors import exit_on_user_error
 
@@ -227,7 +242,7 @@ def register(
     files, overrides = exit_on_user_error(
         workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
         learning_rate, regularization_weight, device, affine, affine_only, inverse, label_names, datalist,
-        refine_iterations, debug=debug,
+        refine_iterations, weights, debug=debug,
     )
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)

@@ -1,7 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Input/output of the bundle: user errors, atomic writes, input checks (volumes, pairs, datalists, checkpoints),
-datalists and pair screening, when a pair's outputs are complete, sharding over ranks, and the writer of registration
-outputs. Imports nothing else from ``scripts``."""
+"""Input/output of the bundle: user errors, atomic writes, input checks (volumes, pairs, datalists, checkpoints, the
+resolution weights were trained at), datalists and pair screening, when a pair's outputs are complete, sharding over
+ranks, and the writer of registration outputs. Imports nothing else from ``scripts``."""
 
 from .errors import (
     BundleUserError,
@@ -63,6 +63,13 @@ from .checkpoints import (
     check_checkpoint,
     load_network_weights,
     install_weights,
+)
+from .weights_info import (
+    NETWORK_SCALE_KEY,
+    weights_info_path,
+    write_weights_info,
+    read_trained_network_scale,
+    check_network_scale,
 )
 from .datalist import (
     PAIR_KEYS,

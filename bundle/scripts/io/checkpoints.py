@@ -16,6 +16,7 @@ import torch
 from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
 from scripts.io.volume_checks import check_file_exists
+from scripts.io.weights_info import read_trained_network_scale, weights_info_path
 
 __all__ = [
     "latest_checkpoint",
@@ -165,6 +166,12 @@ def install_weights(
     The file is checked first (readable, a state dict, and matching ``network`` when given), then copied byte for byte
     under a temporary name and renamed, so ``target`` is always either the old or the complete new file.
 
+    The record of the resolution the weights were trained at (``model.json`` beside ``model.pt``, see
+    :mod:`scripts.io.weights_info`) follows the weights: the target's record is removed just before its weights are
+    replaced, and the source's record (checked first) is then copied atomically beside them. A source without a record
+    leaves the target without one (logged: its training scale is unknown and inference cannot check it), never with
+    the record of the weights it replaced.
+
     Args:
         source: the run's ``model.pt`` (e.g. ``runs/train/model.pt``).
         target: the weights to replace (e.g. ``models/model.pt``).
@@ -174,14 +181,30 @@ def install_weights(
         ``target`` as a string.
 
     Raises:
-        RegistrationInputError: ``source`` is missing (no validation ran yet), unreadable or does not fit ``network``.
+        RegistrationInputError: ``source`` is missing (no validation ran yet), unreadable or does not fit ``network``,
+            or its record is unreadable or invalid.
     """
     state = read_checkpoint_state(source)
     if network is not None:
         check_state_dict(network.state_dict(), state, source)
     if os.path.exists(target) and os.path.samefile(source, target):
         return str(target)
+    source_info, target_info = weights_info_path(source), weights_info_path(target)
+    trained_scale = read_trained_network_scale(source)  # an invalid record fails here, before anything is replaced
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
+        target_info.unlink(missing_ok=True)  # it describes the weights about to be replaced
     logger.info("installed the weights of %s as %s (the previous file was replaced)", source, target)
+    if source_info.is_file():
+        with atomic_path(target_info) as tmp:
+            shutil.copyfile(source_info, tmp)
+        logger.info("copied their record %s as %s (network_scale %s)", source_info, target_info, trained_scale)
+    else:
+        logger.warning(
+            "%s has no record %s of the network_scale it was trained at: %s is installed without one, so inference "
+            "cannot check its scale; use the network_scale of its training.",
+            source,
+            source_info.name,
+            target,
+        )
     return str(target)

@@ -1,0 +1,177 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""The resolution weights were trained at: a small JSON record beside the weights, and a check at inference.
+
+SACB-Net runs at ``network_scale`` of the image resolution (``scripts.engines.ResolutionInferer``); weights trained at
+one scale see differently sized structures at another and give worse fields without any error. Training therefore
+records its ``network_scale`` next to its best model (``model.pt`` -> ``model.json``, e.g. ``{"network_scale": 0.5}``;
+other keys are allowed and ignored here), and inference warns when it runs at another scale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from scripts.io.atomic import write_json
+from scripts.io.errors import RegistrationInputError
+
+__all__ = [
+    "NETWORK_SCALE_KEY",
+    "weights_info_path",
+    "write_weights_info",
+    "read_trained_network_scale",
+    "check_network_scale",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the key of the record that holds the training ``network_scale``
+NETWORK_SCALE_KEY = "network_scale"
+
+#: per-axis tolerance when comparing the inference scale with the trained one
+_TOLERANCE = 1e-6
+
+
+def weights_info_path(weights_path: str | os.PathLike) -> Path:
+    """
+    The record beside a weights file: the same name with the suffix ``.json`` (``models/model.pt`` ->
+    ``models/model.json``).
+
+    Raises:
+        ValueError: ``weights_path`` itself ends with ``.json`` (the record would be the weights file).
+    """
+    path = Path(weights_path)
+    if path.suffix == ".json":
+        raise ValueError(f"weights file '{path}' ends with .json, the suffix of its own record; rename the weights.")
+    return path.with_suffix(".json")
+
+
+def _scale_triplet(value: Any, upper: float | None = 1.0) -> tuple[float, float, float] | None:
+    """``value`` (a number or 3 numbers) as three floats when each is finite, > 0 and <= ``upper``; else None."""
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else [value] * 3
+    if len(items) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        return None
+    floats = tuple(float(v) for v in items)
+    if not all(math.isfinite(v) and v > 0 and (upper is None or v <= upper) for v in floats):
+        return None
+    return floats  # type: ignore[return-value]
+
+
+def _describe(scale: Sequence[float]) -> str:
+    """``0.5`` for an isotropic scale, ``[0.5, 0.5, 1]`` for one per axis."""
+    if max(scale) - min(scale) <= _TOLERANCE:
+        return f"{scale[0]:g}"
+    return "[" + ", ".join(f"{v:g}" for v in scale) + "]"
+
+
+def write_weights_info(weights_path: str | os.PathLike, network_scale: float | Sequence[float], **extra: Any) -> Path:
+    """
+    Write (atomically) the record of the weights at ``weights_path``: ``{"network_scale": network_scale, **extra}``.
+    The weights file need not exist yet (training writes the record when it starts, its best model later); the folder
+    is created when missing.
+
+    Args:
+        weights_path: the weights the record describes, e.g. ``runs/train/model.pt``.
+        network_scale: the resolution they were trained at, relative to the image: a number or one per axis, in (0, 1].
+        extra: further JSON-serialisable entries (kept in the file, not read by the bundle).
+
+    Returns:
+        the record's path (:func:`weights_info_path`).
+
+    Raises:
+        ValueError: ``network_scale`` is not a number or 3 numbers in (0, 1].
+    """
+    if _scale_triplet(network_scale) is None:
+        raise ValueError(f"network_scale must be a number or 3 numbers in (0, 1], got {network_scale!r}.")
+    value = [float(v) for v in network_scale] if isinstance(network_scale, Sequence) else float(network_scale)
+    return write_json({NETWORK_SCALE_KEY: value, **extra}, weights_info_path(weights_path))
+
+
+def read_trained_network_scale(weights_path: str | os.PathLike) -> tuple[float, float, float] | None:
+    """
+    The ``network_scale`` (one value per axis) recorded beside the weights at ``weights_path``.
+
+    Returns:
+        None when nothing is known: no record, or a record without (or with a null) ``network_scale``.
+
+    Raises:
+        RegistrationInputError: the record is not readable JSON, not an object, or its ``network_scale`` is not a
+            number or 3 numbers in (0, 1]; the message names the file.
+    """
+    path = weights_info_path(weights_path)
+    if not path.is_file():
+        return None
+    expected = f'expected a JSON object such as {{"{NETWORK_SCALE_KEY}": 0.5}} describing \'{weights_path}\''
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise RegistrationInputError(
+            f"weights record '{path}' could not be read ({type(error).__name__}: {first_line}); {expected}. Fix or "
+            "delete it (without it the training resolution of the weights is not checked)."
+        ) from error
+    if not isinstance(record, Mapping):
+        raise RegistrationInputError(f"weights record '{path}' holds {type(record).__name__}; {expected}.")
+    value = record.get(NETWORK_SCALE_KEY)
+    if value is None:
+        return None
+    scale = _scale_triplet(value)
+    if scale is None:
+        raise RegistrationInputError(
+            f"weights record '{path}': {NETWORK_SCALE_KEY} must be a number or 3 numbers in (0, 1], got {value!r}."
+        )
+    return scale
+
+
+def check_network_scale(network_scale: float | Sequence[float], weights_path: str | os.PathLike | None) -> bool:
+    """
+    Compare the scale inference runs at with the one the weights were trained at (their record, see
+    :func:`read_trained_network_scale`) and log one warning when they differ (per axis, by more than 1e-6).
+
+    Meant for a workflow's ``initialize`` step, next to :func:`scripts.io.check_checkpoint`.
+
+    Args:
+        network_scale: the inference ``network_scale`` (a positive number or one per axis).
+        weights_path: the weights inference loads (``ckpt_path``); None, empty or a missing file: nothing to check.
+
+    Returns:
+        True when the scales match or nothing is known (no weights file, no record); False when it warned.
+
+    Raises:
+        ValueError: ``network_scale`` is not a positive number or 3 positive numbers.
+        RegistrationInputError: the record is unreadable or invalid.
+    """
+    if not weights_path or not os.path.isfile(weights_path):
+        return True
+    trained = read_trained_network_scale(weights_path)
+    if trained is None:
+        return True
+    used = _scale_triplet(network_scale, upper=None)
+    if used is None:
+        raise ValueError(f"network_scale must be a positive number or 3 positive numbers, got {network_scale!r}.")
+    if all(abs(a - b) <= _TOLERANCE for a, b in zip(used, trained)):
+        return True
+    logger.warning(
+        "inference runs at network_scale %s, but the weights '%s' were trained at network_scale %s (recorded in "
+        "'%s'): the network sees the images at another resolution than in training, which usually gives a worse "
+        "field. Run at the trained scale (--network_scale %s) or retrain at this one (configs/train.json with "
+        "--network_scale %s).",
+        _describe(used),
+        weights_path,
+        _describe(trained),
+        weights_info_path(weights_path),
+        _shell_value(trained),
+        _shell_value(used),
+    )
+    return False
+
+
+def _shell_value(scale: Sequence[float]) -> str:
+    """The scale as a command-line value: ``0.5``, or ``"[0.5, 0.5, 1]"`` (quoted) for one per axis."""
+    text = _describe(scale)
+    return f'"{text}"' if text.startswith("[") else text
