@@ -16,7 +16,7 @@ from conftest import REPO_ROOT, SAMPLE_PAIR
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.accuracy.native import _load_report, run
+from bench.accuracy.native import _load_report, run, task_command
 from bench.accuracy.native_methods import METHODS, prealigned_pair, task_order
 from bench.accuracy.native_pairs import NativePair, crop_to_foreground
 from bench.accuracy.native_scoring import dice_scores, jacobian_stats, resample_to_grid, score_labels
@@ -198,6 +198,16 @@ def test_task_order_does_identity_and_affine_on_every_pair_first(tmp_path):
     assert argv[argv.index("--reg_iterations") + 1] == "60,30,10" and argv[argv.index("--random_seed") + 1] == "3"
     with pytest.raises(ValueError, match="unknown method"):
         task_order(pairs, ["nope"])
+
+
+def test_candidate_weights_reach_the_bundle_methods_only(tmp_path):
+    pair = _pair(tmp_path)
+    bundle, _ = task_command(METHODS["bundle_register_it0"], pair, tmp_path / "o", tmp_path / "p", 1, "/w/model.pt")
+    assert bundle[bundle.index("--weights") + 1] == "/w/model.pt" and "--affine" in bundle
+    shipped, _ = task_command(METHODS["bundle_register"], pair, tmp_path / "o", tmp_path / "p", 1, None)
+    assert "--weights" not in shipped
+    affine, _ = task_command(METHODS["ants_affine"], pair, tmp_path / "o", tmp_path / "p", 1, "/w/model.pt")
+    assert "--weights" not in affine and affine[affine.index("--prealigned_dir") + 1] == str(tmp_path / "p")
 
 
 @pytest.mark.slow

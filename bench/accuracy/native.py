@@ -163,6 +163,19 @@ def write_datalist(report: dict, out_dir: Path) -> Path:
     return path
 
 
+def task_command(
+    method: NativeMethod, pair: NativePair, method_dir: Path, prealigned_dir: Path, seed: int, weights: str | None
+) -> tuple[list[str], Path]:
+    """(argv, working directory) of one task: ``ants_affine`` also writes the pre-aligned inputs, bundle methods get
+    ``--weights`` when candidate weights are given."""
+    argv, cwd = method.command(pair, method_dir, seed)
+    if method.name == "ants_affine":
+        argv += ["--prealigned_dir", str(prealigned_dir)]
+    if weights and method.mode == "bundle":
+        argv += ["--weights", weights]
+    return argv, cwd
+
+
 def run(
     pairs: list[NativePair],
     method_names: list[str],
@@ -204,11 +217,7 @@ def run(
             pair = prealigned_pair(native, out_dir / "prealigned" / native.name)
         method_dir = out_dir / native.name / method.name
         prealigned_dir = out_dir / "prealigned" / native.name
-        argv_m, cwd = method.command(pair, method_dir, seed)
-        if method.name == "ants_affine":
-            argv_m += ["--prealigned_dir", str(prealigned_dir)]
-        if weights and method.mode == "bundle":
-            argv_m += ["--weights", weights]
+        argv_m, cwd = task_command(method, pair, method_dir, prealigned_dir, seed, weights)
         print(f"[run] {native.name} / {method.name} (load {os.getloadavg()[0]:.2f}) ...", flush=True)
         record = {"pair": native.name, "method": method.name, "inputs": method.inputs}
         record.update(run_task(argv_m, cwd, threads, method_dir.with_suffix(".log")))

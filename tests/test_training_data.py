@@ -1,0 +1,33 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""The training-data recipe of the shipped weights (bench/training/prepare_mal2012.py): which scans it may read and
+which pairs it builds. No registration runs here."""
+
+import itertools
+import json
+import sys
+
+from conftest import REPO_ROOT
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.training.prepare_mal2012 import OASIS_SUBJECTS, SPLIT_FILE, TUNING_PAIRS, training_entries
+
+
+def test_training_and_validation_scans_never_include_test_people():
+    split = json.loads(SPLIT_FILE.read_text())
+    test_scans = set(split["scans"]["test"])
+    assert not test_scans & set(split["scans"]["train"])
+    validation_scans = set(itertools.chain.from_iterable(TUNING_PAIRS))
+    assert validation_scans <= set(split["scans"]["tuning"]) and not validation_scans & test_scans
+
+
+def test_training_pairs_stay_within_one_space(tmp_path):
+    scans = [{"image": f"/aligned/mal{i}.nii.gz", "label": f"/aligned/mal{i}_seg.nii.gz"} for i in range(3)]
+    entries = training_entries(scans, tmp_path)
+    assert len(entries) == 3 * 2 + len(OASIS_SUBJECTS) * (len(OASIS_SUBJECTS) - 1)
+    assert all(e["moving_image"] != e["fixed_image"] for e in entries)
+    aligned = {s["image"] for s in scans}
+    for entry in entries:  # never an aligned mal2012 scan paired with an OASIS subject (another space)
+        assert (entry["moving_image"] in aligned) == (entry["fixed_image"] in aligned)
+    assert all(set(e) == {"moving_image", "fixed_image"} for e in entries)  # unsupervised: no labels
