@@ -16,7 +16,7 @@ from conftest import REPO_ROOT, SAMPLE_PAIR
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.accuracy.native import _load_report, run, task_command
+from bench.accuracy.native import _load_report, reuse_prealigned, run, task_command
 from bench.accuracy.native_methods import METHODS, prealigned_pair, task_order
 from bench.accuracy.native_pairs import NativePair, crop_to_foreground
 from bench.accuracy.native_scoring import dice_scores, jacobian_stats, resample_to_grid, score_labels
@@ -270,3 +270,21 @@ def test_box_plot_covers_only_the_pairs_every_method_finished(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.partial*"))
     with pytest.raises(ValueError, match="no pair"):
         plot(report, ["m1", "m3"], png)
+
+
+def test_candidate_weights_reuse_the_same_prealigned_inputs(tmp_path):
+    pair = _pair(tmp_path)
+    source, out = tmp_path / "source", tmp_path / "candidate"
+    (source / "prealigned" / pair.name).mkdir(parents=True)
+    (source / "prealigned" / pair.name / "moving_t1_affine.nii.gz").write_bytes(b"aligned")
+    records = [{"pair": pair.name, "method": m, "status": "ok"} for m in ("ants_affine", "identity_after_affine")]
+    records.append({"pair": pair.name, "method": "bundle_register", "status": "ok"})
+    source_report = {"runs": [], "pairs": {pair.name: pair.as_dict()}, "methods": {"ants_affine": {}}, "results": records}
+    (source / "results.json").write_text(json.dumps(source_report))
+    assert reuse_prealigned(source, out, [pair.name, "not_in_source"]) == [pair.name]
+    copied = _load_report(out / "results.json")
+    assert {r["method"] for r in copied["results"]} == {"ants_affine", "identity_after_affine"}  # not the bundle's
+    assert (out / "prealigned" / pair.name / "moving_t1_affine.nii.gz").read_bytes() == b"aligned"
+    listed = json.loads((out / "prealigned" / "datalist.json").read_text())["pairs"]
+    assert [e["id"] for e in listed] == [pair.name] and listed[0]["moving_image"].startswith(str(out))
+    assert reuse_prealigned(source, out, [pair.name]) == []  # already there: nothing copied again

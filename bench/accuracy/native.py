@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -163,6 +164,34 @@ def write_datalist(report: dict, out_dir: Path) -> Path:
     return path
 
 
+def reuse_prealigned(source_dir: Path, out_dir: Path, pair_names: list[str]) -> list[str]:
+    """
+    Start ``out_dir`` from another run's ANTs ``Affine`` results: copy its ``ants_affine`` and
+    ``identity_after_affine`` records (status ok) and the pre-aligned files of ``pair_names`` that ``out_dir`` lacks,
+    so candidate weights are scored on the very same pre-aligned inputs without rerunning ANTs.
+
+    Returns:
+        the pairs whose pre-aligned inputs were copied.
+    """
+    source, report = _load_report(source_dir / "results.json"), _load_report(out_dir / "results.json")
+    done, copied = _done(report), []
+    for name in pair_names:
+        if (name, "ants_affine") in done or (name, "ants_affine") not in _done(source):
+            continue
+        shutil.copytree(source_dir / "prealigned" / name, out_dir / "prealigned" / name, dirs_exist_ok=True)
+        for record in source["results"]:
+            if record["pair"] == name and record["method"] in ("ants_affine", "identity_after_affine"):
+                _record(report, {**record, "reused_from": str(source_dir)})
+        report["pairs"][name] = source["pairs"][name]
+        copied.append(name)
+    for name in ("ants_affine", "identity_after_affine"):
+        if name in source["methods"]:
+            report["methods"].setdefault(name, source["methods"][name])
+    write_json_atomic(report, out_dir / "results.json")
+    write_datalist(report, out_dir)
+    return copied
+
+
 def task_command(
     method: NativeMethod, pair: NativePair, method_dir: Path, prealigned_dir: Path, seed: int, weights: str | None
 ) -> tuple[list[str], Path]:
@@ -256,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--include_retest", action="store_true", help="add the test-retest pair mal1025 -> mal1005")
     parser.add_argument("--random_seed", type=int, default=1)
     parser.add_argument("--weights", default=None, help="network weights for the bundle methods (default: the shipped)")
+    parser.add_argument("--prealigned_from", default=None, help="OUT of an earlier run: reuse its ANTs Affine inputs")
     args = parser.parse_args(argv)
     out_dir = Path(args.out).resolve()
     pairs = native_pairs(args.data, out_dir, include_retest=args.include_retest)
@@ -266,6 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"unknown pair(s) {unknown}; known: {[p.name for p in pairs]}.")
         pairs = [p for p in pairs if p.name in wanted]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.prealigned_from:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        reused = reuse_prealigned(Path(args.prealigned_from).resolve(), out_dir, [p.name for p in pairs])
+        print(f"[reuse] pre-aligned inputs of {len(reused)} pair(s) from {args.prealigned_from}", flush=True)
     return run(
         pairs,
         methods,
