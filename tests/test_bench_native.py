@@ -200,6 +200,12 @@ def test_task_order_does_identity_and_affine_on_every_pair_first(tmp_path):
         task_order(pairs, ["nope"])
 
 
+def test_plain_inference_methods_switch_off_every_optimisation(tmp_path):
+    for name in ("bundle_register_it0", "bundle_native_it0"):  # one forward pass: no instance optimisation, no refinement
+        argv, _ = METHODS[name].command(_pair(tmp_path), tmp_path / "o", seed=1)
+        assert argv[argv.index("--iterations") + 1] == "0" and argv[argv.index("--refine_iterations") + 1] == "0"
+
+
 def test_candidate_weights_reach_the_bundle_methods_only(tmp_path):
     pair = _pair(tmp_path)
     bundle, _ = task_command(METHODS["bundle_register_it0"], pair, tmp_path / "o", tmp_path / "p", 1, "/w/model.pt")
