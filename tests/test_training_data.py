@@ -31,3 +31,17 @@ def test_training_pairs_stay_within_one_space(tmp_path):
     for entry in entries:  # never an aligned mal2012 scan paired with an OASIS subject (another space)
         assert (entry["moving_image"] in aligned) == (entry["fixed_image"] in aligned)
     assert all(set(e) == {"moving_image", "fixed_image"} for e in entries)  # unsupervised: no labels
+
+
+def test_training_log_summary_keeps_complete_epochs_and_validations():
+    from bench.training.training_log import summarise
+
+    lines = []
+    for epoch, losses in ((1, (-0.2, -0.4)), (2, (-0.5, -0.7)), (3, (-0.9,))):  # epoch 3 stopped after one iteration
+        for i, loss in enumerate(losses, 1):
+            lines.append(f"2026-12-02 03:0{epoch}:0{i},123 - INFO - Epoch: {epoch}/5, Iter: {i}/2 -- train_loss: {loss} ")
+    lines.append("2026-12-02 03:02:09,000 - INFO - Epoch[2] Metrics -- val_mean_dice: 0.7415 ")
+    summary = summarise("\n".join(lines))
+    assert [(e["epoch"], e["mean_loss"]) for e in summary["epochs"]] == [(1, -0.3), (2, -0.6)]
+    assert summary["validation"] == [{"epoch": 2, "val_mean_dice": 0.7415}]
+    assert summary["training_minutes"] == 2.0 and summary["max_epochs"] == 5 and summary["epoch_length"] == 2
