@@ -25,13 +25,16 @@ NATIVE_ROWS = {
     "ants_affine": "ANTs Affine",
     "ants_syn_60_30_10": "ANTs SyN (60,30,10)",
     "ants_syn_40_20_0": "ANTs SyN (40,20,0) antspyx default",
+    "bundle_affine_only": "bundle register --affine_only",
+    "bundle_native_it0": "bundle register --iterations 0 --refine_iterations 0",
+    "bundle_default": "bundle register (default)",
 }
 PREALIGNED_ROWS = {
     "identity_after_affine": "identity after ANTs Affine",
     "ants_synonly_60_30_10": "ANTs SyNOnly (60,30,10)",
     "ants_synonly_40_20_0": "ANTs SyNOnly (40,20,0) antspyx default",
-    "bundle_register_it0": "bundle register --iterations 0",
-    "bundle_register": "bundle register (default)",
+    "bundle_register_it0": "bundle register --affine none --iterations 0 --refine_iterations 0",
+    "bundle_register": "bundle register --affine none (default)",
 }
 SEG14_NAMES = {
     1: "thalamus",
