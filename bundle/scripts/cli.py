@@ -14,7 +14,6 @@ From the bundle root::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -32,10 +31,6 @@ __all__ = ["register", "apply", "demo", "BUNDLE_ROOT", "workflow_overrides"]
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = BUNDLE_ROOT / "configs"
 SAMPLE_DIR = BUNDLE_ROOT / "sample_data"
-OUTPUT_FILES = (
-    "warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat", "warp.nii.gz",
-    "inverse_warp.nii.gz", "metrics.json",
-)
 AFFINE_CHOICES = ("affine", "rigid", "none")
 
 
@@ -154,28 +149,6 @@ def _run_workflow(files: list[str], overrides: dict[str, Any]) -> None:
         workflow.finalize()
 
 
-def _summary(out: str, seconds: float) -> str:
-    """Human-readable report of one registration: Dice before/after per label (when labels were given) and outputs."""
-    folder = Path(out)
-    lines = [f"Registration finished in {seconds:.0f} s. Outputs in {folder}:"]
-    lines += [f"  {name}" for name in OUTPUT_FILES if (folder / name).exists()]
-    metrics_file = folder / "metrics.json"
-    if metrics_file.exists():
-        metrics = json.loads(metrics_file.read_text())
-        lines.append(f"{'label':<20}{'Dice before':>12}{'Dice after':>12}")
-        for row in metrics["labels"]:
-            before, after = row.get("dice_identity"), row.get("dice")
-            fmt = lambda v: f"{v:12.4f}" if v is not None else f"{'n/a':>12}"  # noqa: E731
-            name = str(row["label"]) if row.get("name") in (None, str(row["label"])) else f"{row['label']} {row['name']}"
-            lines.append(f"{name:<20}{fmt(before)}{fmt(after)}")
-        lines.append(
-            f"{'mean':<20}{metrics.get('mean_dice_identity', float('nan')):12.4f}{metrics['mean_dice']:12.4f}"
-        )
-        if "percent_non_positive_jacobian" in metrics:
-            lines.append(f"voxels with det J <= 0: {metrics['percent_non_positive_jacobian']:.4f} %")
-    return "\n".join(lines)
-
-
 def register(
     fixed: str | None = None,
     moving: str | None = None,
@@ -249,7 +222,9 @@ def register(
     if datalist is not None:  # a cohort: its summary instead of one pair's report
         from scripts.workflow.cohort_summary import cohort_console_summary
         return print(cohort_console_summary(overrides["output_dir"]), flush=True)
-    print(_summary(overrides["output_dir"], time.time() - start), flush=True)
+    from scripts.workflow.pair_summary import pair_console_summary
+
+    print(pair_console_summary(overrides["output_dir"], time.time() - start), flush=True)
     if qc_png:
         from scripts.workflow.qc import qc_png_from_outputs
 

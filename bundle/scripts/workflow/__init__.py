@@ -49,6 +49,10 @@ from .cohort_summary import (
     CohortSummary,
     cohort_console_summary,
 )
+from .pair_summary import (
+    OUTPUT_FILES,
+    pair_console_summary,
+)
 from .cohort_dataset import (
     CohortDataset,
 )
