@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from bench.accuracy.native import thread_env
 
 __all__ = ["SPLIT_FILE", "OASIS_SUBJECTS", "TUNING_PAIRS", "align", "training_entries", "main"]
 
@@ -51,14 +52,11 @@ def align(moving_id: str, fixed_id: str, data: Path, out: Path, threads: int) ->
     fixed, fixed_label = _scan(data, fixed_id)
     moving, moving_label = _scan(data, moving_id)
     if not (out / "metrics.json").exists():
-        env = dict(os.environ)
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[name] = str(threads)
         command = [sys.executable, "-m", "scripts.cli", "register", "--affine_only", "--overwrite",
                    "--fixed", str(fixed), "--moving", str(moving), "--fixed_label", str(fixed_label),
                    "--moving_label", str(moving_label), "--out", str(out)]
         print(f"aligning mal{moving_id} -> mal{fixed_id}", flush=True)
-        subprocess.run(command, cwd=REPO / "bundle", env=env, check=True)
+        subprocess.run(command, cwd=REPO / "bundle", env=thread_env(threads), check=True)
     return {"image": str(out / "warped_image.nii.gz"), "label": str(out / "warped_label.nii.gz")}
 
 
