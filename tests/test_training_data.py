@@ -45,3 +45,15 @@ def test_training_log_summary_keeps_complete_epochs_and_validations():
     assert [(e["epoch"], e["mean_loss"]) for e in summary["epochs"]] == [(1, -0.3), (2, -0.6)]
     assert summary["validation"] == [{"epoch": 2, "val_mean_dice": 0.7415}]
     assert summary["training_minutes"] == 2.0 and summary["max_epochs"] == 5 and summary["epoch_length"] == 2
+
+
+def test_labelled_pairs_carry_both_label_maps_of_the_same_scans():
+    from bench.training.prepare_mal2012 import labelled_entries
+
+    scans = [{"image": f"/aligned/mal{i}.nii.gz", "label": f"/aligned/mal{i}_seg.nii.gz"} for i in range(3)]
+    entries = labelled_entries(scans)
+    assert len(entries) == 3 * 2
+    for entry in entries:  # each label map belongs to its own image, never the other scan's
+        assert entry["moving_label"] == entry["moving_image"].replace(".nii.gz", "_seg.nii.gz")
+        assert entry["fixed_label"] == entry["fixed_image"].replace(".nii.gz", "_seg.nii.gz")
+        assert entry["moving_image"] != entry["fixed_image"]

@@ -12,7 +12,9 @@ test pairs are (moving onto the fixed scan's own grid), both with the bundle's o
   on), the moving scan aligned onto the fixed scan.
 - Writes ``OUT/datalist.json`` in the bundle's training datalist format: ``training`` is the list of every ordered
   pair of the aligned scans plus the 12 ordered pairs of the four neurite-OASIS subjects (their own shared space),
-  ``validation`` the aligned tuning pairs with ``seg14`` labels. Paths are absolute.
+  ``validation`` the aligned tuning pairs with ``seg14`` labels, and ``training_labelled`` every ordered pair of the
+  aligned scans with their ``seg14`` labels (for the optional weakly supervised Dice term,
+  ``configs/presets/mal2012_brain_dice.json``). Paths are absolute.
 
 Each alignment runs in its own process with thread pools capped at ``--threads``; a scan whose ``metrics.json`` exists
 is skipped, so the script resumes after a stop. Test people are never read.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from bench.accuracy.native import thread_env
 
-__all__ = ["SPLIT_FILE", "OASIS_SUBJECTS", "TUNING_PAIRS", "align", "training_entries", "main"]
+__all__ = ["SPLIT_FILE", "OASIS_SUBJECTS", "TUNING_PAIRS", "align", "labelled_entries", "training_entries", "main"]
 
 REPO = Path(__file__).resolve().parents[2]
 SPLIT_FILE = REPO / "bench" / "accuracy" / "splits" / "mal2012_split.json"
@@ -69,6 +71,15 @@ def training_entries(scans: list[dict[str, str]], data: Path) -> list[dict[str, 
     return entries
 
 
+def labelled_entries(scans: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Every ordered pair of the aligned scans with both label maps (the pairs of :func:`training_entries` that have
+    labels)."""
+    return [
+        {"moving_image": m["image"], "fixed_image": f["image"], "moving_label": m["label"], "fixed_label": f["label"]}
+        for m, f in itertools.permutations(scans, 2)
+    ]
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="shared/data folder")
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> Path:
         "_desc_": f"brain_mal2012 training people aligned onto mal{args.reference} by the bundle's affine stage "
         f"({len(scans)} scans) + the four neurite-OASIS subjects; validation: tuning pairs on the fixed scan's grid",
         "training": training_entries(scans, data),
+        "training_labelled": labelled_entries(scans),
         "validation": validation,
     }
     target = out / "datalist.json"

@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation, ResampleToMatch
 
 from scripts.engines.affine_registration import resample_moving
-from scripts.engines.resolution_inferer import ResolutionInferer
+from scripts.engines.resolution_inferer import ResolutionInferer, network_grid_size
 
 __all__ = [
     "DownsampleToNetworkGridd",
@@ -117,27 +117,55 @@ class DownsampleToNetworkGridd(MapTransform):
     with the same anti-aliasing and interpolation, so a model trained on these images sees at inference exactly the
     kind of input it was trained on (e.g. train at ``network_scale=0.5`` on CPU, infer with the same value).
 
+    Label maps (``mode="nearest"``) are sampled at the network grid's voxel centres, which sit on the input grid at
+    ``j * (N - 1) / (n - 1)`` (the align-corners mapping of the images), so labels and images stay in register.
+
     Images of one pair must share a grid (run after :py:class:`ResampleToFixedGridd`). Spatial metadata is dropped:
     the output is a plain tensor meant for training, where only voxels matter.
 
     Args:
-        keys: image keys, each (C, D, H, W).
+        keys: volumes, each (C, D, H, W).
         network_scale: resolution relative to the input, a number or one per axis.
-        allow_missing_keys: skip absent keys.
+        mode: ``"image"`` (anti-aliased trilinear, as the inferer) or ``"nearest"`` (label maps), one or one per key.
+        allow_missing_keys: skip absent keys (e.g. labels of unlabelled pairs).
     """
 
-    def __init__(self, keys: KeysCollection, network_scale: float | Sequence[float], allow_missing_keys: bool = False) -> None:
+    modes = ("image", "nearest")
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        network_scale: float | Sequence[float],
+        mode: str | Sequence[str] = "image",
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.resolution = ResolutionInferer(network_scale=network_scale)
+        self.mode = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(self.mode) != len(self.keys) or any(m not in self.modes for m in self.mode):
+            raise ValueError(f"mode must be one of {self.modes} or one per key ({len(self.keys)}), got {mode!r}.")
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        for key in self.key_iterator(d):
-            image = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
-            if image.ndim != 4:
-                raise ValueError(f"'{key}' must have shape (C, D, H, W), got {tuple(image.shape)}.")
-            d[key] = self.resolution.downsample(image.unsqueeze(0).float())[0]
+        for key, mode in self.key_iterator(d, self.mode):
+            volume = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            if volume.ndim != 4:
+                raise ValueError(f"'{key}' must have shape (C, D, H, W), got {tuple(volume.shape)}.")
+            if mode == "nearest":
+                d[key] = self._nearest(volume)
+            else:
+                d[key] = self.resolution.downsample(volume.unsqueeze(0).float())[0]
         return d
+
+    def _nearest(self, label: torch.Tensor) -> torch.Tensor:
+        """(C, D, H, W) -> (C, d, h, w), the input voxel nearest to each network-grid centre (dtype kept)."""
+        target = network_grid_size(label.shape[1:], self.resolution.network_scale)
+        for axis, (size, n) in enumerate(zip(label.shape[1:], target)):
+            j = torch.arange(n, dtype=torch.long)
+            # round(j * (N - 1) / (n - 1)) in integers, ties upwards: no float ambiguity at half-voxel positions
+            index = (2 * j * (size - 1) + (n - 1)) // (2 * (n - 1)) if n > 1 else torch.zeros(1, dtype=torch.long)
+            label = label.index_select(axis + 1, index)
+        return label
 
 
 class WarpByDdfd(MapTransform):
