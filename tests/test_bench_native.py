@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Tests of the native-pair benchmark (bench/accuracy/native*.py): the person split of brain_mal2012, the scoring
-(Dice, SDlogJ, folding), resampling through world coordinates, the crop, the task order and the resumable runner.
+(Dice, HD95, SDlogJ, folding), resampling through world coordinates, the crop, the task order, the resumable runner
+and the HD95 rescoring of an existing results JSON.
 
 No ANTs is needed; the volumes are crops of the shipped real Colin27 -> MNI152 labels (<= 40^3), seconds in all.
 """
@@ -16,10 +17,19 @@ from conftest import REPO_ROOT, SAMPLE_PAIR
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.accuracy.metrics import hd95_per_label, label_boxes
 from bench.accuracy.native import _load_report, reuse_prealigned, run, task_command
 from bench.accuracy.native_methods import METHODS, prealigned_pair, task_order
 from bench.accuracy.native_pairs import NativePair, crop_to_foreground
-from bench.accuracy.native_scoring import dice_scores, jacobian_stats, resample_to_grid, score_labels
+from bench.accuracy.native_rescore import rescore
+from bench.accuracy.native_scoring import (
+    dice_scores,
+    hd95_summary,
+    jacobian_stats,
+    resample_to_grid,
+    score_labels,
+    voxel_spacing,
+)
 from bench.accuracy.native_split import (
     PEOPLE,
     SPLIT_PATH,
@@ -105,6 +115,65 @@ def test_score_labels_uses_classes_present_in_both_inputs():
     result = score_labels(fixed, moving, fixed)
     assert 3 not in result["classes"] and set(result["classes"]) <= set(range(1, 15))
     assert result["dice_mean"] == 1.0 and result["dice_subcortical"] == 1.0
+
+
+def _cube(shape, start, size=10, label=1) -> np.ndarray:
+    out = np.zeros(shape, np.int16)
+    out[tuple(slice(s, s + size) for s in start)] = label
+    return out
+
+
+def test_hd95_of_two_cubes_offset_by_3_voxels_is_3_voxels_in_mm():
+    # a 10^3 cube and the same cube 3 voxels further along one axis: the far faces (20 % of the surface voxels) are
+    # 3 voxels apart and nothing is further, so the 95th percentile is exactly 3 voxels, in mm of that axis
+    shape = (30, 30, 30)
+    fixed = _cube(shape, (10, 10, 10))
+    along_z, along_x = _cube(shape, (10, 10, 13)), _cube(shape, (13, 10, 10))
+    spacing = (1.0, 1.0, 2.0)
+    assert hd95_per_label(fixed, along_z, [1], spacing)[1] == pytest.approx(6.0)
+    assert hd95_per_label(fixed, along_x, [1], spacing)[1] == pytest.approx(3.0)
+    assert hd95_per_label(fixed, along_z, [1], (1.0, 1.0, 1.0))[1] == pytest.approx(3.0)
+    assert hd95_per_label(along_z, fixed, [1], spacing)[1] == pytest.approx(6.0)  # symmetric
+    assert hd95_per_label(fixed, fixed, [1], spacing)[1] == 0.0
+    # score_labels: the mean over the Dice classes, per class keyed like dice_per_class
+    two = fixed + _cube(shape, (0, 0, 0), size=5, label=2)
+    moved = along_z + _cube(shape, (0, 0, 0), size=5, label=2)
+    scored = score_labels(two, two, moved, spacing=spacing)
+    assert scored["hd95_per_class"] == {"1": pytest.approx(6.0), "2": 0.0} and scored["hd95_mean"] == pytest.approx(3.0)
+    assert "hd95_mean" not in score_labels(two, two, moved)  # no spacing, no HD95 (as before)
+    assert voxel_spacing(np.diag([1.0, 1.0, 2.0, 1.0])) == spacing
+    assert voxel_spacing(np.array([[0, 0, -2.0, 5], [1.0, 0, 0, 1], [0, 1.5, 0, 0], [0, 0, 0, 1]])) == (1.0, 1.5, 2.0)
+
+
+def test_hd95_on_the_bounding_box_equals_the_whole_grid():
+    fixed = _real_labels()
+    warped = np.roll(fixed, 3, axis=0)  # wraps round: classes touching the grid's edge, boxes clipped there
+    warped[warped == 5] = 0
+    warped[:2, :2, :2] = 5  # a stray island far from the class: the box of the union spans both
+    labels = list(range(1, 9))
+    cropped = hd95_per_label(fixed, warped, labels, (1.0, 1.2, 0.9))
+    whole = hd95_per_label(fixed, warped, labels, (1.0, 1.2, 0.9), crop_margin=None)
+    assert cropped.keys() == whole.keys()
+    for lab in labels:
+        assert cropped[lab] == whole[lab] or (np.isnan(cropped[lab]) and np.isnan(whole[lab])), lab
+    assert cropped[5] > 20.0  # the island is far from the class: HD95 sees it
+    boxes = label_boxes(fixed, warped, [1, 5, 14], margin=2)
+    assert boxes[14] is None and boxes[5][0].start == 0
+    assert all(b.stop <= s for b, s in zip(boxes[1], fixed.shape, strict=True))
+    with pytest.raises(ValueError, match="crop_margin"):
+        hd95_per_label(fixed, warped, [1], (1.0, 1.0, 1.0), crop_margin=0)
+
+
+def test_hd95_is_nan_for_a_class_missing_from_one_map_and_left_out_of_the_mean():
+    fixed = _real_labels()
+    warped = fixed.copy()
+    warped[warped == 2] = 0  # class 2 scored (in fixed and moving) but lost by the warp: Dice 0, HD95 NaN
+    scored = score_labels(fixed, fixed, warped, spacing=(1.0, 1.0, 1.0))
+    assert scored["dice_per_class"]["2"] == 0.0 and np.isnan(scored["hd95_per_class"]["2"])
+    others = [v for c, v in scored["hd95_per_class"].items() if c != "2"]
+    assert scored["hd95_mean"] == 0.0 and others == [0.0] * len(others)
+    assert np.isnan(hd95_per_label(fixed, warped, [14], (1.0, 1.0, 1.0))[14])  # in neither map
+    assert np.isnan(hd95_summary(fixed, 0 * fixed, [1, 2], (1.0, 1.0, 1.0))["hd95_mean"])  # no class: NaN mean
 
 
 def test_sdlogj_and_folding_known_values_and_mask():
@@ -227,6 +296,9 @@ def test_runner_scores_identity_and_resumes_without_rerunning(tmp_path):
     expected = score_labels(labels, labels, np.roll(labels, 1, axis=2))["dice_mean"]
     assert first["identity"]["status"] == "ok" and first["identity"]["dice_mean"] == pytest.approx(expected)
     assert first["identity"]["cpu_s"] > 0 and first["identity"]["peak_rss_mib"] > 0
+    expected_hd = score_labels(labels, labels, np.roll(labels, 1, axis=2), spacing=(1.0, 1.0, 1.0))
+    assert expected_hd["hd95_mean"] > 0 and first["identity"]["hd95_mean"] == pytest.approx(expected_hd["hd95_mean"])
+    assert first["identity"]["hd95_per_class"].keys() == first["identity"]["dice_per_class"].keys()
     again = run([pair], ["identity"], out, threads=1, seed=1, argv=[])
     assert again["results"][0]["finished_utc"] == first["identity"]["finished_utc"]  # skipped, not rerun
     saved = _load_report(out / "results.json")
@@ -238,6 +310,7 @@ def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():
 
     def rec(pair, method, dice, **extra):
         base = {"pair": pair, "method": method, "status": "ok", "dice_mean": dice, "dice_subcortical": dice}
+        base.update(hd95_mean=10 * (1 - dice), hd95_per_class={"1": 10 * (1 - dice)})
         return {**base, "dice_per_class": {"1": dice}, "wall_s": 10.0, "cpu_s": 8.0, "peak_rss_mib": 100.0, **extra}
 
     pairs = {
@@ -253,9 +326,16 @@ def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():
         {"pairs": pairs, "results": results, "runs": [{**run_info, "nice": 10, "git_commit": "x", "versions": {}}]}
     )
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert "| identity (world coordinates) | 2 | 0.300 |" in text  # fs (0.9) not in the mal mean
-    assert rows["| ANTs SyN (60,30,10)"].split(" | ")[1:5] == ["1", "0.800", "0.800", "0.800"]
+    assert "| identity (world coordinates) | 2 | 0.300 | 7.00 |" in text  # fs (0.9) not in the mal mean
+    assert "| method | pairs | Dice (14) | HD95 (mm) | Dice subcortical |" in text
+    assert rows["| ANTs SyN (60,30,10)"].split(" | ")[1:6] == ["1", "0.800", "2.00", "0.800", "0.800"]
     assert "failed: b / ants_syn_60_30_10" in text
+    assert "| a | 8.00 | 2.00 |" in text and "| 1 thalamus | 7.00 | 2.00 |" in text  # HD95 per pair and per class
+    # a document scored before HD95 was recorded: "—" in the column, no HD95 tables
+    for r in results:
+        r.pop("hd95_mean", None), r.pop("hd95_per_class", None)
+    old = render({"pairs": pairs, "results": results, "runs": []})
+    assert "| identity (world coordinates) | 2 | 0.300 | — |" in old and "HD95 (mm) per" not in old
 
 
 def test_box_plot_covers_only_the_pairs_every_method_finished(tmp_path):
@@ -294,3 +374,59 @@ def test_candidate_weights_reuse_the_same_prealigned_inputs(tmp_path):
     listed = json.loads((out / "prealigned" / "datalist.json").read_text())["pairs"]
     assert [e["id"] for e in listed] == [pair.name] and listed[0]["moving_image"].startswith(str(out))
     assert reuse_prealigned(source, out, [pair.name]) == []  # already there: nothing copied again
+
+
+def _scored_out(tmp_path):
+    """An OUT folder like the runner leaves it, scored before HD95 was recorded: an identity row (ok), a failed row,
+    a row that already has HD95 and an ok row reused from another run's folder."""
+    pair = _pair(tmp_path)
+    out, other = tmp_path / "out", tmp_path / "other"
+    fixed = np.asanyarray(nib.load(pair.fixed_label).dataobj).astype(np.int16)
+    moving = np.asanyarray(nib.load(pair.moving_label).dataobj).astype(np.int16)
+    rows = []
+    for folder, method, warped in ((out, "identity", moving), (other, "ants_affine", np.roll(moving, -1, axis=2))):
+        (folder / pair.name / method).mkdir(parents=True)
+        target = folder / pair.name / method / "warped_label.nii.gz"
+        nib.save(nib.Nifti1Image(warped.astype(np.uint8), np.eye(4)), target)
+        rows.append({"pair": pair.name, "method": method, "status": "ok", "finished_utc": method,
+                     **score_labels(fixed, moving, warped)})
+    rows[1]["reused_from"] = str(other)
+    rows.append({"pair": pair.name, "method": "ants_syn_60_30_10", "status": "failed", "reason": "exit 1"})
+    rows.append({"pair": pair.name, "method": "bundle_default", "status": "ok", "dice_mean": 0.5, "hd95_mean": 1.5})
+    report = {"runs": [{"started_utc": "t"}], "pairs": {pair.name: pair.as_dict()}, "methods": {}, "results": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    return out, report, fixed, moving
+
+
+def test_rescore_adds_only_hd95_fields_and_skips_done_rows(tmp_path):
+    out, before, fixed, moving = _scored_out(tmp_path)
+    messages = []
+    after = rescore(out, ["test"], log=messages.append)
+    assert after == json.loads((out / "results.json").read_text())
+    assert messages[0].endswith("2 row(s) to score, 2 done or not ok")
+    old, new = before["results"], after["results"]
+    for row in new[:2]:  # the two ok rows: only hd95_mean and hd95_per_class added, nothing else changed
+        assert set(row) - set(old[new.index(row)]) == {"hd95_mean", "hd95_per_class"}
+        assert {k: v for k, v in row.items() if not k.startswith("hd95_")} == old[new.index(row)]
+    expected = hd95_summary(fixed, moving, new[0]["classes"], (1.0, 1.0, 1.0))
+    assert new[0]["hd95_per_class"] == expected["hd95_per_class"] and new[0]["hd95_mean"] > 0
+    assert np.isfinite(new[1]["hd95_mean"])  # found in the run it was reused from
+    assert new[2:] == old[2:]  # failed row untouched, the row already scored keeps its value
+    assert {k: v for k, v in after.items() if k != "rescores"} == {**before, "results": new}
+    assert len(after["rescores"]) == 1 and after["rescores"][0]["added"] == ["hd95_mean", "hd95_per_class"]
+    text = (out / "results.json").read_text()
+    again = rescore(out, ["test"], log=messages.append)  # resumed: nothing left, the file is not rewritten
+    assert messages[-1].endswith("0 row(s) to score, 4 done or not ok")
+    assert again == after and (out / "results.json").read_text() == text
+
+
+def test_rescore_refuses_files_that_do_not_reproduce_the_stored_dice(tmp_path):
+    out, before, _, moving = _scored_out(tmp_path)
+    path = out / before["results"][0]["pair"] / "identity" / "warped_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.roll(moving, 2, axis=0).astype(np.uint8), np.eye(4)), path)  # not what was scored
+    messages = []
+    with pytest.raises(RuntimeError, match="1 row"):
+        rescore(out, ["test"], log=messages.append)
+    saved = json.loads((out / "results.json").read_text())["results"]
+    assert "hd95_mean" not in saved[0] and "hd95_mean" in saved[1]  # the bad row left alone, the others done
+    assert any("does not reproduce the stored Dice" in m for m in messages)

@@ -11,6 +11,7 @@ its own process with ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_TH
 child from ``os.wait4`` and scores the outputs with ``native_scoring.py``. After every task ``OUT/results.json`` is
 rewritten atomically; a rerun skips every (pair, method) already ``ok`` there, so the run can be stopped any time.
 The pre-aligned inputs are written to ``OUT/prealigned/<pair>/`` and listed in ``OUT/prealigned/datalist.json``.
+``--rescore OUT`` runs no method: it adds HD95 to an existing ``OUT/results.json`` (``native_rescore.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from bench.accuracy.io import write_json_atomic
 from bench.accuracy.native_methods import DEFAULT_METHODS, METHODS, NativeMethod, prealigned_pair, task_order
 from bench.accuracy.native_pairs import NativePair, native_pairs
-from bench.accuracy.native_scoring import jacobian_stats, score_labels
+from bench.accuracy.native_scoring import jacobian_stats, score_labels, voxel_spacing
 
 __all__ = ["main", "run", "run_task", "score_outputs", "thread_env"]
 
@@ -110,13 +111,14 @@ def _labels(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
 
 
 def score_outputs(native: NativePair, method: NativeMethod, method_dir: Path) -> dict:
-    """Score a method's outputs on the fixed grid: seg14 Dice, and det J statistics in the fixed brain (T1 > 0)."""
+    """Score a method's outputs on the fixed grid: seg14 Dice and HD95 (mm, the fixed image's spacing), and det J
+    statistics in the fixed brain (T1 > 0)."""
     fixed_label, fixed_ref = _labels(native.fixed_label)
     moving_label, _ = _labels(native.moving_label)
     warped, warped_ref = _labels(str(method_dir / "warped_label.nii.gz"))
     if warped.shape != fixed_label.shape or not np.allclose(warped_ref.affine, fixed_ref.affine, atol=1e-3):
         raise ValueError(f"{method_dir}: warped labels {warped.shape} are not on the fixed grid {fixed_label.shape}.")
-    result = score_labels(fixed_label, moving_label, warped)
+    result = score_labels(fixed_label, moving_label, warped, spacing=voxel_spacing(fixed_ref.affine))
     if method.deformable:
         det_path = method_dir / "jacobian_det.nii.gz"
         if not det_path.exists():
@@ -267,7 +269,8 @@ def run(
             write_datalist(report, out_dir)
         print(
             f"[done] {native.name} / {method.name}: {record['status']} dice={record.get('dice_mean', float('nan')):.3f} "
-            f"sdlogj={record.get('sdlogj', float('nan')):.3f} wall={record['wall_s']:.0f}s cpu={record['cpu_s']:.0f}s "
+            f"hd95={record.get('hd95_mean', float('nan')):.2f}mm sdlogj={record.get('sdlogj', float('nan')):.3f} "
+            f"wall={record['wall_s']:.0f}s cpu={record['cpu_s']:.0f}s "
             f"rss={record['peak_rss_mib']:.0f}MiB {record.get('reason', '')}",
             flush=True,
         )
@@ -286,7 +289,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random_seed", type=int, default=1)
     parser.add_argument("--weights", default=None, help="network weights for the bundle methods (default: the shipped)")
     parser.add_argument("--prealigned_from", default=None, help="OUT of an earlier run: reuse its ANTs Affine inputs")
+    parser.add_argument(
+        "--rescore",
+        metavar="OUT",
+        default=None,
+        help="run nothing: add HD95 to the ok rows of OUT/results.json that lack it, from the files on disk "
+        "(bench.accuracy.native_rescore; resumable)",
+    )
     args = parser.parse_args(argv)
+    if args.rescore:
+        from bench.accuracy.native_rescore import rescore
+
+        return rescore(Path(args.rescore).resolve(), ["python", "-m", "bench.accuracy.native", *argv])
     out_dir = Path(args.out).resolve()
     pairs = native_pairs(args.data, out_dir, include_retest=args.include_retest)
     if args.pairs:

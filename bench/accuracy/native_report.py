@@ -4,10 +4,12 @@
 ``python -m bench.accuracy.native_report bench/accuracy/results/native_ants.json``
 
 Prints, for the native and the pre-aligned inputs, one row per method with means over the ``brain_mal2012`` test
-pairs it finished (seg14 Dice over the classes present in both, subcortical Dice, % det J <= 0 and SDlogJ in the
-fixed brain, wall / CPU time, peak RSS) and the mean Dice over the pairs that *every* row of that table finished;
-then the per-pair Dice of every method (the FreeSurfer pair is listed there, not averaged with the others: its
-labels come from FreeSurfer, not from the manual protocol), per-class Dice, and the machine of each run.
+pairs it finished (seg14 Dice over the classes present in both, mean HD95 in mm over the same classes, subcortical
+Dice, % det J <= 0 and SDlogJ in the fixed brain, wall / CPU time, peak RSS) and the mean Dice over the pairs that
+*every* row of that table finished; then the per-pair Dice and HD95 of every method (the FreeSurfer pair is listed
+there, not averaged with the others: its labels come from FreeSurfer, not from the manual protocol), per-class Dice
+and HD95, and the machine of each run. HD95 shows "—" for rows scored before it was recorded (``native_rescore``
+adds it); its tables are left out when no row has it.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ def _summary(report: dict, rows: dict[str, str], pairs: list[str]) -> list[str]:
     shown = [m for m in rows if any((p, m) in ok for p in pairs)]
     common = [p for p in pairs if all((p, m) in ok for m in shown)]
     lines = [
-        f"| method | pairs | Dice (14) | Dice subcortical | Dice (14) on the {len(common)} common pairs | % det J ≤ 0 | SDlogJ | wall (s) | CPU (s) | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | pairs | Dice (14) | HD95 (mm) | Dice subcortical | Dice (14) on the {len(common)} common pairs | % det J ≤ 0 | SDlogJ | wall (s) | CPU (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in shown:
         recs = [ok[(p, m)] for p in pairs if (p, m) in ok]
@@ -81,6 +83,7 @@ def _summary(report: dict, rows: dict[str, str], pairs: list[str]) -> list[str]:
             rows[m],
             str(len(recs)),
             _f(_mean(r["dice_mean"] for r in recs)),
+            _f(_mean(r.get("hd95_mean") for r in recs), ".2f"),
             _f(_mean(r["dice_subcortical"] for r in recs)),
             _f(_mean(ok[(p, m)]["dice_mean"] for p in common)),
             _f(_mean(r.get("fold_pct") for r in recs), ".4f"),
@@ -93,23 +96,26 @@ def _summary(report: dict, rows: dict[str, str], pairs: list[str]) -> list[str]:
     return lines
 
 
-def _per_pair(report: dict, methods: list[str], pairs: list[str]) -> list[str]:
+def _per_pair(
+    report: dict, methods: list[str], pairs: list[str], field: str = "dice_mean", spec: str = ".3f"
+) -> list[str]:
     ok = _ok(report)
     labels = {**NATIVE_ROWS, **PREALIGNED_ROWS}
     lines = ["| pair | " + " | ".join(labels[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for p in pairs:
-        lines.append(
-            f"| {p} | " + " | ".join(_f(ok[(p, m)]["dice_mean"]) if (p, m) in ok else "·" for m in methods) + " |"
-        )
+        cells = [_f(ok[(p, m)].get(field), spec) if (p, m) in ok else "·" for m in methods]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _per_class(report: dict, methods: list[str], pairs: list[str]) -> list[str]:
+def _per_class(
+    report: dict, methods: list[str], pairs: list[str], field: str = "dice_per_class", spec: str = ".3f"
+) -> list[str]:
     ok = _ok(report)
     labels = {**NATIVE_ROWS, **PREALIGNED_ROWS}
     lines = ["| class | " + " | ".join(labels[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for c, name in SEG14_NAMES.items():
-        cells = [_f(_mean(ok[(p, m)]["dice_per_class"].get(str(c)) for p in pairs if (p, m) in ok)) for m in methods]
+        cells = [_f(_mean(ok[(p, m)].get(field, {}).get(str(c)) for p in pairs if (p, m) in ok), spec) for m in methods]
         lines.append(f"| {c} {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -134,9 +140,16 @@ def render(report: dict) -> str:
     if fs:
         out += ["", f"### FreeSurfer pair ({', '.join(fs)}; FreeSurfer aseg labels, not averaged with the others)", ""]
         out += _summary(report, {**NATIVE_ROWS, **PREALIGNED_ROWS}, fs)
+    has_hd95 = any("hd95_mean" in r for r in ok.values())
     out += ["", "### Dice (14 classes) per pair (· = not run yet)", ""] + _per_pair(report, methods, names)
+    if has_hd95:
+        out += ["", "### HD95 (mm, mean over the Dice classes) per pair (· = not run yet, — = not scored)", ""]
+        out += _per_pair(report, methods, names, "hd95_mean", ".2f")
     out += ["", "### Dice per class, mean over the brain_mal2012 test pairs each method finished", ""]
     out += _per_class(report, methods, mal)
+    if has_hd95:
+        out += ["", "### HD95 (mm) per class, mean over the brain_mal2012 test pairs each method finished", ""]
+        out += _per_class(report, methods, mal, "hd95_per_class", ".2f")
     out += ["", "Runs:"]
     for run in report["runs"]:
         v = run["versions"]
@@ -144,6 +157,11 @@ def render(report: dict) -> str:
             f"- {run['started_utc']}: {run['cpu']} ({run['cpu_count']} CPUs), {run['threads_per_method']} threads per "
             f"method, 1-min load {run['loadavg_1min']:.2f}, nice {run['nice']}, commit {run['git_commit']}; "
             + ", ".join(f"{k} {val}" for k, val in v.items())
+        )
+    for entry in report.get("rescores", []):
+        out.append(
+            f"- {entry['started_utc']}: HD95 added to the rows scored before it by `native_rescore` (no registration "
+            f"rerun), commit {entry.get('git_commit', '?')}, monai {entry.get('versions', {}).get('monai', '?')}"
         )
     failed = [r for r in report["results"] if r.get("status") != "ok"]
     out += [f"- failed: {r['pair']} / {r['method']}: {r.get('reason', '')}" for r in failed]

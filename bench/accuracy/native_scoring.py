@@ -2,7 +2,10 @@
 """Scoring of the native-pair benchmark: every method is scored by this code on the fixed image's grid.
 
 * labels are compared on the fixed grid: Dice per seg14 class present in both (unwarped) label maps, their mean, and
-  the subcortical mean (classes 1-9 and 11-13, which both label protocols draw alike);
+  the subcortical mean (classes 1-9 and 11-13, which both label protocols draw alike), and HD95 in mm (95th
+  percentile symmetric Hausdorff distance, ``bench.accuracy.metrics.hd95_per_label``: MONAI
+  ``compute_hausdorff_distance`` on each class's bounding box + 2 voxels, the fixed image's voxel spacing) per class
+  and its mean over the same classes (NaN for a class missing from one map, left out of the mean like a NaN Dice);
 * the deformation is judged inside the fixed brain mask (fixed T1 > 0, the scans are skull-stripped): % of voxels
   with det J <= 0 and SDlogJ, the standard deviation of log(clip(det J, 1e-9, 1e9)) as in Learn2Reg;
 * :func:`resample_to_grid` moves a volume onto another grid through the world (scanner) coordinates of the two
@@ -15,13 +18,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bench.accuracy.metrics import hd95_per_label
+
 __all__ = [
     "SEG14_CLASSES",
     "SUBCORTICAL",
     "dice_scores",
+    "hd95_summary",
     "jacobian_stats",
     "resample_to_grid",
     "score_labels",
+    "voxel_spacing",
 ]
 
 SEG14_CLASSES = tuple(range(1, 15))
@@ -130,27 +137,56 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def score_labels(
-    fixed_label: np.ndarray, moving_label: np.ndarray, warped_label: np.ndarray, classes: Sequence[int] = SEG14_CLASSES
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the three array axes of a 4x4 voxel-to-world affine (its column norms, as
+    nibabel's ``get_zooms`` for an image whose header matches its affine)."""
+    affine = np.asarray(affine, np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {affine.shape}.")
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def hd95_summary(
+    fixed_label: np.ndarray, warped_label: np.ndarray, labels: Sequence[int], spacing: Sequence[float]
 ) -> dict:
-    """Dice of the warped moving labels against the fixed labels, over the classes present in both inputs.
+    """``hd95_mean`` (mm, over ``labels``, NaN classes left out) and ``hd95_per_class`` (``{"c": mm}``)."""
+    per_class = hd95_per_label(fixed_label, warped_label, [int(c) for c in labels], spacing)
+    return {
+        "hd95_mean": _mean([per_class[int(c)] for c in labels]),
+        "hd95_per_class": {str(int(c)): per_class[int(c)] for c in labels},
+    }
+
+
+def score_labels(
+    fixed_label: np.ndarray,
+    moving_label: np.ndarray,
+    warped_label: np.ndarray,
+    classes: Sequence[int] = SEG14_CLASSES,
+    spacing: Sequence[float] | None = None,
+) -> dict:
+    """Dice (and HD95) of the warped moving labels against the fixed labels, over the classes present in both inputs.
 
     Args:
         fixed_label: (X, Y, Z) fixed labels.
         moving_label: moving labels before warping (any grid; only which classes occur is used).
         warped_label: (X, Y, Z) moving labels on the fixed grid.
         classes: candidate class ids (default the 14 seg14 classes).
+        spacing: voxel size (mm) of the fixed grid along its array axes; given, HD95 is scored too.
 
     Returns:
         ``dice_mean`` (over the classes present in both), ``dice_subcortical`` (classes 1-9, 11-13 among them),
-        ``dice_per_class`` and ``classes``.
+        ``dice_per_class`` and ``classes``; with ``spacing`` also ``hd95_mean`` and ``hd95_per_class`` (mm, the same
+        classes).
     """
     present_f, present_m = set(np.unique(fixed_label).tolist()), set(np.unique(moving_label).tolist())
     labels = sorted(int(c) for c in classes if c != 0 and c in present_f and c in present_m)
     per_class = dice_scores(fixed_label, warped_label, labels)
-    return {
+    result = {
         "dice_mean": _mean([per_class[c] for c in labels]),
         "dice_subcortical": _mean([per_class[c] for c in labels if c in SUBCORTICAL]),
         "dice_per_class": {str(c): per_class[c] for c in labels},
         "classes": labels,
     }
+    if spacing is not None:
+        result.update(hd95_summary(fixed_label, warped_label, labels, spacing))
+    return result
