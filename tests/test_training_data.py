@@ -57,3 +57,17 @@ def test_labelled_pairs_carry_both_label_maps_of_the_same_scans():
         assert entry["moving_label"] == entry["moving_image"].replace(".nii.gz", "_seg.nii.gz")
         assert entry["fixed_label"] == entry["fixed_image"].replace(".nii.gz", "_seg.nii.gz")
         assert entry["moving_image"] != entry["fixed_image"]
+
+
+def test_resumed_run_counts_a_repeated_epoch_once_and_no_gap():
+    from bench.training.training_log import summarise_segments
+
+    def line(minute, epoch, i, loss):
+        return f"2026-12-02 04:{minute:02d}:00,000 - INFO - Epoch: {epoch}/3, Iter: {i}/2 -- train_loss: {loss} "
+
+    first = [line(0, 1, 1, -0.1), line(1, 1, 2, -0.3), line(2, 2, 1, -9.0)]  # stopped inside epoch 2
+    second = [line(30, 2, 1, -0.4), line(31, 2, 2, -0.6), "2026-12-02 04:31:05,000 - INFO - Epoch[2] Metrics -- val_mean_dice: 0.75 "]
+    summary = summarise_segments(["\n".join(first), "\n".join(second)])
+    assert [(e["epoch"], e["mean_loss"]) for e in summary["epochs"]] == [(1, -0.2), (2, -0.5)]
+    assert summary["training_minutes"] == 3.0  # 2 + 1 minutes, not the 31 from first to last line
+    assert summary["validation"] == [{"epoch": 2, "val_mean_dice": 0.75}] and len(summary["segments"]) == 2
