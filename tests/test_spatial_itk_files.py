@@ -128,3 +128,29 @@ def test_displacement_layouts_write_the_same_file(case, tmp_path):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="ambiguous"):
         write_itk_displacement(np.zeros((3, 4, 5, 3)), affine, tmp_path / "c.nii.gz")
+
+
+def test_displacement_file_bytes_do_not_depend_on_slabs_or_dtype(case, tmp_path):
+    """warp.nii.gz is converted to LPS in float64 slabs: the bytes equal a whole-field float64 conversion, for float32
+    (kept without a float64 copy) and float64 input alike; a non-finite value in any slab is refused."""
+    from scripts.spatial.itk_files import _lps_displacement
+    from scripts.spatial.world import voxel_ddf_to_lps
+
+    ddf = case["ddf"].astype(np.float32)
+    ddf[:, ::4] = 0.0
+    ddf[1, 1::4] = -0.0  # signed zeros stay as the whole-field product writes them
+    affine = case["fixed_affine"].copy()
+    c, s = np.cos(0.3), np.sin(0.3)  # an oblique grid: every LPS component mixes two voxel components
+    affine[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ affine[:3, :3]
+    whole = voxel_ddf_to_lps(ddf, affine).astype(np.float32)
+    slabs = _lps_displacement(ddf, affine, block_voxels=7 * ddf.shape[2] * ddf.shape[3])  # 7 slices a slab
+    assert slabs.tobytes() == whole.tobytes()
+    write_itk_displacement(ddf, affine, tmp_path / "f32.nii.gz")
+    write_itk_displacement(torch.as_tensor(ddf.astype(np.float64)), affine, tmp_path / "f64.nii.gz")
+    assert (tmp_path / "f32.nii.gz").read_bytes() == (tmp_path / "f64.nii.gz").read_bytes()
+    stored = np.asarray(nib.load(str(tmp_path / "f32.nii.gz")).dataobj)[:, :, :, 0, :]
+    assert stored.tobytes() == np.ascontiguousarray(np.moveaxis(whole, 0, -1)).tobytes()
+    ddf[2, -1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        write_itk_displacement(ddf, affine, tmp_path / "nan.nii.gz")
+    assert not (tmp_path / "nan.nii.gz").exists()

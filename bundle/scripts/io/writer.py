@@ -1,12 +1,19 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Atomic, non-overwriting NIfTI/JSON/CSV output of the registration workflows."""
+"""Atomic, non-overwriting NIfTI/JSON/CSV output of the registration workflows.
+
+A pair's output files are independent of each other, so they are written on a few threads (:class:`ConcurrentWriter`):
+most of the time goes into zlib compression and file IO, which release the GIL.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Hashable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
 
 import nibabel as nib
 import numpy as np
@@ -18,7 +25,10 @@ from scripts.io.atomic import check_outputs_writable, save_nifti
 
 __all__ = [
     "DEFAULT_OUTPUT_NAMES",
+    "DEFAULT_WRITE_WORKERS",
+    "ConcurrentWriter",
     "SaveRegistrationOutputsd",
+    "nifti_image",
     "pair_output_dir",
     "write_nifti",
 ]
@@ -32,6 +42,97 @@ DEFAULT_OUTPUT_NAMES = {
     "warped_label": "warped_label.nii.gz",
     "jacobian_det": "jacobian_det.nii.gz",
 }
+
+#: threads writing one pair's files: two keep both cores of a small machine compressing, more only add memory
+DEFAULT_WRITE_WORKERS = 2
+
+
+class ConcurrentWriter:
+    """
+    Write independent files on a few threads; :meth:`wait` (or leaving the ``with`` block) returns when all are done.
+
+    Each write is a callable that writes one file atomically (e.g. :func:`scripts.io.atomic.save_nifti`), so a failed
+    write never leaves a partial file under its final name. When writes fail, the error of the earliest failed file
+    in submission order is raised (its own type, with a note naming the file) after the other running writes have
+    finished; writes not yet started are cancelled. Build what is written (tensor work included) in the calling
+    thread, so the writer threads only encode and save it.
+
+    Args:
+        max_workers: number of threads; 1 (or 0) writes each file at once in the calling thread, as a plain loop would.
+
+    Example::
+
+        with ConcurrentWriter(2) as writer:
+            writer.submit("a.nii.gz", save_nifti, image_a, "a.nii.gz")
+            writer.submit("b.nii.gz", save_nifti, image_b, "b.nii.gz")
+    """
+
+    def __init__(self, max_workers: int = DEFAULT_WRITE_WORKERS) -> None:
+        self.max_workers = int(max_workers)
+        self._executor = ThreadPoolExecutor(self.max_workers, "write") if self.max_workers > 1 else None
+        self._jobs: list[tuple[str, Future]] = []
+
+    def submit(self, path: str | os.PathLike, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Start ``write(*args, **kwargs)``, the writer of ``path`` (named in its error)."""
+        if self._executor is None:
+            future: Future = Future()
+            try:
+                future.set_result(write(*args, **kwargs))
+            except Exception as error:
+                _name_file(error, path)
+                raise
+        else:
+            future = self._executor.submit(write, *args, **kwargs)
+        self._jobs.append((str(path), future))
+
+    def wait(self) -> list[Any]:
+        """Wait for every submitted write.
+
+        Returns:
+            the writers' results in submission order.
+
+        Raises:
+            the first (in submission order) write's error, once no write is running any more.
+        """
+        jobs, self._jobs = self._jobs, []
+        try:
+            done, _ = wait([future for _, future in jobs], return_when=FIRST_EXCEPTION)
+            if any(future.exception() is not None for future in done):
+                for _, future in jobs:
+                    future.cancel()
+                wait([future for _, future in jobs])
+            for path, future in jobs:
+                error = None if future.cancelled() else future.exception()
+                if error is not None:
+                    raise _name_file(error, path)
+            return [future.result() for _, future in jobs]
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.wait()
+            return
+        for _, future in self._jobs:  # the caller failed: drop what has not started, let running writes finish
+            future.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _name_file(error: BaseException, path: str | os.PathLike) -> BaseException:
+    """Add a note naming the output file to ``error`` (kept as it is, so callers still catch it by type)."""
+    note = f"while writing {path}"
+    if note not in getattr(error, "__notes__", ()):
+        error.add_note(note)
+    return error
 
 
 def write_nifti(
@@ -55,9 +156,29 @@ def write_nifti(
     """
     target = Path(path)
     check_outputs_writable([target], overwrite)
+    return save_nifti(nifti_image(array, affine, dtype, vector, name=target.name), target)
+
+
+def nifti_image(
+    array: torch.Tensor | np.ndarray,
+    affine: np.ndarray | torch.Tensor,
+    dtype: np.dtype | type | None = None,
+    vector: bool = False,
+    name: str = "the output",
+) -> nib.Nifti1Image:
+    """
+    The in-memory image :func:`write_nifti` saves (built in the calling thread, so only saving runs on a writer thread).
+
+    Args:
+        array: (C, D, H, W) volume; one channel becomes a 3-D image (D, H, W), several a (D, H, W, C) image.
+        affine: 4x4 voxel-to-world affine of the grid.
+        dtype: on-disk data type (default: the array's, float64 stored as float32).
+        vector: mark the image as a vector field (NIfTI intent "vector").
+        name: file name for the error message.
+    """
     data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     if data.ndim != 4:
-        raise ValueError(f"expected a channel-first (C, D, H, W) array for {target.name}, got shape {data.shape}.")
+        raise ValueError(f"expected a channel-first (C, D, H, W) array for {name}, got shape {data.shape}.")
     data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
     if dtype is None:
         dtype = np.float32 if data.dtype == np.float64 else data.dtype
@@ -67,7 +188,7 @@ def write_nifti(
     image.header.set_sform(affine, code=1)
     if vector:
         image.header.set_intent("vector")
-    return save_nifti(image, target)
+    return image
 
 
 def pair_output_dir(output_dir: str | os.PathLike, pair_id: str | None) -> Path:
@@ -89,6 +210,8 @@ class SaveRegistrationOutputsd(MapTransform):
         label_keys: keys written as integer label maps.
         pair_id_key: data key holding the pair's sub-folder name (empty/absent: write into ``output_dir``).
         overwrite: replace existing outputs.
+        max_workers: threads writing the files at the same time (:class:`ConcurrentWriter`; 1 writes them one after
+            the other). The files are the same either way.
     """
 
     def __init__(
@@ -99,6 +222,7 @@ class SaveRegistrationOutputsd(MapTransform):
         label_keys: Sequence[str] = ("warped_label",),
         pair_id_key: str = "pair_id",
         overwrite: bool = False,
+        max_workers: int = DEFAULT_WRITE_WORKERS,
     ) -> None:
         self.names = dict(names) if names is not None else dict(DEFAULT_OUTPUT_NAMES)
         super().__init__(list(self.names.keys()), allow_missing_keys=True)
@@ -107,6 +231,7 @@ class SaveRegistrationOutputsd(MapTransform):
         self.label_keys = set(label_keys)
         self.pair_id_key = pair_id_key
         self.overwrite = overwrite
+        self.max_workers = max_workers
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -114,16 +239,17 @@ class SaveRegistrationOutputsd(MapTransform):
         keys = list(self.key_iterator(d))
         check_outputs_writable([folder / self.names[k] for k in keys], self.overwrite)
         written = {}
-        for key in keys:
-            value = d[key]
-            affine = value.affine if isinstance(value, MetaTensor) else np.eye(4)
-            if key in self.label_keys:
-                value = torch.round(torch.as_tensor(value).float())
-            dtype = _label_dtype(value) if key in self.label_keys else np.float32
-            path = write_nifti(
-                folder / self.names[key], value, affine, overwrite=True, dtype=dtype, vector=key in self.vector_keys
-            )
-            written[key] = str(path)
+        with ConcurrentWriter(self.max_workers) as writer:
+            for key in keys:
+                value = d[key]
+                affine = value.affine if isinstance(value, MetaTensor) else np.eye(4)
+                if key in self.label_keys:
+                    value = torch.round(torch.as_tensor(value).float())
+                dtype = _label_dtype(value) if key in self.label_keys else np.float32
+                path = folder / self.names[key]
+                image = nifti_image(value, affine, dtype=dtype, vector=key in self.vector_keys, name=path.name)
+                writer.submit(path, save_nifti, image, path)
+                written[key] = str(path)
         d["output_files"] = written
         logger.info("wrote %s", ", ".join(written.values()))
         return d

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
@@ -41,6 +42,7 @@ __all__ = [
     "NIFTI_INTENT_DISPVECT",
     "NIFTI_INTENT_VECTOR",
     "TransformFileError",
+    "itk_displacement_image",
     "read_itk_affine",
     "read_itk_displacement",
     "write_itk_affine",
@@ -139,20 +141,74 @@ def write_itk_displacement(
         ``path``. The file is (X, Y, Z, 1, 3) float32, intent 1007, LPS millimetres, readable by ``sitk.ReadImage`` /
         ``sitk.DisplacementFieldTransform`` and ``ants.image_read`` / ``ants.apply_transforms``.
     """
+    image = itk_displacement_image(ddf_voxels, fixed_affine, channel_first)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)
+
+
+def itk_displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = None) -> nib.Nifti1Image:
+    """The in-memory image :func:`write_itk_displacement` saves (to write it with other files, e.g. in parallel).
+
+    Args:
+        ddf_voxels: (3, X, Y, Z) or (X, Y, Z, 3) voxel displacement on the fixed grid, numpy or torch.
+        fixed_affine: (4, 4) RAS voxel-to-world matrix of the fixed image.
+        channel_first: layout of ``ddf_voxels`` when its shape alone is ambiguous.
+
+    Returns:
+        a (X, Y, Z, 1, 3) float32 NIfTI image, intent 1007, LPS millimetres.
+
+    Raises:
+        ValueError: a sheared grid, an unknown layout or non-finite displacements.
+    """
     fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
     itk_geometry(fixed_affine)  # refuses a sheared grid, which ITK/ANTs would read differently
-    displacement = voxel_ddf_to_lps(as_channel_first(ddf_voxels, channel_first), fixed_affine)
-    if not np.isfinite(displacement).all():
-        raise ValueError("the displacement field has non-finite values (NaN or inf).")
-    data = np.moveaxis(displacement, 0, -1)[:, :, :, None, :].astype(np.float32)
-    image = nib.Nifti1Image(data, fixed_affine)
+    data = np.moveaxis(_lps_displacement(_channel_first(ddf_voxels, channel_first), fixed_affine), 0, -1)
+    image = nib.Nifti1Image(data[:, :, :, None, :], fixed_affine)
     image.header.set_intent(NIFTI_INTENT_VECTOR, (), name="displacement")
     image.header.set_xyzt_units("mm")
     image.header.set_qform(fixed_affine, code=1)
     image.header.set_sform(fixed_affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-    return Path(path)
+    return image
+
+
+def _channel_first(ddf_voxels, channel_first: bool | None) -> np.ndarray:
+    """(3, X, Y, Z) numpy array of the field; a float32 field already in that layout is kept as it is (no float64
+    copy of the whole field), every other input goes through :func:`scripts.spatial.world.as_channel_first`."""
+    if isinstance(ddf_voxels, torch.Tensor):
+        ddf_voxels = ddf_voxels.detach().cpu().numpy()
+    array = np.asarray(ddf_voxels)
+    unambiguous = channel_first is True or (channel_first is None and array.ndim == 4 and array.shape[-1] != 3)
+    if array.dtype == np.float32 and array.ndim == 4 and array.shape[0] == 3 and unambiguous:
+        return array
+    return as_channel_first(array, channel_first)
+
+
+def _lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19) -> np.ndarray:
+    """
+    :func:`scripts.spatial.world.voxel_ddf_to_lps` in float64 slabs of about ``block_voxels`` voxels, stored as float32.
+
+    Each vector is computed exactly as for the whole field at once (the same float64 product, rounded to float32
+    once), so the file's bytes are unchanged; the slabs only keep the float64 temporaries small and in cache.
+
+    Args:
+        ddf: (3, X, Y, Z) voxel displacement.
+        fixed_affine: (4, 4) RAS voxel-to-world matrix of the grid.
+
+    Returns:
+        (3, X, Y, Z) float32 displacement in LPS millimetres.
+
+    Raises:
+        ValueError: a non-finite displacement (NaN or inf).
+    """
+    out = np.empty(ddf.shape, dtype=np.float32)
+    step = max(1, block_voxels // max(1, int(np.prod(ddf.shape[2:]))))
+    for start in range(0, ddf.shape[1], step):
+        slab = voxel_ddf_to_lps(ddf[:, start : start + step], fixed_affine)
+        if not np.isfinite(slab).all():
+            raise ValueError("the displacement field has non-finite values (NaN or inf).")
+        out[:, start : start + step] = slab
+    return out
 
 
 def read_itk_displacement(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

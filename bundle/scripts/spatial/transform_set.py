@@ -18,6 +18,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from scripts.io.writer import DEFAULT_WRITE_WORKERS, ConcurrentWriter
+
 from .inversion import invert_displacement, write_inverse_warp
 from .itk_files import (
     TransformFileError,
@@ -63,8 +65,13 @@ def save_transforms(
     inverse: bool = True,
     iterations: int = 50,
     tolerance: float = 1e-4,
+    max_workers: int = DEFAULT_WRITE_WORKERS,
 ) -> dict:
-    """Write a registration's transforms in ITK/ANTs formats (atomically, one file at a time).
+    """Write a registration's transforms in ITK/ANTs formats (each file atomically).
+
+    ``affine.mat`` and ``warp.nii.gz`` are written on a writer thread (:class:`scripts.io.writer.ConcurrentWriter`)
+    while the inverse field, when asked for, is computed and written in the calling thread; the files are the same as
+    when written one after the other.
 
     Args:
         transform_dir: destination folder (created when missing).
@@ -73,6 +80,7 @@ def save_transforms(
         ddf_voxels: optional bundle ``ddf`` on the fixed grid, (X, Y, Z, 3) or (3, X, Y, Z) -> ``warp.nii.gz``.
         inverse: also write ``inverse_warp.nii.gz`` (fixed-point inversion of ``ddf_voxels``).
         iterations, tolerance: of the inversion.
+        max_workers: writer threads (1: every file in turn in the calling thread).
 
     Returns:
         ``{"affine": path, "warp": path, "inverse_warp": path, "inverse_consistency": stats}`` for what was written.
@@ -81,16 +89,19 @@ def save_transforms(
         raise ValueError("nothing to save: give transform_ras, ddf_voxels or both.")
     folder = Path(transform_dir)
     written: dict = {}
-    if transform_ras is not None:
-        written["affine"] = write_itk_affine(transform_ras, folder / AFFINE_FILE)
-    if ddf_voxels is not None:
-        fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
-        written["warp"] = write_itk_displacement(ddf_voxels, fixed_affine, folder / WARP_FILE)
-        if inverse:
-            path, stats = write_inverse_warp(
-                ddf_voxels, fixed_affine, folder / INVERSE_WARP_FILE, iterations, tolerance
-            )
-            written["inverse_warp"], written["inverse_consistency"] = path, stats
+    with ConcurrentWriter(max_workers) as writer:
+        if transform_ras is not None:
+            written["affine"] = folder / AFFINE_FILE
+            writer.submit(written["affine"], write_itk_affine, transform_ras, written["affine"])
+        if ddf_voxels is not None:
+            fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
+            written["warp"] = folder / WARP_FILE
+            writer.submit(written["warp"], write_itk_displacement, ddf_voxels, fixed_affine, written["warp"])
+            if inverse:
+                path, stats = write_inverse_warp(
+                    ddf_voxels, fixed_affine, folder / INVERSE_WARP_FILE, iterations, tolerance
+                )
+                written["inverse_warp"], written["inverse_consistency"] = path, stats
     return written
 
 

@@ -1,5 +1,6 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Registration quality metrics of one pair: per-label Dice and HD95 (MONAI metrics), folding and SSIM."""
+"""Registration quality metrics of one pair: per-label Dice (counted; equal to MONAI's ``compute_dice``), HD95
+(MONAI), folding and SSIM."""
 
 from __future__ import annotations
 
@@ -9,19 +10,49 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import SSIMMetric, compute_dice, compute_hausdorff_distance
+from monai.data import MetaTensor
+from monai.metrics import SSIMMetric, compute_hausdorff_distance
 
-__all__ = ["dice_per_label", "hd95_per_label", "label_one_hot", "present_labels", "registration_metrics"]
+__all__ = [
+    "dice_per_label",
+    "hd95_per_label",
+    "label_indices",
+    "label_one_hot",
+    "present_labels",
+    "registration_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
+#: label maps with values in [0, this) are counted through a table indexed by the value (``torch.bincount``, a look-up
+#: table of this many entries at most); others by sorting / binary search
+_MAX_COUNTED_ID = 1 << 20
+
+
+def _plain(label: Any) -> torch.Tensor:
+    """The label map as a plain tensor (a MetaTensor's metadata is not needed to count voxels)."""
+    return label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
+
 
 def present_labels(*labels: torch.Tensor) -> list[int]:
-    """Sorted non-zero label ids present in any of the given label maps."""
+    """Sorted non-zero label ids present in any of the given label maps (``None`` entries are skipped).
+
+    Float values count as ``int(value)`` (truncated), as a Python loop over ``torch.unique`` would; the ids are found
+    from voxel counts (``torch.bincount``) when they lie in [0, 2**20), which is faster than sorting the whole map.
+    """
     ids: set[int] = set()
     for label in labels:
-        if label is not None:
-            ids.update(int(v) for v in torch.unique(torch.as_tensor(label)).tolist())
+        if label is None:
+            continue
+        values = _plain(label).reshape(-1)
+        if values.numel() == 0:
+            continue
+        values = values.long() if values.is_floating_point() or values.dtype == torch.bool else values
+        low, high = (int(v) for v in torch.aminmax(values))
+        if low >= 0 and high < _MAX_COUNTED_ID:
+            ids.update(torch.nonzero(torch.bincount(values)).flatten().tolist())
+        else:
+            ids.update(int(v) for v in torch.unique(values).tolist())
     ids.discard(0)
     return sorted(ids)
 
@@ -36,24 +67,92 @@ def label_one_hot(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor
         (1, len(label_ids), D, H, W) float one-hot tensor.
     """
     label = torch.as_tensor(label)
-    if label.ndim != 4 or label.shape[0] != 1:
-        raise ValueError(f"label must have shape (1, D, H, W), got {tuple(label.shape)}.")
-    if not label_ids:
-        raise ValueError("label_ids is empty: no structure to evaluate.")
+    _check_label_map(label, label_ids)
     rounded = torch.round(label.float())
     return torch.cat([(rounded == float(i)) for i in label_ids], dim=0)[None].float()
 
 
+def _check_label_map(label: torch.Tensor, label_ids: Sequence[int]) -> None:
+    if label.ndim != 4 or label.shape[0] != 1:
+        raise ValueError(f"label must have shape (1, D, H, W), got {tuple(label.shape)}.")
+    if len(label_ids) == 0:
+        raise ValueError("label_ids is empty: no structure to evaluate.")
+
+
+def label_indices(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+    """
+    Index of each voxel's label among the sorted distinct ``label_ids``, the counting form of :func:`label_one_hot`.
+
+    Args:
+        label: (1, D, H, W) label map, integer or float (float values are rounded, as in :func:`label_one_hot`).
+        label_ids: ids to evaluate.
+
+    Returns:
+        (D * H * W,) int64 tensor: ``1 + position`` of the voxel's id in ``sorted(set(label_ids))``, 0 for a voxel
+        whose value is not one of the ids (background included).
+    """
+    label = _plain(label)
+    _check_label_map(label, label_ids)
+    values = label.reshape(-1)
+    # float maps are rounded like label_one_hot does (float32 first, so float64 maps match it exactly)
+    values = torch.round(values.float()).long() if values.is_floating_point() else values.long()
+    ids = torch.tensor(sorted({int(i) for i in label_ids}), dtype=torch.long)
+    low, high = (int(v) for v in torch.aminmax(values)) if values.numel() else (0, 0)
+    if low >= 0 and high < _MAX_COUNTED_ID:  # usual label maps: one table look-up per voxel
+        table = torch.zeros(high + 1, dtype=torch.long)
+        inside = ids <= high
+        table[ids[inside]] = torch.arange(1, len(ids) + 1)[inside]
+        return table[values]
+    position = torch.searchsorted(ids, values).clamp_(max=len(ids) - 1)  # any ids: a binary search per voxel
+    return torch.where(ids[position] == values, position + 1, 0)
+
+
+def _dice_from_indices(pred_index: torch.Tensor, reference_index: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """
+    Dice of every id from one confusion count of two :func:`label_indices` maps.
+
+    Args:
+        pred_index, reference_index: (N,) int64 indices in [0, num_ids].
+        num_ids: number of distinct ids K.
+
+    Returns:
+        (K,) float32 Dice of the ids in sorted order; NaN where an id is absent from both maps.
+    """
+    if pred_index.shape != reference_index.shape:
+        raise ValueError(f"label maps differ in shape: {tuple(pred_index.shape)} vs {tuple(reference_index.shape)}.")
+    bins = num_ids + 1
+    confusion = torch.bincount(pred_index * bins + reference_index, minlength=bins * bins).reshape(bins, bins)
+    intersection = torch.diagonal(confusion)[1:]
+    denominator = confusion.sum(dim=1)[1:] + confusion.sum(dim=0)[1:]
+    # float32 like MONAI's compute_dice on one-hot floats: exact counts, one correctly rounded division, same bits
+    dice = (2 * intersection).float() / denominator.float()
+    return torch.where(denominator > 0, dice, torch.tensor(float("nan")))
+
+
+def _dice_for_ids(pred_index: torch.Tensor, reference_index: torch.Tensor, label_ids: Sequence[int]) -> list[float]:
+    """Per-id Dice in the order (and with the repeats) of ``label_ids``."""
+    distinct = sorted({int(i) for i in label_ids})
+    dice = _dice_from_indices(pred_index, reference_index, len(distinct))
+    position = {label_id: n for n, label_id in enumerate(distinct)}
+    return [float(dice[position[int(i)]]) for i in label_ids]
+
+
 def dice_per_label(pred: torch.Tensor, reference: torch.Tensor, label_ids: Sequence[int]) -> list[float]:
     """
-    Dice of each label id between two (1, D, H, W) label maps (MONAI ``compute_dice``); NaN where the label is
-    absent from both maps.
+    Dice of each label id between two (1, D, H, W) label maps; NaN where the label is absent from both maps.
+
+    Counted in one pass (a confusion count of the two maps, no one-hot); equal to MONAI's
+    ``compute_dice(label_one_hot(pred), label_one_hot(reference), include_background=True, ignore_empty=False)``.
+
+    Args:
+        pred: (1, D, H, W) label map, e.g. the warped moving label (int or float; float values are rounded).
+        reference: (1, D, H, W) label map on the same grid, e.g. the fixed label.
+        label_ids: ids to evaluate, one value each in this order.
+
+    Returns:
+        one float per id of ``label_ids``.
     """
-    p, r = label_one_hot(pred, label_ids), label_one_hot(reference, label_ids)
-    dice = compute_dice(p, r, include_background=True, ignore_empty=False)[0]
-    absent = (p.sum(dim=(0, 2, 3, 4)) == 0) & (r.sum(dim=(0, 2, 3, 4)) == 0)
-    dice[absent] = float("nan")
-    return [float(v) for v in dice]
+    return _dice_for_ids(label_indices(pred, label_ids), label_indices(reference, label_ids), label_ids)
 
 
 def hd95_per_label(
@@ -107,11 +206,12 @@ def registration_metrics(
     """
     ids = list(label_ids) if label_ids else present_labels(fixed_label, moving_label if moving_label is not None else warped_label)
     names = {str(k): v for k, v in (label_names or {}).items()}
-    dice = dice_per_label(warped_label, fixed_label, ids)
+    fixed_index = label_indices(fixed_label, ids)  # counted once, shared by the "after" and "before" Dice
+    dice = _dice_for_ids(label_indices(warped_label, ids), fixed_index, ids)
     rows: list[dict[str, Any]] = [{"label": i, "name": names.get(str(i), str(i)), "dice": dv} for i, dv in zip(ids, dice)]
     result: dict[str, Any] = {"label_ids": ids, "mean_dice": _nanmean(dice)}
     if moving_label is not None:
-        before = dice_per_label(moving_label, fixed_label, ids)
+        before = _dice_for_ids(label_indices(moving_label, ids), fixed_index, ids)
         for row, value in zip(rows, before):
             row["dice_identity"] = value
         result["mean_dice_identity"] = _nanmean(before)
@@ -121,7 +221,7 @@ def registration_metrics(
             row["hd95"] = value
         result["mean_hd95"] = _nanmean(distances)
     if jacobian_det is not None:
-        det = torch.as_tensor(jacobian_det)
+        det = _plain(jacobian_det)  # same float32 mean as before, without MetaTensor bookkeeping
         result["percent_non_positive_jacobian"] = float((det <= 0).float().mean() * 100.0)
     if ssim:
         if warped_image is None or fixed_image is None:

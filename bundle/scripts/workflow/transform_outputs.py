@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.io.atomic import check_outputs_writable
-from scripts.io.writer import pair_output_dir
+from scripts.io.writer import DEFAULT_WRITE_WORKERS, pair_output_dir
 from scripts.spatial import AFFINE_FILE, INVERSE_WARP_FILE, WARP_FILE, SavedTransforms, mapped_voxel_coordinates
 from scripts.spatial import sample_at_voxels, save_transforms
 from scripts.workflow.alignment import AFFINE_MATRIX_KEY
@@ -92,11 +92,15 @@ class WarpFromSourced(MapTransform):
         fixed_affine = _affine(reference, self.reference_key)
         field = torch.as_tensor(ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf).detach().float().cpu()
         transforms = SavedTransforms(_matrix(d, self.matrix_key), field.numpy(), fixed_affine, None, None)
+        fixed_grid = (tuple(reference.shape[1:]), fixed_affine)
+        coords_of: dict[tuple, torch.Tensor] = {}  # the image and label of one scan share a grid: map its points once
         for key, out_key, mode in self.key_iterator(d, self.output_keys, self.mode):
             source = d[key]
-            coords = mapped_voxel_coordinates(
-                transforms, (tuple(reference.shape[1:]), fixed_affine), (tuple(source.shape[1:]), _affine(source, key))
-            )
+            source_grid = (tuple(source.shape[1:]), _affine(source, key))
+            grid_key = (source_grid[0], source_grid[1].tobytes())
+            if grid_key not in coords_of:
+                coords_of[grid_key] = mapped_voxel_coordinates(transforms, fixed_grid, source_grid)
+            coords = coords_of[grid_key]
             volume = source.as_tensor().detach().cpu()
             volume = volume.float() if mode == "bilinear" or volume.is_floating_point() else volume
             warped = sample_at_voxels(volume[None], coords, mode)
@@ -121,6 +125,8 @@ class SaveTransformsd(MapTransform):
         inverse: also write the inverse field.
         overwrite: replace existing transform files.
         pair_id_key: key of the pair's sub-folder name.
+        max_workers: threads writing the files (see :py:func:`scripts.spatial.save_transforms`; 1: one after the
+            other, same files).
     """
 
     def __init__(
@@ -132,11 +138,13 @@ class SaveTransformsd(MapTransform):
         inverse: bool = False,
         overwrite: bool = False,
         pair_id_key: str = "pair_id",
+        max_workers: int = DEFAULT_WRITE_WORKERS,
     ) -> None:
         super().__init__([ddf_key])
         self.output_dir = output_dir
         self.ddf_key, self.reference_key, self.matrix_key = ddf_key, reference_key, matrix_key
         self.inverse, self.overwrite, self.pair_id_key = bool(inverse), bool(overwrite), pair_id_key
+        self.max_workers = max_workers
 
     def file_names(self) -> list[str]:
         """Names of the files this transform writes."""
@@ -150,7 +158,7 @@ class SaveTransformsd(MapTransform):
         field = torch.as_tensor(ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf).detach().float().cpu()
         written = save_transforms(
             folder, _affine(d[self.reference_key], self.reference_key), _matrix(d, self.matrix_key), field.numpy(),
-            inverse=self.inverse,
+            inverse=self.inverse, max_workers=self.max_workers,
         )
         if "inverse_consistency" in written:
             stats = written["inverse_consistency"]

@@ -1,0 +1,106 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Per-label Dice of ``scripts.workflow.metrics`` (counted from a confusion count) against MONAI's ``compute_dice``, the
+reference it replaces, on the shipped real label maps and on synthetic maps with absent and one-sided labels."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_PAIR
+from monai.data import MetaTensor
+from monai.metrics import compute_dice
+
+from scripts.workflow.metrics import dice_per_label, label_indices, label_one_hot, present_labels, registration_metrics
+
+
+def _monai_dice(pred, reference, label_ids) -> list[float]:
+    """The reference: MONAI's compute_dice on one-hot maps, NaN where a label is in neither map."""
+    p, r = label_one_hot(pred, label_ids), label_one_hot(reference, label_ids)
+    dice = compute_dice(p, r, include_background=True, ignore_empty=False)[0]
+    dice[(p.sum(dim=(0, 2, 3, 4)) == 0) & (r.sum(dim=(0, 2, 3, 4)) == 0)] = float("nan")
+    return [float(v) for v in dice]
+
+
+def _assert_same(values, expected):
+    assert len(values) == len(expected)
+    for value, want in zip(values, expected):
+        assert (math.isnan(value) and math.isnan(want)) or abs(value - want) <= 1e-6, (values, expected)
+
+
+@pytest.fixture(scope="module")
+def sample_labels():
+    """The shipped seg8 maps of Colin27 and MNI152 (same 1 mm grid), every 2nd voxel: (1, 80, 96, 80) uint8."""
+    read = lambda key: torch.as_tensor(np.asarray(nib.load(str(SAMPLE_PAIR[key])).dataobj))[None, ::2, ::2, ::2]
+    return read("moving_label").contiguous(), read("fixed_label").contiguous()
+
+
+def test_dice_matches_monai_on_the_shipped_labels(sample_labels):
+    moving, fixed = sample_labels
+    ids = list(range(1, 10))  # 9 is in neither map: NaN
+    expected = _monai_dice(moving, fixed, ids)
+    assert math.isnan(expected[-1]) and all(0.0 < v < 1.0 for v in expected[:-1])
+    _assert_same(dice_per_label(moving, fixed, ids), expected)
+    _assert_same(dice_per_label(moving.float(), MetaTensor(fixed.double()), ids), expected)  # float maps, MetaTensor
+    _assert_same(dice_per_label(moving.numpy(), fixed.long(), ids[::-1]), expected[::-1])  # numpy, any order
+
+
+def test_dice_with_absent_and_one_sided_labels():
+    pred = torch.zeros(1, 9, 8, 7)
+    reference = torch.zeros(1, 9, 8, 7)
+    pred[0, 1:5, 1:5, 1:5] = 1.2  # rounds to 1
+    reference[0, 2:6, 1:5, 1:5] = 1
+    pred[0, 6:8, 6:8, 5:7] = 3  # only in pred
+    reference[0, 0, 0, 0] = 2.6  # rounds to 3: one voxel of 3 in the reference too, no overlap
+    reference[0, 8, 7, 6] = 5  # only in the reference
+    ids = [1, 2, 3, 5, 1]  # 2 in neither map; a repeated id is reported again
+    expected = _monai_dice(pred, reference, ids)
+    values = dice_per_label(pred, reference, ids)
+    _assert_same(values, expected)
+    assert values[0] == pytest.approx(2 * 48 / 128) and math.isnan(values[1]) and values[2] == values[3] == 0.0
+
+
+def test_dice_with_large_and_negative_ids():
+    """Ids outside the counting table's range (FreeSurfer-like 2035, negative) go through the sorted search."""
+    pred = torch.zeros(1, 6, 6, 6, dtype=torch.int32)
+    reference = torch.zeros_like(pred)
+    pred[0, :3] = 2035
+    reference[0, 1:4] = 2035
+    pred[0, 5, :2] = -4
+    reference[0, 5, :3] = -4
+    reference[0, 4, 0, 0] = 1 << 21
+    ids = [-4, 2035, 7, 1 << 21]
+    _assert_same(dice_per_label(pred, reference, ids), _monai_dice(pred, reference, ids))
+    index = label_indices(pred, [2035, -4])
+    assert index.shape == (216,) and set(index.tolist()) == {0, 1, 2}  # 1 = -4, 2 = 2035 (sorted ids)
+
+
+def test_dice_rejects_bad_inputs():
+    label = torch.zeros(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="shape"):
+        dice_per_label(label, torch.zeros(1, 4, 4, 5), [1])
+    with pytest.raises(ValueError, match=r"\(1, D, H, W\)"):
+        dice_per_label(label[0], label[0], [1])
+    with pytest.raises(ValueError, match="empty"):
+        dice_per_label(label, label, [])
+
+
+def test_present_labels_counts_like_unique(sample_labels):
+    moving, fixed = sample_labels
+    assert present_labels(moving, None, fixed.float()) == list(range(1, 9))
+    odd = torch.tensor([[[[0.0, 2.7, -3.5, 4096.0]]]])  # truncated like int(): 2, -3, 4096
+    assert present_labels(odd) == [-3, 2, 4096]
+    assert present_labels(torch.tensor([[[[0, 3, 1 << 22]]]])) == [3, 1 << 22]
+    assert present_labels(torch.zeros(1, 2, 2, 2)) == [] and present_labels(torch.zeros(1, 0, 2, 2)) == []
+
+
+def test_registration_metrics_dice_before_and_after(sample_labels):
+    moving, fixed = sample_labels
+    warped = torch.roll(moving, shifts=1, dims=1)
+    metrics = registration_metrics(MetaTensor(fixed.float()), MetaTensor(warped.float()), moving_label=moving)
+    assert metrics["label_ids"] == list(range(1, 9))
+    _assert_same([row["dice"] for row in metrics["labels"]], _monai_dice(warped, fixed, metrics["label_ids"]))
+    _assert_same([row["dice_identity"] for row in metrics["labels"]], _monai_dice(moving, fixed, metrics["label_ids"]))

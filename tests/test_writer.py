@@ -1,0 +1,106 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Output writing of one pair: ``ConcurrentWriter`` (files on a few threads, the first error named), the NIfTI outputs
+(``SaveRegistrationOutputsd``) and the transform files (``SaveTransformsd``) byte-identical whether written one after
+the other or concurrently, and ``WarpFromSourced`` sharing the mapped points of sources on one grid only."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from scripts.io.atomic import OutputExistsError, write_text
+from scripts.io.writer import ConcurrentWriter, SaveRegistrationOutputsd
+from scripts.workflow.transform_outputs import SaveTransformsd, WarpFromSourced
+
+SHAPE = (12, 10, 8)
+AFFINE = np.array([[-2.0, 0, 0, 30], [0, 2.0, 0, -40], [0, 0, 2.5, -10], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def outputs():
+    """One pair's outputs on a small fixed grid: ddf (3, X, Y, Z), image, label, Jacobian (1, X, Y, Z)."""
+    generator = torch.Generator().manual_seed(3)
+    meta = lambda t: MetaTensor(t, affine=torch.as_tensor(AFFINE))
+    label = torch.randint(0, 5, (1, *SHAPE), generator=generator).float()
+    return {
+        "pred": meta(torch.randn(3, *SHAPE, generator=generator)),
+        "warped_image": meta(torch.rand(1, *SHAPE, generator=generator)),
+        "warped_label": meta(label),
+        "jacobian_det": meta(1.0 + 0.1 * torch.randn(1, *SHAPE, generator=generator)),
+        "fixed_image": meta(torch.rand(1, *SHAPE, generator=generator)),
+    }
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_outputs_identical_sequential_and_concurrent(outputs, tmp_path):
+    for workers in (1, 2):
+        folder = tmp_path / f"w{workers}"
+        d = SaveTransformsd(folder, inverse=True, max_workers=workers)(outputs)
+        assert sorted(d["output_files"]) == ["affine", "inverse_warp", "warp"]
+        assert "inverse_consistency" in d["transform_metrics"]
+        d = SaveRegistrationOutputsd(folder, max_workers=workers)(d)
+        assert sorted(d["output_files"]) == ["jacobian_det", "pred", "warped_image", "warped_label"]
+    one, two = _files(tmp_path / "w1"), _files(tmp_path / "w2")
+    assert one.keys() == two.keys() and all(one[k] == two[k] for k in one), "files differ between 1 and 2 threads"
+    assert not any(name.startswith(".") for name in one), "a temporary file was left behind"
+    label = nib.load(str(tmp_path / "w2" / "warped_label.nii.gz"))
+    assert label.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(label.dataobj), outputs["warped_label"][0].numpy())
+    with pytest.raises(OutputExistsError, match="ddf.nii.gz"):  # nothing is replaced without overwrite
+        SaveRegistrationOutputsd(tmp_path / "w2", max_workers=2)(outputs)
+
+
+def _failing(message):
+    def write(*_):
+        raise OSError(message)
+
+    return write
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_first_error_is_raised_with_its_file(tmp_path, workers):
+    with pytest.raises(OSError, match="first") as raised, ConcurrentWriter(workers) as writer:
+        writer.submit(tmp_path / "good.txt", write_text, "ok", tmp_path / "good.txt")
+        writer.submit(tmp_path / "bad.nii.gz", _failing("disk full (first)"))
+        writer.submit(tmp_path / "late.nii.gz", _failing("disk full (second)"))  # reported: the earliest failed
+    assert f"while writing {tmp_path / 'bad.nii.gz'}" in raised.value.__notes__
+    assert (tmp_path / "good.txt").read_text() == "ok"
+    assert [p.name for p in tmp_path.iterdir()] == ["good.txt"]
+
+
+def test_writer_returns_results_in_order(tmp_path):
+    writer = ConcurrentWriter(2)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        writer.submit(tmp_path / name, write_text, name, tmp_path / name)
+    assert [p.name for p in writer.wait()] == ["a.txt", "b.txt", "c.txt"]
+    assert writer.wait() == []  # nothing left; the threads are gone
+
+
+def test_warp_from_sources_maps_each_grid(outputs):
+    """The image and label of one grid share mapped points; a label on a shifted grid gets its own."""
+    generator = torch.Generator().manual_seed(5)
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += [2.0, 0.0, 0.0]  # one voxel along the first axis
+    source = torch.rand(1, *SHAPE, generator=generator)
+    label = torch.randint(0, 4, (1, *SHAPE), generator=generator)
+    data = dict(outputs)
+    data["pred"] = MetaTensor(torch.zeros(3, *SHAPE), affine=torch.as_tensor(AFFINE))
+    data.update(
+        moving_source=MetaTensor(source, affine=torch.as_tensor(AFFINE)),
+        same_grid_label=MetaTensor(label, affine=torch.as_tensor(AFFINE)),
+        shifted_label=MetaTensor(label, affine=torch.as_tensor(shifted)),
+    )
+    warp = WarpFromSourced(
+        ["moving_source", "same_grid_label", "shifted_label"], ["image", "same", "shifted"],
+        mode=["bilinear", "nearest", "nearest"],
+    )
+    out = warp(data)
+    torch.testing.assert_close(out["image"].as_tensor(), source)  # zero field, same grid: the source itself
+    assert torch.equal(out["same"].as_tensor(), label)
+    assert torch.equal(out["shifted"].as_tensor()[:, :-1], label[:, 1:])  # fixed voxel i is voxel i + 1 of that grid
