@@ -107,9 +107,7 @@ class ConcurrentWriter:
                     raise _name_file(error, path)
             return [future.result() for _, future in jobs]
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            self._shutdown()
 
     def __enter__(self) -> Self:
         return self
@@ -122,6 +120,10 @@ class ConcurrentWriter:
             return
         for _, future in self._jobs:  # the caller failed: drop what has not started, let running writes finish
             future.cancel()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Wait for the running writes and release the threads (the writer is done after this)."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
@@ -42,7 +41,6 @@ __all__ = [
     "NIFTI_INTENT_DISPVECT",
     "NIFTI_INTENT_VECTOR",
     "TransformFileError",
-    "itk_displacement_image",
     "read_itk_affine",
     "read_itk_displacement",
     "write_itk_affine",
@@ -141,14 +139,14 @@ def write_itk_displacement(
         ``path``. The file is (X, Y, Z, 1, 3) float32, intent 1007, LPS millimetres, readable by ``sitk.ReadImage`` /
         ``sitk.DisplacementFieldTransform`` and ``ants.image_read`` / ``ants.apply_transforms``.
     """
-    image = itk_displacement_image(ddf_voxels, fixed_affine, channel_first)
+    image = _displacement_image(ddf_voxels, fixed_affine, channel_first)
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
     return Path(path)
 
 
-def itk_displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = None) -> nib.Nifti1Image:
-    """The in-memory image :func:`write_itk_displacement` saves (to write it with other files, e.g. in parallel).
+def _displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = None) -> nib.Nifti1Image:
+    """The in-memory image :func:`write_itk_displacement` saves.
 
     Args:
         ddf_voxels: (3, X, Y, Z) or (X, Y, Z, 3) voxel displacement on the fixed grid, numpy or torch.
@@ -163,25 +161,14 @@ def itk_displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None 
     """
     fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
     itk_geometry(fixed_affine)  # refuses a sheared grid, which ITK/ANTs would read differently
-    data = np.moveaxis(_lps_displacement(_channel_first(ddf_voxels, channel_first), fixed_affine), 0, -1)
+    ddf = as_channel_first(ddf_voxels, channel_first, dtype=None)  # float32 stays float32: the slabs convert it
+    data = np.moveaxis(_lps_displacement(ddf, fixed_affine), 0, -1)
     image = nib.Nifti1Image(data[:, :, :, None, :], fixed_affine)
     image.header.set_intent(NIFTI_INTENT_VECTOR, (), name="displacement")
     image.header.set_xyzt_units("mm")
     image.header.set_qform(fixed_affine, code=1)
     image.header.set_sform(fixed_affine, code=1)
     return image
-
-
-def _channel_first(ddf_voxels, channel_first: bool | None) -> np.ndarray:
-    """(3, X, Y, Z) numpy array of the field; a float32 field already in that layout is kept as it is (no float64
-    copy of the whole field), every other input goes through :func:`scripts.spatial.world.as_channel_first`."""
-    if isinstance(ddf_voxels, torch.Tensor):
-        ddf_voxels = ddf_voxels.detach().cpu().numpy()
-    array = np.asarray(ddf_voxels)
-    unambiguous = channel_first is True or (channel_first is None and array.ndim == 4 and array.shape[-1] != 3)
-    if array.dtype == np.float32 and array.ndim == 4 and array.shape[0] == 3 and unambiguous:
-        return array
-    return as_channel_first(array, channel_first)
 
 
 def _lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19) -> np.ndarray:

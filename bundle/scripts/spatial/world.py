@@ -114,20 +114,21 @@ def same_grid(shape_a: Sequence[int], affine_a, shape_b: Sequence[int], affine_b
     return bool(np.allclose(np.asarray(affine_a, float), np.asarray(affine_b, float), rtol=0.0, atol=atol_mm))
 
 
-def as_channel_first(ddf, channel_first: bool | None = None) -> np.ndarray:
-    """A 3-D displacement field as a (3, X, Y, Z) float64 numpy array.
+def as_channel_first(ddf, channel_first: bool | None = None, dtype: np.dtype | type | None = np.float64) -> np.ndarray:
+    """A 3-D displacement field as a (3, X, Y, Z) numpy array (float64 by default).
 
     Args:
         ddf: numpy array or tensor, (3, X, Y, Z), (X, Y, Z, 3), (1, 3, X, Y, Z) or (X, Y, Z, 1, 3) (the 5-D NIfTI
             vector layout).
         channel_first: layout of a 4-D ``ddf``; ``None`` guesses it and refuses when both ends have size 3.
+        dtype: of the result; ``None`` keeps the input's (no float64 copy of a whole float32 field).
 
     Raises:
         ValueError: no axis of size 3 where the layout needs one, or an ambiguous 4-D shape without ``channel_first``.
     """
     if isinstance(ddf, torch.Tensor):
         ddf = ddf.detach().cpu().numpy()
-    ddf = np.asarray(ddf, dtype=np.float64)
+    ddf = np.asarray(ddf, dtype=dtype)
     if ddf.ndim == 5 and ddf.shape[:2] == (1, 3):
         return ddf[0]
     if ddf.ndim == 5 and ddf.shape[3:] == (1, 3):
