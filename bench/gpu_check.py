@@ -11,6 +11,9 @@ The one prepared GPU check: everything that needs CUDA, in one go, under 8 minut
    LNCC, Warp beside MONAI Warp.
 4. One instance-optimisation step (``bench/gpu_check_cases.py``), with and without autocast, at network_scale 1.0
    and 0.5.
+5. With ``--native_pair M,F,ML,FL`` (a real native pair, e.g. two ``brain_mal2012`` scans with their seg14 maps):
+   ``register``'s default pipeline (affine stage, forward pass, field refinement, ITK/ANTs files) through the CLI on
+   the chosen device, with ``--amp false`` and ``--amp true``: wall time of the whole command, mean Dice, folding.
 
 Writes ``OUT/gpu_check.json`` (every figure) and ``OUT/gpu_check.md`` (the tables), plus the raw benchmark JSONs and
 the tests' JUnit XML. Without CUDA it writes a "skipped" report and exits 0; ``--dry-run`` runs every step on the
@@ -34,7 +37,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-__all__ = ["main", "markdown"]
+__all__ = ["main", "markdown", "native_register"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
@@ -49,9 +52,15 @@ def _environment(device: str) -> dict:
     import torch
 
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    try:  # the driver version is only known to nvidia-smi
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        driver = None
     return {"torch": torch.__version__, "cuda_build": torch.version.cuda, "monai": monai.__version__,
             "python": platform.python_version(), "device": device, "cuda_available": torch.cuda.is_available(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpu_count": torch.cuda.device_count(), "driver": driver,
             "cpu_count": os.cpu_count(), "git_commit": git.stdout.strip()}
 
 
@@ -65,6 +74,50 @@ def _run(command: list[str], timeout: float, log: Path) -> tuple[int, float]:
         except subprocess.TimeoutExpired:
             code = 124
     return code, time.perf_counter() - start
+
+
+def native_register(pair: list[str], device: str, out: Path, timeout: float) -> list[dict]:
+    """``register`` (the CLI's default pipeline) on one native pair, in float32 and with AMP; one process per run.
+
+    Args:
+        pair: moving image, fixed image, moving label map, fixed label map (paths).
+        device: ``cpu`` or ``cuda``.
+        out: the runs write into ``out/register_{fp32,amp}`` (NIfTI outputs, ``metrics.json``) and log beside it.
+        timeout: seconds for both runs together.
+
+    Returns:
+        one record per run: wall seconds of the whole command (start-up and file writing included), exit code,
+        mean Dice before/after and the percentage of folded voxels from its ``metrics.json``.
+    """
+    moving, fixed, moving_label, fixed_label = (str(Path(p).resolve()) for p in pair)
+    records, start = [], time.perf_counter()
+    for mode in ("fp32", "amp"):
+        run_dir = out / f"register_{mode}"
+        command = [sys.executable, "-m", "scripts.cli", "register", "--moving", moving, "--fixed", fixed,
+                   "--moving_label", moving_label, "--fixed_label", fixed_label, "--out", str(run_dir),
+                   "--device", device, "--amp", "true" if mode == "amp" else "false"]
+        left = timeout - (time.perf_counter() - start)
+        if left < 10:
+            records.append({"case": "native_register", "mode": mode, "error": "skipped: time budget spent"})
+            continue
+        begin = time.perf_counter()
+        with open(out / f"register_{mode}.log", "w") as stream:
+            try:
+                code = subprocess.run(command, cwd=BUNDLE_ROOT, stdout=stream, stderr=subprocess.STDOUT,
+                                      timeout=left).returncode
+            except subprocess.TimeoutExpired:
+                code = 124
+        record = {"case": "native_register", "mode": mode, "pair": [Path(p).name for p in pair],
+                  "wall_s": time.perf_counter() - begin, "exit_code": code}
+        metrics = run_dir / "metrics.json"
+        if code == 0 and metrics.is_file():
+            values = json.loads(metrics.read_text())
+            record.update(mean_dice=values.get("mean_dice"), mean_dice_identity=values.get("mean_dice_identity"),
+                          percent_non_positive_jacobian=values.get("percent_non_positive_jacobian"))
+        else:
+            record["error"] = f"exit {code}; see register_{mode}.log"
+        records.append(record)
+    return records
 
 
 def _junit_counts(path: Path) -> dict:
@@ -113,7 +166,10 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# GPU check{' (dry run on CPU)' if report['dry_run'] else ''}", "",
              f"{env.get('gpu') or 'no GPU'}, torch {env['torch']} (CUDA {env['cuda_build']}), MONAI {env['monai']}, "
-             f"commit {env['git_commit'][:10]}, {report.get('seconds', 0):.0f} s in all.", ""]
+             f"driver {env.get('driver')}, commit {env['git_commit'][:10]}, {report.get('seconds', 0):.0f} s in all; "
+             f"{env.get('gpu_count', 0)} GPU(s): "
+             f"{'a multi-GPU NCCL cohort run is possible' if env.get('gpu_count', 0) > 1 else 'no 2-process NCCL run'}.",
+             ""]
     if report.get("status") == "skipped":
         return "\n".join(lines + [f"Skipped: {report['reason']}", ""])
     tests = report.get("tests", {})
@@ -129,6 +185,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['case']} | {_fmt(r['fp32_s'])} | {_fmt(r['fp32_peak_gpu_mb'], '.0f')} | {_fmt(r['amp_s'])} "
                      f"| {_fmt(r['amp_peak_gpu_mb'], '.0f')} | {_fmt(r.get('amp_speedup'), '.2f')} "
                      f"| {_fmt(r['fp32_ratio_vs_reference'])} | {_fmt(r['amp_ratio_vs_reference'])} |")
+    for r in report.get("native_register", []):
+        label = f"register, native pair ({r['mode']}, whole command)"
+        lines.append(f"| {label} | error: {r['error'][-80:]} | | | | | | |" if "error" in r else
+                     f"| {label} | {_fmt(r['wall_s'])} | | | | | | | (Dice {_fmt(r.get('mean_dice_identity'))} -> "
+                     f"{_fmt(r.get('mean_dice'))}, det J <= 0: {_fmt(r.get('percent_non_positive_jacobian'), '.4f')} %)")
     for r in report.get("io_step", []):
         label = f"sacbnet_io_step (network_scale {r.get('network_scale')}, {'autocast' if r.get('amp') else 'float32'})"
         lines.append(f"| {label} | {_fmt(r.get('mean_step_s'))} | {_fmt(r.get('peak_gpu_mb'), '.0f')} | | | | | |"
@@ -157,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--budget", type=float, default=440.0, help="seconds; later steps are skipped past it")
+    parser.add_argument("--native_pair", default=None,
+                        help="MOVING,FIXED,MOVING_LABEL,FIXED_LABEL: also time register's default pipeline on it")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(BUNDLE_ROOT))
     import torch
@@ -195,6 +258,13 @@ def main(argv=None) -> int:
         report["benchmark"][mode] = json.loads(raw.read_text()) if raw.is_file() else {"error": f"exit {code}"}
         report["benchmark"][mode].update(exit_code=code, seconds=seconds)
         _write(out, report)
+    if args.native_pair:
+        pair = [p.strip() for p in args.native_pair.split(",")]
+        if len(pair) != 4 or not all(Path(p).is_file() for p in pair):
+            raise SystemExit(f"--native_pair needs 4 existing files (moving, fixed, moving label, fixed label), "
+                             f"got {pair}.")
+        report["native_register"] = native_register(pair, device.type, out, min(left() - 40, 150))
+        _write(out, report)
     report["io_step"] = []
     for scale in (1.0, 0.5):
         for amp in (False, True):
@@ -211,6 +281,7 @@ def main(argv=None) -> int:
     print(markdown(report))
     failed = report["tests"].get("failures", 1) or report["tests"].get("errors", 1) or report["tests"]["exit_code"] not in (0, 5)
     errors = [r["case"] for r in report["summary"]["rows"] if r.get("error")] + [
+        r["mode"] for r in report.get("native_register", []) if "error" in r] + [
         str(r.get("network_scale")) for r in report["io_step"] if "error" in r]
     return 1 if failed or errors else 0
 

@@ -67,6 +67,7 @@ def workflow_overrides(
     datalist: str | None = None,
     refine_iterations: int | None = None,
     weights: str | None = None,
+    amp: bool | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """
     The config files and run overrides that :py:func:`register` hands to ``ConfigWorkflow`` (also what the equivalent
@@ -112,6 +113,8 @@ def workflow_overrides(
         overrides["refinement_iterations"] = int(refine_iterations)
     if weights:
         overrides["ckpt_path"] = _checked_weights(weights)
+    if amp is not None:  # default (the configs' "amp"): on for CUDA, off on the CPU
+        overrides["amp"] = bool(amp)
     if network_scale is not None:
         overrides["network_scale"] = float(network_scale)
     if learning_rate is not None:
@@ -170,6 +173,7 @@ def register(
     datalist: str | None = None,
     refine_iterations: int | None = None,
     weights: str | None = None,
+    amp: bool | None = None,
 ) -> None:
     """
     Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
@@ -208,6 +212,7 @@ def register(
         datalist: instead of --fixed/--moving, a JSON datalist of pairs: each into OUT/<id>/, finished ones skipped
             (unless --overwrite), summary in OUT/cohort.csv, cohort.md (docs/usage.md, "Cohorts").
         weights: network weights to use instead of models/model.pt, e.g. a training run's runs/<preset>/model.pt.
+        amp: mixed precision (autocast) for the network and the refinement; default on for CUDA, off on the CPU.
     """
     from scripts.io.errors import exit_on_user_error
 
@@ -215,7 +220,7 @@ def register(
     files, overrides = exit_on_user_error(
         workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
         learning_rate, regularization_weight, device, affine, affine_only, inverse, label_names, datalist,
-        refine_iterations, weights, debug=debug,
+        refine_iterations, weights, amp, debug=debug,
     )
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)
