@@ -53,7 +53,7 @@ def test_cli_uses_the_bundle_configs():
     assert os.path.isabs(overrides["fixed_image"]) and os.path.isabs(overrides["output_dir"])
     with pytest.raises(ValueError, match="iterations"):
         workflow_overrides("f", "m", "o", iterations=-1)
-    assert "amp" not in overrides  # the configs' default: on for CUDA, off on the CPU
+    assert "amp" not in overrides  # the configs' default (off: docs/benchmarks.md, "GPU")
     assert workflow_overrides("f", "m", "o", amp=False)[1]["amp"] is False  # --amp false
 
 

@@ -156,7 +156,11 @@ def test_instance_optimisation_on_cuda_matches_cpu_and_steps_under_amp(shipped, 
     ddf_cpu, history_cpu = run("cpu")
     ddf_gpu, history_gpu = run(GPU)
     assert np.allclose(history_gpu, history_cpu, rtol=2e-2, atol=2e-3), (history_gpu, history_cpu)
-    assert (ddf_gpu - ddf_cpu).abs().mean() < 0.1
+    # Not the fields voxel by voxel: Adam's first steps move each weight by about lr * sign(gradient), so rounding
+    # decides the weights with near-zero gradients. On the CPU alone, a 1e-6 perturbation of the input moves this
+    # field by 0.08 voxel on average (float64 vs float32: 0.07); CUDA's TF32 convolutions differ by more (0.32 on an
+    # H200). What must agree is the loss history (above) and the registration it gives.
+    assert abs(_mean_dice(ddf_gpu, pair) - _mean_dice(ddf_cpu, pair)) < 0.01
     ddf_amp, history_amp = run(GPU, amp=True)  # float16 autocast with the inferer's loss scaler
     assert ddf_amp.dtype == torch.float32 and torch.isfinite(ddf_amp).all() and np.isfinite(history_amp).all()
     assert history_amp[-1] < history_amp[0] and abs(history_amp[0] - history_cpu[0]) < 1e-2
@@ -195,7 +199,7 @@ def test_cli_register_and_a_training_epoch_on_cuda(tmp_path):
 
     run_bundle_workflow(["train.json"], workflow_type="train", prepare=record, run_dir=str(tmp_path / "run"),
                         dataset_dir=str(tmp_path / "data"), max_epochs=1, val_interval=1)
-    assert seen == {"amp": True, "device": "cuda:0"}  # amp defaults to on for CUDA
+    assert seen == {"amp": True, "device": "cuda:0"}  # training's amp defaults to on for CUDA (inference's to off)
     assert (tmp_path / "run" / "model.pt").is_file()
 
 

@@ -113,7 +113,7 @@ def workflow_overrides(
         overrides["refinement_iterations"] = int(refine_iterations)
     if weights:
         overrides["ckpt_path"] = _checked_weights(weights)
-    if amp is not None:  # default (the configs' "amp"): on for CUDA, off on the CPU
+    if amp is not None:  # default: the configs' "amp" (off; measured on a GPU in docs/benchmarks.md)
         overrides["amp"] = bool(amp)
     if network_scale is not None:
         overrides["network_scale"] = float(network_scale)
@@ -212,7 +212,7 @@ def register(
         datalist: instead of --fixed/--moving, a JSON datalist of pairs: each into OUT/<id>/, finished ones skipped
             (unless --overwrite), summary in OUT/cohort.csv, cohort.md (docs/usage.md, "Cohorts").
         weights: network weights to use instead of models/model.pt, e.g. a training run's runs/<preset>/model.pt.
-        amp: mixed precision (autocast) for the network and the refinement; default on for CUDA, off on the CPU.
+        amp: mixed precision (float16 autocast on CUDA) for the network; default off (as fast in float32 on a GPU).
     """
     from scripts.io.errors import exit_on_user_error
 
