@@ -14,7 +14,7 @@ Cases (each at every ``--sizes`` entry, on the real shipped pair resized to that
 - ``*_train``: one training step of each (image NCC + 0.1 · gradient penalty, Adam): SACB-Net with this bundle's losses,
   VoxelMorph with MONAI's (LNCC + DiffusionLoss), i.e. what each stack gives a user;
 - ``bundle_run``: ``python -m monai.bundle run --config_file configs/inference.json`` on the shipped 160×192×160 pair
-  (load → infer → save), wall time of the subprocess; only when ``bundle/configs/inference.json`` exists.
+  with ``--affine_transform none --refine_iterations 0`` (load → network → save), wall time of the subprocess.
 
 Every case runs in a fresh subprocess so its peak memory is its own: CPU peak = ``ru_maxrss`` of that process (also
 reported minus the RSS after imports and data loading), GPU peak = ``torch.cuda.max_memory_allocated``. Times are the
@@ -254,6 +254,7 @@ def _run_bundle(args) -> dict:
             "--bundle_root", ".",
             "--moving_image", str(MOVING), "--fixed_image", str(FIXED),
             "--output_dir", out_dir, "--overwrite", "True",
+            "--affine_transform", "none", "--refine_iterations", "0",  # the network alone, as before the pipeline moved in
         ]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         if args.device == "cpu":

@@ -4,9 +4,10 @@
 For each ``--sizes`` entry N, a datalist of N copies of one real pair (the shipped Colin27 -> MNI152 pair with its labels,
 block-averaged by ``--factor``; each copy is its own set of files, so nothing is shared between pairs) is registered by
 
-    python -m monai.bundle run --config_file configs/inference.json --datalist D --output_dir O
+    python -m monai.bundle run --config_file configs/inference.json --affine_transform none --refine_iterations 0 \
+        --datalist D --output_dir O
 
-(plain inference with the bundle's weights: what ``register --datalist D --iterations 0`` runs) in a fresh process. The
+(plain inference with the bundle's weights: what ``register --datalist D --affine none --refine_iterations 0`` runs) in a fresh process. The
 parent starts the clock just before it launches the process and polls the output folder: *time to first result* is when
 the first pair's ``metrics.json`` (written last) appears, *total* when the process exits, *throughput* N / total and the
 steady rate (N - 1) / (total - first). *Peak RSS* is the process's ``VmHWM`` (Linux), polled until it exits.
@@ -101,6 +102,7 @@ def run_case(bundle: Path, datalist: Path, out: Path, count: int, extra: list[st
     """One cohort run in a fresh process: time to the first result, total time, peak RSS (``first_only``: stop the
     process at its first result and report only that)."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+               "--affine_transform", "none", "--refine_iterations", "0",  # plain inference (the module docstring)
                "--datalist", str(datalist), "--output_dir", str(out), *extra]
     first_result = out / "p0000" / "metrics.json"
     out.mkdir(parents=True, exist_ok=True)

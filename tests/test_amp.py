@@ -32,7 +32,7 @@ def _parser(*files: str, **overrides) -> ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize("files", [("inference.json",), ("inference.json", "instance_optimization.json"),
+@pytest.mark.parametrize("files", [("inference.json",),
                                    ("inference.json", "evaluate.json"), ("train.json",),
                                    ("train.json", "multi_gpu_train.json")])
 def test_amp_is_a_config_option_of_every_engine(files):

@@ -60,3 +60,37 @@ def test_train_losses_are_built_from_their_ids(in_bundle_root):
     ramp[:, 0] = torch.arange(6.0).view(6, 1, 1)  # channel 0 rises by 1 per voxel along axis 0, nothing else varies
     # mean over axes of the mean squared forward difference: axis 0 gives 1 on one channel of three, others 0.
     assert regularization(ramp).item() == pytest.approx(1.0 / 9.0, rel=1e-5)
+
+
+def test_inference_configs_never_read_train_json():
+    """Inference stands alone: no config outside training's own (train.json, its multi-GPU overlay, the presets)
+    mentions train.json, so an inference run never depends on the training config."""
+    training = {"train.json", "multi_gpu_train.json", "metadata.json"}  # metadata: the changelog's prose
+    for path in sorted((BUNDLE_ROOT / "configs").glob("*.json")):
+        if path.name not in training:
+            assert "train.json" not in path.read_text(), path.name
+
+
+@pytest.mark.parametrize(
+    "overrides, stages",
+    [({}, ["refinement", "InstanceOptimizationInferer"]),  # register's default: network (0 fine-tuning steps) + refinement
+     ({"refine_iterations": 0, "instance_optimization_iterations": 0}, ["refinement", "InstanceOptimizationInferer"]),
+     ({"affine_only": True}, ["ZeroFieldInferer"])],
+)
+def test_one_inferer_id_runs_the_stages_the_flags_switch(in_bundle_root, overrides, stages):
+    parser = _parser("inference.json")
+    for key, value in overrides.items():
+        parser[key] = value
+    inferer = parser.get_parsed_content("inferer")
+    assert parser["evaluator"]["inferer"] == "@inferer"
+    chain, step = [], inferer.base_inferer  # ForegroundCropInferer -> its stages
+    while step is not None:
+        chain.append(type(step).__name__)
+        step = getattr(step, "base_inferer", None)
+    expected = {"refinement": "FieldRefinementInferer"}
+    assert chain == [expected.get(s, s) for s in stages]
+    if "refine_iterations" in overrides:  # 0 steps: each stage passes its input through
+        assert inferer.base_inferer.settings["iterations"] == 0 and inferer.base_inferer.base_inferer.iterations == 0
+    assert parser.get_parsed_content("alignment_transforms")  # the affine stage is on by default
+    parser["affine_transform"] = "none"
+    assert parser.get_parsed_content("alignment_transforms") == [] and parser.get_parsed_content("min_fov_overlap") == 0.1

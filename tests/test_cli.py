@@ -37,19 +37,19 @@ def test_help_explains_every_argument():
     assert "Register the shipped real brain pair" in demo.stdout + demo.stderr
 
 
-def test_cli_uses_the_bundle_configs():
+def test_cli_passes_overrides_to_inference_json_only():
+    """register runs configs/inference.json, the whole pipeline, and switches its stages by run overrides."""
     files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=0, affine="none", refine_iterations=0)
     assert [os.path.basename(f) for f in files] == ["inference.json"]
+    assert overrides["affine_transform"] == "none" and overrides["refine_iterations"] == 0
     files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=0)  # register's defaults
-    assert [os.path.basename(f) for f in files] == ["inference.json", "refinement.json", "affine.json"]
+    assert [os.path.basename(f) for f in files] == ["inference.json"] and "refine_iterations" not in overrides
+    assert overrides["affine_transform"] == "affine" and overrides["instance_optimization_iterations"] == 0
     files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=7, overwrite=True)
-    assert [os.path.basename(f) for f in files] == [
-        "inference.json", "instance_optimization.json", "refinement.json", "affine.json"]
-    assert overrides["affine_transform"] == "affine" and overrides["affine_only"] is False
-    assert overrides["optimization_iterations"] == 7 and overrides["overwrite"] is True
+    assert overrides["affine_only"] is False
+    assert overrides["instance_optimization_iterations"] == 7 and overrides["overwrite"] is True
     files, overrides = workflow_overrides("f.nii.gz", "m.nii.gz", "out", iterations=7, affine="rigid", affine_only=True)
-    assert [os.path.basename(f) for f in files] == ["inference.json", "affine.json"]  # no deformable optimisation
-    assert overrides["affine_transform"] == "rigid" and overrides["affine_only"] is True
+    assert overrides["affine_transform"] == "rigid" and overrides["affine_only"] is True  # the zero field after it
     assert os.path.isabs(overrides["fixed_image"]) and os.path.isabs(overrides["output_dir"])
     with pytest.raises(ValueError, match="iterations"):
         workflow_overrides("f", "m", "o", iterations=-1)

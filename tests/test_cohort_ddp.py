@@ -15,7 +15,7 @@ import pytest
 import torch
 from cohort_data import SMALL_NETWORK, SMALL_NETWORK_ARGS, cohort, real_pairs, volume, write_datalist
 from conftest import BUNDLE_ROOT
-from workflow_data import run_bundle_workflow
+from workflow_data import PLAIN_INFERENCE, PLAIN_INFERENCE_ARGS, run_bundle_workflow
 
 from scripts.io.errors import BundleUserError, find_user_error
 
@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--tee", "3", "-m", "monai.bundle", "run",
         "--config_file", str([f"configs/{c}" for c in CONFIGS + ["multi_gpu_inference.json"]]),
         "--datalist", str(datalist), "--output_dir", str(work / "ranks"), "--ckpt_path", str(work / "none.pt"),
-        *SMALL_NETWORK_ARGS,
+        *SMALL_NETWORK_ARGS, *PLAIN_INFERENCE_ARGS,
     ]
     env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -42,7 +42,8 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # the ranks' arithmetic, so that results can be compared exactly
     try:
         with pytest.raises(Exception) as info:
-            run_bundle_workflow(CONFIGS, datalist=str(datalist), output_dir=str(work / "one"), network_def=SMALL_NETWORK,
+            run_bundle_workflow(CONFIGS, **PLAIN_INFERENCE, datalist=str(datalist), output_dir=str(work / "one"),
+                                network_def=SMALL_NETWORK,
                                 ckpt_path=str(work / "none.pt"))
     finally:
         torch.set_num_threads(threads)

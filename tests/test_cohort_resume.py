@@ -25,7 +25,7 @@ from cohort_data import (
     write_datalist,
 )
 from conftest import BUNDLE_ROOT
-from workflow_data import run_bundle_workflow
+from workflow_data import PLAIN_INFERENCE, PLAIN_INFERENCE_ARGS, run_bundle_workflow
 
 from scripts.io.completion import IN_PROGRESS_MARKER, pair_outputs_complete
 from scripts.io.errors import BundleUserError, find_user_error
@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 
 
 def _run(datalist, out, **overrides):
-    return run_bundle_workflow(["inference.json"], datalist=str(datalist), output_dir=str(out), network_def=SMALL_NETWORK,
+    return run_bundle_workflow(["inference.json"], **PLAIN_INFERENCE, datalist=str(datalist), output_dir=str(out),
+                               network_def=SMALL_NETWORK,
                                ckpt_path=str(out.parent / "no_weights.pt"), **overrides)
 
 
@@ -123,7 +124,7 @@ def test_overwrite_registers_a_finished_pair_again(finished, tmp_path):
 def test_a_run_killed_with_sigkill_and_started_again_completes_every_pair_once(tmp_path):
     pairs = [p for p in real_pairs(tmp_path) if p["id"] in ("colin_to_mni", "mni_to_colin", "colin_to_colin")]
     datalist, out = write_datalist(tmp_path, pairs), tmp_path / "out"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", *PLAIN_INFERENCE_ARGS,
                "--datalist", str(datalist), "--output_dir", str(out), "--ckpt_path", str(tmp_path / "no_weights.pt"),
                *SMALL_NETWORK_ARGS]
     env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT), "OMP_NUM_THREADS": "1"}

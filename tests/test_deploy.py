@@ -27,7 +27,6 @@ from spatial_cases import mean_dice, rotation_ras
 
 from scripts.engines.affine_registration import resample_moving
 from scripts.spatial import read_itk_affine
-from scripts.workflow.register_configs import DEFAULT_REGISTER_CONFIGS
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
@@ -51,11 +50,11 @@ if not DEPLOY_PYTHON.is_file():
 
 
 def _fast_affine_stage(bundle: Path) -> None:
-    """The affine stage at 8 and 4 mm only (not 6, 4, 2 mm) for the 4 mm pair, in the bundle copy's affine.json, which
-    the export (and so the app) and the CLI both read: a fifth of the time, the same stages."""
-    path = bundle / "configs" / "affine.json"
+    """The affine stage at 8 and 4 mm only (not 6, 4, 2 mm) for the 4 mm pair, in the bundle copy's inference.json,
+    which the export (and so the app) and the CLI both read: a fifth of the time, the same stages."""
+    path = bundle / "configs" / "inference.json"
     config = json.loads(path.read_text())
-    config["affine_registration"].update(levels_mm=[8.0, 4.0], iterations=[60, 30])
+    config.update(affine_levels_mm=[8.0, 4.0], affine_iterations=[60, 30])
     path.write_text(json.dumps(config, indent=4))
 
 
@@ -82,10 +81,9 @@ def deployed_run(tmp_path_factory):
         data, affine = load_sample(key, factor=4)
         save(inputs / name, data, MOVE @ affine if key.startswith("moving") else affine)
     model_ts = work / "model.ts"
-    configs = str([f"configs/{name}.json" for name in DEFAULT_REGISTER_CONFIGS])  # register's list, defined once
     run_bundle_command(
         ["ckpt_export", "--net_id", "network_def", "--filepath", str(model_ts), "--ckpt_file", "models/model.pt",
-         "--meta_file", "configs/metadata.json", "--config_file", configs],
+         "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"],
         bundle,
     )
     app_out = work / "app_out"
@@ -140,17 +138,17 @@ def test_affine_stage_brings_the_moving_scan_from_its_own_scanner_space(deployed
 
 
 def test_app_refuses_a_torchscript_without_the_pipeline_configs(deployed_run, tmp_path):
-    """A file exported with inference.json alone would silently skip the affine stage: refused, naming the export."""
+    """A file exported without inference.json (the network alone) has no pipeline to run: refused, naming the export."""
     inputs, _, _, _ = deployed_run
     bundle = inputs.parent / "bundle"
-    old_export = tmp_path / "model.ts"
-    with zipfile.ZipFile(inputs.parent / "model.ts") as source, zipfile.ZipFile(old_export, "w") as target:
+    bare_export = tmp_path / "model.ts"
+    with zipfile.ZipFile(inputs.parent / "model.ts") as source, zipfile.ZipFile(bare_export, "w") as target:
         for item in source.infolist():
-            if Path(item.filename).stem not in ("refinement", "affine"):
+            if Path(item.filename).stem != "inference":
                 target.writestr(item, source.read(item))
-    result = _run_app(old_export, inputs, tmp_path / "out", bundle, check=False)
+    result = _run_app(bare_export, inputs, tmp_path / "out", bundle, check=False)
     assert result.returncode != 0
-    assert "lacks the config(s) ['refinement', 'affine']" in result.stderr and "ckpt_export" in result.stderr
+    assert "lacks the config(s) ['inference']" in result.stderr and "ckpt_export" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

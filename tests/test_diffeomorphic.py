@@ -121,7 +121,7 @@ def test_instance_optimisation_keeps_the_transform_invertible(shipped_state):
     net = _network_def(True)
     net.load_state_dict(shipped_state, strict=True)
     start = copy.deepcopy(net.state_dict())
-    inferer = InstanceOptimizationInferer(  # the defaults of configs/instance_optimization.json, fewer steps
+    inferer = InstanceOptimizationInferer(  # inference.json's instance-optimisation defaults, fewer steps
         LocalNCCLoss(9), GradientLoss(), Warp(), regularization_weight=1.0, iterations=3, learning_rate=2e-4,
         network_scale=0.5, log_interval=0,
     )

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from workflow_data import run_bundle_workflow, write_small_pair
+from workflow_data import PLAIN_INFERENCE, run_bundle_workflow, write_small_pair
 
 from scripts.workflow.metrics import registration_metrics
 
@@ -60,6 +60,7 @@ def test_evaluate_identical_and_real_pair(small_pair, tmp_path):
     out = tmp_path / "eval"
     run_bundle_workflow(
         ["inference.json", "evaluate.json"],
+        **PLAIN_INFERENCE,
         prepare=_zero_field_network,
         datalist=str(datalist),
         output_dir=str(out),

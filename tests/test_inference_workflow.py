@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation
-from workflow_data import run_bundle_workflow, write_small_pair
+from workflow_data import PLAIN_INFERENCE, run_bundle_workflow, write_small_pair
 
 from scripts.io.errors import OutputExistsError
 from scripts.engines.resolution_inferer import ResolutionInferer, network_grid_size, resize_displacement
@@ -129,7 +129,7 @@ def _dice(a, b, label):
 def test_inference_run_writes_outputs_on_fixed_grid(small_pair, tmp_path):
     out = tmp_path / "out"
     overrides = dict(small_pair, output_dir=str(out), network_scale=0.5, ckpt_path=str(tmp_path / "none.pt"))
-    run_bundle_workflow(["inference.json"], **overrides)
+    run_bundle_workflow(["inference.json"], **PLAIN_INFERENCE, **overrides)
     fixed = nib.load(small_pair["fixed_image"])
     for name in OUTPUTS:
         assert (out / name).is_file(), name
@@ -170,7 +170,7 @@ def test_existing_outputs_are_kept_unless_overwrite(small_pair, tmp_path):
     (out / "ddf.nii.gz").write_bytes(b"earlier result")
     overrides = dict(small_pair, output_dir=str(out), network_scale=0.5, ckpt_path=str(tmp_path / "none.pt"))
     with pytest.raises(Exception) as excinfo:
-        run_bundle_workflow(["inference.json"], **overrides)
+        run_bundle_workflow(["inference.json"], **PLAIN_INFERENCE, **overrides)
     chain, error = [], excinfo.value
     while error is not None:
         chain.append(error)
@@ -178,7 +178,7 @@ def test_existing_outputs_are_kept_unless_overwrite(small_pair, tmp_path):
     assert any(isinstance(e, OutputExistsError) for e in chain)
     assert (out / "ddf.nii.gz").read_bytes() == b"earlier result"
     assert not (out / "warped_image.nii.gz").exists()  # refused before computing anything
-    run_bundle_workflow(["inference.json"], overwrite=True, **overrides)
+    run_bundle_workflow(["inference.json"], **PLAIN_INFERENCE, overwrite=True, **overrides)
     assert nib.load(str(out / "ddf.nii.gz")).shape[-1] == 3
 
 
@@ -192,7 +192,7 @@ def test_datalist_of_pairs_writes_one_folder_per_pair(small_pair, tmp_path):
     datalist.write_text(json.dumps({"pairs": pairs}))
     out = tmp_path / "batch"
     run_bundle_workflow(
-        ["inference.json"], datalist=str(datalist), output_dir=str(out), network_scale=0.5,
+        ["inference.json"], **PLAIN_INFERENCE, datalist=str(datalist), output_dir=str(out), network_scale=0.5,
         ckpt_path=str(tmp_path / "none.pt"),
     )
     for pair_id, fixed in (("colin_to_mni", "fixed_image"), ("mni_to_colin", "moving_image")):

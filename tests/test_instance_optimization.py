@@ -1,4 +1,4 @@
-"""Instance optimisation (configs/instance_optimization.json merged over inference.json) on the real Colin27 -> MNI152
+"""Instance optimisation (inference.json's ``instance_optimization_iterations``) on the real Colin27 -> MNI152
 pair at reduced size: it must beat both identity and the un-optimised network without folding."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from workflow_data import run_bundle_workflow, write_small_pair
+from workflow_data import PLAIN_INFERENCE, run_bundle_workflow, write_small_pair
 
 from scripts.engines.resolution_inferer import ResolutionInferer
 from scripts.engines.instance_optimization import InstanceOptimizationInferer
@@ -75,9 +75,9 @@ def test_instance_optimisation_from_shipped_weights_beats_identity_and_plain_inf
     # At 2 mm and network_scale 1.0 the network sees the grid it was trained on and the demo optimises on
     # (1 mm pair, network_scale 0.5), with the shipped weights and the default steps, learning rate and regulariser.
     # Classes 1-7: the primary measure of this pair (the cortex class 8 follows two different label protocols).
-    common = dict(half_size_pair, network_scale=1.0, label_ids=[1, 2, 3, 4, 5, 6, 7])
+    common = dict(half_size_pair, **PLAIN_INFERENCE, network_scale=1.0, label_ids=[1, 2, 3, 4, 5, 6, 7])
     run_bundle_workflow(["inference.json"], output_dir=str(tmp_path / "plain"), **common)
-    run_bundle_workflow(["inference.json", "instance_optimization.json"], output_dir=str(tmp_path / "io"), **common)
+    run_bundle_workflow(["inference.json"], output_dir=str(tmp_path / "io"), instance_optimization_iterations=30, **common)
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     optimised = json.loads((tmp_path / "io" / "metrics.json").read_text())
     assert optimised["mean_dice_identity"] == pytest.approx(plain["mean_dice_identity"])

@@ -69,11 +69,11 @@ def _write_pair(folder: Path, factor: int, atlas_move: np.ndarray | None = None)
 
 
 def _fast_affine_stage(bundle: Path) -> None:
-    """The affine stage at 8 and 4 mm only (not 6, 4, 2 mm) for the 4 mm pair, in the bundle copy's affine.json, which
-    the app and the CLI both read: a fifth of the time, the same stages."""
-    path = bundle / "configs" / "affine.json"
+    """The affine stage at 8 and 4 mm only (not 6, 4, 2 mm) for the 4 mm pair, in the bundle copy's inference.json,
+    which the app and the CLI both read: a fifth of the time, the same stages."""
+    path = bundle / "configs" / "inference.json"
     config = json.loads(path.read_text())
-    config["affine_registration"].update(levels_mm=[8.0, 4.0], iterations=[60, 30])
+    config.update(affine_levels_mm=[8.0, 4.0], affine_iterations=[60, 30])
     path.write_text(json.dumps(config, indent=4))
 
 

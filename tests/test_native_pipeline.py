@@ -124,3 +124,18 @@ def test_apply_refuses_missing_or_foreign_transforms(native, tmp_path):
     bad = _cli("register", "--fixed", pair["fixed_image"], "--moving", pair["moving_image"], "--out",
                str(tmp_path / "z"), "--affine", "similarity")
     assert bad.returncode == 2 and "--affine" in bad.stderr and not (tmp_path / "z").exists()
+
+
+def test_monai_bundle_run_of_inference_json_alone_is_register(native, tmp_path):
+    """``inference.json`` is the product: run alone (as ``python -m monai.bundle run --config_file
+    configs/inference.json`` does) on the native pair it writes the same transforms as ``register``'s default."""
+    from workflow_data import run_bundle_workflow
+
+    pair, out = native["pair"], tmp_path / "bundle_run"
+    run_bundle_workflow(["inference.json"], output_dir=str(out), write_inverse=True,
+                        **{k: pair[k] for k in ("moving_image", "fixed_image", "moving_label", "fixed_label")})
+    for name in ("warp.nii.gz", "inverse_warp.nii.gz", "warped_label.nii.gz"):
+        ours, reference = (np.asarray(nib.load(str(d / name)).dataobj, dtype=np.float64) for d in (out, native["out"]))
+        assert np.abs(ours - reference).max() < 1e-4, name
+    np.testing.assert_allclose(read_itk_affine(out / "affine.mat"), read_itk_affine(native["out"] / "affine.mat"),
+                               atol=1e-6)

@@ -23,7 +23,7 @@ from conftest import BUNDLE_ROOT, SAMPLE_DATA
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from workflow_data import run_bundle_workflow, write_small_pair
+from workflow_data import PLAIN_INFERENCE, run_bundle_workflow, write_small_pair
 
 from scripts.io import RegistrationInputError, check_state_dict, install_weights, label_names_for, read_label_names
 from scripts.io.devices import available_devices, resolve_device
@@ -191,7 +191,7 @@ def test_register_names_thirteen_classes_by_number_or_by_the_users_names_without
 def test_shipped_pair_keeps_its_structure_names(tmp_path):
     """The demo's inputs (sample_data) carry their lookup tables, so the 8 structure names still appear."""
     out = tmp_path / "out"
-    run_bundle_workflow(["inference.json"], moving_label=str(SAMPLE_DATA / "moving_colin27_seg8.nii.gz"),
+    run_bundle_workflow(["inference.json"], **PLAIN_INFERENCE, moving_label=str(SAMPLE_DATA / "moving_colin27_seg8.nii.gz"),
                         fixed_label=str(SAMPLE_DATA / "fixed_mni152_seg8.nii.gz"), output_dir=str(out),
                         network_scale=0.25, network_def=SMALL_NETWORK, ckpt_path="/nonexistent/model.pt")
     rows = json.loads((out / "metrics.json").read_text())["labels"]

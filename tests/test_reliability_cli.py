@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from reliability_data import load_sample, save, small_pair
+from workflow_data import PLAIN_INFERENCE
 
 from scripts.cli import register
 from scripts.io.errors import BundleUserError, RegistrationInputError, find_user_error
@@ -190,7 +191,7 @@ def _bundle_run(config, **overrides):
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=str(BUNDLE / "configs" / "logging.conf"),
         bundle_root=str(BUNDLE),
-        **overrides,
+        **({**PLAIN_INFERENCE, **overrides} if config == "inference.json" else overrides),
     )
 
 

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from reliability_data import SAMPLE_FILES, load_sample, save
+from workflow_data import PLAIN_INFERENCE
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 OUTPUTS = ("warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "metrics.json")
@@ -23,7 +24,7 @@ def run_inference(pair, output_dir, **overrides):
         bundle_root=str(BUNDLE),
         output_dir=str(output_dir),
         **pair,
-        **overrides,
+        **{**PLAIN_INFERENCE, **overrides},
     )
     return Path(output_dir)
 

@@ -13,6 +13,11 @@ from conftest import SAMPLE_DATA as SAMPLE_DIR
 from conftest import SAMPLE_PAIR
 
 PAIR_FILES = {key: path.name for key, path in SAMPLE_PAIR.items()}
+#: run overrides of configs/inference.json for the network's forward pass alone (no affine stage, no refinement): what
+#: the tests of the data path, the cohort machinery and the error handling run, in seconds
+PLAIN_INFERENCE = {"affine_transform": "none", "refine_iterations": 0}
+#: the same as ``python -m monai.bundle run`` arguments
+PLAIN_INFERENCE_ARGS = [f"--{key}={value}" for key, value in PLAIN_INFERENCE.items()]
 
 
 def downsample_volume(path: Path, factor: int, label: bool) -> nib.Nifti1Image:

@@ -9,7 +9,7 @@
         --settings velocity,50,2,0.5,9 velocity,50,2,0.5,5 velocity,50,0.1,1,5 displacement,50,0.1,4,5
 
 Each setting is ``parameterization,iterations,learning_rate,smoothness_weight,lncc_kernel[,unsquared]`` (scale 0.5 and
-4 squaring steps, as configs/refinement.json, whose defaults are the first setting above; a sixth field ``unsquared``
+4 squaring steps, as the refinement of configs/inference.json, whose defaults are the first setting above; a sixth field ``unsquared``
 uses Eq. (1) of the SACB-Net supplement, ``LocalNCCLoss(squared=False)``, instead of the squared local NCC).
 The moving scan and labels are taken onto the fixed grid through the run's ``affine.mat`` (bundle ``apply``), the
 refinement starts from the run's ``ddf.nii.gz``; labels are warped with nearest-neighbour sampling.

@@ -88,10 +88,7 @@ def workflow_overrides(
         raise RegistrationInputError(
             f"--affine must be one of {', '.join(AFFINE_CHOICES)} ('none' only without --affine_only), got {affine!r}."
         )
-    from scripts.workflow.register_configs import register_config_files  # one definition, also the Label/Deploy apps'
-    deformable = {"instance_optimization": iterations, "refinement": refine_iterations}  # None: the config's count
-    flags = {k: not affine_only and (v is None or int(v) > 0) for k, v in deformable.items()}
-    files = register_config_files(CONFIG_DIR, affine=affine != "none", **flags)
+    files = [str(CONFIG_DIR / "inference.json")]  # the whole pipeline; its stages are switched by the overrides below
     overrides: dict[str, Any] = {
         "bundle_root": str(BUNDLE_ROOT),
         "fixed_image": _absolute(fixed),
@@ -104,13 +101,12 @@ def workflow_overrides(
     }
     from scripts.io.datalist import cli_datalist_overrides  # --datalist: every pair, resumably (usage.md, "Cohorts")
     overrides.update(cli_datalist_overrides(datalist, fixed, moving, out, (moving_label, fixed_label)))
-    if affine != "none":
-        overrides["affine_transform"] = affine
-        overrides["affine_only"] = bool(affine_only)
-    if not affine_only and iterations is not None and int(iterations) > 0:
-        overrides["optimization_iterations"] = int(iterations)
-    if not affine_only and refine_iterations is not None and int(refine_iterations) > 0:
-        overrides["refinement_iterations"] = int(refine_iterations)
+    overrides["affine_transform"] = affine
+    overrides["affine_only"] = bool(affine_only)
+    if iterations is not None:
+        overrides["instance_optimization_iterations"] = int(iterations)
+    if refine_iterations is not None:
+        overrides["refine_iterations"] = int(refine_iterations)
     if weights:
         overrides["ckpt_path"] = _checked_weights(weights)
     if amp is not None:  # default: the configs' "amp" (off; measured on a GPU in docs/benchmarks.md)
@@ -178,9 +174,9 @@ def register(
     """
     Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
 
-    Runs the bundle's configs/inference.json merged with configs/affine.json (unless --affine none), the network's
-    field refined on the pair by configs/refinement.json (unless --refine_iterations 0) and, with --iterations N > 0,
-    configs/instance_optimization.json first, through monai.bundle's ConfigWorkflow. Writes into OUT, on the
+    Runs the bundle's configs/inference.json (affine stage unless --affine none, SACB-Net fine-tuned on the pair first
+    with --iterations N > 0, the network's field refined on the pair unless --refine_iterations 0) through
+    monai.bundle's ConfigWorkflow, with the flags as run overrides. Writes into OUT, on the
     fixed image's grid and affine: warped_image.nii.gz, warped_label.nii.gz (with --moving_label), ddf.nii.gz (displacement in
     voxels of the fixed grid, applied after the affine stage), jacobian_det.nii.gz, the transforms for ITK/ANTs
     (affine.mat, warp.nii.gz; with --inverse also inverse_warp.nii.gz: antsApplyTransforms -r F -i M -t warp.nii.gz
@@ -194,7 +190,7 @@ def register(
         moving_label: optional label map of the moving image; warped with nearest-neighbour sampling.
         fixed_label: optional label map of the fixed image; with moving_label, Dice is reported.
         iterations: instance-optimisation steps that fine-tune the network on this pair before the refinement (default
-            0: one forward pass; None: configs/instance_optimization.json's count).
+            0: one forward pass; None: the config's instance_optimization_iterations).
         overwrite: replace existing outputs in OUT (otherwise the run refuses to start).
         network_scale: network resolution relative to the image, e.g. 0.5 (default from the configs).
         learning_rate: Adam learning rate of the instance optimisation (default from the config).
@@ -205,7 +201,8 @@ def register(
         affine: the affine stage: "affine" (12 parameters, default), "rigid" (6) or "none" (inputs already aligned).
         affine_only: stop after the affine stage (zero deformable field; outputs as usual).
         inverse: also write inverse_warp.nii.gz (maps fixed-space images onto the moving scan with affine.mat).
-        refine_iterations: steps of the field refinement after the network (default: configs/refinement.json; 0: off).
+        refine_iterations: steps of the field refinement after the network (default: the config's refine_iterations;
+            0: off).
         label_names: names of the label ids in the report: a JSON {"1": "name", ...}, a TSV/CSV with index and name
             columns, or a FreeSurfer colour table. Default: the label map's own table (X.tsv beside X.nii.gz), else
             the numbers.
@@ -236,7 +233,7 @@ def register(
         print(f"QC figure: {qc_png_from_outputs(fixed, moving, overrides['output_dir'], _absolute(qc_png))}", flush=True)
 
 
-def demo(out: str | None = None, iterations: int | None = None, overwrite: bool = True, debug: bool = False) -> None:
+def demo(out: str | None = None, iterations: int = 30, overwrite: bool = True, debug: bool = False) -> None:
     """
     Register the shipped real brain pair (Colin27 T1 -> MNI152 T1, sample_data/) and print Dice before/after.
 
@@ -245,7 +242,7 @@ def demo(out: str | None = None, iterations: int | None = None, overwrite: bool 
 
     Args:
         out: output folder (default: <bundle>/eval/demo).
-        iterations: instance-optimisation steps (default from configs/instance_optimization.json; 0: no tuning).
+        iterations: instance-optimisation steps (default 30; 0: no tuning).
         overwrite: replace the outputs of an earlier demo run (default True).
         debug: show full Python tracebacks for input errors.
     """

@@ -11,16 +11,14 @@ Run (Holoscan wants a 32 MB stack)::
 ``moving_label.nii.gz`` and ``fixed_label.nii.gz``); the output folder receives ``warped_image.nii.gz``, ``ddf.nii.gz``,
 ``jacobian_det.nii.gz``, ``affine.mat``, ``warp.nii.gz``, ``metrics.json`` (and ``warped_label.nii.gz``): the outputs
 of ``python -m scripts.cli register`` with its defaults (affine stage, SACB-Net, field refinement). The TorchScript file
-is the one written by ``python -m monai.bundle ckpt_export`` from the bundle root with that pipeline's configs::
+is the one written by ``python -m monai.bundle ckpt_export`` from the bundle root with that pipeline's config::
 
     python -m monai.bundle ckpt_export --net_id network_def --filepath models/model.ts --ckpt_file models/model.pt \\
-        --meta_file configs/metadata.json \\
-        --config_file "['configs/inference.json','configs/refinement.json','configs/affine.json']"
+        --meta_file configs/metadata.json --config_file configs/inference.json
 
-so it carries ``metadata.json`` and those three configs (``operators.REGISTER_CONFIGS``; a file exported with
-``inference.json`` alone is refused with that command). The bundle's transforms and inferer come from its ``scripts``
-package: the app imports it from ``$SACB_BUNDLE_ROOT`` (default: the repository's ``bundle/`` folder), whose
-``configs/train.json`` also serves the configs' ``%configs/...`` macros.
+so it carries ``metadata.json`` and ``inference.json`` (``operators.REGISTER_CONFIGS``; a file exported without it is
+refused with that command). The bundle's transforms and inferer come from its ``scripts`` package: the app imports it
+from ``$SACB_BUNDLE_ROOT`` (default: the repository's ``bundle/`` folder).
 """
 
 from __future__ import annotations

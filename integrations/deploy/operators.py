@@ -9,18 +9,15 @@ The pipeline therefore is::
     PairLoaderOperator --pair (the preprocessed data dict)------------------------------------------> Writer
     (Writer = RegistrationWriterOperator)
 
-All three parse the same configs, stored inside the TorchScript file: the default registration pipeline of
-``python -m scripts.cli register`` (:py:data:`REGISTER_CONFIGS`, listed once in ``scripts.workflow.register_configs``:
-``inference`` + ``refinement`` + ``affine``). The loader runs its ``preprocessing`` (the affine stage included), the
-inference operator its evaluator's inferer (the network's field refined on the pair), the writer its
-``postprocessing``, so the app's outputs equal those of ``register`` on the same pair. Those transforms live in the
-bundle's ``scripts`` package, which must be importable (see ``app.py``); the configs' ``%configs/...`` macros are read
-from that package's bundle root.
+All three parse the same config, stored inside the TorchScript file: ``inference.json``, the default registration
+pipeline of ``python -m scripts.cli register`` (:py:data:`REGISTER_CONFIGS`). The loader runs its ``preprocessing``
+(the affine stage included), the inference operator its ``inferer`` (the network's field refined on the pair), the
+writer its ``postprocessing``, so the app's outputs equal those of ``register`` on the same pair. Those transforms live
+in the bundle's ``scripts`` package, which must be importable (see ``app.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import zipfile
 from dataclasses import dataclass
@@ -38,8 +35,7 @@ from monai.deploy.operators.monai_bundle_inference_operator import (
     get_bundle_config,
 )
 
-import scripts  # the bundle's package (app.py puts its bundle root on sys.path)
-from scripts.workflow.register_configs import DEFAULT_REGISTER_CONFIGS
+import scripts  # noqa: F401  the bundle's package (app.py puts its bundle root on sys.path): the configs' transforms
 
 __all__ = [
     "PAIR_FILES",
@@ -52,10 +48,8 @@ __all__ = [
     "registration_config_names",
 ]
 
-#: the configs the app merges: ``register``'s default pipeline (the affine stage, SACB-Net, the field refinement)
-REGISTER_CONFIGS = list(DEFAULT_REGISTER_CONFIGS)
-#: the bundle root whose ``configs/`` the ``%configs/...`` macros read (the folder of the imported ``scripts``)
-MACRO_ROOT = Path(scripts.__file__).resolve().parents[1]
+#: the config the app parses: ``register``'s default pipeline (the affine stage, SACB-Net, the field refinement)
+REGISTER_CONFIGS = ["inference"]
 
 #: input folder layout: data key -> file name (labels optional; with them the writer also saves a warped label map and
 #: label metrics).
@@ -95,16 +89,15 @@ def check_exported_configs(bundle_path: Path) -> None:
 
 
 def registration_config_names() -> BundleConfigNames:
-    """The configs and the inferer the inference operator parses: :py:data:`REGISTER_CONFIGS` and the evaluator's
-    inferer (``evaluator::inferer``, which refines the network's field on the pair), not the bare ``inferer``."""
-    return BundleConfigNames(config_names=REGISTER_CONFIGS, inferer_name="evaluator::inferer")
+    """The configs and the inferer the inference operator parses: :py:data:`REGISTER_CONFIGS` and its ``inferer``
+    (the network's field refined on the pair, or the zero field with ``affine_only``)."""
+    return BundleConfigNames(config_names=REGISTER_CONFIGS, inferer_name="inferer")
 
 
 def _bundle_parser(bundle_path: Path, overrides: Optional[Mapping[str, Any]] = None) -> ConfigParser:
     """The merged :py:data:`REGISTER_CONFIGS` as stored in the TorchScript file (``<stem>/extra/<name>.json``)."""
     check_exported_configs(bundle_path)
-    with contextlib.chdir(MACRO_ROOT):  # "%configs/train.json::..." macros are paths relative to the working directory
-        parser = get_bundle_config(str(bundle_path), REGISTER_CONFIGS)
+    parser = get_bundle_config(str(bundle_path), REGISTER_CONFIGS)
     for key, value in (overrides or {}).items():
         parser[key] = value
     parser.parse()
@@ -168,8 +161,7 @@ class RegistrationBundleInferenceOperator(MonaiBundleInferenceOperator):
 
     def _init_config(self, config_names) -> None:
         check_exported_configs(self.bundle_path)
-        with contextlib.chdir(MACRO_ROOT):  # the configs' "%configs/..." macros, as in _bundle_parser
-            super()._init_config(config_names)
+        super()._init_config(config_names)
 
     def pre_process(self, data: Any, *args, **kwargs) -> Any:
         return data

@@ -11,16 +11,15 @@ lie on the request image's grid. The task therefore registers a labelled atlas o
 * result = the atlas label warped by the predicted displacement (nearest neighbour), on the study's grid as stored
   on disk, with the bundle's label names; the JSON result adds the folding percentage of the field.
 
-Everything else is the bundle's own default registration pipeline, the configs ``python -m scripts.cli register``
-merges (``scripts.workflow.register_configs``: ``inference.json`` + ``refinement.json`` + ``affine.json``): the
-preprocessing with the affine stage (the atlas may lie in its own scanner space), the network (``models/model.pt`` or
-``models/model.ts``), the evaluator's inferer (network and field refinement) and the postprocessing (warping through
-the affine matrix and the field, Jacobian, reorientation to the fixed file).
+Everything else is the bundle's own default registration pipeline, ``configs/inference.json`` as
+``python -m scripts.cli register`` runs it: the preprocessing with the affine stage (the atlas may lie in its own
+scanner space), the network (``models/model.pt`` or ``models/model.ts``), the ``inferer`` (network and field
+refinement) and the postprocessing (warping through the affine matrix and the field, Jacobian, reorientation to the
+fixed file).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
@@ -33,12 +32,11 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
+from monailabel.tasks.infer.bundle import BundleInferTask
 
 __all__ = [
     "DROPPED_POSTPROCESSING",
     "AtlasPaird",
-    "RegistrationBundleConstants",
     "RegistrationInferTask",
     "load_register_config",
 ]
@@ -100,32 +98,19 @@ def _label_names(bundle_path: str, configured: Any, atlas_label: str) -> Dict[st
 
 def load_register_config(bundle_path: str) -> ConfigParser:
     """
-    The bundle's default registration configs (those of ``python -m scripts.cli register``, listed once in
-    ``scripts.workflow.register_configs``) merged into one parser, with ``bundle_root`` set to ``bundle_path`` and the
-    ``%configs/...`` macros resolved from the bundle root (they are paths relative to the working directory).
+    The bundle's default registration pipeline (``configs/inference.json``, what ``python -m scripts.cli register``
+    runs) in a parser, with ``bundle_root`` set to ``bundle_path``.
 
     Raises:
-        ValueError: a config file of the list is missing from ``bundle_path/configs``.
+        ValueError: ``bundle_path/configs/inference.json`` is missing.
     """
-    names = _bundle_module(bundle_path, "scripts.workflow.register_configs").DEFAULT_REGISTER_CONFIGS
-    files = [os.path.join(bundle_path, "configs", f"{name}.json") for name in names]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise ValueError(f"bundle {bundle_path} lacks the registration config(s) {missing}.")
+    path = os.path.join(bundle_path, "configs", "inference.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"bundle {bundle_path} lacks the registration config {path}.")
     parser = ConfigParser()
-    parser.read_config(files)
+    parser.read_config(path)
     parser.config.update({"bundle_root": bundle_path})  # type: ignore[union-attr]
-    with contextlib.chdir(bundle_path):
-        parser.resolve_macro_and_relative_ids()
     return parser
-
-
-class RegistrationBundleConstants(BundleConstants):
-    """Bundle keys of the registration task: the inferer is the evaluator's (``evaluator::inferer``: the network's
-    field refined on the pair, or the zero field with ``affine_only``), not the bare network inferer ``inferer``."""
-
-    def key_inferer(self) -> Sequence[str]:
-        return ["evaluator::inferer"]
 
 
 class RegistrationInferTask(BundleInferTask):
@@ -143,7 +128,6 @@ class RegistrationInferTask(BundleInferTask):
         super().__init__(
             path,
             conf,
-            const=RegistrationBundleConstants(),
             type=InferType.SEGMENTATION,  # what the viewer gets: a label map of the request image
             extend_load_image=False,  # the bundle's LoadImaged reads all pair keys (labels optional)
             add_post_restore=False,  # the bundle's postprocessing already restores the fixed file's grid
@@ -161,7 +145,7 @@ class RegistrationInferTask(BundleInferTask):
         self.description = f"SACB-Net atlas registration: warps the atlas labels onto the image. {self.description}"
 
     def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
-        # BundleInferTask reads the one file configs/inference.json; the registration pipeline merges several
+        # configs/inference.json, its bundle_root pointing at this bundle (the shipped atlas and weights are under it)
         return load_register_config(path)
 
     def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
