@@ -15,7 +15,8 @@ import pytest
 import torch
 from workflow_data import SAMPLE_DIR, downsample_volume
 
-from scripts.engines.affine_registration import AffineRegistration, check_affine_result, resample_moving
+from scripts.engines.affine_registration import AffineRegistration, check_affine_result
+from scripts.layers import resample_moving
 
 FAST = {"levels_mm": (8.0, 4.0), "iterations": (60, 30), "search_iterations": 10}  # seconds on 2 cores at 3 mm
 

@@ -25,7 +25,7 @@ from ecosystem_utils import bundle_copy_with_weights, run_bundle_command, run_ch
 from reliability_data import load_sample, save
 from spatial_cases import mean_dice, rotation_ras
 
-from scripts.engines.affine_registration import resample_moving
+from scripts.layers import resample_moving
 from scripts.spatial import read_itk_affine
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]

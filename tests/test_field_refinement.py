@@ -6,7 +6,7 @@ from conftest import load_sample_pair
 from monai.bundle import ConfigParser
 
 from scripts.engines import FieldRefinementInferer, ForegroundCropInferer, ResolutionInferer, refine_displacement
-from scripts.layers.warp import warp_image
+from scripts.layers import warp_image
 from scripts.losses import GradientLoss, LocalNCCLoss
 
 

@@ -26,7 +26,7 @@ from ecosystem_utils import bundle_copy_with_weights, run_checked
 from reliability_data import load_sample, save
 from spatial_cases import mean_dice, rotation_ras
 
-from scripts.engines.affine_registration import resample_moving
+from scripts.layers import resample_moving
 from scripts.spatial import read_itk_affine
 
 pytestmark = [pytest.mark.label, pytest.mark.slow]

@@ -12,7 +12,7 @@ from conftest import SAMPLE_PAIR
 from spatial_cases import FACTOR, brain_correlation, make_case, mean_dice, sitk_displacement, sitk_resample
 from workflow_data import downsample_volume
 
-from scripts.layers.warp import warp_image
+from scripts.layers import warp_image
 from scripts.spatial import apply_transforms, read_itk_displacement, save_transforms
 
 sitk = pytest.importorskip("SimpleITK")

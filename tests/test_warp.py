@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.networks.blocks import Warp as MonaiWarp
 
-from scripts.layers.warp import Warp
+from scripts.layers import Warp
 
 
 def test_zero_field_leaves_real_image_unchanged(sample_pair_small):
@@ -70,7 +70,7 @@ def test_bad_arguments_and_shapes_raise():
 
 
 def test_composed_displacement_warps_like_the_two_warps_in_turn():
-    from scripts.layers.warp import compose_displacements, identity_grid, warp_image
+    from scripts.layers import compose_displacements, voxel_grid, warp_image
 
     shape = (20, 24, 22)
     generator = torch.Generator().manual_seed(0)
@@ -81,13 +81,13 @@ def test_composed_displacement_warps_like_the_two_warps_in_turn():
     )
     # the voxel coordinates as a 3-channel image: trilinear sampling reproduces them exactly, so warping in turn and
     # warping once by the composition agree to rounding wherever no sample leaves the volume
-    coordinates = identity_grid(list(shape), torch.device("cpu"), torch.float32).unsqueeze(0)
+    coordinates = voxel_grid(list(shape)).unsqueeze(0)
     in_turn = warp_image(warp_image(coordinates, outer), inner)
     interior = [slice(None), slice(None)] + [slice(7, -7)] * 3
-    composed = warp_image(coordinates, compose_displacements(outer, inner))
+    composed = warp_image(coordinates, compose_displacements(outer, inner, "border"))
     assert torch.allclose(composed[interior], in_turn[interior], atol=1e-4)
-    assert torch.allclose(composed[interior], (coordinates + compose_displacements(outer, inner))[interior], atol=1e-4)
-    wrong_order = warp_image(coordinates, compose_displacements(inner, outer))
+    assert torch.allclose(composed[interior], (coordinates + compose_displacements(outer, inner, "border"))[interior], atol=1e-4)
+    wrong_order = warp_image(coordinates, compose_displacements(inner, outer, "border"))
     assert (wrong_order - in_turn)[interior].abs().max() > 0.1
     with pytest.raises(ValueError, match="displacements of one shape"):
-        compose_displacements(outer, inner[..., :-1])
+        compose_displacements(outer, inner[..., :-1], "border")

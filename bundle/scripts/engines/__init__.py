@@ -16,7 +16,6 @@ from .affine_registration import (
     AffineRegistration,
     check_affine_result,
     normalize_intensity,
-    resample_moving,
 )
 from .field_refinement import (
     FieldRefinementInferer,

@@ -5,7 +5,7 @@ Rigid (6 parameters) or affine (12 parameters) registration of a moving image on
 Everything happens in world coordinates (RAS mm, as nibabel/MONAI give the voxel-to-world affines), so the two images
 may differ in shape, spacing and orientation (LIA vs RAS). The result ``T`` maps a fixed-space world point to the
 moving-space world point it should sample (ITK/ANTs convention): ``resampled(x) = moving(T x)``. Sampling goes through
-``torch.nn.functional.grid_sample`` with ``align_corners=True`` (voxel centres at -1 and 1), on the inputs' device.
+:mod:`scripts.layers.sampling` (``grid_sample``, ``align_corners=True``), on the inputs' device.
 """
 
 from __future__ import annotations
@@ -18,17 +18,10 @@ import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.layers import GaussianFilter
 
-__all__ = ["AffineRegistration", "check_affine_result", "normalize_intensity", "resample_moving"]
+# resample_moving is imported from here by scripts.workflow.alignment; it lives in the sampling module
+from scripts.layers.sampling import batch_matrices, grid_sample_matrix, resample_moving, sample_points
 
-
-def _batch_affine(affine, batch: int, device: torch.device, name: str) -> torch.Tensor:
-    """(4, 4) or (B, 4, 4) matrix -> (B, 4, 4) float64 on ``device``; ValueError if non-finite, singular, misshaped."""
-    affine = torch.as_tensor(affine, dtype=torch.float64, device=device)
-    affine = affine.expand(batch, 4, 4) if affine.shape == (4, 4) else affine
-    bad = affine.shape != (batch, 4, 4) or not torch.isfinite(affine).all()
-    if bad or (affine[:, :3, :3].det().abs() < 1e-8).any():
-        raise ValueError(f"{name} must be a finite invertible (4, 4) or ({batch}, 4, 4) matrix, got {affine.tolist()}")
-    return affine
+__all__ = ["AffineRegistration", "check_affine_result", "normalize_intensity"]
 
 
 def normalize_intensity(image: torch.Tensor, lower: float = 1.0, upper: float = 99.0) -> torch.Tensor:
@@ -43,53 +36,10 @@ def normalize_intensity(image: torch.Tensor, lower: float = 1.0, upper: float = 
     return ((image.float() - lo.view(shape)) / (hi - lo).view(shape)).clamp(0.0, 1.0)
 
 
-def _grid_matrix(shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """(4, 4) float64 map from voxel (x, y, z) to ``grid_sample`` coordinates (z, y, x) in [-1, 1] (align_corners)."""
-    x, y, z = (2.0 / max(int(k) - 1, 1) for k in shape)
-    rows = [[0, 0, z, -1], [0, y, 0, -1], [x, 0, 0, -1], [0, 0, 0, 1]]
-    return torch.tensor(rows, dtype=torch.float64, device=device)
-
-
-def _sample(image, points, matrix, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
-    """Sample ``image`` (B, C, X, Y, Z) at ``matrix`` (B, 4, 4) applied to ``points`` (B, N, 3) -> (B, C, N), where
-    ``matrix`` maps the points to ``grid_sample`` coordinates (see ``_grid_matrix``)."""
-    grid = points @ matrix[:, :3, :3].transpose(1, 2).to(points.dtype) + matrix[:, None, :3, 3].to(points.dtype)
-    grid = grid.to(image.dtype)[:, :, None, None]
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)[..., 0, 0]
-
-
 def _index_points(shape: Sequence[int], affine: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
     """World points (X, Y, Z, 3) of every voxel of a grid with voxel-to-world ``affine`` (4, 4)."""
     axes = [torch.arange(int(k), dtype=dtype, device=affine.device) for k in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1) @ affine[:3, :3].T.to(dtype) + affine[:3, 3].to(dtype)
-
-
-def resample_moving(moving, moving_affine, fixed_shape, fixed_affine, world_matrix, mode: str = "bilinear"):
-    """
-    Resample ``moving`` onto the fixed voxel grid through the world transform ``world_matrix`` (fixed -> moving world).
-
-    Args:
-        moving: (B, C, X, Y, Z) image (``mode="bilinear"``) or label map (``mode="nearest"``), any real dtype.
-        moving_affine, fixed_affine: (4, 4) or (B, 4, 4) voxel-to-world matrices (RAS mm).
-        fixed_shape: the fixed spatial shape (X', Y', Z').
-        world_matrix: (4, 4) or (B, 4, 4) matrix T; output(i) = moving(inverse(moving_affine) T fixed_affine i).
-
-    Returns:
-        (B, C, X', Y', Z') in ``moving``'s dtype, zeros outside its field of view (``grid_sample``, align_corners).
-    """
-    if moving.ndim != 5 or len(fixed_shape) != 3 or mode not in ("bilinear", "nearest"):
-        raise ValueError(f"need moving (B, C, X, Y, Z), fixed_shape of 3 ints, mode bilinear|nearest; got "
-                         f"{tuple(moving.shape)}, {tuple(fixed_shape)}, {mode!r}")
-    batch, device = moving.shape[0], moving.device
-    a_m = _batch_affine(moving_affine, batch, device, "moving_affine")
-    a_f = _batch_affine(fixed_affine, batch, device, "fixed_affine")
-    voxel_map = _grid_matrix(moving.shape[2:], device) @ torch.linalg.inv(a_m)
-    voxel_map = voxel_map @ _batch_affine(world_matrix, batch, device, "world_matrix") @ a_f
-    index = _index_points(fixed_shape, torch.eye(4, device=device), torch.float32).reshape(1, -1, 3)
-    source = moving.to(torch.promote_types(moving.dtype, torch.float32))
-    out = _sample(source, index.expand(batch, -1, 3), voxel_map, mode)
-    out = out.reshape(*moving.shape[:2], *[int(s) for s in fixed_shape])
-    return out if moving.is_floating_point() else out.round().to(moving.dtype)
 
 
 def check_affine_result(matrix, min_scale: float = 0.5, max_scale: float = 2.0) -> torch.Tensor:
@@ -121,7 +71,7 @@ def _resample_level(image: torch.Tensor, affine: torch.Tensor, spacing: float, b
     index_to_voxel[:3, :3], index_to_voxel[:3, 3] = torch.diag(step), (shape - 1) / 2 - step * (n - 1) / 2
     n = [int(k) for k in n.tolist()]
     voxels = _index_points(n, index_to_voxel).reshape(1, -1, 3)
-    values = _sample(smooth, voxels, _grid_matrix(image.shape[2:], image.device)[None], padding="border")
+    values = sample_points(smooth, voxels, grid_sample_matrix(image.shape[2:], image.device)[None], padding_mode="border")
     return values.reshape(1, 1, *n), affine @ index_to_voxel
 
 
@@ -230,7 +180,7 @@ class AffineRegistration(torch.nn.Module):
 
     def _level_loss(self, matrix: torch.Tensor, level: dict) -> torch.Tensor:
         """Loss of the moving level image sampled at ``matrix`` x for the level's fixed points x."""
-        warped = _sample(level["moving"], level["world"], (level["to_grid"].to(matrix.dtype) @ matrix)[None])
+        warped = sample_points(level["moving"], level["world"], (level["to_grid"].to(matrix.dtype) @ matrix)[None])
         return self._loss(warped.reshape(level["fixed"].shape), level["fixed"])
 
     @torch.no_grad()
@@ -257,7 +207,7 @@ class AffineRegistration(torch.nn.Module):
         levels = []
         for spacing in self.levels_mm:
             (fixed_l, fixed_a), (moving_l, moving_a) = fixed_p[spacing], moving_p[spacing]
-            to_grid = _grid_matrix(moving_l.shape[2:], a_m.device) @ torch.linalg.inv(moving_a)
+            to_grid = grid_sample_matrix(moving_l.shape[2:], a_m.device) @ torch.linalg.inv(moving_a)
             points = self._level_points(fixed_l, _index_points(fixed_l.shape[2:], fixed_a))
             levels.append(points | {"moving": moving_l, "to_grid": to_grid})
         (c_f, cov_f), (c_m, cov_m) = (_moments(v, _index_points(v.shape[2:], a))
@@ -310,8 +260,8 @@ class AffineRegistration(torch.nn.Module):
                 shape = getattr(image, "shape", image)
                 raise ValueError(f"{name} must be a (B, 1, X, Y, Z) tensor with moving's B, got {shape}")
         batch, device = moving.shape[0], moving.device
-        a_m = _batch_affine(moving_affine, batch, device, "moving_affine")
-        a_f = _batch_affine(fixed_affine, batch, device, "fixed_affine")
+        a_m = batch_matrices(moving_affine, batch, device, "moving_affine")
+        a_f = batch_matrices(fixed_affine, batch, device, "fixed_affine")
         fixed = fixed.to(device)
         results = [self._register_one(moving[b : b + 1], fixed[b : b + 1], a_m[b], a_f[b]) for b in range(batch)]
         items = [report for _, report in results]

@@ -13,8 +13,7 @@ from monai.inferers import Inferer
 
 from scripts.engines.resolution_inferer import ResolutionInferer, resize_displacement
 from scripts.io.errors import NonFiniteLossError
-from scripts.layers.velocity_integration import VelocityIntegration
-from scripts.layers.warp import compose_displacements, warp_image
+from scripts.layers.sampling import compose_displacements, integrate_velocity, warp_image
 
 __all__ = ["FieldRefinementInferer", "refine_displacement"]
 
@@ -46,14 +45,17 @@ class _Correction:
     """
 
     def __init__(self, base: torch.Tensor, parameterization: str, integration_steps: int) -> None:
-        self.base, self.parameterization = base, parameterization
-        self.integrate = VelocityIntegration(int(integration_steps))
+        self.base, self.parameterization, self.steps = base, parameterization, int(integration_steps)
         self.field = torch.zeros_like(base, requires_grad=True)
 
     def total(self) -> torch.Tensor:
         if self.parameterization == "velocity":
-            return compose_displacements(self.base, self.integrate(self.field))
+            return compose_displacements(self.base, self._exp(), "border")
         return self.base + self.field
+
+    def _exp(self) -> torch.Tensor:
+        """exp(c), integrated as the network integrates (zero padding)."""
+        return integrate_velocity(self.field, self.steps, "zeros")
 
     def smoothed(self) -> torch.Tensor:
         """The field the smoothness term is taken of."""
@@ -63,7 +65,7 @@ class _Correction:
         """The correction, brought to ``ddf``'s grid, joined to ``ddf`` (no gradient)."""
         with torch.no_grad():
             if self.parameterization == "velocity":
-                return compose_displacements(ddf, resize_displacement(self.integrate(self.field), ddf.shape[2:]))
+                return compose_displacements(ddf, resize_displacement(self._exp(), ddf.shape[2:]), "border")
             return ddf + resize_displacement(self.field.detach(), ddf.shape[2:])
 
 

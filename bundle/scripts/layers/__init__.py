@@ -1,11 +1,21 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Spatial layers without weights: warping by a displacement field, velocity integration, Jacobian determinants."""
+"""Spatial layers without weights: the one sampling module (warping, sampling at voxel or world coordinates,
+composition, scaling and squaring, resampling through a matrix), its network modules, Jacobian determinants."""
 
+from .sampling import (
+    apply_matrix,
+    batch_matrices,
+    compose_displacements,
+    grid_sample_matrix,
+    integrate_velocity,
+    resample_moving,
+    sample_at_voxels,
+    sample_points,
+    voxel_grid,
+    warp_image,
+)
 from .warp import (
     Warp,
-    compose_displacements,
-    identity_grid,
-    warp_image,
 )
 from .velocity_integration import (
     VelocityIntegration,

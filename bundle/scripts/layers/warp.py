@@ -1,64 +1,14 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Backward warping of 3-D volumes by a dense displacement field, scriptable at any size."""
+"""``Warp``: the network layer (and config component ``scripts.layers.Warp``) over :func:`warp_image`."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Warp", "compose_displacements", "identity_grid", "warp_image"]
+from scripts.layers.sampling import MODES, PADDING_MODES, warp_image
 
-_MODES = ("bilinear", "nearest")
-_PADDING_MODES = ("zeros", "border", "reflection")
-
-
-def identity_grid(spatial_shape: list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Voxel coordinates of a grid, shape (3, D, H, W); channel i holds the index along array axis i."""
-    axes = [torch.arange(int(s), device=device, dtype=dtype) for s in spatial_shape]
-    return torch.stack(torch.meshgrid(axes, indexing="ij"), dim=0)
-
-
-def warp_image(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
-    """
-    Sample ``image`` at ``p + ddf(p)`` for every voxel ``p`` (backward warping, ``align_corners=True``).
-
-    Args:
-        image: (B, C, D, H, W) volume to resample.
-        ddf: (B, 3, D, H, W) displacement in voxels; channel i moves along array axis i.
-        mode: "bilinear" (trilinear in 3-D) for images, "nearest" for label maps.
-        padding_mode: value outside the volume: "zeros", "border" or "reflection".
-
-    Returns:
-        (B, C, D, H, W) warped volume, same dtype as ``image`` for floating inputs.
-    """
-    spatial = ddf.shape[2:]
-    grid = identity_grid([int(s) for s in spatial], ddf.device, ddf.dtype).unsqueeze(0) + ddf
-    # grid_sample wants coordinates in [-1, 1] with the last axis first (x = W, y = H, z = D).
-    scale = torch.tensor([max(int(s) - 1, 1) for s in spatial], device=ddf.device, dtype=ddf.dtype)
-    grid = 2.0 * grid / scale.view(1, 3, 1, 1, 1) - 1.0
-    grid = grid.permute(0, 2, 3, 4, 1).flip(-1)
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-
-
-def compose_displacements(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """
-    Displacement of ``p ↦ q + outer(q)`` with ``q = p + inner(p)``: ``inner`` is followed first, then ``outer``, so
-    warping an image by the result equals warping it by ``outer`` and the outcome by ``inner``.
-
-    ``outer`` is sampled with border padding: near the volume's edge the composed map keeps the nearest displacement
-    instead of dropping to zero (which would fold there).
-
-    Args:
-        outer: (B, 3, D, H, W) displacement in voxels, applied to the image first.
-        inner: (B, 3, D, H, W) displacement in voxels on the same grid.
-
-    Returns:
-        (B, 3, D, H, W) composed displacement in voxels.
-    """
-    if outer.shape != inner.shape or outer.dim() != 5 or outer.shape[1] != 3:
-        raise ValueError(f"need two (B, 3, D, H, W) displacements of one shape, got {list(outer.shape)} and {list(inner.shape)}.")
-    return inner + warp_image(outer, inner, "bilinear", "border")
+__all__ = ["Warp"]
 
 
 class Warp(nn.Module):
@@ -81,10 +31,10 @@ class Warp(nn.Module):
 
     def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros") -> None:
         super().__init__()
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
         self.mode = mode
         self.padding_mode = padding_mode
 
@@ -107,8 +57,5 @@ class Warp(nn.Module):
             raise ValueError(
                 f"image {list(image.shape)} and ddf {list(ddf.shape)} must share batch size and spatial shape."
             )
-        if image.is_floating_point():
-            return warp_image(image, ddf.to(image.dtype), self.mode, self.padding_mode)
-        # Label maps: sample in floating point, return the caller's integer dtype.
-        warped = warp_image(image.to(ddf.dtype), ddf, self.mode, self.padding_mode)
-        return torch.round(warped).to(image.dtype)
+        # integer label maps are sampled in float32 (float64 for ids of 2**24 and more) and keep their dtype
+        return warp_image(image, ddf.to(image.dtype) if image.is_floating_point() else ddf, self.mode, self.padding_mode)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.layers.sampling import compose_displacements, warp_image
 from scripts.layers.velocity_integration import VelocityIntegration
-from scripts.layers.warp import warp_image
 from scripts.networks.conv import ChannelsLastConv3d
 from scripts.networks.cross_similarity import CrossSimilarityFlow
 from scripts.networks.sacb import SACB, conv_in_lrelu
@@ -132,11 +132,6 @@ class SACBNet(nn.Module):
         return F.interpolate(2.0 * flow, scale_factor=2.0, mode="trilinear", align_corners=True)
 
     @staticmethod
-    def _compose(flow: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Field of ``p -> p + residual(p) + flow(p + residual(p))``: the residual is applied first."""
-        return warp_image(flow, residual, "bilinear", "zeros") + residual
-
-    @staticmethod
     def _float32(x: torch.Tensor) -> torch.Tensor:
         """Half-precision (autocast) conv outputs -> float32, so that fields are sampled and composed in float32."""
         return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -203,7 +198,7 @@ class SACBNet(nn.Module):
             elif self.diffeomorphic:
                 field = field + residual
             else:
-                field = self._compose(field, residual)
+                field = compose_displacements(field, residual, "zeros")
             field = self._upsample(field)
             transform = self.integrate(field) if self.diffeomorphic else field
 
@@ -215,7 +210,7 @@ class SACBNet(nn.Module):
         else:
             moving, fixed = self.refine(moving), self.refine(fixed)
         residual = self._float32(self.flow_out(self.fuse(torch.cat([fixed, moving], dim=1))))
-        field = field + residual if self.diffeomorphic else self._compose(field, residual)
+        field = field + residual if self.diffeomorphic else compose_displacements(field, residual, "zeros")
 
         depth, height, width = spatial[0], spatial[1], spatial[2]
         return field[:, :, pads[4] : pads[4] + depth, pads[2] : pads[2] + height, pads[0] : pads[0] + width]

@@ -3,8 +3,8 @@
 Physical-space transforms: world conventions (RAS vs LPS), ITK/ANTs transform files, field inversion, and applying a
 registration's saved transforms to any image or label map.
 
-Sits above ``scripts.io`` and ``scripts.layers`` and below ``scripts.engines``; imports only ``scripts.io`` from the
-bundle. Conventions in one place:
+Sits above ``scripts.io`` and ``scripts.layers`` and below ``scripts.engines``; imports only those two from the bundle
+(every resampling is ``scripts.layers.sampling``'s). Conventions in one place:
 
 * nibabel/MONAI affines map voxels to RAS mm; ITK/ANTs work in LPS mm (``T_LPS = F T_RAS F``, ``F = diag(-1,-1,1,1)``).
 * Every transform maps a point of the output (FIXED) space to the input (MOVING) space it samples.
@@ -20,7 +20,6 @@ from __future__ import annotations
 from .apply import INTERPOLATIONS, apply_transforms, mapped_voxel_coordinates
 from .inversion import (
     InverseField,
-    integrate_velocity,
     inverse_consistency_error,
     invert_displacement,
     invert_velocity,
@@ -35,7 +34,6 @@ from .itk_files import (
     write_itk_affine,
     write_itk_displacement,
 )
-from .sampling import apply_matrix, sample_at_voxels, voxel_grid, warp_voxels
 from .transform_set import AFFINE_FILE, INVERSE_WARP_FILE, WARP_FILE, SavedTransforms, load_transforms, save_transforms
 from .world import (
     RAS_LPS_FLIP,
@@ -60,12 +58,10 @@ __all__ = [
     "InverseField",
     "SavedTransforms",
     "TransformFileError",
-    "apply_matrix",
     "apply_transforms",
     "as_channel_first",
     "as_matrix4",
     "grid_summary",
-    "integrate_velocity",
     "inverse_consistency_error",
     "invert_displacement",
     "invert_velocity",
@@ -77,11 +73,8 @@ __all__ = [
     "read_itk_affine",
     "read_itk_displacement",
     "same_grid",
-    "sample_at_voxels",
     "save_transforms",
     "voxel_ddf_to_lps",
-    "voxel_grid",
-    "warp_voxels",
     "write_inverse_warp",
     "write_itk_affine",
     "write_itk_displacement",

@@ -25,9 +25,9 @@ import torch
 
 from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
+from scripts.layers.sampling import apply_matrix, sample_at_voxels, voxel_grid
 
 from .itk_files import TransformFileError
-from .sampling import apply_matrix, sample_at_voxels, voxel_grid
 from .transform_set import SavedTransforms, load_transforms
 from .world import as_matrix4, grid_summary, same_grid
 

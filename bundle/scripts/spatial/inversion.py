@@ -11,7 +11,7 @@ affine: ``ants.apply_transforms(moving, fixed, [affine.mat, inverse_warp.nii.gz]
 ``v`` solves ``v(y) = -u(y + v(y))``, found by the fixed-point iteration ``v <- -u(p + v)`` (trilinear sampling of
 ``u``, border padding); it converges when ``u`` is a contraction (``|grad u| < 1``, true for smooth, fold-free
 fields). For a stationary velocity field ``s`` the inverse of ``exp(s)`` is ``exp(-s)``, both integrated by scaling
-and squaring exactly as the bundle's network integrates (``steps`` squarings, zero padding).
+and squaring with the network's own function (``scripts.layers.sampling.integrate_velocity``, zero padding).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from scripts.layers.sampling import integrate_velocity, voxel_grid, warp_image
+
 from .itk_files import write_itk_displacement
-from .sampling import sample_at_voxels, voxel_grid
 from .world import as_channel_first, as_matrix4
 
 __all__ = [
     "InverseField",
-    "integrate_velocity",
     "inverse_consistency_error",
     "invert_displacement",
     "invert_velocity",
@@ -63,11 +63,6 @@ def _check_ddf(ddf: torch.Tensor, name: str = "ddf") -> None:
         raise ValueError(f"{name} must be a floating (B, 3, X, Y, Z) tensor, got {getattr(ddf, 'shape', type(ddf))}.")
 
 
-def _follow(field: torch.Tensor, grid: torch.Tensor, offset: torch.Tensor, padding_mode: str) -> torch.Tensor:
-    """``field`` sampled at ``grid + offset`` (trilinear)."""
-    return sample_at_voxels(field, grid + offset, "bilinear", padding_mode)
-
-
 def inverse_consistency_error(
     ddf: torch.Tensor, inverse: torch.Tensor, affine=None, margin: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +84,7 @@ def inverse_consistency_error(
     if inverse.shape != ddf.shape:
         raise ValueError(f"ddf {list(ddf.shape)} and inverse {list(inverse.shape)} must have the same shape.")
     grid = voxel_grid(ddf.shape[2:], ddf.device, ddf.dtype).unsqueeze(0)
-    residual = ddf + _follow(inverse, grid, ddf, "border")
+    residual = ddf + warp_image(inverse, ddf, "bilinear", "border")
     if affine is not None:
         linear = torch.as_tensor(as_matrix4(affine, "affine")[:3, :3], dtype=ddf.dtype, device=ddf.device)
         residual = torch.einsum("ij,bj...->bi...", linear, residual)
@@ -121,10 +116,9 @@ def invert_displacement(ddf: torch.Tensor, iterations: int = 50, tolerance: floa
     _check_ddf(ddf)
     if iterations < 1 or tolerance <= 0:
         raise ValueError(f"iterations must be >= 1 and tolerance > 0, got {iterations} and {tolerance}.")
-    grid = voxel_grid(ddf.shape[2:], ddf.device, ddf.dtype).unsqueeze(0)
     inverse, converged, done = -ddf, False, 0
     for done in range(1, iterations + 1):
-        update = -_follow(ddf, grid, inverse, "border")
+        update = -warp_image(ddf, inverse, "bilinear", "border")
         change = float((update - inverse).abs().max())
         inverse = update
         if change < tolerance:
@@ -136,33 +130,13 @@ def invert_displacement(ddf: torch.Tensor, iterations: int = 50, tolerance: floa
     return InverseField(inverse, error_mean, error_max, done, converged)
 
 
-def integrate_velocity(velocity: torch.Tensor, steps: int = 7, padding_mode: str = "zeros") -> torch.Tensor:
-    """``exp(velocity)`` by scaling and squaring: ``ddf = s / 2**steps``, then ``steps`` times ``ddf += ddf(p + ddf)``.
-
-    Args:
-        velocity: (B, 3, X, Y, Z) stationary velocity field in voxels.
-        steps: number of squarings (0 returns the velocity itself).
-        padding_mode: sampling outside the grid; "zeros" as the bundle's network integrates.
-
-    Returns:
-        (B, 3, X, Y, Z) displacement of the integrated transform, in voxels.
-    """
-    _check_ddf(velocity, "velocity")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}.")
-    grid = voxel_grid(velocity.shape[2:], velocity.device, velocity.dtype).unsqueeze(0)
-    ddf = velocity / (2.0**steps)
-    for _ in range(steps):
-        ddf = ddf + _follow(ddf, grid, ddf, padding_mode)
-    return ddf
-
-
 def invert_velocity(velocity: torch.Tensor, steps: int = 7, padding_mode: str = "zeros"):
     """Forward and inverse displacement of a stationary velocity field: ``(exp(s), exp(-s))`` (the inverse by negation).
 
     Args:
         velocity: (B, 3, X, Y, Z) in voxels.
         steps: scaling-and-squaring steps, as the network used.
+        padding_mode: as :func:`scripts.layers.sampling.integrate_velocity` ("zeros" as the network integrates).
 
     Returns:
         ``(forward, inverse)``, each (B, 3, X, Y, Z) in voxels.

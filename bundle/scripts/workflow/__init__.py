@@ -8,7 +8,6 @@ from .grid_transforms import (
     WarpByDdfd,
     JacobianDeterminantd,
     RestoreOriginalGridd,
-    grids_match,
 )
 from .handlers import (
     NonFiniteLossError,

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Orientation, ResampleToMatch
+from monai.transforms import MapTransform, Orientation
 
-from scripts.engines.affine_registration import resample_moving
 from scripts.engines.resolution_inferer import ResolutionInferer, network_grid_size
+from scripts.layers.sampling import resample_moving
+from scripts.spatial.world import same_grid
 
 __all__ = [
     "DownsampleToNetworkGridd",
@@ -23,7 +24,6 @@ __all__ = [
     "WarpByDdfd",
     "JacobianDeterminantd",
     "RestoreOriginalGridd",
-    "grids_match",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,11 +34,6 @@ def _affine(image: torch.Tensor) -> np.ndarray:
     if not isinstance(image, MetaTensor):
         raise ValueError(f"expected a MetaTensor with an affine, got {type(image).__name__}.")
     return np.asarray(image.affine, dtype=np.float64)
-
-
-def grids_match(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-3) -> bool:
-    """True when two channel-first MetaTensors share spatial shape and affine (within ``atol`` mm)."""
-    return tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(_affine(a), _affine(b), atol=atol)
 
 
 class ResampleToFixedGridd(MapTransform):
@@ -90,7 +85,7 @@ class ResampleToFixedGridd(MapTransform):
             if matrix is not None and key not in self.fixed_space_keys:
                 d[key] = _resample_through(d[key], fixed, matrix, mode)
                 continue
-            if grids_match(d[key], fixed, self.atol):
+            if same_grid(d[key].shape[1:], _affine(d[key]), fixed.shape[1:], _affine(fixed), self.atol):
                 continue
             logger.info(
                 "resampling %s (shape %s) onto the fixed image grid (shape %s) with %s interpolation: grids differ",
@@ -99,12 +94,13 @@ class ResampleToFixedGridd(MapTransform):
                 tuple(fixed.shape[1:]),
                 mode,
             )
-            d[key] = ResampleToMatch(mode=mode, padding_mode="zeros")(d[key], fixed)
+            d[key] = _resample_through(d[key], fixed, np.eye(4), mode)  # one world space: the identity matrix
         return d
 
 
 def _resample_through(moving: torch.Tensor, fixed: torch.Tensor, matrix: torch.Tensor, mode: str) -> MetaTensor:
-    """``moving`` (C, X, Y, Z) sampled on the grid of ``fixed`` through the world matrix (fixed -> moving point)."""
+    """``moving`` (C, X, Y, Z) sampled on the grid of ``fixed`` through the world matrix (fixed -> moving point), zeros
+    outside its field of view."""
     resampled = resample_moving(
         moving.as_tensor()[None], _affine(moving), fixed.shape[1:], _affine(fixed), matrix, mode=mode
     )[0]

@@ -24,8 +24,9 @@ from monai.transforms import MapTransform
 
 from scripts.io.atomic import check_outputs_writable
 from scripts.io.writer import DEFAULT_WRITE_WORKERS, pair_output_dir
+from scripts.layers.sampling import sample_at_voxels
 from scripts.spatial import AFFINE_FILE, INVERSE_WARP_FILE, WARP_FILE, SavedTransforms, mapped_voxel_coordinates
-from scripts.spatial import sample_at_voxels, save_transforms
+from scripts.spatial import save_transforms
 from scripts.workflow.alignment import AFFINE_MATRIX_KEY
 
 __all__ = ["WarpFromSourced", "SaveTransformsd", "TRANSFORM_METRICS_KEY"]
