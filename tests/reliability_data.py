@@ -41,3 +41,50 @@ def small_pair(folder: Path, factor: int = 4) -> dict[str, str]:
         data, affine = load_sample(key, factor)
         paths[key] = str(save(folder / name, data, affine))
     return paths
+
+
+def loading_transforms(**overrides):
+    """The ``loading_transforms`` of ``configs/inference.json`` (checks and loading of a pair), as a Compose."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from conftest import BUNDLE_ROOT
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
+    return Compose(parser.get_parsed_content("loading_transforms"))
+
+
+def run_pairs(pairs, transform, output_dir: Path, screen=None):
+    """Drive a ``CohortDataset`` over ``pairs`` as an engine would, writing a stand-in output after each pair.
+
+    Returns:
+        the ids of the pairs that were loaded, in order.
+    """
+    from scripts.workflow.cohort_dataset import CohortDataset
+
+    dataset = CohortDataset(pairs, transform, screen=screen, output_dir=output_dir, output_names=["warped_image.nii.gz"])
+    loaded = []
+    for item in dataset:
+        loaded.append(item["pair_id"])
+        (Path(output_dir) / item["pair_id"] / "warped_image.nii.gz").write_bytes(b"stand-in")
+    return loaded
+
+
+class DecodeCounter:
+    """Counts how many times nibabel decodes each file's voxels (``ArrayProxy`` reads), whoever asks for them."""
+
+    def __init__(self, monkeypatch) -> None:
+        from collections import Counter
+
+        from nibabel.arrayproxy import ArrayProxy
+
+        self.counts: Counter = Counter()
+        original = ArrayProxy._get_scaled
+
+        def counted(proxy, *args, **kwargs):
+            self.counts[str(proxy.file_like)] += 1
+            return original(proxy, *args, **kwargs)
+
+        monkeypatch.setattr(ArrayProxy, "_get_scaled", counted)

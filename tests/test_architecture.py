@@ -1,5 +1,5 @@
-"""The layout of ``bundle/scripts`` stays what docs/architecture.md says: imports only point down the package ladder,
-every module carries the licence header and none grows past the size a reader can hold."""
+"""The layout of ``bundle/scripts`` stays what docs/architecture.md says: imports only point down the package ladder and
+every module carries the licence header. Files are split by concept, not by a line count (there is no size cap)."""
 
 import ast
 from pathlib import Path
@@ -8,7 +8,6 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 HEADER = "# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0."
-MAX_LINES = 330  # "about 300": a little slack for docstrings, never a 600-line module again
 
 # bottom to top; a module may import from its own package and from any lower rank
 RANK = {"io": 0, "layers": 1, "networks": 2, "losses": 2, "spatial": 2, "engines": 3, "workflow": 4, "cli": 5}
@@ -54,10 +53,8 @@ def test_imports_point_down(path):
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SCRIPTS)))
-def test_header_and_size(path):
-    text = path.read_text()
-    assert text.startswith(HEADER), f"{path} lacks the licence header"
-    assert len(text.splitlines()) <= MAX_LINES, f"{path} has {len(text.splitlines())} lines; split it by concept"
+def test_licence_header(path):
+    assert path.read_text().startswith(HEADER), f"{path} lacks the licence header"
 
 
 def test_checker_sees_an_upward_import(tmp_path):

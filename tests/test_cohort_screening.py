@@ -9,7 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from reliability_data import load_sample, save, small_pair
+from reliability_data import DecodeCounter, load_sample, loading_transforms, run_pairs, save, small_pair
 
 from scripts.io.completion import (
     ABSENT,
@@ -27,6 +27,7 @@ from scripts.io.datalist import cli_datalist_overrides, inference_pairs
 from scripts.io.errors import RegistrationInputError
 from scripts.io.screening import PairScreen
 from scripts.io.sharding import check_launch, shard_indices
+from scripts.workflow.cohort_dataset import CohortDataset
 
 OUTPUT_NAMES = ["warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat",
                 "metrics.json", "metrics.csv", "summary.json", "summary.csv"]
@@ -44,44 +45,50 @@ def atlas_study(tmp_path):
     return files, subjects
 
 
-def test_nothing_is_read_before_a_pair_is_checked(tmp_path):
+def test_nothing_is_read_before_a_pair_is_reached(tmp_path, monkeypatch):
     pairs = [{"moving_image": str(tmp_path / f"m{i}.nii.gz"), "fixed_image": str(tmp_path / "f.nii.gz"),
               "pair_id": f"p{i}"} for i in range(500)]
+    counter = DecodeCounter(monkeypatch)
     screen = PairScreen(pairs)  # 500 missing files: not even looked at yet
-    assert screen.total == 500 and not screen.bad and not screen.full_reads
-    assert screen.check(pairs[7], 7) is None
-    assert [b["pair_id"] for b in screen.bad] == ["p7"] and "does not exist" in screen.bad[0]["error"]
+    assert screen.total == 500 and not screen.bad and not counter.counts
+    assert run_pairs(pairs, loading_transforms(), tmp_path / "out", screen) == []
+    assert [b["pair_id"] for b in screen.bad] == [f"p{i}" for i in range(500)]
+    assert "does not exist" in screen.bad[7]["error"] and not counter.counts
 
 
-def test_an_atlas_shared_by_every_pair_is_read_once(atlas_study):
+def test_an_atlas_shared_by_every_pair_is_decoded_once(atlas_study, tmp_path, monkeypatch):
     files, subjects = atlas_study
     pairs = [{"moving_image": files["moving_image"], "moving_label": files["moving_label"], "fixed_image": s,
               "pair_id": f"s{i}"} for i, s in enumerate(subjects)]
-    screen = PairScreen(pairs)
-    assert len(list(screen.iter_good())) == 3
-    assert screen.full_reads[files["moving_image"]] == 1 and screen.full_reads[files["moving_label"]] == 1
-    assert all(screen.full_reads[s] == 1 for s in subjects)
+    counter = DecodeCounter(monkeypatch)
+    assert run_pairs(pairs, loading_transforms(), tmp_path / "out") == ["s0", "s1", "s2"]
+    assert counter.counts[files["moving_image"]] == 1 and counter.counts[files["moving_label"]] == 1
+    assert all(counter.counts[s] == 1 for s in subjects) and len(counter.counts) == 5
 
 
-def test_a_bad_atlas_fails_every_pair_but_is_decoded_once(atlas_study, tmp_path):
+def test_a_bad_atlas_fails_every_pair_but_is_decoded_once(atlas_study, tmp_path, monkeypatch):
     _, subjects = atlas_study
     volume, affine = load_sample("moving_image")
     volume = volume.astype(np.float32)
     volume[3, 3, 3] = np.inf
     atlas = str(save(tmp_path / "data" / "inf_atlas.nii.gz", volume, affine))
-    screen = PairScreen([{"moving_image": atlas, "fixed_image": s, "pair_id": f"s{i}"} for i, s in enumerate(subjects)])
-    assert list(screen.iter_good()) == []
+    pairs = [{"moving_image": atlas, "fixed_image": s, "pair_id": f"s{i}"} for i, s in enumerate(subjects)]
+    screen = PairScreen(pairs)
+    counter = DecodeCounter(monkeypatch)
+    assert run_pairs(pairs, loading_transforms(), tmp_path / "out", screen) == []
     assert len(screen.bad) == 3 and all("NaN/Inf" in b["error"] for b in screen.bad)
-    assert screen.full_reads[atlas] == 1
+    assert counter.counts[atlas] == 1
 
 
-def test_header_problems_are_found_before_any_image_is_decoded(atlas_study, tmp_path):
+def test_header_problems_are_found_before_any_image_is_decoded(atlas_study, tmp_path, monkeypatch):
     files, subjects = atlas_study
     flat = str(save(tmp_path / "data" / "flat_label.nii.gz", np.zeros((40, 50, 1), np.uint8), np.eye(4)))
-    screen = PairScreen([{"moving_image": files["moving_image"], "moving_label": flat, "fixed_image": subjects[0],
-                          "pair_id": "a"}, {**files, "pair_id": "b"}])
-    assert screen.check(screen.pairs[0], 0) is None
-    assert "is 2-D" in screen.bad[0]["error"] and not screen.full_reads
+    pair = {"moving_image": files["moving_image"], "moving_label": flat, "fixed_image": subjects[0], "pair_id": "a"}
+    screen = PairScreen([pair, {**files, "pair_id": "b"}])
+    counter = DecodeCounter(monkeypatch)
+    assert run_pairs(screen.pairs, loading_transforms(), tmp_path / "out", screen) == ["b"]
+    assert "is 2-D" in screen.bad[0]["error"] and flat not in counter.counts
+    assert set(counter.counts) == set(files.values())  # pair a decoded nothing: its moving image was read for b
 
 
 def test_expected_outputs_follow_the_pair_and_the_config():
@@ -160,18 +167,19 @@ def test_cli_takes_either_one_pair_or_a_datalist(tmp_path):
         cli_datalist_overrides("d.json", None, None, "out", ("label.nii.gz", None))
 
 
-def test_the_first_pair_of_a_long_datalist_is_ready_after_reading_only_its_own_files(atlas_study, tmp_path):
-    from scripts.workflow.cohort_dataset import CohortDataset
-
+def test_the_first_pair_of_a_long_datalist_is_ready_after_reading_only_its_own_files(atlas_study, tmp_path,
+                                                                                       monkeypatch):
     files, subjects = atlas_study
     first = {**files, "pair_id": "first"}
     rest = [{"moving_image": str(tmp_path / f"m{i}.nii.gz"), "fixed_image": subjects[0], "pair_id": f"p{i}"}
             for i in range(300)]
     screen = PairScreen([first, *rest])
-    dataset = CohortDataset(screen.pairs, None, screen=screen, output_dir=tmp_path / "out", output_names=OUTPUT_NAMES)
+    counter = DecodeCounter(monkeypatch)
+    dataset = CohortDataset(screen.pairs, loading_transforms(), screen=screen, output_dir=tmp_path / "out",
+                            output_names=OUTPUT_NAMES)
     item = next(iter(dataset))
-    assert item["pair_id"] == "first" and item["inputs_validated"]
-    assert set(screen.full_reads) == set(files.values()) and not screen.bad  # the other 300 not looked at yet
+    assert item["pair_id"] == "first" and tuple(item["moving_image"].shape) == (1, 40, 48, 40)
+    assert set(counter.counts) == set(files.values()) and not screen.bad  # the other 300 not looked at yet
     assert (tmp_path / "out" / "first" / IN_PROGRESS_MARKER).exists()
 
 

@@ -61,6 +61,27 @@ def _bad(tmp_path, name, data, affine):
     return str(save(tmp_path / name, data, affine))
 
 
+def _sheared(tmp_path, source):
+    image = nib.load(source)
+    affine = image.affine.copy()
+    affine[:3, 2] += 0.3 * affine[:3, 1]  # a gantry-tilted grid
+    sheared = nib.Nifti1Image(np.asanyarray(image.dataobj), None)
+    sheared.set_sform(affine, code=1)
+    nib.save(sheared, str(tmp_path / "tilted.nii.gz"))
+    return str(tmp_path / "tilted.nii.gz")
+
+
+def _two_placements(tmp_path, source):
+    image = nib.load(source)
+    image = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine)
+    shifted = image.affine.copy()
+    shifted[1, 3] += 10.0
+    image.set_qform(shifted, code=1)
+    image.set_sform(image.affine, code=1)
+    nib.save(image, str(tmp_path / "placements.nii.gz"))
+    return str(tmp_path / "placements.nii.gz")
+
+
 CASES = {
     "missing file": (
         lambda t, p: {"moving": str(t / "typo" / "moving.nii.gz")},
@@ -121,6 +142,15 @@ CASES = {
         lambda t, p: {"iterations": -1},
         r"error: --iterations must be >= 0, got -1.",
     ),
+    "sheared grid": (  # refused from the header, before the registration runs (it used to end in a traceback)
+        lambda t, p: {"fixed": _sheared(t, p["fixed_image"]), "fixed_label": None},
+        r"error: fixed image '.*tilted.nii.gz' has a sheared voxel grid .*; expected perpendicular voxel axes",
+    ),
+    "qform and sform disagree": (
+        lambda t, p: {"moving": _two_placements(t, p["moving_image"]), "moving_label": None, "fixed_label": None},
+        r"error: moving image '.*placements.nii.gz' has a qform \[.*\] \(code 1\) and an sform \[.*\] \(code 1\) "
+        r"that disagree \(by up to 10 mm",
+    ),
     "too small": (
         lambda t, p: {"fixed": _bad(t, "crop.nii.gz", load_sample("fixed_image")[0][:, :, :10],
                                     load_sample("fixed_image")[1]), "fixed_label": None},
@@ -163,7 +193,7 @@ def test_cli_accepts_4d_single_volume_and_resamples_other_grids(pair, tmp_path, 
     out = tmp_path / "out"
     register(fixed=pair["fixed_image"], moving=one_volume, out=str(out), iterations=0)
     err = "".join(capsys.readouterr())  # the log goes to stdout (configs/logging.conf)
-    assert "moving_4d.nii.gz' (80x96x80 voxels, 2x2x2 mm, LAS) is on a different grid than fixed image" in err
+    assert "moving_4d.nii.gz' (80x96x80 voxels of 2x2x2 mm, LAS, origin" in err
     assert "resampling it onto the fixed grid" in err
     warped = nib.load(str(out / "warped_image.nii.gz"))
     assert warped.shape == (40, 48, 40) and np.allclose(warped.affine, nib.load(pair["fixed_image"]).affine)

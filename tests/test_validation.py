@@ -9,14 +9,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, LoadImaged
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from reliability_data import load_sample, save, small_pair
 
 from scripts.io.errors import RegistrationInputError, find_user_error
-from scripts.io.pair_checks import ValidateRegistrationInputsd, fov_overlap_fraction, validate_pair
+from scripts.io.input_checks import ROLES, fov_overlap_fraction
+from scripts.io.input_transforms import CheckRegistrationContentd, CheckRegistrationHeadersd, LoadRegistrationInputsd
 from scripts.io.datalist_checks import check_datalist
 from scripts.io.checkpoints import load_network_weights
-from scripts.io.volume_checks import load_volume
 
 
 @pytest.fixture()
@@ -25,11 +25,25 @@ def pair(tmp_path):
 
 
 def _validate(d):
-    return validate_pair(d["moving_image"], d["fixed_image"], d.get("moving_label"), d.get("fixed_label"))
+    """Every check of a pair, as the configs' loading_transforms run them; returns the loaded, checked pair."""
+    keys = list(ROLES)
+    steps = [CheckRegistrationHeadersd(), LoadRegistrationInputsd(keys),
+             EnsureChannelFirstd(keys, allow_missing_keys=True), CheckRegistrationContentd()]
+    for step in steps:  # not a Compose: the errors are raised as they are, not wrapped
+        d = step(d)
+    return d
 
 
-def test_real_pair_passes_on_one_grid(pair):
-    assert _validate(pair) is False  # both on the MNI 1 mm grid: no resampling needed
+def _resamples(d, caplog):
+    """Whether the checked pair is on two grids (the header check says it resamples the moving image)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scripts.io.input_transforms"):
+        _validate(d)
+    return "resampling it onto the fixed grid" in caplog.text
+
+
+def test_real_pair_passes_on_one_grid(pair, caplog):
+    assert _resamples(pair, caplog) is False  # both on the MNI 1 mm grid: no resampling needed
 
 
 def test_missing_file(pair, tmp_path):
@@ -43,6 +57,8 @@ def test_truncated_nifti(pair, tmp_path):
     truncated = tmp_path / "truncated.nii.gz"
     truncated.write_bytes(data[: len(data) // 2])  # header intact, voxel stream cut: the classic interrupted copy
     pair["fixed_image"] = str(truncated)
+    # the header is intact: the header checks pass, decoding the voxels fails and names the file
+    CheckRegistrationHeadersd()(pair)
     with pytest.raises(RegistrationInputError, match=r"fixed image '.*truncated.nii.gz' could not be read") as info:
         _validate(pair)
     assert "truncated" in str(info.value) and "expected a readable 3-D NIfTI" in str(info.value)
@@ -72,14 +88,14 @@ def test_not_3d(pair, tmp_path, make, message):
         _validate(pair)
 
 
-def test_4d_with_one_volume_is_accepted_and_squeezed(pair, tmp_path):
+def test_4d_with_one_volume_is_accepted_and_squeezed(pair, tmp_path, caplog):
     volume, affine = load_sample("moving_image")
     path = save(tmp_path / "one_volume.nii.gz", volume[..., None], affine)
     assert nib.load(str(path)).shape == (40, 48, 40, 1)
-    loaded, _ = load_volume(path)
-    assert loaded.shape == (40, 48, 40) and np.array_equal(loaded, volume)
     pair["moving_image"] = str(path)
-    assert _validate(pair) is False
+    loaded = _validate(pair)["moving_image"]
+    assert tuple(loaded.shape) == (1, 40, 48, 40) and np.array_equal(loaded[0].numpy(), volume)
+    assert _resamples(pair, caplog) is False
 
 
 def test_different_grid_is_resampled_with_a_log_line(pair, tmp_path, caplog):
@@ -88,9 +104,8 @@ def test_different_grid_is_resampled_with_a_log_line(pair, tmp_path, caplog):
     crop_affine = affine.copy()
     crop_affine[:3, 3] = affine[:3, :3] @ [4, 6, 0] + affine[:3, 3]
     pair["moving_image"] = str(save(tmp_path / "other_grid.nii.gz", cropped, crop_affine))
-    pair.pop("moving_label")
-    with caplog.at_level(logging.INFO, logger="scripts.io.volume_checks"):
-        assert _validate(pair) is True
+    pair.pop("moving_label"), pair.pop("fixed_label")
+    assert _resamples(pair, caplog) is True
     assert re.search(r"other_grid.nii.gz.*different grid.*resampling it onto the fixed grid", caplog.text)
 
 
@@ -99,7 +114,7 @@ def test_no_physical_overlap(pair, tmp_path):
     shifted = affine.copy()
     shifted[0, 3] += 500.0  # half a metre away: the header origin is wrong or the images are not pre-aligned
     pair["moving_image"] = str(save(tmp_path / "far.nii.gz", volume, shifted))
-    pair.pop("moving_label")
+    pair.pop("moving_label"), pair.pop("fixed_label")
     with pytest.raises(RegistrationInputError, match=r"moving image '.*far.nii.gz' .*and fixed image .* no physical overlap"):
         _validate(pair)
 
@@ -140,9 +155,9 @@ def test_label_not_integer(pair, tmp_path):
         _validate(pair)
 
 
-def test_intensity_image_given_as_label(pair):
+def test_intensity_image_given_as_label(pair, caplog):
     pair["fixed_label"] = pair["fixed_image"]  # int16 intensities are integers: accepted (cannot be told apart)
-    assert _validate(pair) is False
+    assert _resamples(pair, caplog) is False
 
 
 def test_label_on_another_grid(pair, tmp_path):
@@ -150,21 +165,22 @@ def test_label_on_another_grid(pair, tmp_path):
     pair["fixed_label"] = str(save(tmp_path / "labels_2mm.nii.gz", labels, affine))
     with pytest.raises(RegistrationInputError, match=r"fixed label map '.*labels_2mm.nii.gz' is on a different grid") as e:
         _validate(pair)
-    assert "(80x96x80 voxels, 2x2x2 mm, LAS)" in str(e.value) and "(40x48x40 voxels, 4x4x4 mm, LAS)" in str(e.value)
+    assert "(80x96x80 voxels of 2x2x2 mm, LAS, origin" in str(e.value)
+    assert "(40x48x40 voxels of 4x4x4 mm, LAS, origin" in str(e.value)
 
 
-def test_extremely_anisotropic_spacing(pair, tmp_path):
+def test_extremely_anisotropic_spacing(pair, tmp_path, caplog):
     volume, affine = load_sample("moving_image", factor=1)
     thick = volume[::2, ::2, ::12]  # 2 x 2 x 12 mm: ratio 6
     thick_affine = affine @ np.diag([2.0, 2.0, 12.0, 1.0])
     pair["moving_image"] = str(save(tmp_path / "thick.nii.gz", thick, thick_affine))
-    pair.pop("moving_label")
+    pair.pop("moving_label"), pair.pop("fixed_label")
     with pytest.raises(RegistrationInputError, match=r"moving image '.*thick.nii.gz' has extremely anisotropic voxels "
                        r"\(2 x 2 x 12 mm, ratio 6.0\); expected .* <= 5"):
         _validate(pair)
     moderate = volume[::2, ::2, ::8]  # ratio 4: accepted (resampled onto the fixed grid)
     pair["moving_image"] = str(save(tmp_path / "moderate.nii.gz", moderate, affine @ np.diag([2.0, 2.0, 8.0, 1.0])))
-    assert _validate(pair) is True
+    assert _resamples(pair, caplog) is True
 
 
 def test_volume_too_small(pair, tmp_path):
@@ -244,7 +260,7 @@ def test_datalist_reports_every_bad_entry_at_once(pair, tmp_path):
 
 
 def test_transform_in_a_pipeline_and_unwrapping(pair, tmp_path):
-    pipeline = Compose([ValidateRegistrationInputsd(), LoadImaged(["moving_image", "fixed_image"], image_only=True)])
+    pipeline = Compose([CheckRegistrationHeadersd(), LoadRegistrationInputsd(list(ROLES))])
     out = pipeline({**pair, "moving_label": "", "fixed_label": None})
     assert tuple(out["moving_image"].shape) == (40, 48, 40)
     pair["fixed_image"] = str(tmp_path / "absent.nii.gz")
@@ -290,7 +306,7 @@ def test_cli_boundary_prints_one_line_and_exits_2(pair, tmp_path, capsys):
 
     pair["moving_image"] = str(tmp_path / "absent.nii.gz")
     # errors raised in a DataLoader worker come back with the worker's traceback pasted into the message
-    loader = DataLoader(Dataset([pair], ValidateRegistrationInputsd()), batch_size=1, num_workers=1)
+    loader = DataLoader(Dataset([pair], CheckRegistrationHeadersd()), batch_size=1, num_workers=1)
     with pytest.raises(SystemExit) as info:
         exit_on_user_error(lambda: next(iter(loader)))
     assert info.value.code == 2
@@ -303,18 +319,23 @@ def test_cli_boundary_prints_one_line_and_exits_2(pair, tmp_path, capsys):
         exit_on_user_error(lambda: 1 / 0)
 
 
-def test_transform_checks_already_loaded_volumes(pair):
+def test_transforms_check_already_loaded_volumes(pair):
+    """An app may feed MetaTensors: their shape and affine metadata stand in for the header, the voxels are checked."""
     loaded = LoadImaged(list(pair), image_only=True, ensure_channel_first=True)(pair)
-    assert ValidateRegistrationInputsd()(loaded) is not None
+    assert CheckRegistrationContentd()(CheckRegistrationHeadersd()(loaded)) is not None
     bad = dict(loaded)
     bad["fixed_image"] = bad["fixed_image"].clone()
     bad["fixed_image"][0, 3, 3, 3] = float("nan")
     with pytest.raises(RegistrationInputError, match=r"fixed image '.*fixed_mni152_t1.nii.gz' contains 1 NaN/Inf voxels"):
-        ValidateRegistrationInputsd()(bad)
+        CheckRegistrationContentd()(bad)
     bad = dict(loaded)
     bad["moving_label"] = bad["moving_label"] * 0.5
     with pytest.raises(RegistrationInputError, match=r"moving label map .* is not integer-valued"):
-        ValidateRegistrationInputsd()(bad)
+        CheckRegistrationContentd()(bad)
+    bad = dict(loaded)
+    bad["fixed_label"] = bad["fixed_label"][:, ::2]
+    with pytest.raises(RegistrationInputError, match=r"fixed label map .* is on a different grid"):
+        CheckRegistrationHeadersd()(bad)
 
 
 def test_training_datalist_layouts_all_checked_at_once(pair, tmp_path):
@@ -334,3 +355,47 @@ def test_training_datalist_layouts_all_checked_at_once(pair, tmp_path):
     assert "atlas: label '" in message and "atlas_seg.nii.gz' does not exist" in message
     assert "training[1]: image '" in message and "training[2]: missing key 'moving_image'" not in message
     assert "training[2]: missing key 'image'" in message and "validation[0]: fixed_image '" in message
+
+
+def test_qform_and_sform_that_disagree_are_refused_from_the_header(pair, tmp_path):
+    """nibabel follows the sform, ITK may follow the qform: a file whose two placements differ by 10 mm would give
+    transforms right here and wrong in ANTs, so it is refused up front, naming both matrices and the fix."""
+    volume, affine = load_sample("fixed_image")
+    image = nib.Nifti1Image(volume, affine)
+    shifted = affine.copy()
+    shifted[0, 3] += 10.0
+    image.set_qform(shifted, code=1)
+    image.set_sform(affine, code=2)
+    path = tmp_path / "two_placements.nii.gz"
+    nib.save(image, str(path))
+    pair["fixed_image"] = str(path)
+    pair.pop("fixed_label")
+    with pytest.raises(RegistrationInputError) as info:
+        CheckRegistrationHeadersd()(pair)  # header only: nothing decoded
+    message = str(info.value)
+    assert "fixed image '" in message and "two_placements.nii.gz' has a qform [" in message
+    assert "(code 1) and an sform [" in message and "(code 2) that disagree (by up to 10 mm" in message
+    assert "set_qform(img.get_sform(), code=1)" in message and len(message.splitlines()) == 1
+    image.set_qform(affine + 1e-5, code=1)  # float32 rounding: the same placement
+    nib.save(image, str(path))
+    _validate(pair)
+    image.set_qform(shifted, code=0)  # an unset qform does not count
+    nib.save(image, str(path))
+    _validate(pair)
+
+
+def test_sheared_grid_is_refused_from_the_header(pair, tmp_path):
+    """A gantry-tilted CT has non-perpendicular voxel axes, which no ITK transform can describe."""
+    volume, affine = load_sample("moving_image")
+    sheared = affine.copy()
+    sheared[:3, 2] += 0.3 * affine[:3, 1]  # the slice axis leans along the second axis
+    image = nib.Nifti1Image(volume, sheared)
+    image.set_qform(None, code=0)  # a shear lives in the sform only
+    image.set_sform(sheared, code=1)
+    path = tmp_path / "tilted.nii.gz"
+    nib.save(image, str(path))
+    pair["moving_image"] = str(path)
+    pair.pop("moving_label"), pair.pop("fixed_label")
+    with pytest.raises(RegistrationInputError, match=r"moving image '.*tilted.nii.gz' has a sheared voxel grid .*"
+                       r"expected perpendicular voxel axes.*gantry tilt"):
+        CheckRegistrationHeadersd()(pair)

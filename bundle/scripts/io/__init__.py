@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Input/output of the bundle: user errors, atomic writes, input checks (volumes, pairs, datalists, checkpoints, the
-resolution weights were trained at), datalists and pair screening, when a pair's outputs are complete, sharding over
+"""Input/output of the bundle: user errors, atomic writes, input checks (headers, voxels, datalists, checkpoints, the
+resolution weights were trained at) and the transforms that check and load a pair once, datalists and the ledger of
+skipped pairs, when a pair's outputs are complete, sharding over
 ranks, and the writer of registration outputs. Imports nothing else from ``scripts``."""
 
 from .errors import (
@@ -22,38 +23,42 @@ from .atomic import (
     write_csv,
     check_outputs_writable,
 )
-from .volume_checks import (
+from .input_checks import (
     MAX_SPACING_RATIO,
     MIN_SPATIAL_SIZE,
     MIN_FOV_OVERLAP,
+    HEADER_ATOL,
     NIFTI_HINT,
+    ROLES,
     voxel_spacing,
     describe_grid,
+    same_grid,
     check_file_exists,
+    stored_shape_problem,
+    header_problem,
+    read_header,
     check_spatial_dims,
     check_affine,
+    check_qform_sform,
+    check_not_sheared,
     check_spacing,
     check_min_size,
+    check_label_grid,
+    fov_overlap_fraction,
+    compare_pair_grids,
     check_finite,
     check_not_constant,
     check_label_values,
-    load_volume,
-    validate_image,
-    validate_label,
-    check_same_grid,
-    stored_shape_problem,
 )
-from .pair_checks import (
-    VALIDATED_KEY,
-    fov_overlap_fraction,
-    compare_pair_grids,
-    validate_pair,
-    ValidateRegistrationInputsd,
+from .input_transforms import (
+    CheckRegistrationHeadersd,
+    LoadRegistrationInputsd,
+    CheckRegistrationContentd,
+    is_given,
 )
 from .datalist_checks import (
     ENTRY_LAYOUTS,
     check_datalist,
-    header_problem,
 )
 from .checkpoints import (
     latest_checkpoint,

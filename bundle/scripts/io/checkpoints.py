@@ -15,7 +15,7 @@ import torch
 
 from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
-from scripts.io.volume_checks import check_file_exists
+from scripts.io.input_checks import check_file_exists
 from scripts.io.weights_info import read_trained_network_scale, weights_info_path
 
 __all__ = [

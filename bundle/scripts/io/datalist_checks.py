@@ -9,26 +9,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 from monai.config import KeysCollection
 
 from scripts.io.errors import RegistrationInputError
-from scripts.io.volume_checks import check_file_exists, stored_shape_problem
+from scripts.io.input_checks import check_file_exists, header_problem
 
-__all__ = ["ENTRY_LAYOUTS", "check_datalist", "header_problem"]
-
-
-def header_problem(path: Path) -> str | None:
-    """Cheap per-file check for datalists (header only, no decompression of the voxels): None when fine."""
-    if not path.exists():
-        return "does not exist"
-    if not path.is_file():
-        return "is not a file"
-    try:
-        shape = tuple(int(s) for s in nib.load(str(path)).shape)
-    except Exception as error:
-        return f"is not a readable NIfTI file ({type(error).__name__}: {error})"
-    return stored_shape_problem(shape)
+__all__ = ["ENTRY_LAYOUTS", "check_datalist"]
 
 
 #: accepted entry layouts of a datalist in ``check_datalist(..., keys=None)``: a pair, or one image (training sets

@@ -39,11 +39,9 @@ from .world import (
     RAS_LPS_FLIP,
     as_channel_first,
     as_matrix4,
-    grid_summary,
     itk_geometry,
     lps_to_voxel_ddf,
     ras_lps_transform,
-    same_grid,
     voxel_ddf_to_lps,
 )
 
@@ -61,7 +59,6 @@ __all__ = [
     "apply_transforms",
     "as_channel_first",
     "as_matrix4",
-    "grid_summary",
     "inverse_consistency_error",
     "invert_displacement",
     "invert_velocity",
@@ -72,7 +69,6 @@ __all__ = [
     "ras_lps_transform",
     "read_itk_affine",
     "read_itk_displacement",
-    "same_grid",
     "save_transforms",
     "voxel_ddf_to_lps",
     "write_inverse_warp",

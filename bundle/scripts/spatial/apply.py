@@ -25,11 +25,12 @@ import torch
 
 from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
+from scripts.io.input_checks import describe_grid, same_grid
 from scripts.layers.sampling import apply_matrix, sample_at_voxels, voxel_grid
 
 from .itk_files import TransformFileError
 from .transform_set import SavedTransforms, load_transforms
-from .world import as_matrix4, grid_summary, same_grid
+from .world import as_matrix4
 
 __all__ = ["INTERPOLATIONS", "apply_transforms", "mapped_voxel_coordinates"]
 
@@ -73,8 +74,8 @@ def _check_field_grid(transforms: SavedTransforms, shape, affine, fixed_name: st
     ):
         raise TransformFileError(
             f"the displacement field '{transforms.field_path}' is on the grid "
-            f"{grid_summary(transforms.field.shape[1:], transforms.field_affine)}, but the {fixed_name} is on "
-            f"{grid_summary(shape, affine)}; expected the fixed image the registration was computed for."
+            f"{describe_grid(transforms.field.shape[1:], transforms.field_affine)}, but the {fixed_name} is on "
+            f"{describe_grid(shape, affine)}; expected the fixed image the registration was computed for."
         )
 
 

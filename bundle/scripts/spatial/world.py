@@ -23,17 +23,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from scripts.io.volume_checks import voxel_spacing
+from scripts.io.input_checks import voxel_spacing
 
 __all__ = [
     "RAS_LPS_FLIP",
     "as_channel_first",
     "as_matrix4",
-    "grid_summary",
     "itk_geometry",
     "lps_to_voxel_ddf",
     "ras_lps_transform",
-    "same_grid",
     "voxel_ddf_to_lps",
 ]
 
@@ -94,24 +92,6 @@ def itk_geometry(affine) -> tuple[tuple[float, ...], tuple[float, ...], tuple[fl
         raise ValueError(f"the affine shears (its columns are not orthogonal), which ITK cannot represent: {affine}.")
     origin = RAS_LPS_FLIP[:3, :3] @ affine[:3, 3]
     return tuple(origin.tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
-
-
-def grid_summary(shape: Sequence[int], affine) -> str:
-    """One-line description of a voxel grid for error messages: shape, spacing, orientation codes and origin."""
-    import nibabel as nib
-
-    affine = np.asarray(affine, dtype=np.float64)
-    spacing = "x".join(f"{s:.4g}" for s in np.linalg.norm(affine[:3, :3], axis=0))
-    codes = "".join(nib.aff2axcodes(affine))
-    origin = ", ".join(f"{v:.4g}" for v in affine[:3, 3])
-    return f"{'x'.join(str(int(s)) for s in shape)} voxels of {spacing} mm, {codes}, origin ({origin}) mm"
-
-
-def same_grid(shape_a: Sequence[int], affine_a, shape_b: Sequence[int], affine_b, atol_mm: float = 1e-3) -> bool:
-    """True when two grids have the same shape and voxel-to-world matrices equal to ``atol_mm`` (float32 headers)."""
-    if tuple(int(s) for s in shape_a) != tuple(int(s) for s in shape_b):
-        return False
-    return bool(np.allclose(np.asarray(affine_a, float), np.asarray(affine_b, float), rtol=0.0, atol=atol_mm))
 
 
 def as_channel_first(ddf, channel_first: bool | None = None, dtype: np.dtype | type | None = np.float64) -> np.ndarray:

@@ -7,14 +7,15 @@ with the datalist. For each pair this rank owns (``scripts.io.sharding.shard_ind
 1. looks at the pair's output folder (``scripts.io.completion``): a complete pair is skipped unless ``overwrite``, the
    leftovers of an interrupted run are removed, outputs from elsewhere make the pair fail (they are never replaced
    without ``overwrite``);
-2. checks the pair (``scripts.io.screening.PairScreen.check``: headers, then the full checks; a bad pair is skipped);
-3. marks the folder in progress, runs ``transform`` (the config's ``preprocessing``) and yields the data dict;
-4. when the engine asks for the next pair (num_workers=0: after this one's outputs are written), checks that the
+2. marks the folder in progress, runs ``transform`` (the config's ``preprocessing``, whose ``loading_transforms``
+   check the pair: headers, then the decoded voxels) and yields the data dict; a pair whose inputs are bad is recorded
+   in the run's ``scripts.io.PairScreen`` and skipped;
+3. when the engine asks for the next pair (num_workers=0: after this one's outputs are written), checks that the
    outputs are complete, removes the mark and records the pair's row in the ``CohortSummary`` with its wall time.
 
-A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) behaves as before: it fails when the dataset is
-built, before the engine starts, if outputs exist (unless ``overwrite``) or its inputs are bad, and writes no cohort
-files. A datalist of one pair is checked then too.
+A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) fails when the dataset is built, before the
+engine starts, if outputs exist (unless ``overwrite``); bad inputs stop it when the engine loads it, before any output is
+written; it writes no cohort files.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class CohortDataset(IterableDataset):
 
     Args:
         data: the run's pair dicts (``scripts.io.inference_pairs``), or a :class:`PairScreen` holding them.
-        transform: applied to each checked pair dict (the config's ``preprocessing``).
+        transform: applied to each pair dict (the config's ``preprocessing``: checks and loads it).
         screen: the run's :class:`PairScreen` (default: one over ``data``); ``screen.report`` lists the skipped pairs.
         output_dir: root output folder (pair ``p`` writes into ``output_dir/p``).
         output_names: every output file name of the run (configs: ``@output_names``).
@@ -90,11 +91,8 @@ class CohortDataset(IterableDataset):
         self.summary = summary if summary is not None else CohortSummary(output_dir)
         self.label_outputs = label_outputs
         self.run_outputs = run_outputs
-        self._checked_first: dict[str, Any] | None = None
-        if len(self.pairs) == 1:  # nothing else to do: fail at once, before the engine starts, as before
-            if not self.pairs[0].get("pair_id"):
-                check_outputs_free(self.pairs, self.output_dir, self.output_names, self.overwrite)
-            self._checked_first = self.screen.check(self.pairs[0], 0)
+        if len(self.pairs) == 1 and not self.pairs[0].get("pair_id"):  # fail at once, before the engine starts
+            check_outputs_free(self.pairs, self.output_dir, self.output_names, self.overwrite)
 
     def __iter__(self) -> Iterator[Any]:
         if get_worker_info() is not None:
@@ -120,9 +118,8 @@ class CohortDataset(IterableDataset):
             self._finish(pair, time.perf_counter() - started)
 
     def _single_pair(self) -> Iterator[Any]:
-        checked = self._checked_first or self.screen.check(self.pairs[0], 0)
-        self._checked_first = None  # a second run checks again
-        yield self.transform(checked) if self.transform is not None else checked
+        pair = self.pairs[0]
+        yield self.transform(pair) if self.transform is not None else pair
 
     def _expected(self, pair: Mapping[str, Any]) -> list[str]:
         return expected_pair_outputs(pair, self.output_names, self.label_outputs, self.run_outputs)
@@ -132,7 +129,7 @@ class CohortDataset(IterableDataset):
         self.summary.record(pair["pair_id"], "failed", error=str(error))
 
     def _prepare(self, index: int, pair: Mapping[str, Any]) -> Any:
-        """Steps 1-3 of the module docstring; None when the pair is skipped."""
+        """Steps 1-2 of the module docstring; None when the pair is skipped."""
         folder = pair_output_dir(self.output_dir, pair["pair_id"])
         known = expected_pair_outputs({"moving_label": 1, "fixed_label": 1}, self.output_names, self.label_outputs,
                                       self.run_outputs)
@@ -153,14 +150,10 @@ class CohortDataset(IterableDataset):
             removed = clear_interrupted_outputs(folder, known)
             logger.warning("pair %s was interrupted in an earlier run (removed its partial outputs: %s); registering "
                            "it again.", pair["pair_id"], ", ".join(removed) or "none")
-        checked, self._checked_first = self._checked_first or self.screen.check(pair, index), None
-        if checked is None:
-            self.summary.record(pair["pair_id"], "failed", error=self.screen.bad[-1]["error"])
-            return None
         mark_in_progress(folder, f"pair {pair['pair_id']} being registered since {time.ctime()} (pid {os.getpid()})\n")
         logger.info("registering pair %s (%d of %d).", pair["pair_id"], index + 1, len(self.pairs))
         try:
-            return self.transform(checked) if self.transform is not None else checked
+            return self.transform(pair) if self.transform is not None else pair
         except Exception as error:
             user_error = find_user_error(error)
             if user_error is None or len(self.pairs) == 1:
@@ -172,7 +165,7 @@ class CohortDataset(IterableDataset):
             return None
 
     def _finish(self, pair: Mapping[str, Any], seconds: float) -> None:
-        """Step 4: the engine wrote the pair's outputs (it asks for the next pair only then)."""
+        """Step 3: the engine wrote the pair's outputs (it asks for the next pair only then)."""
         folder = pair_output_dir(self.output_dir, pair["pair_id"])
         expected = self._expected(pair)
         existing = pair_output_state(folder, expected)[1]

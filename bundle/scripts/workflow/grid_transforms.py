@@ -16,7 +16,7 @@ from monai.transforms import MapTransform, Orientation
 
 from scripts.engines.resolution_inferer import ResolutionInferer, network_grid_size
 from scripts.layers.sampling import resample_moving
-from scripts.spatial.world import same_grid
+from scripts.io.input_checks import same_grid
 
 __all__ = [
     "DownsampleToNetworkGridd",

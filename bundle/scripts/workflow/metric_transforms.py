@@ -13,7 +13,7 @@ from monai.transforms import MapTransform
 
 from scripts.io.atomic import check_outputs_writable, write_csv, write_json
 from scripts.io.label_names import label_names_for, read_label_names
-from scripts.io.volume_checks import voxel_spacing
+from scripts.io.input_checks import voxel_spacing
 from scripts.io.writer import pair_output_dir
 from scripts.workflow.metrics import label_one_hot, registration_metrics
 
