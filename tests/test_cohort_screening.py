@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -221,3 +222,17 @@ def test_rows_left_by_a_stopped_multi_rank_run_are_kept_and_merged(tmp_path):
     assert not list(out.glob("cohort.rank*.json")) and (out / "cohort.md").exists()
     assert json.loads((out / "cohort.json").read_text())["counts"] == {
         "registered": 0, "already_complete": 1, "failed": 1, "pending": 1}
+
+
+def test_a_datalist_input_inside_its_pair_folder_under_an_output_name_is_refused(atlas_study, tmp_path):
+    files, subjects = atlas_study
+    folder = tmp_path / "out" / "inside"
+    folder.mkdir(parents=True)
+    trap = folder / "warped_image.nii.gz"
+    shutil.copy(subjects[0], trap)
+    pairs = [{"moving_image": files["moving_image"], "fixed_image": str(trap), "pair_id": "inside"},
+             {"moving_image": files["moving_image"], "fixed_image": subjects[1], "pair_id": "fine"}]
+    screen = PairScreen(pairs)
+    assert run_pairs(pairs, None, tmp_path / "out", screen) == ["fine"]
+    assert "fixed image" in screen.bad[0]["error"] and "is also the output 'warped_image.nii.gz'" in screen.bad[0]["error"]
+    assert trap.read_bytes() == Path(subjects[0]).read_bytes()

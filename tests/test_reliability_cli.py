@@ -330,3 +330,34 @@ def test_resuming_from_a_checkpoint_of_another_architecture_is_named(pair, tmp_p
     assert isinstance(error, RegistrationInputError), info.value
     assert str(error).startswith(f"checkpoint '{ckpt / 'checkpoint_epoch=3.pt'}' does not match the network: ")
     assert _digest(ckpt) == before
+
+
+def test_an_input_named_like_an_output_is_never_overwritten(pair, tmp_path, capsys):
+    """A moving image saved as OUT/warped_image.nii.gz would be replaced by its own result: refused, --overwrite or not."""
+    out = tmp_path / "out"
+    out.mkdir()
+    moving = out / "warped_image.nii.gz"
+    moving.write_bytes(Path(pair["moving_image"]).read_bytes())
+    before = _digest(out)
+    for overwrite in (False, True):
+        with pytest.raises(SystemExit) as info:
+            register(fixed=pair["fixed_image"], moving=str(moving), out=str(out), iterations=0, overwrite=overwrite)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        assert f"error: moving image '{moving}' is also the output 'warped_image.nii.gz' of this run" in err
+        assert _digest(out) == before  # the user's scan is intact and nothing else was written
+
+
+def test_outputs_keep_the_fixed_images_nifti_placement_codes(pair, tmp_path):
+    """A fixed image in MNI space (qform/sform code 4) gives NIfTI outputs that still say MNI space."""
+    image = nib.load(pair["fixed_image"])
+    mni = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine)
+    mni.set_qform(image.affine, code=4)
+    mni.set_sform(image.affine, code=4)
+    nib.save(mni, str(tmp_path / "fixed_mni.nii.gz"))
+    out = tmp_path / "out"
+    register(fixed=str(tmp_path / "fixed_mni.nii.gz"), moving=pair["moving_image"], out=str(out),
+             moving_label=pair["moving_label"], iterations=0, refine_iterations=0, affine="none")
+    for name in ("warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz"):
+        header = nib.load(str(out / name)).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (4, 4), name

@@ -104,3 +104,17 @@ def test_warp_from_sources_maps_each_grid(outputs):
     torch.testing.assert_close(out["image"].as_tensor(), source)  # zero field, same grid: the source itself
     assert torch.equal(out["same"].as_tensor(), label)
     assert torch.equal(out["shifted"].as_tensor()[:, :-1], label[:, 1:])  # fixed voxel i is voxel i + 1 of that grid
+
+
+def test_outputs_keep_the_fixed_images_placement_codes(outputs, tmp_path):
+    """A fixed image in MNI space (NIfTI sform code 4) gives outputs that still say so; none given means scanner (1)."""
+    fixed = outputs["fixed_image"].clone()
+    fixed.meta["qform_code"], fixed.meta["sform_code"] = np.array(2, np.int16), np.array(4, np.int16)
+    SaveRegistrationOutputsd(tmp_path / "mni")({**outputs, "fixed_image": fixed})
+    SaveRegistrationOutputsd(tmp_path / "plain")({k: v for k, v in outputs.items() if k != "fixed_image"})
+    for name in ("warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz"):
+        header = nib.load(str(tmp_path / "mni" / name)).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (2, 4), name
+        assert np.allclose(nib.load(str(tmp_path / "mni" / name)).affine, AFFINE)
+        header = nib.load(str(tmp_path / "plain" / name)).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1), name

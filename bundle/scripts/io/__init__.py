@@ -78,6 +78,7 @@ from .weights_info import (
 )
 from .datalist import (
     PAIR_KEYS,
+    check_inputs_are_not_outputs,
     check_outputs_free,
     inference_pairs,
     load_json,

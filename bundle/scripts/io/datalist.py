@@ -14,10 +14,11 @@ from typing import Any
 
 from scripts.io.atomic import check_outputs_writable
 from scripts.io.datalist_checks import check_datalist
-from scripts.io.errors import RegistrationInputError
+from scripts.io.errors import OutputExistsError, RegistrationInputError
 
 __all__ = [
     "PAIR_KEYS",
+    "check_inputs_are_not_outputs",
     "check_outputs_free",
     "cli_datalist_overrides",
     "inference_pairs",
@@ -213,9 +214,28 @@ def check_outputs_free(
     targets = []
     for pair in pairs:
         folder = Path(output_dir) / pair["pair_id"] if pair.get("pair_id") else Path(output_dir)
+        check_inputs_are_not_outputs(pair, folder, names)
         targets += [folder / n for n in names]
     check_outputs_writable(targets, overwrite)
     return list(pairs)
+
+
+def check_inputs_are_not_outputs(pair: Mapping[str, Any], folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """Refuse a pair whose input file is one of the files the run writes for it (even with ``overwrite``): e.g. a
+    moving image called ``warped_image.nii.gz`` inside the output folder would be replaced by its own result.
+
+    Raises:
+        OutputExistsError: naming the input, the output and what to do.
+    """
+    outputs = {os.path.realpath(Path(folder) / name): name for name in names}
+    for key in PAIR_KEYS:
+        value = pair.get(key)
+        if value and os.path.realpath(value) in outputs:
+            raise OutputExistsError(
+                f"{key.replace('_', ' ')} '{value}' is also the output '{outputs[os.path.realpath(value)]}' of this run in "
+                f"{folder}; expected inputs outside the files the run writes (it would be overwritten, --overwrite or "
+                "not). Move or rename the input, or choose another output folder."
+            )
 
 
 def make_pairs(

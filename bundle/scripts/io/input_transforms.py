@@ -205,8 +205,12 @@ class LoadRegistrationInputsd(MapTransform):
         try:
             return self.loader(str(path))
         except Exception as error:  # nibabel/zlib/gzip raise EOFError, OSError, zlib.error ... on damaged files
+            cause = error
+            while cause.__cause__ is not None:  # MONAI wraps the reader's error (with tracebacks in its text)
+                cause = cause.__cause__
+            detail = (str(cause).splitlines() or [""])[0]
             raise RegistrationInputError(
-                f"{_role_text(role, path)} could not be read ({type(error).__name__}: {error}); expected "
+                f"{_role_text(role, path)} could not be read ({type(cause).__name__}: {detail}); expected "
                 f"{NIFTI_HINT}. The file is probably truncated or corrupt (an incomplete download or copy): copy it "
                 "again."
             ) from error

@@ -167,6 +167,7 @@ def nifti_image(
     dtype: np.dtype | type | None = None,
     vector: bool = False,
     name: str = "the output",
+    xform_codes: tuple[int, int] = (1, 1),
 ) -> nib.Nifti1Image:
     """
     The in-memory image :func:`write_nifti` saves (built in the calling thread, so only saving runs on a writer thread).
@@ -177,7 +178,10 @@ def nifti_image(
         dtype: on-disk data type (default: the array's, float64 stored as float32).
         vector: mark the image as a vector field (NIfTI intent "vector").
         name: file name for the error message.
+        xform_codes: NIfTI (qform, sform) codes of the placement (1: scanner, 2: aligned, 3: Talairach, 4: MNI152);
+            outputs on the fixed grid keep the fixed image's, so an MNI-space result still says it is in MNI space.
     """
+    qform_code, sform_code = (int(c) if int(c) > 0 else 1 for c in xform_codes)  # always placed: never "unknown"
     data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     if data.ndim != 4:
         raise ValueError(f"expected a channel-first (C, D, H, W) array for {name}, got shape {data.shape}.")
@@ -186,8 +190,8 @@ def nifti_image(
         dtype = np.float32 if data.dtype == np.float64 else data.dtype
     affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
     image = nib.Nifti1Image(data.astype(dtype, copy=False), affine)
-    image.header.set_qform(affine, code=1)
-    image.header.set_sform(affine, code=1)
+    image.header.set_qform(affine, code=qform_code)
+    image.header.set_sform(affine, code=sform_code)
     if vector:
         image.header.set_intent("vector")
     return image
@@ -211,6 +215,8 @@ class SaveRegistrationOutputsd(MapTransform):
         vector_keys: keys written as vector fields (the displacement).
         label_keys: keys written as integer label maps.
         pair_id_key: data key holding the pair's sub-folder name (empty/absent: write into ``output_dir``).
+        reference_key: data key of the loaded fixed image, whose NIfTI qform/sform codes the outputs keep (scanner
+            space, 1, when it carries none).
         overwrite: replace existing outputs.
         max_workers: threads writing the files at the same time (:class:`ConcurrentWriter`; 1 writes them one after
             the other). The files are the same either way.
@@ -225,6 +231,7 @@ class SaveRegistrationOutputsd(MapTransform):
         pair_id_key: str = "pair_id",
         overwrite: bool = False,
         max_workers: int = DEFAULT_WRITE_WORKERS,
+        reference_key: str = "fixed_image",
     ) -> None:
         self.names = dict(names) if names is not None else dict(DEFAULT_OUTPUT_NAMES)
         super().__init__(list(self.names.keys()), allow_missing_keys=True)
@@ -234,6 +241,7 @@ class SaveRegistrationOutputsd(MapTransform):
         self.pair_id_key = pair_id_key
         self.overwrite = overwrite
         self.max_workers = max_workers
+        self.reference_key = reference_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -241,6 +249,8 @@ class SaveRegistrationOutputsd(MapTransform):
         keys = list(self.key_iterator(d))
         check_outputs_writable([folder / self.names[k] for k in keys], self.overwrite)
         written = {}
+        meta = getattr(d.get(self.reference_key), "meta", None) or {}
+        codes = (int(meta.get("qform_code", 1)), int(meta.get("sform_code", 1)))
         with ConcurrentWriter(self.max_workers) as writer:
             for key in keys:
                 value = d[key]
@@ -249,7 +259,7 @@ class SaveRegistrationOutputsd(MapTransform):
                     value = torch.round(torch.as_tensor(value).float())
                 dtype = _label_dtype(value) if key in self.label_keys else np.float32
                 path = folder / self.names[key]
-                image = nifti_image(value, affine, dtype=dtype, vector=key in self.vector_keys, name=path.name)
+                image = nifti_image(value, affine, dtype, key in self.vector_keys, path.name, codes)
                 writer.submit(path, save_nifti, image, path)
                 written[key] = str(path)
         d["output_files"] = written

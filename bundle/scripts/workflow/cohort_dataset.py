@@ -38,7 +38,7 @@ from scripts.io.completion import (
     mark_in_progress,
     pair_output_state,
 )
-from scripts.io.datalist import check_outputs_free
+from scripts.io.datalist import check_inputs_are_not_outputs, check_outputs_free
 from scripts.io.errors import OutputExistsError, find_user_error
 from scripts.io.screening import PairScreen
 from scripts.io.sharding import check_launch, distributed_context, shard_indices
@@ -133,6 +133,11 @@ class CohortDataset(IterableDataset):
         folder = pair_output_dir(self.output_dir, pair["pair_id"])
         known = expected_pair_outputs({"moving_label": 1, "fixed_label": 1}, self.output_names, self.label_outputs,
                                       self.run_outputs)
+        try:
+            check_inputs_are_not_outputs(pair, folder, self.output_names)
+        except OutputExistsError as error:
+            self._fail(index, pair, error)
+            return None
         state, existing = pair_output_state(folder, self._expected(pair), known)
         if state == COMPLETE and not self.overwrite:
             logger.info("pair %s (%d of %d) is complete from an earlier run: skipped.", pair["pair_id"], index + 1,

@@ -275,6 +275,8 @@ class RestoreOriginalGridd(MapTransform):
         current = _affine(reference)
         original = np.asarray(reference.meta.get("original_affine", current), dtype=np.float64)
         codes = nib.aff2axcodes(original)
+        # the file's NIfTI placement codes (scanner, MNI, ...) travel with the outputs to the writer
+        xform = {k: reference.meta[k] for k in ("qform_code", "sform_code") if k in reference.meta}
         for key in self.key_iterator(d):
             image = d[key]
             plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
@@ -291,7 +293,7 @@ class RestoreOriginalGridd(MapTransform):
                 rotation = np.linalg.inv(original[:3, :3]) @ current[:3, :3]
                 rotation = torch.as_tensor(rotation, dtype=array.dtype, device=array.device)
                 array = torch.einsum("ij,j...->i...", rotation, array)
-            d[key] = MetaTensor(array, affine=torch.as_tensor(original))
+            d[key] = MetaTensor(array, affine=torch.as_tensor(original), meta=dict(xform))
         return d
 
 
