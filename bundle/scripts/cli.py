@@ -68,6 +68,8 @@ def workflow_overrides(
     refine_iterations: int | None = None,
     weights: str | None = None,
     amp: bool | None = None,
+    moving_mask: str | None = None,
+    fixed_mask: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """
     The config files and run overrides that :py:func:`register` hands to ``ConfigWorkflow`` (also what the equivalent
@@ -95,12 +97,15 @@ def workflow_overrides(
         "moving_image": _absolute(moving),
         "moving_label": _absolute(moving_label),
         "fixed_label": _absolute(fixed_label),
+        "moving_mask": _absolute(moving_mask),
+        "fixed_mask": _absolute(fixed_mask),
         "output_dir": _absolute(out),
         "overwrite": bool(overwrite),
         "write_inverse": bool(inverse),
     }
     from scripts.io.datalist import cli_datalist_overrides  # --datalist: every pair, resumably (usage.md, "Cohorts")
-    overrides.update(cli_datalist_overrides(datalist, fixed, moving, out, (moving_label, fixed_label)))
+    overrides.update(cli_datalist_overrides(datalist, fixed, moving, out,
+                                            (moving_label, fixed_label, moving_mask, fixed_mask)))
     overrides["affine_transform"] = affine
     overrides["affine_only"] = bool(affine_only)
     if iterations is not None:
@@ -170,6 +175,8 @@ def register(
     refine_iterations: int | None = None,
     weights: str | None = None,
     amp: bool | None = None,
+    moving_mask: str | None = None,
+    fixed_mask: str | None = None,
 ) -> None:
     """
     Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
@@ -210,6 +217,9 @@ def register(
             (unless --overwrite), summary in OUT/cohort.csv, cohort.md (docs/usage.md, "Cohorts").
         weights: network weights to use instead of models/model.pt, e.g. a training run's runs/<preset>/model.pt.
         amp: mixed precision (float16 autocast on CUDA) for the network; default off (as fast in float32 on a GPU).
+        moving_mask: optional mask of the moving image (e.g. its brain mask, values > 0 inside, on its grid): the
+            affine stage, the network and the refinement look inside it only, like ANTs' -x; outputs stay whole.
+        fixed_mask: optional mask of the fixed image, the same way (docs/usage.md, "Whole-head scans and masks").
     """
     from scripts.io.errors import exit_on_user_error
 
@@ -217,7 +227,7 @@ def register(
     files, overrides = exit_on_user_error(
         workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
         learning_rate, regularization_weight, device, affine, affine_only, inverse, label_names, datalist,
-        refine_iterations, weights, amp, debug=debug,
+        refine_iterations, weights, amp, moving_mask, fixed_mask, debug=debug,
     )
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)

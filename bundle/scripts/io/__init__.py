@@ -78,6 +78,8 @@ from .weights_info import (
 )
 from .datalist import (
     PAIR_KEYS,
+    MASK_KEYS,
+    INPUT_KEYS,
     check_inputs_are_not_outputs,
     check_outputs_free,
     inference_pairs,

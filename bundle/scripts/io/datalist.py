@@ -18,6 +18,8 @@ from scripts.io.errors import OutputExistsError, RegistrationInputError
 
 __all__ = [
     "PAIR_KEYS",
+    "MASK_KEYS",
+    "INPUT_KEYS",
     "check_inputs_are_not_outputs",
     "check_outputs_free",
     "cli_datalist_overrides",
@@ -29,6 +31,10 @@ __all__ = [
 
 #: keys of a registration pair; images are required, labels optional.
 PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
+#: optional region masks of an inference pair (e.g. brain masks of whole-head scans): the registration looks inside them
+MASK_KEYS = ("moving_mask", "fixed_mask")
+#: every file key an inference pair may name
+INPUT_KEYS = PAIR_KEYS + MASK_KEYS
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -70,7 +76,7 @@ def _pair_id(pair: Mapping[str, Any], index: int) -> str:
 
 def _check_pairs(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
     """Raise one error listing every pair entry that lacks an image or names a missing/unreadable file."""
-    check_datalist(list(pairs), source=source)
+    check_datalist(list(pairs), optional_keys=PAIR_KEYS[2:] + MASK_KEYS, source=source)
 
 
 def _subject_pairs(content: Mapping[str, Any], root: Path | None, source: str) -> list[dict[str, Any]]:
@@ -89,8 +95,9 @@ def _subject_pairs(content: Mapping[str, Any], root: Path | None, source: str) -
     pairs = []
     for index, subject in enumerate(subjects):
         subject = {"image": subject} if isinstance(subject, (str, os.PathLike)) else dict(subject or {})
-        entry = {"moving_image": atlas["image"], "moving_label": atlas.get("label"), "fixed_image": subject.get("image"),
-                 "fixed_label": subject.get("label")}
+        entry = {"moving_image": atlas["image"], "moving_label": atlas.get("label"), "moving_mask": atlas.get("mask"),
+                 "fixed_image": subject.get("image"), "fixed_label": subject.get("label"),
+                 "fixed_mask": subject.get("mask")}
         pair = {k: _resolve(v, root) for k, v in entry.items()}
         pair = {k: v for k, v in pair.items() if v is not None}
         stem = _file_stem(pair["fixed_image"]) if pair.get("fixed_image") else ""
@@ -123,14 +130,16 @@ def inference_pairs(
     datalist: str | Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None,
     base_dir: str | None = None,
     check: bool = True,
+    moving_mask: str | None = None,
+    fixed_mask: str | None = None,
 ) -> list[dict[str, Any]]:
     """
     The pairs an inference/evaluation run processes.
 
     Either one pair from the run arguments (outputs go straight into ``output_dir``), or every pair of a datalist:
-    a JSON file (or list) of ``{"moving_image", "fixed_image"[, "moving_label", "fixed_label", "id"]}`` entries, a
-    dict with such a list under ``"pairs"``, or an atlas and its subjects, ``{"atlas": {"image", "label"}, "subjects":
-    [path or {"image"[, "label", "id"]}, ...]}`` (atlas-based segmentation: the atlas is the moving image of every
+    a JSON file (or list) of ``{"moving_image", "fixed_image"[, "moving_label", "fixed_label", "moving_mask",
+    "fixed_mask", "id"]}`` entries, a dict with such a list under ``"pairs"``, or an atlas and its subjects, ``{"atlas":
+    {"image", "label", "mask"}, "subjects": [path or {"image"[, "label", "mask", "id"]}, ...]}`` (atlas-based segmentation: the atlas is the moving image of every
     pair). Relative paths are taken from ``base_dir`` (default: the datalist's folder). Datalist pairs get a unique
     ``pair_id`` (their ``id``, the subject's file name, or index + file names): their outputs go into
     ``output_dir/<pair_id>/``. Nothing is read but the datalist itself; ``check=True`` also reports every missing or
@@ -158,14 +167,15 @@ def inference_pairs(
             for index, entry in enumerate(entries):
                 if not isinstance(entry, Mapping):
                     raise RegistrationInputError(f"{source}: entry {index} is a {type(entry).__name__}; expected a dict.")
-                pair = {k: _resolve(entry.get(k), root) for k in PAIR_KEYS}
+                pair = {k: _resolve(entry.get(k), root) for k in INPUT_KEYS}
                 pair = {k: v for k, v in pair.items() if v is not None}
                 complete = pair.get("moving_image") and pair.get("fixed_image")
                 pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if complete else str(index)
                 pairs.append(pair)
         _check_unique_ids(pairs, source)
     else:
-        pair = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label, "fixed_label": fixed_label}
+        pair = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label,
+                "fixed_label": fixed_label, "moving_mask": moving_mask, "fixed_mask": fixed_mask}
         pairs = [{k: _resolve(v, Path(base_dir) if base_dir else None) for k, v in pair.items() if v}]
         pairs[0]["pair_id"] = ""
         source = "the run arguments (--moving_image/--fixed_image)"
@@ -185,7 +195,7 @@ def cli_datalist_overrides(
     checking that the command names either one pair (``--fixed`` and ``--moving``) or a datalist, and an ``--out``.
 
     Raises:
-        RegistrationInputError: neither or both given, labels with a datalist, or no output folder.
+        RegistrationInputError: neither or both given, labels or masks with a datalist, or no output folder.
     """
     if not out:
         raise RegistrationInputError("--out is required: the output folder (created if missing).")
@@ -197,8 +207,8 @@ def cli_datalist_overrides(
         return {}
     if fixed or moving or any(labels):
         raise RegistrationInputError(
-            "--datalist names every pair (and its labels); expected no --fixed/--moving/--moving_label/--fixed_label "
-            "with it."
+            "--datalist names every pair (and its labels and masks); expected no --fixed/--moving/--moving_label/"
+            "--fixed_label/--moving_mask/--fixed_mask with it."
         )
     return {"datalist": str(Path(os.path.expanduser(str(datalist))).resolve())}
 
@@ -228,7 +238,7 @@ def check_inputs_are_not_outputs(pair: Mapping[str, Any], folder: str | os.PathL
         OutputExistsError: naming the input, the output and what to do.
     """
     outputs = {os.path.realpath(Path(folder) / name): name for name in names}
-    for key in PAIR_KEYS:
+    for key in INPUT_KEYS:
         value = pair.get(key)
         if value and os.path.realpath(value) in outputs:
             raise OutputExistsError(

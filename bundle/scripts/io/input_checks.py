@@ -60,6 +60,7 @@ __all__ = [
     "check_finite",
     "check_not_constant",
     "check_label_values",
+    "check_mask_values",
 ]
 
 MAX_SPACING_RATIO = 5.0
@@ -73,6 +74,8 @@ ROLES = {
     "fixed_image": "fixed image",
     "moving_label": "moving label map",
     "fixed_label": "fixed label map",
+    "moving_mask": "moving mask",
+    "fixed_mask": "fixed mask",
 }
 
 
@@ -351,4 +354,15 @@ def check_label_values(array: np.ndarray | torch.Tensor, source: Any, role: str 
         raise RegistrationInputError(
             f"{_describe(role, source)} is not integer-valued ({non_integer} voxels such as {example:g}); expected a "
             "label map with integer label ids. Did you pass an intensity image (or a resampled, interpolated label map)?"
+        )
+
+
+def check_mask_values(array: np.ndarray | torch.Tensor, source: Any, role: str = "mask") -> None:
+    """Raise unless a mask is finite and marks at least one voxel (values > 0 are inside)."""
+    values = torch.as_tensor(array)
+    check_finite(values, source, role)
+    if not bool((values > 0).any()):
+        raise RegistrationInputError(
+            f"{_describe(role, source)} is empty (no voxel > 0); expected a mask of the region to register (e.g. the "
+            "brain), values > 0 inside. Check that the right file was given."
         )

@@ -39,6 +39,7 @@ from scripts.io.input_checks import (
     check_finite,
     check_label_grid,
     check_label_values,
+    check_mask_values,
     check_min_size,
     check_not_constant,
     check_not_sheared,
@@ -80,6 +81,7 @@ class CheckRegistrationHeadersd(MapTransform):
     Args:
         keys: ``(moving image key, fixed image key)``.
         label_keys: ``(moving label key, fixed label key)``; each is checked against its image when given.
+        mask_keys: ``(moving mask key, fixed mask key)``; each is checked against its image when given.
         max_spacing_ratio: largest allowed ratio of voxel spacings within one image.
         min_size: smallest allowed number of voxels along every axis.
         min_overlap: smallest allowed field-of-view overlap of moving and fixed (fraction of the smaller one).
@@ -94,8 +96,12 @@ class CheckRegistrationHeadersd(MapTransform):
         min_size: int = MIN_SPATIAL_SIZE,
         min_overlap: float = MIN_FOV_OVERLAP,
         allow_missing_keys: bool = False,
+        mask_keys: KeysCollection = ("moving_mask", "fixed_mask"),
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.mask_keys = (mask_keys,) if isinstance(mask_keys, str) else tuple(mask_keys)
+        if len(self.mask_keys) != 2:
+            raise ValueError(f"mask_keys must be (moving mask key, fixed mask key), got {self.mask_keys}.")
         if len(self.keys) != 2:
             raise ValueError(f"keys must be (moving image key, fixed image key), got {self.keys}.")
         self.label_keys = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
@@ -127,12 +133,13 @@ class CheckRegistrationHeadersd(MapTransform):
                 "(Dice compares the warped moving labels with the fixed ones) or only the moving one."
             )
         grids = {}
-        for image_key, label_key in ((moving_key, moving_label_key), (fixed_key, fixed_label_key)):
+        sides = ((moving_key, moving_label_key, self.mask_keys[0]), (fixed_key, fixed_label_key, self.mask_keys[1]))
+        for image_key, *companion_keys in sides:
             grids[image_key] = self._grid(d[image_key], _role(image_key), label=False)
-            if is_given(d.get(label_key)):
-                label_grid = self._grid(d[label_key], _role(label_key), label=True)
-                check_label_grid(*label_grid, *grids[image_key], _source(d[label_key]), _source(d[image_key]),
-                                 _role(label_key))
+            for key in companion_keys:  # a label map or a mask belongs to its image's voxels
+                if is_given(d.get(key)):
+                    grid = self._grid(d[key], _role(key), label=True)
+                    check_label_grid(*grid, *grids[image_key], _source(d[key]), _source(d[image_key]), _role(key))
         moving, fixed = grids[moving_key], grids[fixed_key]
         if compare_pair_grids(*moving, *fixed, _source(d[moving_key]), _source(d[fixed_key]), self.min_overlap):
             logger.info(
@@ -219,12 +226,14 @@ class LoadRegistrationInputsd(MapTransform):
 class CheckRegistrationContentd(MapTransform):
     """The checks that need the voxels, on loaded (channel-first) volumes; the data dict passes through unchanged.
 
-    Images: finite everywhere, not constant. Label maps: finite integer label ids. Absent or empty keys are skipped.
+    Images: finite everywhere, not constant. Label maps: finite integer label ids. Masks: finite, not empty. Absent or
+    empty keys are skipped.
 
     Args:
         keys: intensity image keys.
         label_keys: label map keys.
-        allow_missing_keys: skip absent keys (labels are optional).
+        allow_missing_keys: skip absent keys (labels and masks are optional).
+        mask_keys: mask keys.
     """
 
     def __init__(
@@ -232,10 +241,13 @@ class CheckRegistrationContentd(MapTransform):
         keys: KeysCollection = ("moving_image", "fixed_image"),
         label_keys: KeysCollection = ("moving_label", "fixed_label"),
         allow_missing_keys: bool = True,
+        mask_keys: KeysCollection = ("moving_mask", "fixed_mask"),
     ) -> None:
         label_keys = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
-        super().__init__(tuple(keys if not isinstance(keys, str) else (keys,)) + label_keys, allow_missing_keys)
-        self.label_keys = set(label_keys)
+        mask_keys = (mask_keys,) if isinstance(mask_keys, str) else tuple(mask_keys)
+        image_keys = tuple(keys if not isinstance(keys, str) else (keys,))
+        super().__init__(image_keys + label_keys + mask_keys, allow_missing_keys)
+        self.label_keys, self.mask_keys = set(label_keys), set(mask_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -248,6 +260,8 @@ class CheckRegistrationContentd(MapTransform):
             source, role = _source(value, key), _role(key)
             if key in self.label_keys:
                 check_label_values(value, source, role)
+            elif key in self.mask_keys:
+                check_mask_values(value, source, role)
             else:
                 check_finite(value, source, role)
                 check_not_constant(value, source, role)

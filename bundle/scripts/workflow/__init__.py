@@ -30,6 +30,9 @@ from .metric_transforms import (
 from .metrics_summary import (
     MetricsSummaryHandler,
 )
+from .masks import (
+    MaskImagesd,
+)
 from .alignment import (
     AFFINE_MATRIX_KEY,
     AffineAlignd,
