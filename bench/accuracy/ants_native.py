@@ -67,6 +67,8 @@ def run_ants(
     reg_iterations: tuple[int, ...] | None = None,
     random_seed: int = 1,
     keep_warps: bool = False,
+    fixed_mask_path: str | None = None,
+    moving_mask_path: str | None = None,
 ) -> dict:
     """Run one antspyx registration and write the outputs of the module docstring; returns method info."""
     import ants
@@ -78,6 +80,10 @@ def run_ants(
     if tuple(fixed.shape) != tuple(reference.shape[:3]):
         raise ValueError(f"ANTs and nibabel disagree on the fixed grid: {fixed.shape} vs {reference.shape}.")
     kwargs = _ants_kwargs(mode, reg_iterations)
+    if fixed_mask_path:  # the metric is evaluated inside the masks only (antsRegistration -x [fixed, moving])
+        kwargs["mask"] = ants.image_read(fixed_mask_path, pixeltype="float")
+    if moving_mask_path:
+        kwargs["moving_mask"] = ants.image_read(moving_mask_path, pixeltype="float")
     start = time.perf_counter()
     reg = ants.registration(fixed, moving, outprefix=str(out_dir / "ants_"), **kwargs)
     registration_s = time.perf_counter() - start
@@ -87,7 +93,8 @@ def run_ants(
         label = ants.image_read(moving_label_path, pixeltype="float")
         warped = ants.apply_transforms(fixed, label, transforms, interpolator="genericLabel")
         save_like(np.rint(warped.numpy()).astype(np.int16), reference, out_dir / "warped_label.nii.gz")
-    info = {"fwdtransforms": [Path(t).name for t in transforms], "ants_kwargs": {k: v for k, v in kwargs.items()}}
+    info = {"fwdtransforms": [Path(t).name for t in transforms],
+            "ants_kwargs": {k: (v if k not in ("mask", "moving_mask") else "given") for k, v in kwargs.items()}}
     warps = [t for t in transforms if t.endswith((".nii.gz", ".nii"))]
     if mode in ("SyN", "SyNOnly"):
         if len(warps) != 1:
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random_seed", type=int, default=1)
     parser.add_argument("--prealigned_dir", default=None, help="Affine only: also copy the aligned moving scan here")
     parser.add_argument("--keep_warps", action="store_true", help="keep ANTs' displacement fields (large)")
+    parser.add_argument("--fixed_mask", default=None, help="restrict the metric to this fixed-image mask (-x)")
+    parser.add_argument("--moving_mask", default=None, help="and to this moving-image mask")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
             iterations,
             args.random_seed,
             args.keep_warps,
+            args.fixed_mask,
+            args.moving_mask,
         )
         if args.prealigned_dir:
             if args.mode != "Affine":

@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {list(METHODS)}")
     parser.add_argument("--pairs", default=None, help="comma-separated pair names (default: all, in the fixed order)")
     parser.add_argument("--include_retest", action="store_true", help="add the test-retest pair mal1025 -> mal1005")
+    parser.add_argument("--whole_heads", action="store_true",
+                        help="add the brain_freesurfer_head pairs: whole heads (with brain masks) and stripped brains")
     parser.add_argument("--random_seed", type=int, default=1)
     parser.add_argument("--weights", default=None, help="network weights for the bundle methods (default: the shipped)")
     parser.add_argument("--prealigned_from", default=None, help="OUT of an earlier run: reuse its ANTs Affine inputs")
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return rescore(Path(args.rescore).resolve(), ["python", "-m", "bench.accuracy.native", *argv])
     out_dir = Path(args.out).resolve()
-    pairs = native_pairs(args.data, out_dir, include_retest=args.include_retest)
+    pairs = native_pairs(args.data, out_dir, include_retest=args.include_retest, whole_heads=args.whole_heads)
     if args.pairs:
         wanted = [p.strip() for p in args.pairs.split(",") if p.strip()]
         unknown = sorted(set(wanted) - {p.name for p in pairs})

@@ -31,6 +31,8 @@ class NativeMethod:
         mode: the ``bench.accuracy.ants_native`` mode, or ``"bundle"`` for the bundle's CLI.
         reg_iterations: SyN iterations per level (deformable ANTs modes only).
         extra: extra arguments (bundle: ``["--iterations", "0"]``).
+        masks: pass the pair's brain masks (bundle: ``--moving_mask/--fixed_mask``; ANTs: ``mask``/``moving_mask``,
+            as ``antsRegistration -x``); only for pairs that have them.
         deformable: whether det J statistics apply.
         tier: run order (lower first); within a tier pairs go in their fixed order.
     """
@@ -43,9 +45,12 @@ class NativeMethod:
     deformable: bool = False
     tier: int = 0
     settings: dict = field(default_factory=dict)
+    masks: bool = False
 
     def command(self, pair: NativePair, out_dir: Path, seed: int) -> tuple[list[str], Path]:
         """(argv, working directory) of this method on ``pair`` writing into ``out_dir``."""
+        if self.masks and not (pair.fixed_mask and pair.moving_mask):
+            raise ValueError(f"{self.name} needs a pair with brain masks; {pair.name} has none.")
         if self.mode == "bundle":
             argv = [
                 sys.executable,
@@ -58,6 +63,8 @@ class NativeMethod:
                 pair.moving_image,
             ]
             argv += ["--out", str(out_dir), "--fixed_label", pair.fixed_label, "--moving_label", pair.moving_label]
+            if self.masks:
+                argv += ["--fixed_mask", pair.fixed_mask, "--moving_mask", pair.moving_mask]
             return argv + list(self.extra), BUNDLE_ROOT
         argv = [sys.executable, "-m", "bench.accuracy.ants_native", "--mode", self.mode, "--fixed", pair.fixed_image]
         argv += ["--moving", pair.moving_image, "--moving_label", pair.moving_label, "--out", str(out_dir)]
@@ -65,14 +72,19 @@ class NativeMethod:
             argv += ["--reg_iterations", ",".join(str(i) for i in self.reg_iterations)]
         if self.mode != "identity":
             argv += ["--random_seed", str(seed)]
+        if self.masks:
+            argv += ["--fixed_mask", pair.fixed_mask, "--moving_mask", pair.moving_mask]
         return argv + list(self.extra), REPO_ROOT
 
 
-def _ants(name, inputs, mode, its=(), tier=0, extra=()):
+def _ants(name, inputs, mode, its=(), tier=0, extra=(), masks=False):
     settings = {"antspyx": f"registration(type_of_transform={mode!r})"} if mode != "identity" else {}
     if its:
         settings["reg_iterations"] = list(its)
-    return NativeMethod(name, inputs, mode, tuple(its), tuple(extra), mode in ("SyN", "SyNOnly"), tier, settings)
+    if masks:
+        settings["masks"] = "mask=fixed brain mask, moving_mask=moving brain mask (antsRegistration -x)"
+    deformable = mode in ("SyN", "SyNOnly")
+    return NativeMethod(name, inputs, mode, tuple(its), tuple(extra), deformable, tier, settings, masks)
 
 
 METHODS: dict[str, NativeMethod] = {
@@ -85,6 +97,8 @@ METHODS: dict[str, NativeMethod] = {
         _ants("ants_synonly_60_30_10", "prealigned", "SyNOnly", (60, 30, 10), tier=3),
         _ants("ants_syn_40_20_0", "native", "SyN", (40, 20, 0), tier=4),
         _ants("ants_synonly_40_20_0", "prealigned", "SyNOnly", (40, 20, 0), tier=4),
+        _ants("ants_affine_masks", "native", "Affine", tier=7, masks=True),
+        _ants("ants_syn_60_30_10_masks", "native", "SyN", (60, 30, 10), tier=8, masks=True),
         NativeMethod(
             "bundle_affine_only",
             "native",
@@ -101,6 +115,25 @@ METHODS: dict[str, NativeMethod] = {
             deformable=True,
             tier=5,
             settings={"cli": "scripts.cli register (defaults: affine stage + one forward pass + velocity refinement)"},
+        ),
+        NativeMethod(
+            "bundle_default_masks",
+            "native",
+            "bundle",
+            extra=("--overwrite",),
+            deformable=True,
+            tier=5,
+            settings={"cli": "scripts.cli register --moving_mask MM --fixed_mask FM (defaults, brain masks)"},
+            masks=True,
+        ),
+        NativeMethod(
+            "bundle_affine_only_masks",
+            "native",
+            "bundle",
+            extra=("--affine_only", "--overwrite"),
+            tier=5,
+            settings={"cli": "scripts.cli register --affine_only --moving_mask MM --fixed_mask FM"},
+            masks=True,
         ),
         NativeMethod(
             "bundle_native_it0",
@@ -145,7 +178,7 @@ def task_order(pairs: list[NativePair], method_names: list[str]) -> list[tuple[N
     tasks = []
     for tier in tiers:
         for pair in pairs:
-            tasks += [(pair, m) for m in chosen if m.tier == tier]
+            tasks += [(pair, m) for m in chosen if m.tier == tier and (pair.fixed_mask or not m.masks)]
     return tasks
 
 

@@ -21,7 +21,8 @@ import numpy as np
 from bench.accuracy.io import save_like
 from bench.accuracy.native_split import SPLIT_PATH, load_split, scan_files
 
-__all__ = ["FS_MARGIN", "NativePair", "crop_to_foreground", "freesurfer_pair", "mal2012_pairs", "native_pairs"]
+__all__ = ["FS_MARGIN", "NativePair", "crop_to_foreground", "freesurfer_pair", "mal2012_pairs", "native_pairs",
+           "whole_head_pairs"]
 
 FS_MARGIN = 8
 
@@ -37,6 +38,8 @@ class NativePair:
     moving_label: str
     source: str
     note: str = ""
+    fixed_mask: str = ""
+    moving_mask: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +134,37 @@ def mal2012_pairs(
     return pairs
 
 
-def native_pairs(data_root: str | Path, out_dir: str | Path, include_retest: bool = False) -> list[NativePair]:
-    """All pairs in benchmark order: the FreeSurfer pair, the 10 ``brain_mal2012`` test pairs, [the retest pair]."""
-    return [freesurfer_pair(data_root, out_dir)] + mal2012_pairs(data_root, include_retest=include_retest)
+def whole_head_pairs(data_root: str | Path, out_dir: str | Path) -> list[NativePair]:
+    """The two ``brain_freesurfer_head`` people registered both ways, as whole heads (skull, scalp, neck; with brain
+    masks = the stripped brain > 0, written under ``OUT/inputs/``, for the masked methods) and as their stripped
+    brains (the same scans, skull-stripped: what a masked whole head should reach). 256^3, 1 mm, uncropped."""
+    folder = Path(data_root) / "brain_freesurfer_head"
+    masks = Path(out_dir) / "inputs" / "freesurfer_head_masks"
+    masks.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for person in ("sub09", "sub10"):
+        brain = folder / f"cfmi-{person}_brain_t1.nii.gz"
+        mask = masks / f"cfmi-{person}_brain_mask.nii.gz"
+        if not mask.exists():
+            image = nib.load(str(brain))
+            save_like((np.asanyarray(image.dataobj) > 0).astype(np.uint8), image, mask)
+        files[person] = {"head": folder / f"cfmi-{person}_head_t1.nii.gz", "brain": brain, "mask": mask,
+                         "label": folder / f"cfmi-{person}_seg14.nii.gz"}
+    pairs = []
+    for moving, fixed in (("sub10", "sub09"), ("sub09", "sub10")):
+        m, f = files[moving], files[fixed]
+        pairs.append(NativePair(f"head_{moving}_to_{fixed}", str(f["head"]), str(m["head"]), str(f["label"]),
+                                str(m["label"]), "brain_freesurfer_head", "whole heads (skull, scalp, neck)",
+                                str(f["mask"]), str(m["mask"])))
+        pairs.append(NativePair(f"brain_{moving}_to_{fixed}", str(f["brain"]), str(m["brain"]), str(f["label"]),
+                                str(m["label"]), "brain_freesurfer_head", "the same people's stripped brains"))
+    return pairs
+
+
+def native_pairs(
+    data_root: str | Path, out_dir: str | Path, include_retest: bool = False, whole_heads: bool = False
+) -> list[NativePair]:
+    """All pairs in benchmark order: the FreeSurfer pair, the 10 ``brain_mal2012`` test pairs, [the retest pair],
+    [the whole-head pairs and their stripped twins]."""
+    pairs = [freesurfer_pair(data_root, out_dir)] + mal2012_pairs(data_root, include_retest=include_retest)
+    return pairs + (whole_head_pairs(data_root, out_dir) if whole_heads else [])
