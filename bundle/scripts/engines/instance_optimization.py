@@ -162,8 +162,11 @@ class InstanceOptimizationInferer(ResolutionInferer):
         Returns:
             (B, 3, D, H, W) displacement in voxels of the input grid.
         """
-        if not isinstance(network, nn.Module):
-            raise ValueError(f"instance optimisation needs an nn.Module network, got {type(network).__name__}.")
+        if self.iterations > 0 and not isinstance(network, nn.Module):  # 0 steps: a plain forward pass, any network
+            raise ValueError(
+                f"instance optimisation needs an nn.Module network whose weights it can tune, got "
+                f"{type(network).__name__} (e.g. a TorchScript export); use instance_optimization_iterations 0 with it."
+            )
         if inputs.ndim != 5 or inputs.shape[1] != 2:
             raise ValueError(f"inputs must have shape (B, 2, D, H, W), got {tuple(inputs.shape)}.")
         pair = self.downsample(inputs).detach()
