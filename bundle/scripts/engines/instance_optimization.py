@@ -104,9 +104,9 @@ class InstanceOptimizationInferer(ResolutionInferer):
 
     def optimize(self, network: nn.Module, pair: torch.Tensor) -> list[float]:
         """Run the Adam steps on one (B, 2, d, h, w) pair at network resolution; returns the loss per step."""
-        self._reset(network)
-        if self.iterations == 0:
+        if self.iterations == 0:  # a plain forward pass: the weights are neither changed nor copied
             return []
+        self._reset(network)
         trainable = self.trainable_parameters(network)
         optimizer = torch.optim.Adam(trainable, lr=self.learning_rate)
         requires_grad = {name: p.requires_grad for name, p in network.named_parameters()}
