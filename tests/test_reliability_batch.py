@@ -8,6 +8,7 @@ from reliability_data import DecodeCounter, load_sample, loading_transforms, run
 
 from scripts.io.errors import BundleUserError, RegistrationInputError, find_user_error
 from scripts.io.screening import FAILED_PAIRS_FILE, PairScreen
+from scripts.workflow.cohort_dataset import CohortDataset
 
 
 @pytest.fixture()
@@ -57,10 +58,15 @@ def test_each_file_is_decoded_once_per_pair(batch, tmp_path, monkeypatch):
 
 
 def test_single_bad_pair_fails_at_once_and_clean_batch_reports_nothing(batch, tmp_path):
+    single = {k: v for k, v in batch[1].items() if k != "pair_id"}  # one pair from the run arguments
     with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps it; the CLI prints the user error inside
-        run_pairs(batch[1:2], loading_transforms(), tmp_path / "single")
-    error = find_user_error(info.value)
+        CohortDataset([single], loading_transforms(), output_dir=tmp_path / "single", output_names=["ddf.nii.gz"])
+    error = find_user_error(info.value)  # raised while the dataset is built: before any engine runs
     assert isinstance(error, RegistrationInputError) and "truncated.nii.gz' could not be read" in str(error)
+    screen = PairScreen(batch[1:2])  # a datalist of one pair: recorded and reported when the run ends
+    assert run_pairs(screen.pairs, loading_transforms(), tmp_path / "one", screen) == []
+    with pytest.raises(BundleUserError, match="1 of 1 pairs were skipped"):
+        screen.report(tmp_path / "one")
     screen = PairScreen([batch[0], batch[3]])
     assert run_pairs(screen.pairs, loading_transforms(), tmp_path / "out", screen) == ["p0", "p3"]
     screen.report(tmp_path / "out")

@@ -104,9 +104,9 @@ class InstanceOptimizationInferer(ResolutionInferer):
 
     def optimize(self, network: nn.Module, pair: torch.Tensor) -> list[float]:
         """Run the Adam steps on one (B, 2, d, h, w) pair at network resolution; returns the loss per step."""
-        self._reset(network)
-        if self.iterations == 0:
+        if self.iterations == 0:  # a plain forward pass: the weights are neither changed nor copied
             return []
+        self._reset(network)
         trainable = self.trainable_parameters(network)
         optimizer = torch.optim.Adam(trainable, lr=self.learning_rate)
         requires_grad = {name: p.requires_grad for name, p in network.named_parameters()}
@@ -162,8 +162,11 @@ class InstanceOptimizationInferer(ResolutionInferer):
         Returns:
             (B, 3, D, H, W) displacement in voxels of the input grid.
         """
-        if not isinstance(network, nn.Module):
-            raise ValueError(f"instance optimisation needs an nn.Module network, got {type(network).__name__}.")
+        if self.iterations > 0 and not isinstance(network, nn.Module):  # 0 steps: a plain forward pass, any network
+            raise ValueError(
+                f"instance optimisation needs an nn.Module network whose weights it can tune, got "
+                f"{type(network).__name__} (e.g. a TorchScript export); use instance_optimization_iterations 0 with it."
+            )
         if inputs.ndim != 5 or inputs.shape[1] != 2:
             raise ValueError(f"inputs must have shape (B, 2, D, H, W), got {tuple(inputs.shape)}.")
         pair = self.downsample(inputs).detach()

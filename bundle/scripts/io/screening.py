@@ -50,9 +50,7 @@ class PairScreen:
         return self.total
 
     def reject(self, pair: Mapping[str, Any], error: Exception, index: int | None = None) -> None:
-        """Record a pair as skipped because of ``error`` (re-raised when the run has a single pair)."""
-        if self.total == 1:
-            raise error
+        """Record a pair as skipped because of ``error`` (:meth:`report` lists it when the run ends)."""
         name = pair.get("pair_id") or str(index if index is not None else len(self.bad))
         position = f" ({index + 1} of {self.total})" if index is not None else ""
         logger.error("skipping pair %s%s: %s", name, position, error)

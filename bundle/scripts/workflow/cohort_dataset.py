@@ -13,9 +13,9 @@ with the datalist. For each pair this rank owns (``scripts.io.sharding.shard_ind
 3. when the engine asks for the next pair (num_workers=0: after this one's outputs are written), checks that the
    outputs are complete, removes the mark and records the pair's row in the ``CohortSummary`` with its wall time.
 
-A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) fails when the dataset is built, before the
-engine starts, if outputs exist (unless ``overwrite``); bad inputs stop it when the engine loads it, before any output is
-written; it writes no cohort files.
+A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) is prepared when the dataset is built: existing
+outputs (unless ``overwrite``) or bad inputs stop the run with one message before the engine starts; it writes no
+cohort files. A datalist, even of one pair, records bad pairs and lists them when the run ends.
 """
 
 from __future__ import annotations
@@ -91,8 +91,12 @@ class CohortDataset(IterableDataset):
         self.summary = summary if summary is not None else CohortSummary(output_dir)
         self.label_outputs = label_outputs
         self.run_outputs = run_outputs
-        if len(self.pairs) == 1 and not self.pairs[0].get("pair_id"):  # fail at once, before the engine starts
+        self._first_item: Any = None
+        if len(self.pairs) == 1 and not self.pairs[0].get("pair_id"):
+            # one pair: prepared now, so bad inputs or outputs stop the run with one message before the engine starts
+            # (an error inside the engine would be logged with its traceback by the engine's handlers)
             check_outputs_free(self.pairs, self.output_dir, self.output_names, self.overwrite)
+            self._first_item = self._transformed(self.pairs[0])
 
     def __iter__(self) -> Iterator[Any]:
         if get_worker_info() is not None:
@@ -118,8 +122,11 @@ class CohortDataset(IterableDataset):
             self._finish(pair, time.perf_counter() - started)
 
     def _single_pair(self) -> Iterator[Any]:
-        pair = self.pairs[0]
-        yield self.transform(pair) if self.transform is not None else pair
+        item, self._first_item = self._first_item, None  # a second run prepares the pair again
+        yield item if item is not None else self._transformed(self.pairs[0])
+
+    def _transformed(self, pair: Mapping[str, Any]) -> Any:
+        return self.transform(pair) if self.transform is not None else pair
 
     def _expected(self, pair: Mapping[str, Any]) -> list[str]:
         return expected_pair_outputs(pair, self.output_names, self.label_outputs, self.run_outputs)
@@ -161,7 +168,7 @@ class CohortDataset(IterableDataset):
             return self.transform(pair) if self.transform is not None else pair
         except Exception as error:
             user_error = find_user_error(error)
-            if user_error is None or len(self.pairs) == 1:
+            if user_error is None:
                 raise
             clear_in_progress(folder)
             if not any(folder.iterdir()):
