@@ -84,3 +84,12 @@ def load_sample_pair(spatial_size=(40, 48, 40)):
 def sample_pair_small():
     """The shipped real pair at 40x48x40 (about 4 mm voxels): fast enough for unit tests, real anatomy."""
     return load_sample_pair((40, 48, 40))
+
+
+@pytest.fixture(scope="session")
+def native_registration(tmp_path_factory):
+    """One ``register --inverse`` of the shipped pair at 3 mm moved into its own scanner space
+    (``workflow_data.register_native_sample_pair``), shared by the native-pipeline and ANTs tests."""
+    from workflow_data import register_native_sample_pair
+
+    return register_native_sample_pair(tmp_path_factory.mktemp("native"))

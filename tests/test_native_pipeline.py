@@ -15,16 +15,14 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import BUNDLE_ROOT
-from workflow_data import write_small_pair
+from workflow_data import NATIVE_TRUE_T, write_small_pair
 
 from scripts.cli import apply, register
+from scripts.io.completion import pair_outputs_complete
 from scripts.spatial import read_itk_affine
 
 LABELS = range(1, 9)
-ANGLE = np.deg2rad(10.0)
-TRUE_T = np.array(  # fixed world point -> moving world point (the moving header moved by it)
-    [[np.cos(ANGLE), -np.sin(ANGLE), 0, 8.0], [np.sin(ANGLE), np.cos(ANGLE), 0, -5.0], [0, 0, 1, 3.0], [0, 0, 0, 1]]
-)
+TRUE_T = NATIVE_TRUE_T  # fixed world point -> moving world point (the moving header moved by it)
 
 
 def _mean_dice(a, b):
@@ -36,19 +34,9 @@ def _array(path):
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    """The moved pair and one full registration of it (plain inference, inverse written)."""
-    root = tmp_path_factory.mktemp("native")
-    pair = write_small_pair(root / "data", factor=3)
-    aligned = {k: str(root / "data" / f"aligned_{k}.nii.gz") for k in ("moving_image", "moving_label")}
-    for key in ("moving_image", "moving_label"):
-        image = nib.load(pair[key])
-        nib.save(image, aligned[key])  # the original, aligned moving scan (the reference for the recovery check)
-        nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), TRUE_T @ image.affine), pair[key])
-    out = root / "out"
-    register(fixed=pair["fixed_image"], moving=pair["moving_image"], out=str(out), moving_label=pair["moving_label"],
-             fixed_label=pair["fixed_label"], iterations=0, inverse=True)
-    return {"pair": pair, "aligned": aligned, "out": out, "root": root}
+def native(native_registration):
+    """The moved pair and one full registration of it (inverse written; shared with the ANTs tests)."""
+    return native_registration
 
 
 def test_affine_stage_recovers_the_scanner_space_offset(native):
@@ -82,6 +70,35 @@ def test_simpleitk_applies_affine_and_warp_like_the_bundle(native):
     assert _mean_dice(label, _array(out / "warped_label.nii.gz")) >= 0.97
 
 
+def test_simpleitk_applies_the_composite_files_in_one_step_like_the_two_file_pairs(native):
+    """sitk.ReadTransform('transform.h5') + sitk.Resample gives what affine.mat + warp.nii.gz give (and reproduces
+    warped_label.nii.gz); inverse_transform.h5 gives what affine.mat inverted + inverse_warp.nii.gz give."""
+    pair, out = native["pair"], native["out"]
+    affine = sitk.ReadTransform(str(out / "affine.mat"))
+
+    def field(name):
+        return sitk.DisplacementFieldTransform(sitk.ReadImage(str(out / name), sitk.sitkVectorFloat64))
+
+    def resample(path, reference, transform):
+        image = sitk.ReadImage(path)
+        reference = sitk.ReadImage(reference)
+        resampled = sitk.Resample(image, reference, transform, sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
+        return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+
+    one_file = resample(pair["moving_label"], pair["fixed_image"], sitk.ReadTransform(str(out / "transform.h5")))
+    two_files = resample(pair["moving_label"], pair["fixed_image"],
+                         sitk.CompositeTransform([affine, field("warp.nii.gz")]))
+    assert np.array_equal(one_file, two_files)
+    assert (one_file == _array(out / "warped_label.nii.gz")).mean() >= 0.995
+    inverse = sitk.ReadTransform(str(out / "inverse_transform.h5"))
+    one_file = resample(pair["fixed_label"], pair["moving_image"], inverse)
+    two_files = resample(pair["fixed_label"], pair["moving_image"],
+                         sitk.CompositeTransform([field("inverse_warp.nii.gz"), affine.GetInverse()]))
+    assert np.array_equal(one_file, two_files)
+    assert abs(_mean_dice(one_file, _array(pair["moving_label"])) - json.loads(
+        (out / "metrics.json").read_text())["mean_dice"]) <= 0.01
+
+
 def test_apply_reproduces_warped_label_and_the_inverse_maps_fixed_labels_back(native, tmp_path):
     pair, out = native["pair"], native["out"]
     apply(fixed=pair["fixed_image"], moving=pair["moving_label"], transform_dir=str(out),
@@ -93,7 +110,7 @@ def test_apply_reproduces_warped_label_and_the_inverse_maps_fixed_labels_back(na
     assert np.allclose(on_moving.affine, nib.load(pair["moving_image"]).affine)
     forward = json.loads((out / "metrics.json").read_text())["mean_dice"]
     backward = _mean_dice(np.asanyarray(on_moving.dataobj), _array(pair["moving_label"]))
-    assert abs(backward - forward) <= 0.03
+    assert abs(backward - forward) <= 0.01
     assert "inverse_consistency" in json.loads((out / "metrics.json").read_text())
 
 
@@ -137,5 +154,35 @@ def test_monai_bundle_run_of_inference_json_alone_is_register(native, tmp_path):
     for name in ("warp.nii.gz", "inverse_warp.nii.gz", "warped_label.nii.gz"):
         ours, reference = (np.asarray(nib.load(str(d / name)).dataobj, dtype=np.float64) for d in (out, native["out"]))
         assert np.abs(ours - reference).max() < 1e-4, name
+    for name in ("transform.h5", "inverse_transform.h5"):  # the same composites (their fields are the files above)
+        ours, reference = (sitk.ReadTransform(str(d / name)) for d in (out, native["out"]))
+        point = (-20.0, 15.0, 10.0)
+        np.testing.assert_allclose(ours.TransformPoint(point), reference.TransformPoint(point), atol=1e-4)
     np.testing.assert_allclose(read_itk_affine(out / "affine.mat"), read_itk_affine(native["out"] / "affine.mat"),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_completion_checks_know_every_transform_file_register_writes(native, inverse, tmp_path):
+    """inference.json's transform_output_names are the files SaveTransformsd writes (transform.h5 and, with --inverse,
+    inverse_warp.nii.gz and inverse_transform.h5 included), so a resumed cohort counts a pair without one of them as
+    unfinished."""
+    from monai.bundle import ConfigParser
+
+    from scripts.workflow import SaveTransformsd
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    parser["write_inverse"] = inverse
+    names = parser.get_parsed_content("transform_output_names")
+    assert names == SaveTransformsd(tmp_path, inverse=inverse).file_names()
+    assert "transform.h5" in names and ("inverse_transform.h5" in names) == inverse
+    output_names = parser.get_parsed_content("pair_output_names") + names
+    pair = native["pair"]
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    for name in output_names:  # register's own outputs (it ran with --inverse)
+        (folder / name).symlink_to(native["out"] / name)
+    assert pair_outputs_complete(folder, pair, output_names)
+    (folder / names[-1]).unlink()
+    assert not pair_outputs_complete(folder, pair, output_names)

@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """ITK transform files of ``scripts.spatial``: ``affine.mat`` and ``warp.nii.gz`` round trips, their LPS meaning as
-SimpleITK reads them, and affine-only resampling against SimpleITK on the shipped pair at 3 mm."""
+SimpleITK reads them, the point maps of the composite files ``transform.h5`` / ``inverse_transform.h5``, and
+affine-only resampling against SimpleITK on the shipped pair at 3 mm."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from scripts.spatial import (
     read_itk_displacement,
     save_transforms,
     write_itk_affine,
+    write_itk_composite,
     write_itk_displacement,
 )
 
@@ -133,7 +135,7 @@ def test_displacement_layouts_write_the_same_file(case, tmp_path):
 def test_displacement_file_bytes_do_not_depend_on_slabs_or_dtype(case, tmp_path):
     """warp.nii.gz is converted to LPS in float64 slabs: the bytes equal a whole-field float64 conversion, for float32
     (kept without a float64 copy) and float64 input alike; a non-finite value in any slab is refused."""
-    from scripts.spatial.itk_files import _lps_displacement
+    from scripts.spatial.itk_files import lps_displacement
     from scripts.spatial.world import voxel_ddf_to_lps
 
     ddf = case["ddf"].astype(np.float32)
@@ -143,7 +145,7 @@ def test_displacement_file_bytes_do_not_depend_on_slabs_or_dtype(case, tmp_path)
     c, s = np.cos(0.3), np.sin(0.3)  # an oblique grid: every LPS component mixes two voxel components
     affine[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ affine[:3, :3]
     whole = voxel_ddf_to_lps(ddf, affine).astype(np.float32)
-    slabs = _lps_displacement(ddf, affine, block_voxels=7 * ddf.shape[2] * ddf.shape[3])  # 7 slices a slab
+    slabs = lps_displacement(ddf, affine, block_voxels=7 * ddf.shape[2] * ddf.shape[3])  # 7 slices a slab
     assert slabs.tobytes() == whole.tobytes()
     write_itk_displacement(ddf, affine, tmp_path / "f32.nii.gz")
     write_itk_displacement(torch.as_tensor(ddf.astype(np.float64)), affine, tmp_path / "f64.nii.gz")
@@ -154,3 +156,27 @@ def test_displacement_file_bytes_do_not_depend_on_slabs_or_dtype(case, tmp_path)
     with pytest.raises(ValueError, match="non-finite"):
         write_itk_displacement(ddf, affine, tmp_path / "nan.nii.gz")
     assert not (tmp_path / "nan.nii.gz").exists()
+
+
+def test_composite_files_hold_the_forward_and_inverse_point_maps(case, tmp_path):
+    """transform.h5 maps a fixed point x to T(x + d(x)) (first the field, then the affine, as warp.nii.gz + affine.mat);
+    inverse_transform.h5 maps a moving point m to y + e(y), y = T^-1 m; both as SimpleITK reads them back, in LPS."""
+    ddf, affine, rotation = case["ddf"], case["fixed_affine"], case["rotation"]
+    inverse_field = -0.5 * ddf  # any field on the fixed grid: the point map is what is checked here
+    forward = sitk.ReadTransform(str(write_itk_composite(tmp_path / "transform.h5", affine, rotation, ddf)))
+    inverse = sitk.ReadTransform(
+        str(write_itk_composite(tmp_path / "inverse_transform.h5", affine, rotation, inverse_field, inverse=True))
+    )
+    assert forward.GetName() == inverse.GetName() == "CompositeTransform"
+    world = lambda p, field: affine[:3, :3] @ (np.array(p) + field[(slice(None), *p)]) + affine[:3, 3]  # noqa: E731
+    to_lps = lambda x: tuple((FLIP[:3, :3] @ x).tolist())  # noqa: E731
+    for p in [(10, 20, 30), (25, 40, 12), (40, 8, 44)]:
+        expected = rotation[:3, :3] @ world(p, ddf) + rotation[:3, 3]
+        x = affine[:3, :3] @ np.array(p) + affine[:3, 3]
+        np.testing.assert_allclose(forward.TransformPoint(to_lps(x)), to_lps(expected), atol=1e-4)
+        m = rotation[:3, :3] @ x + rotation[:3, 3]  # the moving point whose T^-1 is the fixed voxel p
+        np.testing.assert_allclose(inverse.TransformPoint(to_lps(m)), to_lps(world(p, inverse_field)), atol=1e-4)
+    affine_only = sitk.ReadTransform(str(write_itk_composite(tmp_path / "a.h5", affine, rotation)))
+    point = (12.0, -30.0, 40.0)
+    expected = FLIP[:3, :3] @ (rotation[:3, :3] @ (FLIP[:3, :3] @ np.array(point)) + rotation[:3, 3])
+    np.testing.assert_allclose(affine_only.TransformPoint(point), expected, atol=1e-6)

@@ -74,3 +74,38 @@ def run_bundle_workflow(config_files: list[str], workflow_type: str = "infer", p
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+NATIVE_ANGLE = np.deg2rad(10.0)
+#: fixed world point -> moving world point of the "native" sample pair: the moving header moved by it (10 degrees about
+#: z and about 1 cm), so the moving scan lies in its own scanner space and the true world transform is known
+NATIVE_TRUE_T = np.array(
+    [
+        [np.cos(NATIVE_ANGLE), -np.sin(NATIVE_ANGLE), 0, 8.0],
+        [np.sin(NATIVE_ANGLE), np.cos(NATIVE_ANGLE), 0, -5.0],
+        [0, 0, 1, 3.0],
+        [0, 0, 0, 1],
+    ]
+)
+
+
+def register_native_sample_pair(root: Path) -> dict:
+    """The shipped pair at 3 mm with the moving header moved by :data:`NATIVE_TRUE_T`, registered by ``register``'s
+    default pipeline (affine stage, one forward pass, refinement) with ``--inverse``.
+
+    Returns:
+        ``{"pair": paths of the moved pair, "aligned": the unmoved moving image/label, "out": output folder, "root"}``.
+    """
+    from scripts.cli import register
+
+    root = Path(root)
+    pair = write_small_pair(root / "data", factor=3)
+    aligned = {k: str(root / "data" / f"aligned_{k}.nii.gz") for k in ("moving_image", "moving_label")}
+    for key in ("moving_image", "moving_label"):
+        image = nib.load(pair[key])
+        nib.save(image, aligned[key])  # the original, aligned moving scan (the reference for the recovery check)
+        nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), NATIVE_TRUE_T @ image.affine), pair[key])
+    out = root / "out"
+    register(fixed=pair["fixed_image"], moving=pair["moving_image"], out=str(out), moving_label=pair["moving_label"],
+             fixed_label=pair["fixed_label"], iterations=0, inverse=True)
+    return {"pair": pair, "aligned": aligned, "out": out, "root": root}

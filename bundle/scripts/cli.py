@@ -186,8 +186,9 @@ def register(
     monai.bundle's ConfigWorkflow, with the flags as run overrides. Writes into OUT, on the
     fixed image's grid and affine: warped_image.nii.gz, warped_label.nii.gz (with --moving_label), ddf.nii.gz (displacement in
     voxels of the fixed grid, applied after the affine stage), jacobian_det.nii.gz, the transforms for ITK/ANTs
-    (affine.mat, warp.nii.gz; with --inverse also inverse_warp.nii.gz: antsApplyTransforms -r F -i M -t warp.nii.gz
-    -t affine.mat reproduces warped_image.nii.gz) and metrics.json (with both labels: Dice per label before and after
+    (affine.mat, warp.nii.gz and both in one file, transform.h5; with --inverse also inverse_warp.nii.gz and
+    inverse_transform.h5: antsApplyTransforms -r F -i M -t warp.nii.gz -t affine.mat, or -t transform.h5, reproduces
+    warped_image.nii.gz) and metrics.json (with both labels: Dice per label before and after
     the deformable step, % of voxels with det J <= 0).
 
     Args:
@@ -207,7 +208,8 @@ def register(
         qc_png: also write a QC figure (PNG: middle slice of fixed, moving, warped, differences, grid, det J) here.
         affine: the affine stage: "affine" (12 parameters, default), "rigid" (6) or "none" (inputs already aligned).
         affine_only: stop after the affine stage (zero deformable field; outputs as usual).
-        inverse: also write inverse_warp.nii.gz (maps fixed-space images onto the moving scan with affine.mat).
+        inverse: also write inverse_warp.nii.gz (maps fixed-space images onto the moving scan with affine.mat) and
+            inverse_transform.h5 (the same in one file).
         refine_iterations: steps of the field refinement after the network (default: the config's refine_iterations;
             0: off).
         label_names: names of the label ids in the report: a JSON {"1": "name", ...}, a TSV/CSV with index and name

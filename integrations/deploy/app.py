@@ -9,9 +9,10 @@ Run (Holoscan wants a 32 MB stack)::
 
 ``<input folder>`` holds ``moving.nii.gz`` and ``fixed.nii.gz``, each in its own scanner space (optionally
 ``moving_label.nii.gz`` and ``fixed_label.nii.gz``); the output folder receives ``warped_image.nii.gz``, ``ddf.nii.gz``,
-``jacobian_det.nii.gz``, ``affine.mat``, ``warp.nii.gz``, ``metrics.json`` (and ``warped_label.nii.gz``): the outputs
-of ``python -m scripts.cli register`` with its defaults (affine stage, SACB-Net, field refinement). The TorchScript file
-is the one written by ``python -m monai.bundle ckpt_export`` from the bundle root with that pipeline's config::
+``jacobian_det.nii.gz``, ``affine.mat``, ``warp.nii.gz``, ``transform.h5``, ``metrics.json`` (and
+``warped_label.nii.gz``): the outputs of ``python -m scripts.cli register`` with its defaults (affine stage, SACB-Net,
+field refinement). The TorchScript file is the one written by ``python -m monai.bundle ckpt_export`` from the bundle
+root with that pipeline's config::
 
     python -m monai.bundle ckpt_export --net_id network_def --filepath models/model.ts --ckpt_file models/model.pt \\
         --meta_file configs/metadata.json --config_file configs/inference.json

@@ -182,8 +182,8 @@ class RegistrationWriterOperator(Operator):
     """
     Write the registration result with the bundle's ``postprocessing`` into ``output_folder``: ``warped_image.nii.gz``,
     ``ddf.nii.gz``, ``jacobian_det.nii.gz``, ``affine.mat`` and ``warp.nii.gz`` (the affine stage and the field for
-    ITK/ANTs), ``metrics.json`` (and ``warped_label.nii.gz`` with labels), all on the fixed image's grid as stored on
-    disk.
+    ITK/ANTs; ``transform.h5``, both in one file), ``metrics.json`` (and ``warped_label.nii.gz`` with labels), all on
+    the fixed image's grid as stored on disk.
 
     Named inputs:
         pred: :py:class:`Image` (3, D, H, W) displacement in voxels of the preprocessed fixed grid.

@@ -13,16 +13,19 @@ Sits above ``scripts.io`` and ``scripts.layers`` and below ``scripts.engines``; 
 * Forward point map ``x -> T(x + u(x))``: ANTs ``-t warp.nii.gz -t affine.mat``, SimpleITK
   ``CompositeTransform([affine, warp])``. Inverse ``m -> y + v(y)``, ``y = T^-1 m``: ANTs
   ``-t [affine.mat,1] -t inverse_warp.nii.gz`` (``inverse_warp`` on the fixed grid, like ANTs' 1InverseWarp).
+* ``transform.h5`` / ``inverse_transform.h5``: each direction as one ITK CompositeTransform file (``-t transform.h5``).
 """
 
 from __future__ import annotations
 
 from .apply import INTERPOLATIONS, apply_transforms, mapped_voxel_coordinates
+from .composite import sitk_displacement_transform, write_itk_composite
 from .inversion import (
     InverseField,
     inverse_consistency_error,
     invert_displacement,
     invert_velocity,
+    inverse_warp_field,
     write_inverse_warp,
 )
 from .itk_files import (
@@ -31,10 +34,21 @@ from .itk_files import (
     TransformFileError,
     read_itk_affine,
     read_itk_displacement,
+    sitk_affine,
     write_itk_affine,
     write_itk_displacement,
 )
-from .transform_set import AFFINE_FILE, INVERSE_WARP_FILE, WARP_FILE, SavedTransforms, load_transforms, save_transforms
+from .transform_set import (
+    AFFINE_FILE,
+    COMPOSITE_FILE,
+    INVERSE_COMPOSITE_FILE,
+    INVERSE_WARP_FILE,
+    WARP_FILE,
+    SavedTransforms,
+    load_transforms,
+    save_transforms,
+    transform_file_names,
+)
 from .world import (
     RAS_LPS_FLIP,
     as_channel_first,
@@ -47,7 +61,9 @@ from .world import (
 
 __all__ = [
     "AFFINE_FILE",
+    "COMPOSITE_FILE",
     "INTERPOLATIONS",
+    "INVERSE_COMPOSITE_FILE",
     "INVERSE_WARP_FILE",
     "NIFTI_INTENT_DISPVECT",
     "NIFTI_INTENT_VECTOR",
@@ -62,6 +78,7 @@ __all__ = [
     "inverse_consistency_error",
     "invert_displacement",
     "invert_velocity",
+    "inverse_warp_field",
     "itk_geometry",
     "load_transforms",
     "lps_to_voxel_ddf",
@@ -70,8 +87,12 @@ __all__ = [
     "read_itk_affine",
     "read_itk_displacement",
     "save_transforms",
+    "sitk_affine",
+    "sitk_displacement_transform",
+    "transform_file_names",
     "voxel_ddf_to_lps",
     "write_inverse_warp",
+    "write_itk_composite",
     "write_itk_affine",
     "write_itk_displacement",
 ]

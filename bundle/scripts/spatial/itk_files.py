@@ -43,6 +43,7 @@ __all__ = [
     "TransformFileError",
     "read_itk_affine",
     "read_itk_displacement",
+    "sitk_affine",
     "write_itk_affine",
     "write_itk_displacement",
 ]
@@ -72,14 +73,25 @@ def write_itk_affine(transform_ras, path: str | os.PathLike) -> Path:
     """
     import SimpleITK as sitk
 
+    with atomic_path(path) as tmp:
+        sitk.WriteTransform(sitk_affine(transform_ras), str(tmp))
+    return Path(path)
+
+
+def sitk_affine(transform_ras):
+    """The SimpleITK ``AffineTransform`` of a RAS world transform (LPS, centre 0), as ``affine.mat`` holds it.
+
+    Args:
+        transform_ras: (4, 4) matrix mapping a FIXED world point (RAS mm) to the MOVING world point.
+    """
+    import SimpleITK as sitk
+
     transform_lps = ras_lps_transform(as_matrix4(transform_ras, "transform_ras"))
     affine = sitk.AffineTransform(3)
     affine.SetCenter((0.0, 0.0, 0.0))
     affine.SetMatrix(tuple(transform_lps[:3, :3].ravel().tolist()))
     affine.SetTranslation(tuple(transform_lps[:3, 3].tolist()))
-    with atomic_path(path) as tmp:
-        sitk.WriteTransform(affine, str(tmp))
-    return Path(path)
+    return affine
 
 
 def read_itk_affine(path: str | os.PathLike) -> np.ndarray:
@@ -162,7 +174,7 @@ def _displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = N
     fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
     itk_geometry(fixed_affine)  # refuses a sheared grid, which ITK/ANTs would read differently
     ddf = as_channel_first(ddf_voxels, channel_first, dtype=None)  # float32 stays float32: the slabs convert it
-    data = np.moveaxis(_lps_displacement(ddf, fixed_affine), 0, -1)
+    data = np.moveaxis(lps_displacement(ddf, fixed_affine), 0, -1)
     image = nib.Nifti1Image(data[:, :, :, None, :], fixed_affine)
     image.header.set_intent(NIFTI_INTENT_VECTOR, (), name="displacement")
     image.header.set_xyzt_units("mm")
@@ -171,7 +183,7 @@ def _displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = N
     return image
 
 
-def _lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19) -> np.ndarray:
+def lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19) -> np.ndarray:
     """
     :func:`scripts.spatial.world.voxel_ddf_to_lps` in float64 slabs of about ``block_voxels`` voxels, stored as float32.
 

@@ -1,11 +1,13 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """
-A registration's saved transforms: one folder with ``affine.mat``, ``warp.nii.gz`` and ``inverse_warp.nii.gz``.
+A registration's saved transforms: one folder with ``affine.mat``, ``warp.nii.gz`` and ``inverse_warp.nii.gz``, and
+the same in one file per direction, ``transform.h5`` and ``inverse_transform.h5`` (``scripts.spatial.composite``).
 
 Any of the files may be absent (affine-only or deformable-only registration). Forward (fixed -> moving point map, used
-to resample moving-space images onto the fixed grid): ``x -> T(x + u(x))``, ANTs ``-t warp.nii.gz -t affine.mat``.
-Inverse (moving -> fixed point map, to bring fixed-space images onto the moving grid): ``m -> y + v(y)`` with
-``y = T^-1 m``, ANTs ``-t [affine.mat,1] -t inverse_warp.nii.gz``. Both fields are on the fixed grid.
+to resample moving-space images onto the fixed grid): ``x -> T(x + u(x))``, ANTs ``-t warp.nii.gz -t affine.mat`` or
+``-t transform.h5``. Inverse (moving -> fixed point map, to bring fixed-space images onto the moving grid):
+``m -> y + v(y)`` with ``y = T^-1 m``, ANTs ``-t [affine.mat,1] -t inverse_warp.nii.gz`` or
+``-t inverse_transform.h5``. Both fields are on the fixed grid.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 
 from scripts.io.writer import DEFAULT_WRITE_WORKERS, ConcurrentWriter
 
-from .inversion import invert_displacement, write_inverse_warp
+from .composite import write_itk_composite
+from .inversion import invert_displacement, inverse_warp_field
 from .itk_files import (
     TransformFileError,
     read_itk_affine,
@@ -30,11 +33,33 @@ from .itk_files import (
 )
 from .world import as_matrix4
 
-__all__ = ["AFFINE_FILE", "INVERSE_WARP_FILE", "WARP_FILE", "SavedTransforms", "load_transforms", "save_transforms"]
+__all__ = [
+    "AFFINE_FILE",
+    "COMPOSITE_FILE",
+    "INVERSE_COMPOSITE_FILE",
+    "INVERSE_WARP_FILE",
+    "WARP_FILE",
+    "SavedTransforms",
+    "load_transforms",
+    "save_transforms",
+    "transform_file_names",
+]
 
 AFFINE_FILE = "affine.mat"
 WARP_FILE = "warp.nii.gz"
 INVERSE_WARP_FILE = "inverse_warp.nii.gz"
+COMPOSITE_FILE = "transform.h5"
+INVERSE_COMPOSITE_FILE = "inverse_transform.h5"
+
+
+def transform_file_names(inverse: bool = False) -> list[str]:
+    """The files :func:`save_transforms` writes for a registration (affine and field given), in writing order.
+
+    ``configs/inference.json`` (``transform_output_names``) lists the same names for the cohort completion checks;
+    a test keeps the two equal.
+    """
+    forward = [AFFINE_FILE, WARP_FILE, COMPOSITE_FILE]
+    return forward + ([INVERSE_WARP_FILE, INVERSE_COMPOSITE_FILE] if inverse else [])
 
 logger = logging.getLogger(__name__)
 
@@ -69,39 +94,51 @@ def save_transforms(
 ) -> dict:
     """Write a registration's transforms in ITK/ANTs formats (each file atomically).
 
-    ``affine.mat`` and ``warp.nii.gz`` are written on a writer thread (:class:`scripts.io.writer.ConcurrentWriter`)
-    while the inverse field, when asked for, is computed and written in the calling thread; the files are the same as
-    when written one after the other.
+    The files are written on writer threads (:class:`scripts.io.writer.ConcurrentWriter`) while the inverse field,
+    when asked for, is computed in the calling thread; the files are the same as when written one after the other.
 
     Args:
         transform_dir: destination folder (created when missing).
         fixed_affine: (4, 4) RAS voxel-to-world matrix of the fixed image.
         transform_ras: optional (4, 4) affine stage (FIXED world -> MOVING world, RAS) -> ``affine.mat``.
         ddf_voxels: optional bundle ``ddf`` on the fixed grid, (X, Y, Z, 3) or (3, X, Y, Z) -> ``warp.nii.gz``.
-        inverse: also write ``inverse_warp.nii.gz`` (fixed-point inversion of ``ddf_voxels``).
-        iterations, tolerance: of the inversion.
+        inverse: also write ``inverse_warp.nii.gz`` and ``inverse_transform.h5`` (inversion of ``ddf_voxels``).
+        iterations, tolerance: of the inversion (:func:`scripts.spatial.invert_displacement`).
         max_workers: writer threads (1: every file in turn in the calling thread).
 
     Returns:
-        ``{"affine": path, "warp": path, "inverse_warp": path, "inverse_consistency": stats}`` for what was written.
+        ``{"affine": path, "warp": path, "transform": path, "inverse_warp": path, "inverse_transform": path,
+        "inverse_consistency": stats}`` for what was written (``transform.h5`` always; the identity stands in for a
+        missing affine, a missing field leaves the affine alone in it).
     """
     if transform_ras is None and ddf_voxels is None:
         raise ValueError("nothing to save: give transform_ras, ddf_voxels or both.")
     folder = Path(transform_dir)
+    fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
     written: dict = {}
     with ConcurrentWriter(max_workers) as writer:
         if transform_ras is not None:
             written["affine"] = folder / AFFINE_FILE
             writer.submit(written["affine"], write_itk_affine, transform_ras, written["affine"])
         if ddf_voxels is not None:
-            fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
             written["warp"] = folder / WARP_FILE
             writer.submit(written["warp"], write_itk_displacement, ddf_voxels, fixed_affine, written["warp"])
-            if inverse:
-                path, stats = write_inverse_warp(
-                    ddf_voxels, fixed_affine, folder / INVERSE_WARP_FILE, iterations, tolerance
-                )
-                written["inverse_warp"], written["inverse_consistency"] = path, stats
+        written["transform"] = folder / COMPOSITE_FILE
+        writer.submit(
+            written["transform"], write_itk_composite, written["transform"], fixed_affine, transform_ras, ddf_voxels
+        )
+        if ddf_voxels is not None and inverse:
+            field, written["inverse_consistency"] = inverse_warp_field(ddf_voxels, fixed_affine, iterations, tolerance)
+            written["inverse_warp"] = folder / INVERSE_WARP_FILE
+            writer.submit(
+                written["inverse_warp"], write_itk_displacement, field, fixed_affine, written["inverse_warp"],
+                channel_first=True,
+            )
+            written["inverse_transform"] = folder / INVERSE_COMPOSITE_FILE
+            writer.submit(
+                written["inverse_transform"], write_itk_composite, written["inverse_transform"], fixed_affine,
+                transform_ras, field, True,
+            )
     return written
 
 

@@ -5,8 +5,9 @@
   interpolation, through the affine stage and the displacement field: the point map of ``affine.mat`` + ``warp.nii.gz``
   (``x -> T(x + u(x))``), computed by the same function as ``scripts.spatial.apply_transforms``, so
   ``cli apply`` and ``antsApplyTransforms -t warp.nii.gz -t affine.mat`` reproduce ``warped_image`` / ``warped_label``.
-- :class:`SaveTransformsd` writes ``affine.mat`` (ITK, LPS), ``warp.nii.gz`` (ITK/ANTs displacement, LPS mm, fixed grid)
-  and optionally ``inverse_warp.nii.gz``, atomically, and stores the inverse-consistency error for ``metrics.json``.
+- :class:`SaveTransformsd` writes ``affine.mat`` (ITK, LPS), ``warp.nii.gz`` (ITK/ANTs displacement, LPS mm, fixed
+  grid), both in one ITK composite file ``transform.h5``, and optionally ``inverse_warp.nii.gz`` and
+  ``inverse_transform.h5``, atomically, and stores the inverse-consistency error for ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from monai.transforms import MapTransform
 from scripts.io.atomic import check_outputs_writable
 from scripts.io.writer import DEFAULT_WRITE_WORKERS, pair_output_dir
 from scripts.layers.sampling import sample_at_voxels
-from scripts.spatial import AFFINE_FILE, INVERSE_WARP_FILE, WARP_FILE, SavedTransforms, mapped_voxel_coordinates
-from scripts.spatial import save_transforms
+from scripts.spatial import SavedTransforms, mapped_voxel_coordinates, save_transforms, transform_file_names
 from scripts.workflow.alignment import AFFINE_MATRIX_KEY
 
 __all__ = ["WarpFromSourced", "SaveTransformsd", "TRANSFORM_METRICS_KEY"]
@@ -114,9 +114,10 @@ class SaveTransformsd(MapTransform):
     Write the registration as ITK/ANTs transform files into the pair's output folder (atomically).
 
     ``affine.mat`` holds the affine stage (identity when there was none), ``warp.nii.gz`` the displacement field in LPS
-    mm on the fixed grid; with ``inverse`` also ``inverse_warp.nii.gz`` (fixed-point inversion, see
-    :py:func:`scripts.spatial.invert_displacement`), whose inverse-consistency error is stored under
-    ``TRANSFORM_METRICS_KEY`` for ``metrics.json``. ANTs: ``antsApplyTransforms -r F -i M -t warp.nii.gz -t affine.mat``.
+    mm on the fixed grid, ``transform.h5`` both as one ITK CompositeTransform; with ``inverse`` also
+    ``inverse_warp.nii.gz`` (Newton inversion, see :py:func:`scripts.spatial.invert_displacement`) and
+    ``inverse_transform.h5``, and the inverse-consistency error is stored under ``TRANSFORM_METRICS_KEY`` for
+    ``metrics.json``. ANTs: ``antsApplyTransforms -r F -i M -t warp.nii.gz -t affine.mat`` (or ``-t transform.h5``).
 
     Args:
         output_dir: root output folder (pairs with a ``pair_id`` get a sub-folder).
@@ -148,8 +149,8 @@ class SaveTransformsd(MapTransform):
         self.max_workers = max_workers
 
     def file_names(self) -> list[str]:
-        """Names of the files this transform writes."""
-        return [AFFINE_FILE, WARP_FILE] + ([INVERSE_WARP_FILE] if self.inverse else [])
+        """Names of the files this transform writes (``configs/inference.json``: ``transform_output_names``)."""
+        return transform_file_names(self.inverse)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
