@@ -5,7 +5,7 @@ From the bundle root::
 
     python -m scripts.cli demo
     python -m scripts.cli register --fixed F.nii.gz --moving M.nii.gz --out OUT [--moving_label L] [--fixed_label FL]
-        [--affine affine|rigid|none] [--affine_only] [--inverse] [--weights W.pt]
+        [--affine affine|rigid|none] [--affine_only] [--inverse] [--weights W.pt] [--intensity_window=-1000,1000]
     python -m scripts.cli apply --fixed F.nii.gz --moving X.nii.gz --transform_dir OUT --warped_out Y.nii.gz
         [--interpolation linear|nearest] [--inverse]
     python -m scripts.cli register --help
@@ -70,6 +70,8 @@ def workflow_overrides(
     amp: bool | None = None,
     moving_mask: str | None = None,
     fixed_mask: str | None = None,
+    intensity_window: Any = None,
+    background: Any = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """
     The config files and run overrides that :py:func:`register` hands to ``ConfigWorkflow`` (also what the equivalent
@@ -116,6 +118,9 @@ def workflow_overrides(
         overrides["ckpt_path"] = _checked_weights(weights)
     if amp is not None:  # default: the configs' "amp" (off; measured on a GPU in docs/benchmarks.md)
         overrides["amp"] = bool(amp)
+    from scripts.workflow.intensity import intensity_overrides  # checked now: a bad window stops before any work
+
+    overrides.update(intensity_overrides(intensity_window, background))
     if network_scale is not None:
         overrides["network_scale"] = float(network_scale)
     if learning_rate is not None:
@@ -177,6 +182,8 @@ def register(
     amp: bool | None = None,
     moving_mask: str | None = None,
     fixed_mask: str | None = None,
+    intensity_window: Any = None,
+    background: Any = None,
 ) -> None:
     """
     Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
@@ -222,6 +229,10 @@ def register(
         moving_mask: optional mask of the moving image (e.g. its brain mask, values > 0 inside, on its grid): the
             affine stage, the network and the refinement look inside it only, like ANTs' -x; outputs stay whole.
         fixed_mask: optional mask of the fixed image, the same way (docs/usage.md, "Whole-head scans and masks").
+        intensity_window: LOW,HIGH raw intensities clipped and scaled to [0, 1] instead of percentiles, e.g.
+            --intensity_window=-1000,1000 for CT in HU (docs/usage.md, "CT").
+        background: value outside the moving field of view in raw units: "auto" (default: each image's minimum) or
+            a number, e.g. --background=-1024 for CT (values below it count as background too).
     """
     from scripts.io.errors import exit_on_user_error
 
@@ -229,7 +240,7 @@ def register(
     files, overrides = exit_on_user_error(
         workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
         learning_rate, regularization_weight, device, affine, affine_only, inverse, label_names, datalist,
-        refine_iterations, weights, amp, moving_mask, fixed_mask, debug=debug,
+        refine_iterations, weights, amp, moving_mask, fixed_mask, intensity_window, background, debug=debug,
     )
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)

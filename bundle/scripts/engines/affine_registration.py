@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.layers import GaussianFilter
 
+from scripts.layers.intensity import AUTO_BACKGROUND, check_background, check_intensity_window, resolve_background
+from scripts.layers.intensity import window_intensity
 # resample_moving is imported from here by scripts.workflow.alignment; it lives in the sampling module
 from scripts.layers.sampling import batch_matrices, grid_sample_matrix, resample_moving, sample_points
 
@@ -105,7 +107,9 @@ class AffineRegistration(torch.nn.Module):
 
     Per level the fixed image is blurred (Gaussian sigma = spacing / 2) and resampled on an isotropic grid of that
     spacing along its own axes covering its field of view; the moving image, blurred alike on a grid twice as fine,
-    is sampled at ``T x`` for those points. Intensities are scaled per image by their 1st-99th percentiles.
+    is sampled at ``T x`` for those points, and where ``T x`` leaves the moving field of view it reads the moving
+    image's background. Intensities are scaled per image by their 1st-99th percentiles (values below a numeric
+    ``background`` clipped to it first), or clipped to ``intensity_window`` and scaled linearly.
     ``last_report`` (after ``forward``): losses (lower is better) at the finest level for the centre-of-mass start
     (``initial_loss``), T = identity (``identity_loss``) and the result (``final_loss``), batch means; per item
     under ``"items"`` with ``candidate_losses`` and ``levels``.
@@ -121,12 +125,17 @@ class AffineRegistration(torch.nn.Module):
         init: ``"moments"``: centres of mass, then the best (loss after ``search_iterations`` steps at the first
             level) of the identity rotation and the 4 principal-axes rotations, which covers the eigenvectors' sign
             ambiguity; ``"com"``: centres of mass only; ``"identity"``: start from T = identity.
+        intensity_window: ``(low, high)`` raw values scaled to [0, 1] instead of percentiles (e.g. (-1000, 1000) for
+            CT in HU), or None. background: the raw background, ``"auto"`` (each image's minimum) or a number (-1024
+            for CT); see :mod:`scripts.layers.intensity`.
     """
 
     def __init__(self, transform: str = "affine", levels_mm: Sequence[float] = (6.0, 4.0, 2.0),
                  iterations: Sequence[int] = (100, 60, 30), learning_rate: float = 0.02, similarity: str = "ncc",
-                 init: str = "moments", search_iterations: int = 20, lncc_kernel: int = 5, mi_bins: int = 32):
+                 init: str = "moments", search_iterations: int = 20, lncc_kernel: int = 5, mi_bins: int = 32,
+                 intensity_window: Sequence[float] | None = None, background: float | str = AUTO_BACKGROUND):
         super().__init__()
+        self.intensity_window, self.background = check_intensity_window(intensity_window), check_background(background)
         levels_mm, iterations = tuple(float(v) for v in levels_mm), tuple(int(v) for v in iterations)
         for name, allowed in (("transform", ("rigid", "affine")), ("init", ("moments", "com", "identity")),
                               ("similarity", ("ncc", "lncc", "mi"))):
@@ -180,7 +189,8 @@ class AffineRegistration(torch.nn.Module):
 
     def _level_loss(self, matrix: torch.Tensor, level: dict) -> torch.Tensor:
         """Loss of the moving level image sampled at ``matrix`` x for the level's fixed points x."""
-        warped = sample_points(level["moving"], level["world"], (level["to_grid"].to(matrix.dtype) @ matrix)[None])
+        to_grid = (level["to_grid"].to(matrix.dtype) @ matrix)[None]
+        warped = sample_points(level["moving"], level["world"], to_grid, padding_value=level["fill"])
         return self._loss(warped.reshape(level["fixed"].shape), level["fixed"])
 
     @torch.no_grad()
@@ -199,17 +209,30 @@ class AffineRegistration(torch.nn.Module):
             opt.step()
         return params.detach()
 
+    def scaled_intensity(self, image: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """A (1, 1, X, Y, Z) raw image -> (its intensities on the stage's [0, 1] scale, its background on that scale:
+        the value the moving image reads outside its field of view)."""
+        background = resolve_background(image, self.background)
+        if self.intensity_window is not None:
+            low, high = self.intensity_window
+            return window_intensity(image, self.intensity_window), min(max((background - low) / (high - low), 0.0), 1.0)
+        # scanner padding below a numeric background is background: clipped, it no longer sets the percentiles
+        clipped = image if self.background == AUTO_BACKGROUND else image.clamp_min(background)
+        return normalize_intensity(clipped), 0.0  # the clipped minimum is at or below the 1st percentile: 0 scaled
+
     def _pyramid(self, moving, fixed, a_m, a_f):
-        """Per level: fixed points/values, the moving level image and its world -> grid_sample map; and a frame with
-        the centres of mass ``c_f``/``c_m`` (3,) and covariances (3, 3) of both images at the first level."""
-        fixed_p = _pyramid_images(normalize_intensity(fixed), a_f, self.levels_mm, 1)
-        moving_p = _pyramid_images(normalize_intensity(moving), a_m, self.levels_mm, 2)  # finer: interpolation
+        """Per level: fixed points/values, the moving level image, its world -> grid_sample map and its background
+        (``fill``); and a frame with the centres of mass ``c_f``/``c_m`` (3,) and covariances (3, 3) of both images at
+        the first level."""
+        (fixed_n, _), (moving_n, fill) = self.scaled_intensity(fixed), self.scaled_intensity(moving)
+        fixed_p = _pyramid_images(fixed_n, a_f, self.levels_mm, 1)
+        moving_p = _pyramid_images(moving_n, a_m, self.levels_mm, 2)  # finer: interpolation
         levels = []
         for spacing in self.levels_mm:
             (fixed_l, fixed_a), (moving_l, moving_a) = fixed_p[spacing], moving_p[spacing]
             to_grid = grid_sample_matrix(moving_l.shape[2:], a_m.device) @ torch.linalg.inv(moving_a)
             points = self._level_points(fixed_l, _index_points(fixed_l.shape[2:], fixed_a))
-            levels.append(points | {"moving": moving_l, "to_grid": to_grid})
+            levels.append(points | {"moving": moving_l, "to_grid": to_grid, "fill": fill})
         (c_f, cov_f), (c_m, cov_m) = (_moments(v, _index_points(v.shape[2:], a))
                                       for v, a in (fixed_p[self.levels_mm[0]], moving_p[self.levels_mm[0]]))
         frame = {"c_f": c_f, "c_m": c_f if self.init == "identity" else c_m, "cov_f": cov_f, "cov_m": cov_m,

@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Spatial layers without weights: the one sampling module (warping, sampling at voxel or world coordinates,
-composition, scaling and squaring, resampling through a matrix), its network modules, Jacobian determinants."""
+composition, scaling and squaring, resampling through a matrix), its network modules, Jacobian determinants, and the
+intensity conventions the samplers need (an image's background, a fixed intensity window)."""
 
 from .sampling import (
     apply_matrix,
@@ -23,4 +24,12 @@ from .velocity_integration import (
 from .jacobian import (
     jacobian_determinant,
     folding_percentage,
+)
+from .intensity import (
+    AUTO_BACKGROUND,
+    background_per_key,
+    check_background,
+    check_intensity_window,
+    resolve_background,
+    window_intensity,
 )

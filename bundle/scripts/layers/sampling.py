@@ -12,6 +12,11 @@ Conventions, shared by all of them:
 * ``padding_mode`` (the value outside the volume: "zeros", "border" or "reflection") is an argument of every function
   that samples; compositions and integrations take it without a default, because the callers differ (the network
   integrates and composes with zeros, as SACB-Net trains; the refinement composes with border padding).
+* ``padding_value`` (images sampled from another grid: :func:`sample_at_voxels`, :func:`sample_points`,
+  :func:`resample_moving`) is the constant that "zeros" padding puts outside the volume, 0 by default. Raw intensities
+  need their background there, not 0: in Hounsfield units 0 is soft tissue, so a CT whose field of view misses part of
+  the fixed one would show fake tissue (``scripts.layers.intensity.resolve_background`` gives the value). It is exact:
+  ``grid_sample(image - v) + v`` gives every corner outside the volume the value ``v``, trilinear and nearest alike.
 
 Voxel coordinates reach ``grid_sample`` in one of two ways. Warping and sampling at voxel coordinates normalise them
 elementwise (``2 p / (size - 1) - 1``, in the coordinates' dtype: float32 for the network, also under autocast).
@@ -21,6 +26,7 @@ point is mapped by a single matrix product, through which the affine stage takes
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -53,17 +59,31 @@ def voxel_grid(shape: List[int], device: Optional[torch.device] = None, dtype: t
     return torch.stack(torch.meshgrid(axes, indexing="ij"), dim=0)
 
 
-def _grid_sample(image: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+def _padded_grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str, padding_value: float):
+    """``F.grid_sample`` (``align_corners=True``) with ``padding_value`` outside the volume under "zeros" padding."""
+    padding_value = float(padding_value)
+    if padding_value == 0.0:  # grid_sample's own zeros: the network's and every brain image's path, bit for bit
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    if padding_mode != "zeros" or not math.isfinite(padding_value):
+        raise ValueError(f"padding_value {padding_value} needs padding_mode 'zeros' and a finite value, got "
+                         f"padding_mode {padding_mode!r}.")
+    # corners outside contribute 0 to the shifted image, i.e. padding_value once shifted back
+    shifted = F.grid_sample(image - padding_value, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return shifted + padding_value
+
+
+def _grid_sample(image: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode: str, padding_value: float = 0.0):
     """``image`` (B, C, X, Y, Z) sampled at voxel ``coords`` (B, 3, X', Y', Z'), normalised in the coords' dtype."""
     scale = torch.tensor([max(int(s) - 1, 1) for s in image.shape[2:]], device=coords.device, dtype=coords.dtype)
     grid = 2.0 * coords / scale.view(1, 3, 1, 1, 1) - 1.0
     # grid_sample takes the last axis first (x = W, y = H, z = D)
     grid = grid.permute(0, 2, 3, 4, 1).flip(-1)
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return _padded_grid_sample(image, grid, mode, padding_mode, padding_value)
 
 
 def sample_at_voxels(
-    image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+    image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+    padding_value: float = 0.0,
 ) -> torch.Tensor:
     """
     Sample ``image`` at continuous voxel coordinates (trilinear or nearest, ``align_corners=True``).
@@ -75,6 +95,7 @@ def sample_at_voxels(
             they come from world matrices); rounded to the sampled dtype first, as ``grid_sample`` takes one dtype.
         mode: "bilinear" (trilinear) or "nearest".
         padding_mode: "zeros", "border" or "reflection".
+        padding_value: the value outside the volume with "zeros" padding (an image's background; 0 for label maps).
 
     Returns:
         (B, C, X', Y', Z') samples.
@@ -86,10 +107,10 @@ def sample_at_voxels(
             f"{list(image.shape)} and {list(coords.shape)}."
         )
     if image.is_floating_point():
-        return _grid_sample(image, coords.to(image.dtype), mode, padding_mode)
+        return _grid_sample(image, coords.to(image.dtype), mode, padding_mode, padding_value)
     exact32 = image.numel() == 0 or (-16777216 < int(image.min()) and int(image.max()) < 16777216)
     values = image.to(torch.float32 if exact32 else torch.float64)
-    sampled = _grid_sample(values, coords.to(values.dtype), mode, padding_mode)
+    sampled = _grid_sample(values, coords.to(values.dtype), mode, padding_mode, padding_value)
     return torch.round(sampled).to(image.dtype)
 
 
@@ -201,7 +222,8 @@ def grid_sample_matrix(shape, device: torch.device | str | None = None) -> torch
 
 
 def sample_points(
-    image: torch.Tensor, points: torch.Tensor, to_grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+    image: torch.Tensor, points: torch.Tensor, to_grid: torch.Tensor, mode: str = "bilinear",
+    padding_mode: str = "zeros", padding_value: float = 0.0,
 ) -> torch.Tensor:
     """
     Sample ``image`` at points mapped by a matrix that already ends in :func:`grid_sample_matrix`.
@@ -212,18 +234,19 @@ def sample_points(
         to_grid: (B, 4, 4) map from the points to ``grid_sample`` coordinates of ``image``, e.g.
             ``grid_sample_matrix(image.shape[2:]) @ inv(image_affine)`` for world points; applied in the points'
             dtype (float32 points keep the affine stage's gradient cheap).
-        mode, padding_mode: as :func:`sample_at_voxels`.
+        mode, padding_mode, padding_value: as :func:`sample_at_voxels`.
 
     Returns:
         (B, C, N) samples.
     """
     grid = apply_matrix(to_grid, points.transpose(1, 2)).transpose(1, 2)
     grid = grid.to(image.dtype)[:, :, None, None]
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)[..., 0, 0]
+    return _padded_grid_sample(image, grid, mode, padding_mode, padding_value)[..., 0, 0]
 
 
 def resample_moving(
-    moving, moving_affine, fixed_shape, fixed_affine, world_matrix, mode: str = "bilinear", padding_mode: str = "zeros"
+    moving, moving_affine, fixed_shape, fixed_affine, world_matrix, mode: str = "bilinear", padding_mode: str = "zeros",
+    padding_value: float = 0.0,
 ) -> torch.Tensor:
     """
     Resample ``moving`` onto the fixed voxel grid through the world transform ``world_matrix`` (fixed -> moving world).
@@ -234,7 +257,8 @@ def resample_moving(
         fixed_shape: the fixed spatial shape (X', Y', Z').
         world_matrix: (4, 4) or (B, 4, 4) matrix T; ``output(i) = moving(inverse(moving_affine) T fixed_affine i)``;
             the identity resamples between two grids of one world space.
-        mode: "bilinear" or "nearest". padding_mode: as :func:`sample_at_voxels`.
+        mode: "bilinear" or "nearest". padding_mode, padding_value: as :func:`sample_at_voxels` (where the moving
+            field of view ends: the image's background, e.g. -1024 HU for a CT; 0 for label maps).
 
     Returns:
         (B, C, X', Y', Z') in ``moving``'s dtype (integer label maps rounded back).
@@ -250,6 +274,6 @@ def resample_moving(
     shape = [int(s) for s in fixed_shape]
     index = voxel_grid(shape, device).reshape(1, 3, -1).transpose(1, 2)
     source = moving.to(torch.promote_types(moving.dtype, torch.float32))
-    out = sample_points(source, index.expand(batch, -1, 3), to_grid, mode, padding_mode)
+    out = sample_points(source, index.expand(batch, -1, 3), to_grid, mode, padding_mode, padding_value)
     out = out.reshape(*moving.shape[:2], *shape)
     return out if moving.is_floating_point() else out.round().to(moving.dtype)

@@ -10,8 +10,9 @@ Applying a registration's saved transforms to any image or label map, like ``ant
   fixed grid). Same as ``ants.apply_transforms(moving, fixed, [affine, inverse_warp], whichtoinvert=[True, False])``.
 
 The whole map is composed first and the image interpolated once, in torch (``grid_sample``, ``align_corners=True``,
-zero outside, nearest for labels, which keep their integer dtype). With no affine and a moving image on the fixed grid
-the result equals the bundle's own warp (``warp(moving, ddf)``) bit for bit.
+nearest for labels, which keep their integer dtype). Outside the source's field of view an image gets its background
+(its minimum unless given: a CT reads air there, not 0 HU soft tissue), a label map 0. With no affine and a moving
+image on the fixed grid whose minimum is 0 the result equals the bundle's own warp (``warp(moving, ddf)``) bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
 from scripts.io.input_checks import describe_grid, same_grid
+from scripts.layers.intensity import background_per_key, resolve_background
 from scripts.layers.sampling import apply_matrix, sample_at_voxels, voxel_grid
 
 from .itk_files import TransformFileError
@@ -138,6 +140,7 @@ def apply_transforms(
     inverse: bool = False,
     out_path: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
+    background: float | str | None = None,
 ) -> nib.Nifti1Image:
     """Warp an image or label map with the transforms saved in ``transform_dir`` (``affine.mat``, ``warp.nii.gz``).
 
@@ -152,6 +155,9 @@ def apply_transforms(
             ``warp.nii.gz`` on the fly when that is missing).
         out_path: optional NIfTI file to write atomically.
         device: torch device for the resampling.
+        background: value outside the source's field of view: ``"auto"`` (its minimum) or a number (e.g. -1024 for
+            CT); None: ``"auto"`` for "linear", 0 for "nearest" (what ``register`` writes into ``warped_image`` /
+            ``warped_label``).
 
     Returns:
         The warped image on the reference grid, with the reference's affine.
@@ -175,7 +181,8 @@ def apply_transforms(
     channels = channels.astype(np.int64 if keep_integer else np.float32, copy=False)  # torch lacks most uint ops
     volume = torch.as_tensor(channels, device=device)[None]
     coords = mapped_voxel_coordinates(transforms, fixed_grid, moving_grid, inverse, device)
-    warped = sample_at_voxels(volume, coords, INTERPOLATIONS[interpolation], "zeros")[0]
+    padding = resolve_background(volume, background_per_key(background, [INTERPOLATIONS[interpolation]])[0])
+    warped = sample_at_voxels(volume, coords, INTERPOLATIONS[interpolation], "zeros", padding)[0]
     out = np.moveaxis(warped.cpu().numpy(), 0, -1)
     out = out.astype(data.dtype) if keep_integer else out
     out = out[..., 0] if out.shape[-1] == 1 and len(source.shape) == 3 else out

@@ -9,6 +9,9 @@ from .grid_transforms import (
     JacobianDeterminantd,
     RestoreOriginalGridd,
 )
+from .intensity import (
+    ScaleRegistrationIntensityd,
+)
 from .handlers import (
     NonFiniteLossError,
     NonFiniteLossGuard,

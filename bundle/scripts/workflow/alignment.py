@@ -15,6 +15,7 @@ from monai.transforms import MapTransform
 
 from scripts.engines.affine_registration import AffineRegistration, check_affine_result, resample_moving
 from scripts.io.errors import RegistrationInputError
+from scripts.layers.intensity import window_intensity
 
 __all__ = ["AFFINE_MATRIX_KEY", "MIN_FOREGROUND_OVERLAP", "AffineAlignd", "foreground_overlap"]
 
@@ -171,6 +172,9 @@ class AffineAlignd(MapTransform):
         if self.min_overlap <= 0.0:
             return
         centre = self.registration.init != "identity"  # the stage's own start: centres of mass, or the identity
+        window = self.registration.intensity_window
+        if window is not None:  # CT: the foreground is the body the window shows, not air above scanner padding
+            moving, fixed = window_intensity(moving, window), window_intensity(fixed, window)
         overlap = foreground_overlap(moving, moving_affine, fixed, fixed_affine, self.foreground_threshold, centre)
         if overlap < self.min_overlap:
             start = "after centre-of-mass alignment" if centre else "where they lie (init identity)"

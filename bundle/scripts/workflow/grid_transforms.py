@@ -15,6 +15,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation
 
 from scripts.engines.resolution_inferer import ResolutionInferer, network_grid_size
+from scripts.layers.intensity import background_per_key, resolve_background
 from scripts.layers.sampling import resample_moving
 from scripts.io.input_checks import same_grid
 
@@ -42,7 +43,8 @@ class ResampleToFixedGridd(MapTransform):
 
     Inputs are assumed affinely pre-aligned in world coordinates; this only changes how the moving volume is sampled
     (its world position is kept), so a moving image stored in another orientation, size or spacing lands on the same
-    voxels as the fixed image. A log line says when and why resampling happened.
+    voxels as the fixed image. A log line says when and why resampling happened. Where the moving field of view does
+    not reach, an image gets its background (raw units: 0 HU would be soft tissue in a CT), a label map 0.
 
     Args:
         keys: keys to resample (e.g. ``["moving_image", "moving_label"]``).
@@ -53,6 +55,8 @@ class ResampleToFixedGridd(MapTransform):
             :py:class:`scripts.workflow.AffineAlignd`); when present and not the identity, the moving volumes are
             resampled through it (``out(p) = moving(inv(A_m) T A_f p)``).
         fixed_space_keys: keys already in the fixed image's space (e.g. ``fixed_label``): never moved by the matrix.
+        background: value outside the moving field of view, per key or one for all: ``"auto"`` (the volume's minimum)
+            or a number (e.g. -1024 for CT). None: ``"auto"`` for ``"bilinear"`` keys, 0 for ``"nearest"`` (labels).
         allow_missing_keys: skip keys that are absent (optional labels).
     """
 
@@ -64,6 +68,7 @@ class ResampleToFixedGridd(MapTransform):
         atol: float = 1e-3,
         matrix_key: str = "affine_matrix",
         fixed_space_keys: Sequence[str] = ("fixed_label",),
+        background: float | str | Sequence[float | str] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -73,6 +78,7 @@ class ResampleToFixedGridd(MapTransform):
         self.mode = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
         if len(self.mode) != len(self.keys):
             raise ValueError(f"mode needs one entry per key ({len(self.keys)}), got {mode!r}.")
+        self.background = background_per_key(background, self.mode)
         self.atol = atol
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
@@ -81,9 +87,9 @@ class ResampleToFixedGridd(MapTransform):
         matrix = d.get(self.matrix_key)
         if matrix is not None and torch.allclose(torch.as_tensor(matrix, dtype=torch.float64), torch.eye(4, dtype=torch.float64)):
             matrix = None
-        for key, mode in self.key_iterator(d, self.mode):
+        for key, mode, background in self.key_iterator(d, self.mode, self.background):
             if matrix is not None and key not in self.fixed_space_keys:
-                d[key] = _resample_through(d[key], fixed, matrix, mode)
+                d[key] = _resample_through(d[key], fixed, matrix, mode, background)
                 continue
             if same_grid(d[key].shape[1:], _affine(d[key]), fixed.shape[1:], _affine(fixed), self.atol):
                 continue
@@ -94,15 +100,17 @@ class ResampleToFixedGridd(MapTransform):
                 tuple(fixed.shape[1:]),
                 mode,
             )
-            d[key] = _resample_through(d[key], fixed, np.eye(4), mode)  # one world space: the identity matrix
+            d[key] = _resample_through(d[key], fixed, np.eye(4), mode, background)  # one world space: identity
         return d
 
 
-def _resample_through(moving: torch.Tensor, fixed: torch.Tensor, matrix: torch.Tensor, mode: str) -> MetaTensor:
-    """``moving`` (C, X, Y, Z) sampled on the grid of ``fixed`` through the world matrix (fixed -> moving point), zeros
-    outside its field of view."""
+def _resample_through(moving: torch.Tensor, fixed: torch.Tensor, matrix, mode: str, background) -> MetaTensor:
+    """``moving`` (C, X, Y, Z) sampled on the grid of ``fixed`` through the world matrix (fixed -> moving point), its
+    ``background`` ("auto": its minimum) outside its field of view."""
+    padding = resolve_background(moving.as_tensor(), background)
     resampled = resample_moving(
-        moving.as_tensor()[None], _affine(moving), fixed.shape[1:], _affine(fixed), matrix, mode=mode
+        moving.as_tensor()[None], _affine(moving), fixed.shape[1:], _affine(fixed), matrix, mode=mode,
+        padding_value=padding,
     )[0]
     return MetaTensor(resampled, affine=fixed.affine.clone(), meta={"filename_or_obj": moving.meta.get("filename_or_obj")})
 

@@ -25,6 +25,7 @@ from monai.transforms import MapTransform
 
 from scripts.io.atomic import check_outputs_writable
 from scripts.io.writer import DEFAULT_WRITE_WORKERS, pair_output_dir
+from scripts.layers.intensity import background_per_key, resolve_background
 from scripts.layers.sampling import sample_at_voxels
 from scripts.spatial import SavedTransforms, mapped_voxel_coordinates, save_transforms, transform_file_names
 from scripts.workflow.alignment import AFFINE_MATRIX_KEY
@@ -54,7 +55,9 @@ class WarpFromSourced(MapTransform):
 
     Run after :py:class:`scripts.workflow.RestoreOriginalGridd`, so ``ddf`` and the reference are on the fixed file's own
     grid (``A_f`` = its affine). The sources are the moving image/label as loaded, before any resampling
-    (``keep_source_transforms`` in ``inference.json``), so each voxel is interpolated once.
+    (``keep_source_transforms`` in ``inference.json``), so each voxel is interpolated once. Where the map leaves a
+    source's field of view the output holds its background (an image's minimum or a given value, e.g. -1024 HU: never
+    0 HU, which is soft tissue), label maps 0.
 
     Args:
         keys: source keys, e.g. ``["moving_source", "moving_label_source"]``, channel-first MetaTensors.
@@ -63,6 +66,8 @@ class WarpFromSourced(MapTransform):
         ddf_key: displacement field (3, X, Y, Z) in voxels of the fixed grid.
         reference_key: the fixed image (its grid and affine are the output's).
         matrix_key: the affine stage's world matrix (identity when absent).
+        background: value outside a source's field of view, per key or one for all: ``"auto"`` (the source's
+            minimum) or a number. None: ``"auto"`` for ``"bilinear"`` keys, 0 for ``"nearest"`` (label maps).
         allow_missing_keys: skip absent sources (optional labels).
     """
 
@@ -74,6 +79,7 @@ class WarpFromSourced(MapTransform):
         ddf_key: str = "pred",
         reference_key: str = "fixed_image",
         matrix_key: str = AFFINE_MATRIX_KEY,
+        background: float | str | Sequence[float | str] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -83,6 +89,7 @@ class WarpFromSourced(MapTransform):
             raise ValueError(f"need one output key and one mode per key {self.keys}, got {output_keys}, {mode}.")
         if any(m not in ("bilinear", "nearest") for m in self.mode):
             raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
+        self.background = background_per_key(background, self.mode)
         self.ddf_key, self.reference_key, self.matrix_key = ddf_key, reference_key, matrix_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -95,7 +102,7 @@ class WarpFromSourced(MapTransform):
         transforms = SavedTransforms(_matrix(d, self.matrix_key), field.numpy(), fixed_affine, None, None)
         fixed_grid = (tuple(reference.shape[1:]), fixed_affine)
         coords_of: dict[tuple, torch.Tensor] = {}  # the image and label of one scan share a grid: map its points once
-        for key, out_key, mode in self.key_iterator(d, self.output_keys, self.mode):
+        for key, out_key, mode, background in self.key_iterator(d, self.output_keys, self.mode, self.background):
             source = d[key]
             source_grid = (tuple(source.shape[1:]), _affine(source, key))
             grid_key = (source_grid[0], source_grid[1].tobytes())
@@ -104,7 +111,7 @@ class WarpFromSourced(MapTransform):
             coords = coords_of[grid_key]
             volume = source.as_tensor().detach().cpu()
             volume = volume.float() if mode == "bilinear" or volume.is_floating_point() else volume
-            warped = sample_at_voxels(volume[None], coords, mode)
+            warped = sample_at_voxels(volume[None], coords, mode, padding_value=resolve_background(volume, background))
             d[out_key] = MetaTensor(warped[0], affine=torch.as_tensor(fixed_affine))
         return d
 

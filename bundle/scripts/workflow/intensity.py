@@ -1,0 +1,105 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
+"""Intensity scaling of the registration inputs: robust percentiles (MRI, the default) or a fixed window (CT in HU)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+from scripts.io.errors import RegistrationInputError
+from scripts.layers.intensity import AUTO_BACKGROUND, check_background, check_intensity_window
+
+__all__ = ["CT_HINT_BELOW", "ScaleRegistrationIntensityd", "intensity_overrides"]
+
+logger = logging.getLogger(__name__)
+
+#: an input with values below this (and no window) is probably a CT in Hounsfield units: the log suggests a window
+CT_HINT_BELOW = -500.0
+
+
+class ScaleRegistrationIntensityd(MapTransform):
+    """
+    Scale each image of a pair to [0, 1] for the network, the refinement and the foreground box.
+
+    Without ``window`` (MRI): MONAI's ``ScaleIntensityRangePercentiles`` (``percentiles`` -> 0 and 1, clipped), as
+    before. A numeric ``background`` first clips the values below it (scanner padding of -2048 or -3024 HU is
+    background, not darker than air, and must not set the lower percentile). An image with values below
+    ``CT_HINT_BELOW`` gets a log line suggesting a window: percentiles of a CT depend on how much air and padding the
+    field of view holds.
+
+    With ``window`` ``(low, high)`` (CT, e.g. (-1000, 1000) HU as uniGradICON): MONAI's ``ScaleIntensityRange``, values
+    clipped to the window and scaled linearly (low -> 0, high -> 1), the same mapping for every scan. Air and padding
+    become 0, the background the network's zero padding assumes.
+
+    Args:
+        keys: image keys, each (C, X, Y, Z) in raw units (after :py:class:`scripts.workflow.ResampleToFixedGridd`).
+        window: ``(low, high)`` raw values, the string ``"LOW,HIGH"``, or None for percentile scaling.
+        percentiles: ``(lower, upper)`` percentiles in [0, 100] mapped to 0 and 1 without a window.
+        background: ``"auto"`` (the image's minimum: nothing is clipped) or a raw number (e.g. -1024 for CT).
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        window: Sequence[float] | str | None = None,
+        percentiles: Sequence[float] = (0.5, 99.5),
+        background: float | str = AUTO_BACKGROUND,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.window = check_intensity_window(window)
+        lower, upper = (float(p) for p in percentiles)
+        if not 0.0 <= lower < upper <= 100.0:
+            raise ValueError(f"percentiles must be (lower, upper) with 0 <= lower < upper <= 100, got {percentiles!r}.")
+        self.background = check_background(background)
+        if self.window is None:
+            self.scale = ScaleIntensityRangePercentiles(lower, upper, 0.0, 1.0, clip=True)
+        else:
+            self.scale = ScaleIntensityRange(self.window[0], self.window[1], 0.0, 1.0, clip=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if self.window is None:
+                lowest = float(torch.as_tensor(image).min())
+                if lowest < CT_HINT_BELOW:
+                    self._hint(key, image, lowest)
+                if self.background != AUTO_BACKGROUND and lowest < self.background:
+                    image = torch.clamp(image, min=self.background)  # a MetaTensor stays one (affine, meta kept)
+            d[key] = self.scale(image)
+        return d
+
+    def _hint(self, key: Hashable, image: Any, lowest: float) -> None:
+        source = getattr(image, "meta", {}).get("filename_or_obj", key)
+        logger.warning(
+            "%s ('%s') has intensities down to %g, below %g: a CT in Hounsfield units? Without an intensity window it "
+            "is scaled by percentiles, which put air and scanner padding at scan-dependent grey levels; set "
+            "--intensity_window=-1000,1000 --background=-1024 (config ids intensity_window: [-1000, 1000], "
+            "background_value: -1024), as configs/presets/abdomen_ct.json does (docs/usage.md, 'CT').",
+            key, source, lowest, CT_HINT_BELOW,
+        )
+
+
+def intensity_overrides(window: Any = None, background: Any = None) -> dict[str, Any]:
+    """
+    The CLI's ``--intensity_window`` / ``--background`` as run overrides of the config ids ``intensity_window`` /
+    ``background_value`` (None: not given, the config's value stays). Checked here, before anything runs.
+
+    Raises:
+        RegistrationInputError: a window that is not two finite numbers LOW < HIGH, a background that is not "auto"
+            or a finite number (one line, exit 2 on the CLI).
+    """
+    try:  # the messages start with the config id's name: "intensity_window must ...", "background must ..."
+        window = None if window is None else check_intensity_window(window)
+        background = None if background is None else check_background(background)
+    except ValueError as error:
+        raise RegistrationInputError(f"--{error}") from error
+    overrides: dict[str, Any] = {} if window is None else {"intensity_window": list(window)}
+    return overrides | ({} if background is None else {"background_value": background})
