@@ -59,7 +59,9 @@ def test_each_pair_is_registered_once_by_its_rank(runs):
     log = result.stdout + result.stderr
     registered = {rank: [re.search(r"registering pair (\S+) ", l).group(1) for l in _rank_lines(log, rank, "registering pair")]
                   for rank in (0, 1)}
-    assert registered == {0: ["colin_to_mni", "colin_to_mni_nolabels"], 1: ["mni_to_colin"]}, log[-3000:]
+    # each rank starts exactly its own pairs; the bad one (rank 1's second) fails its input checks there and is skipped
+    assert registered == {0: ["colin_to_mni", "colin_to_mni_nolabels"], 1: ["mni_to_colin", "missing_moving"]}, log[-3000:]
+    assert _rank_lines(log, 1, "skipping pair missing_moving") and not _rank_lines(log, 0, "skipping pair")
     rows = {r["pair_id"]: r for r in cohort(work / "ranks")["pairs"]}
     assert {i: r["rank"] for i, r in rows.items()} == {"colin_to_mni": 0, "mni_to_colin": 1,
                                                         "colin_to_mni_nolabels": 0, "missing_moving": None}

@@ -157,8 +157,7 @@ def _check_item(parser: ConfigParser, name: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "configs", [["inference"], ["inference", "refinement", "affine"],
-                ["inference", "instance_optimization", "refinement", "affine"], ["inference", "evaluate"]]
+    "configs", [["inference"], ["inference", "evaluate"]]
 )
 def test_inference_configs_warn_at_another_scale(configs, caplog):
     """The check the registration configs run at initialize (no registration): the shipped weights at 1.0 warn."""
