@@ -66,7 +66,7 @@ def _padded_grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padd
         return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     if padding_mode != "zeros" or not math.isfinite(padding_value):
         raise ValueError(f"padding_value {padding_value} needs padding_mode 'zeros' and a finite value, got "
-                         f"padding_mode {padding_mode!r}.")
+                         f"padding_mode '{padding_mode}'.")  # no !r: TorchScript compiles this function
     # corners outside contribute 0 to the shifted image, i.e. padding_value once shifted back
     shifted = F.grid_sample(image - padding_value, grid, mode=mode, padding_mode="zeros", align_corners=True)
     return shifted + padding_value
