@@ -118,3 +118,15 @@ def test_verify_net_in_out_cli():
         BUNDLE_ROOT,
     )
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
+
+
+def test_required_packages_are_the_pinned_runtime_packages():
+    """metadata.json names the packages an inference run imports beyond MONAI/torch/numpy (SimpleITK writes the
+    transforms), at the versions requirements.txt pins and the tests ran with."""
+    pins = dict(
+        line.split("==", 1) for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    required = _metadata()["required_packages_version"]
+    assert "SimpleITK" in required and "nibabel" in required
+    assert {name: pins.get(name) for name in required} == required
