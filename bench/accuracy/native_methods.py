@@ -10,7 +10,7 @@ Each builds the command of its own process; every command writes ``warped_label.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.accuracy.native_pairs import NativePair
@@ -87,6 +87,30 @@ def _ants(name, inputs, mode, its=(), tier=0, extra=(), masks=False):
     return NativeMethod(name, inputs, mode, tuple(its), tuple(extra), deformable, tier, settings, masks)
 
 
+_BUNDLE_AFFINE_ONLY = NativeMethod(
+    "bundle_affine_only",
+    "native",
+    "bundle",
+    extra=("--affine_only", "--overwrite"),
+    tier=5,
+    settings={"cli": "scripts.cli register --affine_only (the bundle's affine stage alone)"},
+)
+_BUNDLE_DEFAULT = NativeMethod(
+    "bundle_default",
+    "native",
+    "bundle",
+    extra=("--overwrite",),
+    deformable=True,
+    tier=5,
+    settings={"cli": "scripts.cli register (defaults: affine stage + one forward pass + velocity refinement)"},
+)
+
+
+def _with_masks(method: NativeMethod, cli: str) -> NativeMethod:
+    """``method`` given the pair's brain masks (``<name>_masks``): only pairs that have masks run it."""
+    return replace(method, name=f"{method.name}_masks", settings={"cli": cli}, masks=True)
+
+
 METHODS: dict[str, NativeMethod] = {
     m.name: m
     for m in (
@@ -99,42 +123,10 @@ METHODS: dict[str, NativeMethod] = {
         _ants("ants_synonly_40_20_0", "prealigned", "SyNOnly", (40, 20, 0), tier=4),
         _ants("ants_affine_masks", "native", "Affine", tier=7, masks=True),
         _ants("ants_syn_60_30_10_masks", "native", "SyN", (60, 30, 10), tier=8, masks=True),
-        NativeMethod(
-            "bundle_affine_only",
-            "native",
-            "bundle",
-            extra=("--affine_only", "--overwrite"),
-            tier=5,
-            settings={"cli": "scripts.cli register --affine_only (the bundle's affine stage alone)"},
-        ),
-        NativeMethod(
-            "bundle_default",
-            "native",
-            "bundle",
-            extra=("--overwrite",),
-            deformable=True,
-            tier=5,
-            settings={"cli": "scripts.cli register (defaults: affine stage + one forward pass + velocity refinement)"},
-        ),
-        NativeMethod(
-            "bundle_default_masks",
-            "native",
-            "bundle",
-            extra=("--overwrite",),
-            deformable=True,
-            tier=5,
-            settings={"cli": "scripts.cli register --moving_mask MM --fixed_mask FM (defaults, brain masks)"},
-            masks=True,
-        ),
-        NativeMethod(
-            "bundle_affine_only_masks",
-            "native",
-            "bundle",
-            extra=("--affine_only", "--overwrite"),
-            tier=5,
-            settings={"cli": "scripts.cli register --affine_only --moving_mask MM --fixed_mask FM"},
-            masks=True,
-        ),
+        _BUNDLE_AFFINE_ONLY,
+        _BUNDLE_DEFAULT,
+        _with_masks(_BUNDLE_DEFAULT, "scripts.cli register --moving_mask MM --fixed_mask FM (defaults, brain masks)"),
+        _with_masks(_BUNDLE_AFFINE_ONLY, "scripts.cli register --affine_only --moving_mask MM --fixed_mask FM"),
         NativeMethod(
             "bundle_native_it0",
             "native",

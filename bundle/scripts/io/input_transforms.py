@@ -217,7 +217,7 @@ class LoadRegistrationInputsd(MapTransform):
                 cause = cause.__cause__
             detail = (str(cause).splitlines() or [""])[0]
             raise RegistrationInputError(
-                f"{_role_text(role, path)} could not be read ({type(cause).__name__}: {detail}); expected "
+                f"{role} '{path}' could not be read ({type(cause).__name__}: {detail}); expected "
                 f"{NIFTI_HINT}. The file is probably truncated or corrupt (an incomplete download or copy): copy it "
                 "again."
             ) from error
@@ -276,9 +276,7 @@ def _file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
 
 def _meta_affine(value: Any) -> np.ndarray:
     """The voxel-to-world affine of a loaded volume (MetaTensor ``affine``; identity when it carries none)."""
-    affine = getattr(value, "affine", None)
-    if affine is None:
-        affine = getattr(value, "meta", {}).get("affine") if hasattr(value, "meta") else None
+    affine = getattr(value, "affine", None)  # a MetaTensor's affine is its meta["affine"]
     return np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
 
 
@@ -289,6 +287,3 @@ def _source(value: Any, key: Hashable | None = None) -> str:
     meta = getattr(value, "meta", None) or {}
     return str(meta.get("filename_or_obj") or (f"data['{key}']" if key is not None else "a loaded volume"))
 
-
-def _role_text(role: str, source: Any) -> str:
-    return f"{role} '{source}'"

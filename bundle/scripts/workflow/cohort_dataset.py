@@ -165,7 +165,7 @@ class CohortDataset(IterableDataset):
         mark_in_progress(folder, f"pair {pair['pair_id']} being registered since {time.ctime()} (pid {os.getpid()})\n")
         logger.info("registering pair %s (%d of %d).", pair["pair_id"], index + 1, len(self.pairs))
         try:
-            return self.transform(pair) if self.transform is not None else pair
+            return self._transformed(pair)
         except Exception as error:
             user_error = find_user_error(error)
             if user_error is None:

@@ -17,6 +17,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from scripts.io.input_transforms import is_given
+
 __all__ = ["MaskImagesd"]
 
 
@@ -49,8 +51,8 @@ class MaskImagesd(MapTransform):
         masks = dict(zip(self.keys, self.mask_keys))
         for key in self.key_iterator(d):
             mask = d.get(masks[key])
-            if mask is None or isinstance(mask, str):
-                continue  # no mask given for this image
+            if not is_given(mask):
+                continue  # no mask given for this image (a given one is loaded by now)
             image = d[key]
             inside = torch.as_tensor(mask) > 0
             if inside.shape[1:] != image.shape[1:]:
