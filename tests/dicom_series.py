@@ -31,10 +31,12 @@ class DicomSeries:
     files: tuple[Path, ...]
 
 
-def write_mr_series(folder: Path, data: np.ndarray, affine: np.ndarray, description: str = "T1 axial") -> DicomSeries:
+def write_mr_series(folder: Path, data: np.ndarray, affine: np.ndarray, description: str = "T1 axial",
+                    study_uid: str | None = None) -> DicomSeries:
     """
     Write the (X, Y, Z) volume ``data`` with the RAS ``affine`` (orthogonal axes) as an axial DICOM MR series into
-    ``folder`` (``slice_000.dcm`` ...). Values must be integers in the int16 range: they are stored exactly.
+    ``folder`` (``slice_000.dcm`` ...), in a new study or the study ``study_uid``. Values must be integers in the int16
+    range: they are stored exactly.
     """
     values = np.asarray(data)
     if not np.array_equal(values, np.round(values)) or values.min() < -32768 or values.max() > 32767:
@@ -49,7 +51,7 @@ def write_mr_series(folder: Path, data: np.ndarray, affine: np.ndarray, descript
     row_cosine, column_cosine = lps_affine[:3, 0] / spacing[0], lps_affine[:3, 1] / spacing[1]
 
     folder.mkdir(parents=True, exist_ok=True)
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    study_uid, series_uid, frame_uid = study_uid or generate_uid(), generate_uid(), generate_uid()
     sop_uids, files = [], []
     for k in range(lps_data.shape[2]):
         sop_uid = generate_uid()
