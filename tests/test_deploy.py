@@ -64,14 +64,16 @@ def _fast_affine_stage(bundle: Path) -> None:
     path.write_text(json.dumps(config, indent=4))
 
 
-def _run_app(model_ts: Path, inputs: Path, out: Path, bundle: Path, check: bool = True):
-    """Run the Deploy app (its scripts package and macros from ``bundle``); ``check``: fail the test on an error."""
+def _run_app(model_ts: Path, inputs: Path, out: Path, bundle: Path, check: bool = True, **env: str):
+    """Run the Deploy app (its scripts package and macros from ``bundle``, more variables in ``env``); ``check``: fail
+    the test on an error."""
     command = " ".join(shlex.quote(str(a)) for a in (DEPLOY_PYTHON, APP, "-i", inputs, "-o", out, "-m", model_ts))
     shell = ["bash", "-c", f"ulimit -s 32768 && exec {command}"]
+    env = {"SACB_BUNDLE_ROOT": str(bundle), **env}
     if check:
-        return run_checked(shell, cwd=out.parent, env={"SACB_BUNDLE_ROOT": str(bundle)})
+        return run_checked(shell, cwd=out.parent, env=env)
     return subprocess.run(shell, cwd=out.parent, capture_output=True, text=True, timeout=600, check=False,
-                          env=dict(os.environ, SACB_BUNDLE_ROOT=str(bundle)))
+                          env=dict(os.environ, **env))
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +257,17 @@ def test_app_refuses_a_folder_with_neither_a_pair_nor_dicom(deployed_run, tmp_pa
     result = _run_app(inputs.parent / "model.ts", folder, tmp_path / "out", inputs.parent / "bundle", check=False)
     assert result.returncode != 0
     assert "holds neither fixed.nii.gz" in result.stderr and "DICOM" in result.stderr
+
+
+def test_app_names_the_series_found_when_none_matches_the_rules(dicom_run, tmp_path):
+    """Rules that select CT only, on the MR study: the app stops at the selection, naming the rules and the series."""
+    series, _, _, out, _ = dicom_run
+    work = out.parent
+    rules = tmp_path / "ct_only.json"
+    rules.write_text(json.dumps({"selections": [{"name": "CT", "conditions": {"Modality": "(?i)^CT$"}}]}))
+    result = _run_app(work / "model.ts", work / "dicom_in", tmp_path / "out", work / "bundle", check=False,
+                      SACB_SERIES_RULES=str(rules))
+    assert result.returncode != 0
+    assert f"no series of the DICOM study matches the selection rules {rules}" in result.stderr
+    assert "('MR', 'T1 axial', 40)" in result.stderr and "('MR', 'localizer', 3)" in result.stderr
+    assert not (tmp_path / "out" / SEGMENTATION_FILE).exists()

@@ -139,22 +139,18 @@ def compose_dicom(app: Application, input_folder: Path, output_folder: Path, mod
     from dicom_operators import (
         AtlasSegments,
         LabelSegmentationOperator,
+        SeriesSelectorOperator,
         VolumePairLoaderOperator,
         atlas_pair,
         segmentation_writer,
-        series_selection_rules,
     )
     from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
-    from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
     from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
 
     atlas = atlas_pair(input_folder, bundle_root())
     segments = AtlasSegments.from_label_map(atlas["moving_label"])
     study_loader = DICOMDataLoaderOperator(app, CountCondition(app, 1), input_folder=input_folder, name="dicom_loader")
-    # all matching series, the one with the most instances first: the volume, not a localizer, is registered
-    selector = DICOMSeriesSelectorOperator(
-        app, rules=series_selection_rules(), all_matched=True, sort_by_sop_instance_count=True, name="series_selector"
-    )
+    selector = SeriesSelectorOperator(app, name="series_selector")
     to_volume = DICOMSeriesToVolumeOperator(app, name="series_to_volume")
     loader = VolumePairLoaderOperator(app, atlas=atlas, bundle_path=model_path, name="loader")
     to_segments = LabelSegmentationOperator(app, segments=segments, name="label_segments")

@@ -6,7 +6,7 @@ A clinical deployment receives a DICOM study, not a NIfTI pair. The study's sele
 MOVING image is a labelled atlas (``moving.nii.gz`` + ``moving_label.nii.gz`` beside the study, else the bundle's
 shipped Colin27 T1 and its 8 classes), as in the MONAI Label app. The pipeline (composed by ``app.py``)::
 
-    DICOMDataLoaderOperator --> DICOMSeriesSelectorOperator (series_selection.json)
+    DICOMDataLoaderOperator --> SeriesSelectorOperator (the SDK's, with series_selection.json)
         --study_selected_series_list--> DICOMSeriesToVolumeOperator --image (D, H, W)--> VolumePairLoaderOperator
         --study_selected_series_list------------------------------------------------------> SegmentationWriter
     VolumePairLoaderOperator --image/pair--> RegistrationBundleInferenceOperator --> RegistrationWriterOperator
@@ -38,6 +38,7 @@ import nibabel as nib
 import numpy as np
 from monai.deploy.core import Fragment, Image, Operator, OperatorSpec
 from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
+from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 from monai.deploy.operators.dicom_utils import ModelInfo
 from operators import PairLoaderOperator
 from pydicom.sr.codedict import codes
@@ -52,11 +53,13 @@ __all__ = [
     "AtlasSegments",
     "AtomicSegmentationWriterOperator",
     "LabelSegmentationOperator",
+    "SeriesSelectorOperator",
     "VolumePairLoaderOperator",
     "atlas_pair",
     "exported_model_info",
     "holds_dicom",
     "segmentation_writer",
+    "series_rules_path",
     "series_selection_rules",
 ]
 
@@ -84,9 +87,14 @@ def holds_dicom(folder: Path) -> bool:
     return False
 
 
+def series_rules_path() -> Path:
+    """The series selection rules file: ``$SACB_SERIES_RULES`` or :py:data:`SERIES_SELECTION_RULES`."""
+    return Path(os.environ.get("SACB_SERIES_RULES", SERIES_SELECTION_RULES))
+
+
 def series_selection_rules() -> str:
-    """The series selection rules (JSON text): ``$SACB_SERIES_RULES`` or :py:data:`SERIES_SELECTION_RULES`."""
-    path = Path(os.environ.get("SACB_SERIES_RULES", SERIES_SELECTION_RULES))
+    """The series selection rules (JSON text) of :py:func:`series_rules_path`, checked for their top-level shape."""
+    path = series_rules_path()
     try:
         rules = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -95,6 +103,30 @@ def series_selection_rules() -> str:
         raise ValueError(f'series selection rules {path}: expected {{"selections": [{{"name": ..., "conditions": '
                          f'{{...}}}}, ...]}} (DICOMSeriesSelectorOperator), got {str(rules)[:200]}.')
     return json.dumps(rules)
+
+
+class SeriesSelectorOperator(DICOMSeriesSelectorOperator):
+    """
+    The SDK's series selector with :py:func:`series_selection_rules`, every matching series of a study ranked by its
+    number of instances (the volume first, not a localizer), and a clear error when no series matches: the SDK's
+    would hand an empty list on, which ``DICOMSeriesToVolumeOperator`` rejects without saying why.
+    """
+
+    def __init__(self, fragment: Fragment, *args, **kwargs) -> None:
+        super().__init__(fragment, *args, rules=series_selection_rules(), all_matched=True,
+                         sort_by_sop_instance_count=True, **kwargs)
+
+    def filter(self, selection_rules, dicom_study_list, all_matched: bool = False,
+               sort_by_sop_instance_count: bool = False):
+        selected = super().filter(selection_rules, dicom_study_list, all_matched, sort_by_sop_instance_count)
+        if not any(study.selected_series for study in selected or []):
+            found = [(series.Modality, series.SeriesDescription, len(series.get_sop_instances()))
+                     for study in dicom_study_list for series in study.get_all_series()]
+            raise ValueError(
+                f"no series of the DICOM study matches the selection rules {series_rules_path()} "
+                f"({json.dumps(selection_rules)[:300]}); series found (modality, description, instances): {found}."
+            )
+        return selected
 
 
 def atlas_pair(input_folder: Path, bundle_root: Path) -> Dict[str, str]:
