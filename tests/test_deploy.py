@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import REPO_ROOT, SAMPLE_DATA
+from conftest import BUNDLE_ROOT, REPO_ROOT, SAMPLE_DATA
 from dicom_series import segmentation_label_map, write_mr_series
 from ecosystem_utils import bundle_copy_with_weights, run_bundle_command, run_checked
 from reliability_data import load_sample, save
@@ -271,3 +271,46 @@ def test_app_names_the_series_found_when_none_matches_the_rules(dicom_run, tmp_p
     assert f"no series of the DICOM study matches the selection rules {rules}" in result.stderr
     assert "('MR', 'T1 axial', 40)" in result.stderr and "('MR', 'localizer', 3)" in result.stderr
     assert not (tmp_path / "out" / SEGMENTATION_FILE).exists()
+
+
+ATLAS_CHECKS = r"""
+import json, sys, tempfile
+from pathlib import Path
+import numpy as np
+bundle, app_dir = Path(sys.argv[1]), sys.argv[2]
+sys.path[:0] = [str(bundle), app_dir]
+from dicom_operators import AtlasSegments, atlas_pair
+result = {}
+with tempfile.TemporaryDirectory() as folder:
+    shipped = atlas_pair(Path(folder), bundle)
+    segments = AtlasSegments.from_label_map(shipped["moving_label"])
+    result.update(shipped=shipped, label_ids=segments.label_ids, names=segments.names)
+    (Path(folder) / "moving.nii.gz").write_bytes(Path(shipped["moving_image"]).read_bytes())
+    try:
+        atlas_pair(Path(folder), bundle)
+    except ValueError as error:
+        result["half_atlas_error"] = str(error)
+renumbered = AtlasSegments((10, 30, 80), ("a", "b", "c"))
+result["segment_numbers"] = renumbered.segment_numbers(np.array([[[0, 10], [80, 30]]])).tolist()
+try:
+    renumbered.segment_numbers(np.array([[[0, 20]]]))
+except ValueError as error:
+    result["unknown_label_error"] = str(error)
+print(json.dumps(result))
+"""
+
+
+def test_dicom_atlas_defaults_to_the_shipped_colin27_and_segments_follow_label_order():
+    """Without an atlas beside the study, the shipped Colin27 and its 8 named labels; half an atlas is refused; label
+    ids map to segment numbers 1..N in label order, and a label the atlas lacks is refused."""
+    command = " ".join(shlex.quote(str(a)) for a in (DEPLOY_PYTHON, "-c", ATLAS_CHECKS, BUNDLE_ROOT, APP.parent))
+    result = json.loads(run_checked(["bash", "-c", f"ulimit -s 32768 && exec {command}"], cwd=REPO_ROOT).stdout
+                        .strip().splitlines()[-1])
+    assert result["shipped"] == {key: str(SAMPLE_DATA / name) for key, name in (
+        ("moving_image", "moving_colin27_t1.nii.gz"), ("moving_label", "moving_colin27_seg8.nii.gz"))}
+    assert result["label_ids"] == list(range(1, 9))
+    table = (SAMPLE_DATA / "moving_colin27_seg8.tsv").read_text().splitlines()[1:]
+    assert result["names"] == [row.split("\t")[1] for row in table]
+    assert "has moving.nii.gz but lacks moving_label.nii.gz" in result["half_atlas_error"]
+    assert result["segment_numbers"] == [[[0, 1], [3, 2]]]
+    assert "[20] are not atlas labels [10, 30, 80]" in result["unknown_label_error"]
