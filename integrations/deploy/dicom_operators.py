@@ -40,7 +40,7 @@ from monai.deploy.core import Fragment, Image, Operator, OperatorSpec
 from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 from monai.deploy.operators.dicom_utils import ModelInfo
-from operators import PairLoaderOperator
+from operators import PAIR_FILES, PairLoaderOperator
 from pydicom.sr.codedict import codes
 
 from scripts.io.atomic import check_outputs_writable
@@ -73,7 +73,7 @@ SHIPPED_ATLAS = {
     "moving_label": "sample_data/moving_colin27_seg8.nii.gz",
 }
 #: atlas files looked for in the input folder (the NIfTI pair's moving file names)
-ATLAS_FILES = {"moving_image": "moving.nii.gz", "moving_label": "moving_label.nii.gz"}
+ATLAS_FILES = {key: PAIR_FILES[key] for key in ("moving_image", "moving_label")}
 SERIES_DESCRIPTION = "SACB-Net warped atlas labels"
 
 
@@ -113,6 +113,7 @@ class SeriesSelectorOperator(DICOMSeriesSelectorOperator):
     """
 
     def __init__(self, fragment: Fragment, *args, **kwargs) -> None:
+        self.rules_path = series_rules_path()
         super().__init__(fragment, *args, rules=series_selection_rules(), all_matched=True,
                          sort_by_sop_instance_count=True, **kwargs)
 
@@ -123,7 +124,7 @@ class SeriesSelectorOperator(DICOMSeriesSelectorOperator):
             found = [(series.Modality, series.SeriesDescription, len(series.get_sop_instances()))
                      for study in dicom_study_list for series in study.get_all_series()]
             raise ValueError(
-                f"no series of the DICOM study matches the selection rules {series_rules_path()} "
+                f"no series of the DICOM study matches the selection rules {self.rules_path} "
                 f"({json.dumps(selection_rules)[:300]}); series found (modality, description, instances): {found}."
             )
         return selected
