@@ -135,7 +135,11 @@ class PairLoaderOperator(Operator):
         return {key: str(path) for key, path in paths.items() if path.is_file()}
 
     def compute(self, op_input, op_output, context) -> None:
-        data = _bundle_parser(self.bundle_path).get_parsed_content("preprocessing")(self.pair_paths())
+        self.emit_preprocessed(self.pair_paths(), op_output)
+
+    def emit_preprocessed(self, paths: Mapping[str, str], op_output) -> None:
+        """Run the bundle's ``preprocessing`` on the data dict of file ``paths``; emit ``image`` and ``pair``."""
+        data = _bundle_parser(self.bundle_path).get_parsed_content("preprocessing")(dict(paths))
         image = data["image"]
         meta = {
             "affine": np.asarray(image.affine),
@@ -188,16 +192,25 @@ class RegistrationWriterOperator(Operator):
     Named inputs:
         pred: :py:class:`Image` (3, D, H, W) displacement in voxels of the preprocessed fixed grid.
         pair: :py:class:`PreprocessedPair` from :py:class:`PairLoaderOperator`.
+    Named output (only with ``emit_warped_label``; the pair must then have a moving label):
+        warped_label: :py:class:`Image` (X, Y, Z) the warped moving labels as written to ``warped_label.nii.gz``,
+            with that file's affine as ``metadata["affine"]`` (for the DICOM SEG, see ``dicom_operators``).
     """
 
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, bundle_path: Path, **kwargs) -> None:
+    def __init__(
+        self, fragment: Fragment, *args, output_folder: Path, bundle_path: Path, emit_warped_label: bool = False,
+        **kwargs
+    ) -> None:
         self.output_folder = Path(output_folder).resolve()
         self.bundle_path = Path(bundle_path)
+        self.emit_warped_label = emit_warped_label
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("pred")
         spec.input("pair")
+        if self.emit_warped_label:
+            spec.output("warped_label")
 
     def compute(self, op_input, op_output, context) -> None:
         pred, data = op_input.receive("pred"), dict(op_input.receive("pair").data)
@@ -212,3 +225,10 @@ class RegistrationWriterOperator(Operator):
         parser = _bundle_parser(self.bundle_path, {"output_dir": str(self.output_folder)})
         result = parser.get_parsed_content("postprocessing")(data)
         logging.getLogger(__name__).info("SACB-Net outputs: %s", result.get("output_files"))
+        if self.emit_warped_label:
+            if "warped_label" not in result:
+                raise ValueError("the pair has no moving label, so there is no warped label to emit.")
+            label = result["warped_label"]
+            array = np.asarray(label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else label)
+            op_output.emit(Image(array.reshape(array.shape[-3:]), metadata={"affine": np.asarray(label.affine)}),
+                           "warped_label")
