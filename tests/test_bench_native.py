@@ -22,7 +22,7 @@ from bench.accuracy.io import resample_to_grid
 from bench.accuracy.methods import METHODS, task_order
 from bench.accuracy.native_rescore import rescore
 from bench.accuracy.pairs import NativePair, crop_to_foreground, prealigned_pair
-from bench.accuracy.runner import load_report, reuse_prealigned, run_native, task_command
+from bench.accuracy.runner import load_report, reuse_prealigned, run_native, run_task, task_command
 from bench.accuracy.scoring import dice_per_class, hd95_per_class, hd95_summary, jacobian_stats, score_labels
 from bench.accuracy.native_split import (
     PEOPLE,
@@ -267,6 +267,18 @@ def test_runner_scores_identity_and_resumes_without_rerunning(tmp_path):
     assert again["results"][0]["finished_utc"] == first["identity"]["finished_utc"]  # skipped, not rerun
     saved = load_report(out / "results.json")
     assert len(saved["runs"]) == 2 and len(saved["results"]) == 1 and "loadavg_1min" in saved["runs"][0]
+
+
+def test_run_task_measures_the_method_not_the_runner(tmp_path):
+    # the runner holds 300 MiB; a method started straight from it would report at least that as its peak RSS
+    held = np.ones(300 * 2**20 // 8)
+    script = "import sys; sys.stdout.write('hello'); sys.exit(3)"
+    measured = run_task([sys.executable, "-c", script], tmp_path, threads=1, log_path=tmp_path / "m.log")
+    assert measured["returncode"] == 3 and (tmp_path / "m.log").read_text() == "hello"
+    assert 0 < measured["peak_rss_mib"] < 150 and held.sum() > 0  # a bare interpreter, not the runner's 300 MiB
+    assert measured["command"][-1] == script and not list(tmp_path.glob("*.usage.json*"))
+    allocating = "import numpy; a = numpy.ones(200 * 2**20 // 8); a.sum()"  # the method's own memory is seen
+    assert run_task([sys.executable, "-c", allocating], tmp_path, 1, tmp_path / "a.log")["peak_rss_mib"] > 200
 
 
 def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():

@@ -3,7 +3,8 @@
 
 A benchmark is a sequence of :class:`Task` (one method on one pair). :func:`run_tasks` runs each in its own process
 with every thread pool capped (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
-``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``), takes wall time, CPU time and peak RSS of the child from ``os.wait4``,
+``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``), takes its wall time, and its CPU time and peak RSS from ``os.wait4`` in a
+small launcher (``measure.py``: a child started by the runner itself would inherit the runner's peak RSS),
 scores its outputs (``scoring.py``) and rewrites the results JSON atomically after every task. The document is the same
 for both benchmarks: ``runs`` (machine, versions, threads, load of each run), ``pairs``, ``methods``, ``results`` (one
 row per (pair, method)) and, for folder runs, ``skipped``.
@@ -25,6 +26,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -105,19 +107,31 @@ def machine_info(threads: int, argv: list[str]) -> dict:
 
 
 def run_task(argv: list[str], cwd: Path, threads: int, log_path: Path) -> dict:
-    """Run one method process; return its exit code, wall time, CPU time (user + system) and peak RSS."""
+    """
+    Run one method process; return its exit code, wall time, CPU time (user + system) and peak RSS.
+
+    The process is started through ``bench.accuracy.measure`` (see there why), which reports its CPU time and peak
+    RSS; the wall time is taken here, so it includes that launcher's start (~0.05 s).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    usage_path = log_path.with_name(log_path.name + ".usage.json")
+    usage_path.unlink(missing_ok=True)
+    launcher = [sys.executable, "-m", "bench.accuracy.measure", str(usage_path), "--", *argv]
     load = os.getloadavg()[0]
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        child = subprocess.Popen(argv, cwd=cwd, env=thread_env(threads), stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
+        returncode = subprocess.run(launcher, cwd=cwd, env=thread_env(threads), stdout=log, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - start
+    if not usage_path.exists():  # the launcher itself failed (its message is in the log)
+        return {"returncode": returncode or 1, "wall_s": wall, "cpu_s": float("nan"), "peak_rss_mib": float("nan"),
+                "loadavg_1min_at_start": load, "log": str(log_path), "command": argv}
+    usage = json.loads(usage_path.read_text())
+    usage_path.unlink()
     return {
-        "returncode": os.waitstatus_to_exitcode(status),
+        "returncode": usage["returncode"],
         "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,  # robust to other load on a shared machine, unlike wall time
-        "peak_rss_mib": usage.ru_maxrss / 1024.0,  # Linux reports KiB
+        "cpu_s": usage["cpu_s"],  # robust to other load on a shared machine, unlike wall time
+        "peak_rss_mib": usage["peak_rss_mib"],
         "loadavg_1min_at_start": load,
         "log": str(log_path),
         "command": argv,
