@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.accuracy.ants_syn import ddf_from_physical_field  # noqa: E402
-from bench.accuracy.methods import identity  # noqa: E402
+from bench.accuracy.methods import Method, identity  # noqa: E402
 from bench.accuracy.pairs import LabelGroup, Pair, Skipped, discover_pairs  # noqa: E402
 from bench.accuracy.report import format_table  # noqa: E402
 from bench.accuracy.runner import run_benchmark  # noqa: E402
@@ -206,6 +206,29 @@ def test_runner_end_to_end_identity(tmp_path):
     assert written["pairs"]["brain_crop"]["groups"][0]["name"] == "mean_1_7"
     table = format_table(report)
     assert "| brain_crop | identity | mean_1_7=" in table
+
+
+def test_runner_runs_scores_and_records_failing_and_missing_methods(tmp_path):
+    data = tmp_path / "data"
+    folder = _crop_sample(data / "brain_crop", step=2)
+    # a "method" process that writes the fixed labels as its warped labels: Dice 1 through the whole runner
+    copy = "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2] + '/warped_label.nii.gz')"
+    perfect = Method(
+        "perfect", lambda pair, out: [sys.executable, "-c", copy, str(pair.fixed_label), str(out)], tmp_path
+    )
+    broken = Method("broken", lambda pair, out: [sys.executable, "-c", "raise SystemExit(2)"], tmp_path)
+    absent = Method("absent", available=False, why_not="antspyx not installed")
+    report = run_benchmark([data], [perfect, broken, absent], tmp_path / "out", threads=1)
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["perfect"]["status"] == "ok" and rows["perfect"]["groups"]["mean_1_7"]["dice"] == 1.0
+    assert rows["perfect"]["groups"]["mean_1_8"]["hd95_mm"] == 0.0 and rows["perfect"]["fold_source"] == "missing"
+    assert rows["perfect"]["peak_rss_mib"] > 0 and rows["perfect"]["returncode"] == 0
+    assert (tmp_path / "out" / "brain_crop" / "perfect" / "warped_label.nii.gz").exists()
+    assert rows["broken"]["status"] == "failed" and rows["broken"]["reason"].startswith("exit 2")
+    assert rows["absent"] == {**rows["absent"], "status": "not run", "reason": "antspyx not installed"}
+    written = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert [(r["method"], r["status"]) for r in written] == [("perfect", "ok"), ("broken", "failed"), ("absent", "not run")]
+    assert nib.load(str(folder / "fixed_mni152_seg8.nii.gz")).shape == (32, 32, 32)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ants") is None, reason="antspyx not installed (requirements-bench.txt)")
