@@ -1,7 +1,7 @@
 """Tests of the accuracy benchmark (bench/accuracy) and the QC figure (scripts.workflow.qc).
 
-Known-answer cases of the bench's scoring (the bundle's metrics behind it), pair discovery on a folder laid out like shared/data, scoring and the end-to-end runner on
-a crop of the shipped real pair, the ANTs world→voxel displacement conversion against ANTs' own warped image (skipped
+Known-answer cases of the bench's scoring (the bundle's metrics behind it), pair discovery on a folder laid out like
+shared/data, scoring and the end-to-end runner on a crop of the shipped real pair, the ANTs world→voxel displacement conversion against ANTs' own warped image (skipped
 without antspyx), and the QC PNG.
 """
 
@@ -227,7 +227,8 @@ def test_runner_runs_scores_and_records_failing_and_missing_methods(tmp_path):
     assert rows["broken"]["status"] == "failed" and rows["broken"]["reason"].startswith("exit 2")
     assert rows["absent"] == {**rows["absent"], "status": "not run", "reason": "antspyx not installed"}
     written = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    assert [(r["method"], r["status"]) for r in written] == [("perfect", "ok"), ("broken", "failed"), ("absent", "not run")]
+    statuses = [(r["method"], r["status"]) for r in written]
+    assert statuses == [("perfect", "ok"), ("broken", "failed"), ("absent", "not run")]
     assert nib.load(str(folder / "fixed_mni152_seg8.nii.gz")).shape == (32, 32, 32)
 
 

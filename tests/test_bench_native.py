@@ -1,8 +1,8 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Tests of the native-pair benchmark (bench.accuracy.native and the runner, pairs, methods, scoring and report it
 shares with the folder benchmark): the person split of brain_mal2012, the scoring (the bundle's Dice, HD95, SDlogJ,
-folding, over the classes present in both maps), resampling through world coordinates, the crop, the task order, the resumable runner
-and the HD95 rescoring of an existing results JSON.
+folding, over the classes present in both maps), resampling through world coordinates, the crop, the task order, the
+resumable runner and its memory measurement, and the HD95 rescoring of an existing results JSON.
 
 No ANTs is needed; the volumes are crops of the shipped real Colin27 -> MNI152 labels (<= 40^3), seconds in all.
 """

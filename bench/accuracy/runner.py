@@ -120,7 +120,8 @@ def run_task(argv: list[str], cwd: Path, threads: int, log_path: Path) -> dict:
     load = os.getloadavg()[0]
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        returncode = subprocess.run(launcher, cwd=cwd, env=thread_env(threads), stdout=log, stderr=subprocess.STDOUT).returncode
+        done = subprocess.run(launcher, cwd=cwd, env=thread_env(threads), stdout=log, stderr=subprocess.STDOUT)
+        returncode = done.returncode
         wall = time.perf_counter() - start
     if not usage_path.exists():  # the launcher itself failed (its message is in the log)
         return {"returncode": returncode or 1, "wall_s": wall, "cpu_s": float("nan"), "peak_rss_mib": float("nan"),
@@ -256,7 +257,10 @@ def run_tasks(
 # ---------------------------------------------------------------- pre-aligned folder pairs
 
 
-def _folder_tasks(report: dict, data_dirs: list[Path], methods: list[Method], out_dir: Path, include_unlabeled: bool) -> Iterator[Task]:
+def _folder_tasks(
+    report: dict, data_dirs: list[Path], methods: list[Method], out_dir: Path, include_unlabeled: bool
+) -> Iterator[Task]:
+    """Every method on every pair found in ``data_dirs``; skipped folders and the pairs are noted in ``report``."""
     for data_dir in data_dirs:
         for item in discover_pairs(data_dir, include_unlabeled=include_unlabeled):
             if isinstance(item, Skipped):
@@ -266,11 +270,12 @@ def _folder_tasks(report: dict, data_dirs: list[Path], methods: list[Method], ou
             report["pairs"][item.name] = item.as_dict()
             for method in methods:
                 method_dir = out_dir / item.name.replace("/", "__") / method.name
+                command = None if method.command is None else method.command(item, method_dir)
                 yield Task(
                     item.name,
                     method.name,
                     score=lambda folder, pair=item: score_pair(pair, folder),
-                    command=None if method.command is None else (method.command(item, method_dir), method.cwd or REPO_ROOT),
+                    command=None if command is None else (command, method.cwd or REPO_ROOT),
                     method_dir=method_dir,
                     fields={"primary": item.primary.name if item.primary else None},
                     not_run="" if method.available else method.why_not,

@@ -55,7 +55,9 @@ SUBCORTICAL = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13)
 
 def _check_same_grid(fixed_label: np.ndarray, warped_label: np.ndarray) -> None:
     if fixed_label.shape != warped_label.shape:
-        raise ValueError(f"label maps must share one grid, got fixed {fixed_label.shape} and warped {warped_label.shape}.")
+        raise ValueError(
+            f"label maps must share one grid, got fixed {fixed_label.shape} and warped {warped_label.shape}."
+        )
 
 
 def _channel_first(label: np.ndarray) -> torch.Tensor:

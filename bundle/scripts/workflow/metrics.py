@@ -181,18 +181,18 @@ def _label_boxes(index_maps: Sequence[torch.Tensor], num_ids: int, shape: Sequen
     """
     from scipy.ndimage import find_objects
 
-    found = [find_objects(m.reshape(tuple(shape)).cpu().numpy().astype(np.int32), max_label=num_ids) for m in index_maps]
+    found = [
+        find_objects(m.reshape(tuple(shape)).cpu().numpy().astype(np.int32), max_label=num_ids) for m in index_maps
+    ]
     boxes = []
     for k in range(num_ids):
         parts = [f[k] for f in found if f[k] is not None]
-        boxes.append(
-            None
-            if not parts
-            else tuple(
-                slice(max(0, min(p[d].start for p in parts) - margin), min(size, max(p[d].stop for p in parts) + margin))
-                for d, size in enumerate(shape)
-            )
-        )
+        if not parts:
+            boxes.append(None)
+            continue
+        starts = [max(0, min(p[d].start for p in parts) - margin) for d in range(len(shape))]
+        stops = [min(size, max(p[d].stop for p in parts) + margin) for d, size in enumerate(shape)]
+        boxes.append(tuple(slice(a, b) for a, b in zip(starts, stops)))
     return boxes
 
 
@@ -227,7 +227,9 @@ def hd95_per_label(
     if spacing is not None and len(spacing) != 3:
         raise ValueError(f"spacing must have 3 values (one per array axis), got {list(spacing)}.")
     if _plain(pred).shape != _plain(reference).shape:
-        raise ValueError(f"label maps differ in shape: {tuple(_plain(pred).shape)} vs {tuple(_plain(reference).shape)}.")
+        raise ValueError(
+            f"label maps differ in shape: {tuple(_plain(pred).shape)} vs {tuple(_plain(reference).shape)}."
+        )
     pred_index, reference_index = label_indices(pred, label_ids), label_indices(reference, label_ids)
     shape = tuple(_plain(reference).shape[1:])
     distinct = sorted({int(i) for i in label_ids})
