@@ -1,8 +1,9 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """The registration methods compared by the accuracy benchmark, each as a command run in its own process.
 
-**Pre-aligned folder methods** (:class:`Method`, :func:`build_methods`; ``bench.accuracy.run``). Every method writes, into its output folder and on the fixed image's grid, ``warped_label.nii.gz`` (when a moving label
-is given) and a displacement ``ddf.nii.gz`` and/or ``jacobian_det.nii.gz``; the runner scores all of them with the same
-code. Running each method as a separate process gives an honest wall time (imports and file I/O included, as a user
+**Pre-aligned folder methods** (:class:`Method`, :func:`build_methods`; ``bench.accuracy.run``). Every method
+writes, into its output folder and on the fixed image's grid, ``warped_label.nii.gz`` (when a moving label is given)
+and a displacement ``ddf.nii.gz`` and/or ``jacobian_det.nii.gz``; the runner scores all of them with the same code. Running each method as a separate process gives an honest wall time (imports and file I/O included, as a user
 sees them) and its own peak resident memory.
 
 **Native-pair methods** (:class:`NativeMethod`, :data:`METHODS`, :func:`task_order`; ``bench.accuracy.native``).

@@ -1,7 +1,9 @@
+# Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """The registration pairs of the accuracy benchmark: pre-aligned pairs found in data folders, and the native pairs.
 
 **Pre-aligned pairs** (:func:`discover_pairs`, scored by ``bench.accuracy.run``): moving → fixed, with label maps, in a
-data folder laid out like ``shared/data``. Recognised layouts, looked for in the folder itself and in each of its sub-folders:
+data folder laid out like ``shared/data``. Recognised layouts, looked for in the folder itself and in each of its
+sub-folders:
 
 * **fixed/moving** — exactly one ``fixed_*_t1.nii.gz`` and one ``moving_*_t1.nii.gz``; labels ``fixed_*_seg8.nii.gz`` /
   ``moving_*_seg8.nii.gz`` (the common 8-class brain map: primary score = mean Dice of classes 1–7, also 1–8).
