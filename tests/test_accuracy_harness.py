@@ -1,7 +1,7 @@
 """Tests of the accuracy benchmark (bench/accuracy) and the QC figure (scripts.workflow.qc).
 
-Known-answer metric cases, pair discovery on a folder laid out like shared/data, scoring and the end-to-end runner on
-a crop of the shipped real pair, the ANTs world→voxel displacement conversion against ANTs' own warped image (skipped
+Known-answer cases of the bench's scoring (the bundle's metrics behind it), pair discovery on a folder laid out like
+shared/data, scoring and the end-to-end runner on a crop of the shipped real pair, the ANTs world→voxel displacement conversion against ANTs' own warped image (skipped
 without antspyx), and the QC PNG.
 """
 
@@ -18,17 +18,20 @@ from conftest import BUNDLE_ROOT, REPO_ROOT
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.accuracy.metrics import (  # noqa: E402
-    ddf_from_physical_field,
-    dice_per_label,
-    folding_percentage_numpy,
-    hd95_per_label,
-    jacobian_determinant_numpy,
-    labels_present_in_both,
-)
-from bench.accuracy.methods import identity  # noqa: E402
+from bench.accuracy.ants_syn import ddf_from_physical_field  # noqa: E402
+from bench.accuracy.methods import Method, identity  # noqa: E402
 from bench.accuracy.pairs import LabelGroup, Pair, Skipped, discover_pairs  # noqa: E402
-from bench.accuracy.run import format_table, load_ddf, run_benchmark, score_pair  # noqa: E402
+from bench.accuracy.report import format_table  # noqa: E402
+from bench.accuracy.runner import run_benchmark  # noqa: E402
+from bench.accuracy.scoring import (  # noqa: E402
+    det_from_ddf,
+    dice_per_class,
+    hd95_per_class,
+    jacobian_stats,
+    labels_present_in_both,
+    load_ddf,
+    score_pair,
+)
 
 SAMPLE = BUNDLE_ROOT / "sample_data"
 # 64³ crop of the shipped pair around the deep grey matter: every seg8 class 1–8 occurs in both label maps
@@ -66,25 +69,25 @@ def test_dice_known_overlap_and_missing_labels():
     a[2:10, 1:9, 1:9] = 1  # 8×8×8
     b[4:12, 1:9, 1:9] = 1  # same cube shifted 2 voxels: overlap 6×8×8
     b[0, 0, 0] = 3  # only in b
-    scores = dice_per_label(a, b, [1, 2, 3])
+    scores = dice_per_class(a, b, [1, 2, 3])
     assert scores[1] == pytest.approx(2 * 384 / 1024)
     assert np.isnan(scores[2])  # in neither map: undefined, not 0 or 1
     assert scores[3] == 0.0
     assert labels_present_in_both(a, b, [0, 1, 2, 3]) == [1]
     with pytest.raises(ValueError, match="one grid"):
-        dice_per_label(a, b[:-1], [1])
+        dice_per_class(a, b[:-1], [1])
 
 
 def test_hd95_concentric_balls_respects_spacing():
     shape = (24, 24, 24)
     inner = _ball(shape, (12, 12, 12), 4).astype(np.int32)
     outer = _ball(shape, (12, 12, 12), 8).astype(np.int32)
-    iso = hd95_per_label(inner, outer, [1], spacing=(1.0, 1.0, 1.0))[1]
+    iso = hd95_per_class(inner, outer, [1], spacing=(1.0, 1.0, 1.0))[1]
     assert 3.0 <= iso <= 5.0  # surfaces are 4 voxels apart (± discretisation)
-    aniso = hd95_per_label(inner, outer, [1], spacing=(2.0, 2.0, 2.0))[1]
+    aniso = hd95_per_class(inner, outer, [1], spacing=(2.0, 2.0, 2.0))[1]
     assert aniso == pytest.approx(2 * iso, rel=1e-6)
-    assert hd95_per_label(inner, inner, [1], spacing=(1.0, 1.0, 1.0))[1] == 0.0
-    assert np.isnan(hd95_per_label(inner, 0 * inner, [1], spacing=(1.0, 1.0, 1.0))[1])
+    assert hd95_per_class(inner, inner, [1], spacing=(1.0, 1.0, 1.0))[1] == 0.0
+    assert np.isnan(hd95_per_class(inner, 0 * inner, [1], spacing=(1.0, 1.0, 1.0))[1])
 
 
 def test_jacobian_of_linear_field_and_folding():
@@ -92,13 +95,13 @@ def test_jacobian_of_linear_field_and_folding():
     grid = np.indices(shape).astype(np.float64)
     a = np.array([[0.2, 0.1, 0.0], [0.0, -0.3, 0.05], [0.1, 0.0, 0.4]])
     ddf = np.einsum("ij,jdhw->idhw", a, grid).astype(np.float32)  # u(x) = A x, so det J = det(I + A) everywhere
-    det = jacobian_determinant_numpy(ddf)
+    det = det_from_ddf(ddf)
     np.testing.assert_allclose(det, np.linalg.det(np.eye(3) + a), rtol=1e-5)
-    assert folding_percentage_numpy(det) == 0.0
+    assert jacobian_stats(det)["fold_pct"] == 0.0
     folded = np.einsum("ij,jdhw->idhw", np.diag([-1.5, 0.0, 0.0]), grid).astype(np.float32)  # x → −0.5 x: flipped
-    assert folding_percentage_numpy(jacobian_determinant_numpy(folded)) == 100.0
-    with pytest.raises(ValueError, match=r"\(3, D, H, W\)"):
-        jacobian_determinant_numpy(ddf[:2])
+    assert jacobian_stats(det_from_ddf(folded))["fold_pct"] == 100.0
+    with pytest.raises(ValueError, match=r"\(B, 3, D, H, W\)"):
+        det_from_ddf(ddf[:2])
 
 
 def test_physical_to_voxel_displacement():
@@ -185,7 +188,8 @@ def test_score_pair_on_real_crop(tmp_path):
     _save(ddf, out / "ddf.nii.gz", fixed_img.affine)
     scored = score_pair(pair, out)
     assert scored["groups"]["mean_1_7"]["dice"] == 1.0 and scored["groups"]["mean_1_8"]["hd95_mm"] == 0.0
-    expected = folding_percentage_numpy(jacobian_determinant_numpy(np.moveaxis(ddf, -1, 0)))
+    # only u_2 varies, and only along axis 2: det J = 1 + du_2/dz (central differences, one-sided at the borders)
+    expected = 100.0 * float((1.0 + np.gradient(ddf[..., 2], axis=2) <= 0).mean())
     assert scored["fold_pct"] == pytest.approx(expected, rel=1e-5)
     assert 0.0 < scored["fold_pct"] < 100.0
     np.testing.assert_array_equal(load_ddf(out / "ddf.nii.gz"), np.moveaxis(ddf, -1, 0))
@@ -197,9 +201,35 @@ def test_runner_end_to_end_identity(tmp_path):
     report = run_benchmark([data], [identity()], tmp_path / "out")
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["results"][0]["pair"] == "brain_crop" and written["results"][0]["status"] == "ok"
-    assert written["machine"]["threads_per_method"] == 2 and "monai" in written["versions"]
+    run = written["runs"][0]
+    assert run["threads_per_method"] == 2 and "monai" in run["versions"]
+    assert written["pairs"]["brain_crop"]["groups"][0]["name"] == "mean_1_7"
     table = format_table(report)
     assert "| brain_crop | identity | mean_1_7=" in table
+
+
+def test_runner_runs_scores_and_records_failing_and_missing_methods(tmp_path):
+    data = tmp_path / "data"
+    folder = _crop_sample(data / "brain_crop", step=2)
+    # a "method" process that writes the fixed labels as its warped labels: Dice 1 through the whole runner
+    copy = "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2] + '/warped_label.nii.gz')"
+    perfect = Method(
+        "perfect", lambda pair, out: [sys.executable, "-c", copy, str(pair.fixed_label), str(out)], tmp_path
+    )
+    broken = Method("broken", lambda pair, out: [sys.executable, "-c", "raise SystemExit(2)"], tmp_path)
+    absent = Method("absent", available=False, why_not="antspyx not installed")
+    report = run_benchmark([data], [perfect, broken, absent], tmp_path / "out", threads=1)
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["perfect"]["status"] == "ok" and rows["perfect"]["groups"]["mean_1_7"]["dice"] == 1.0
+    assert rows["perfect"]["groups"]["mean_1_8"]["hd95_mm"] == 0.0 and rows["perfect"]["fold_source"] == "missing"
+    assert rows["perfect"]["peak_rss_mib"] > 0 and rows["perfect"]["returncode"] == 0
+    assert (tmp_path / "out" / "brain_crop" / "perfect" / "warped_label.nii.gz").exists()
+    assert rows["broken"]["status"] == "failed" and rows["broken"]["reason"].startswith("exit 2")
+    assert rows["absent"] == {**rows["absent"], "status": "not run", "reason": "antspyx not installed"}
+    written = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    statuses = [(r["method"], r["status"]) for r in written]
+    assert statuses == [("perfect", "ok"), ("broken", "failed"), ("absent", "not run")]
+    assert nib.load(str(folder / "fixed_mni152_seg8.nii.gz")).shape == (32, 32, 32)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ants") is None, reason="antspyx not installed (requirements-bench.txt)")

@@ -1,7 +1,8 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Tests of the native-pair benchmark (bench/accuracy/native*.py): the person split of brain_mal2012, the scoring
-(Dice, HD95, SDlogJ, folding), resampling through world coordinates, the crop, the task order, the resumable runner
-and the HD95 rescoring of an existing results JSON.
+"""Tests of the native-pair benchmark (bench.accuracy.native and the runner, pairs, methods, scoring and report it
+shares with the folder benchmark): the person split of brain_mal2012, the scoring (the bundle's Dice, HD95, SDlogJ,
+folding, over the classes present in both maps), resampling through world coordinates, the crop, the task order, the
+resumable runner and its memory measurement, and the HD95 rescoring of an existing results JSON.
 
 No ANTs is needed; the volumes are crops of the shipped real Colin27 -> MNI152 labels (<= 40^3), seconds in all.
 """
@@ -17,19 +18,12 @@ from conftest import REPO_ROOT, SAMPLE_PAIR
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.accuracy.metrics import hd95_per_label, label_boxes
-from bench.accuracy.native import _load_report, reuse_prealigned, run, task_command
-from bench.accuracy.native_methods import METHODS, prealigned_pair, task_order
-from bench.accuracy.native_pairs import NativePair, crop_to_foreground
+from bench.accuracy.io import resample_to_grid
+from bench.accuracy.methods import METHODS, task_order
 from bench.accuracy.native_rescore import rescore
-from bench.accuracy.native_scoring import (
-    dice_scores,
-    hd95_summary,
-    jacobian_stats,
-    resample_to_grid,
-    score_labels,
-    voxel_spacing,
-)
+from bench.accuracy.pairs import NativePair, crop_to_foreground, prealigned_pair
+from bench.accuracy.runner import load_report, reuse_prealigned, run_native, run_task, task_command
+from bench.accuracy.scoring import dice_per_class, hd95_per_class, hd95_summary, jacobian_stats, score_labels
 from bench.accuracy.native_split import (
     PEOPLE,
     SPLIT_PATH,
@@ -98,14 +92,14 @@ def test_check_split_rejects_a_person_in_two_parts_or_a_separated_rescan():
 def test_dice_matches_a_direct_count_on_real_labels():
     fixed = _real_labels()
     warped = np.roll(fixed, 2, axis=0)
-    scores = dice_scores(fixed, warped, [1, 2, 3, 9])
+    scores = dice_per_class(fixed, warped, [1, 2, 3, 9])
     for lab in (1, 2, 3):
         a, b = fixed == lab, warped == lab
         assert scores[lab] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
     assert np.isnan(scores[9])  # in neither map
-    assert dice_scores(fixed, fixed, [1, 2])[1] == 1.0
+    assert dice_per_class(fixed, fixed, [1, 2])[1] == 1.0
     with pytest.raises(ValueError, match="one grid"):
-        dice_scores(fixed, fixed[1:], [1])
+        dice_per_class(fixed, fixed[1:], [1])
 
 
 def test_score_labels_uses_classes_present_in_both_inputs():
@@ -123,45 +117,15 @@ def _cube(shape, start, size=10, label=1) -> np.ndarray:
     return out
 
 
-def test_hd95_of_two_cubes_offset_by_3_voxels_is_3_voxels_in_mm():
-    # a 10^3 cube and the same cube 3 voxels further along one axis: the far faces (20 % of the surface voxels) are
-    # 3 voxels apart and nothing is further, so the 95th percentile is exactly 3 voxels, in mm of that axis
-    shape = (30, 30, 30)
-    fixed = _cube(shape, (10, 10, 10))
-    along_z, along_x = _cube(shape, (10, 10, 13)), _cube(shape, (13, 10, 10))
-    spacing = (1.0, 1.0, 2.0)
-    assert hd95_per_label(fixed, along_z, [1], spacing)[1] == pytest.approx(6.0)
-    assert hd95_per_label(fixed, along_x, [1], spacing)[1] == pytest.approx(3.0)
-    assert hd95_per_label(fixed, along_z, [1], (1.0, 1.0, 1.0))[1] == pytest.approx(3.0)
-    assert hd95_per_label(along_z, fixed, [1], spacing)[1] == pytest.approx(6.0)  # symmetric
-    assert hd95_per_label(fixed, fixed, [1], spacing)[1] == 0.0
-    # score_labels: the mean over the Dice classes, per class keyed like dice_per_class
-    two = fixed + _cube(shape, (0, 0, 0), size=5, label=2)
-    moved = along_z + _cube(shape, (0, 0, 0), size=5, label=2)
+def test_score_labels_hd95_of_a_cube_offset_by_3_voxels_is_3_voxels_in_mm():
+    # a 10^3 cube and the same cube 3 voxels further along z (2 mm voxels): HD95 exactly 6 mm (the bundle's metric,
+    # tests/test_metrics.py); score_labels takes it per Dice class, keyed like dice_per_class, and their mean
+    shape, spacing = (30, 30, 30), (1.0, 1.0, 2.0)
+    two = _cube(shape, (10, 10, 10)) + _cube(shape, (0, 0, 0), size=5, label=2)
+    moved = _cube(shape, (10, 10, 13)) + _cube(shape, (0, 0, 0), size=5, label=2)
     scored = score_labels(two, two, moved, spacing=spacing)
     assert scored["hd95_per_class"] == {"1": pytest.approx(6.0), "2": 0.0} and scored["hd95_mean"] == pytest.approx(3.0)
     assert "hd95_mean" not in score_labels(two, two, moved)  # no spacing, no HD95 (as before)
-    assert voxel_spacing(np.diag([1.0, 1.0, 2.0, 1.0])) == spacing
-    assert voxel_spacing(np.array([[0, 0, -2.0, 5], [1.0, 0, 0, 1], [0, 1.5, 0, 0], [0, 0, 0, 1]])) == (1.0, 1.5, 2.0)
-
-
-def test_hd95_on_the_bounding_box_equals_the_whole_grid():
-    fixed = _real_labels()
-    warped = np.roll(fixed, 3, axis=0)  # wraps round: classes touching the grid's edge, boxes clipped there
-    warped[warped == 5] = 0
-    warped[:2, :2, :2] = 5  # a stray island far from the class: the box of the union spans both
-    labels = list(range(1, 9))
-    cropped = hd95_per_label(fixed, warped, labels, (1.0, 1.2, 0.9))
-    whole = hd95_per_label(fixed, warped, labels, (1.0, 1.2, 0.9), crop_margin=None)
-    assert cropped.keys() == whole.keys()
-    for lab in labels:
-        assert cropped[lab] == whole[lab] or (np.isnan(cropped[lab]) and np.isnan(whole[lab])), lab
-    assert cropped[5] > 20.0  # the island is far from the class: HD95 sees it
-    boxes = label_boxes(fixed, warped, [1, 5, 14], margin=2)
-    assert boxes[14] is None and boxes[5][0].start == 0
-    assert all(b.stop <= s for b, s in zip(boxes[1], fixed.shape, strict=True))
-    with pytest.raises(ValueError, match="crop_margin"):
-        hd95_per_label(fixed, warped, [1], (1.0, 1.0, 1.0), crop_margin=0)
 
 
 def test_hd95_is_nan_for_a_class_missing_from_one_map_and_left_out_of_the_mean():
@@ -172,7 +136,7 @@ def test_hd95_is_nan_for_a_class_missing_from_one_map_and_left_out_of_the_mean()
     assert scored["dice_per_class"]["2"] == 0.0 and np.isnan(scored["hd95_per_class"]["2"])
     others = [v for c, v in scored["hd95_per_class"].items() if c != "2"]
     assert scored["hd95_mean"] == 0.0 and others == [0.0] * len(others)
-    assert np.isnan(hd95_per_label(fixed, warped, [14], (1.0, 1.0, 1.0))[14])  # in neither map
+    assert np.isnan(hd95_per_class(fixed, warped, [14], (1.0, 1.0, 1.0))[14])  # in neither map
     assert np.isnan(hd95_summary(fixed, 0 * fixed, [1, 2], (1.0, 1.0, 1.0))["hd95_mean"])  # no class: NaN mean
 
 
@@ -289,7 +253,7 @@ def test_candidate_weights_reach_the_bundle_methods_only(tmp_path):
 def test_runner_scores_identity_and_resumes_without_rerunning(tmp_path):
     pair = _pair(tmp_path)
     out = tmp_path / "out"
-    report = run([pair], ["identity", "identity_after_affine"], out, threads=1, seed=1, argv=[])
+    report = run_native([pair], ["identity", "identity_after_affine"], out, threads=1, seed=1, argv=[])
     first = {r["method"]: r for r in report["results"]}
     assert set(first) == {"identity"}  # identity_after_affine waits for ants_affine
     labels = _real_labels()
@@ -299,14 +263,26 @@ def test_runner_scores_identity_and_resumes_without_rerunning(tmp_path):
     expected_hd = score_labels(labels, labels, np.roll(labels, 1, axis=2), spacing=(1.0, 1.0, 1.0))
     assert expected_hd["hd95_mean"] > 0 and first["identity"]["hd95_mean"] == pytest.approx(expected_hd["hd95_mean"])
     assert first["identity"]["hd95_per_class"].keys() == first["identity"]["dice_per_class"].keys()
-    again = run([pair], ["identity"], out, threads=1, seed=1, argv=[])
+    again = run_native([pair], ["identity"], out, threads=1, seed=1, argv=[])
     assert again["results"][0]["finished_utc"] == first["identity"]["finished_utc"]  # skipped, not rerun
-    saved = _load_report(out / "results.json")
+    saved = load_report(out / "results.json")
     assert len(saved["runs"]) == 2 and len(saved["results"]) == 1 and "loadavg_1min" in saved["runs"][0]
 
 
+def test_run_task_measures_the_method_not_the_runner(tmp_path):
+    # the runner holds 300 MiB; a method started straight from it would report at least that as its peak RSS
+    held = np.ones(300 * 2**20 // 8)
+    script = "import sys; sys.stdout.write('hello'); sys.exit(3)"
+    measured = run_task([sys.executable, "-c", script], tmp_path, threads=1, log_path=tmp_path / "m.log")
+    assert measured["returncode"] == 3 and (tmp_path / "m.log").read_text() == "hello"
+    assert 0 < measured["peak_rss_mib"] < 150 and held.sum() > 0  # a bare interpreter, not the runner's 300 MiB
+    assert measured["command"][-1] == script and not list(tmp_path.glob("*.usage.json*"))
+    allocating = "import numpy; a = numpy.ones(200 * 2**20 // 8); a.sum()"  # the method's own memory is seen
+    assert run_task([sys.executable, "-c", allocating], tmp_path, 1, tmp_path / "a.log")["peak_rss_mib"] > 200
+
+
 def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():
-    from bench.accuracy.native_report import render
+    from bench.accuracy.report import render_native
 
     def rec(pair, method, dice, **extra):
         base = {"pair": pair, "method": method, "status": "ok", "dice_mean": dice, "dice_subcortical": dice}
@@ -322,7 +298,7 @@ def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():
     results += [rec("a", "ants_syn_60_30_10", 0.8, fold_pct=0.0, sdlogj=0.3)]
     results += [{"pair": "b", "method": "ants_syn_60_30_10", "status": "failed", "reason": "exit 1"}]
     run_info = {"started_utc": "t", "cpu": "c", "cpu_count": 2, "threads_per_method": 2, "loadavg_1min": 1.0}
-    text = render(
+    text = render_native(
         {"pairs": pairs, "results": results, "runs": [{**run_info, "nice": 10, "git_commit": "x", "versions": {}}]}
     )
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
@@ -334,7 +310,7 @@ def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():
     # a document scored before HD95 was recorded: "—" in the column, no HD95 tables
     for r in results:
         r.pop("hd95_mean", None), r.pop("hd95_per_class", None)
-    old = render({"pairs": pairs, "results": results, "runs": []})
+    old = render_native({"pairs": pairs, "results": results, "runs": []})
     assert "| identity (world coordinates) | 2 | 0.300 | — |" in old and "HD95 (mm) per" not in old
 
 
@@ -368,7 +344,7 @@ def test_candidate_weights_reuse_the_same_prealigned_inputs(tmp_path):
     source_report = {"runs": [], "pairs": {pair.name: pair.as_dict()}, "methods": {"ants_affine": {}}, "results": records}
     (source / "results.json").write_text(json.dumps(source_report))
     assert reuse_prealigned(source, out, [pair.name, "not_in_source"]) == [pair.name]
-    copied = _load_report(out / "results.json")
+    copied = load_report(out / "results.json")
     assert {r["method"] for r in copied["results"]} == {"ants_affine", "identity_after_affine"}  # not the bundle's
     assert (out / "prealigned" / pair.name / "moving_t1_affine.nii.gz").read_bytes() == b"aligned"
     listed = json.loads((out / "prealigned" / "datalist.json").read_text())["pairs"]

@@ -1,6 +1,8 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Per-label Dice of ``scripts.workflow.metrics`` (counted from a confusion count) against MONAI's ``compute_dice``, the
-reference it replaces, on the shipped real label maps and on synthetic maps with absent and one-sided labels."""
+"""The metrics of ``scripts.workflow.metrics`` (also the accuracy benchmark's): per-label Dice (counted from a confusion
+count) against MONAI's ``compute_dice``, per-label HD95 (on each label's bounding box) against MONAI's
+``compute_hausdorff_distance`` on the whole grid, on the shipped real label maps and on synthetic maps with absent and
+one-sided labels; folding and SDlogJ of a Jacobian determinant on known values."""
 
 from __future__ import annotations
 
@@ -12,9 +14,17 @@ import pytest
 import torch
 from conftest import SAMPLE_PAIR
 from monai.data import MetaTensor
-from monai.metrics import compute_dice
+from monai.metrics import compute_dice, compute_hausdorff_distance
 
-from scripts.workflow.metrics import dice_per_label, label_indices, label_one_hot, present_labels, registration_metrics
+from scripts.workflow.metrics import (
+    dice_per_label,
+    hd95_per_label,
+    jacobian_statistics,
+    label_indices,
+    label_one_hot,
+    present_labels,
+    registration_metrics,
+)
 
 
 def _monai_dice(pred, reference, label_ids) -> list[float]:
@@ -104,3 +114,68 @@ def test_registration_metrics_dice_before_and_after(sample_labels):
     assert metrics["label_ids"] == list(range(1, 9))
     _assert_same([row["dice"] for row in metrics["labels"]], _monai_dice(warped, fixed, metrics["label_ids"]))
     _assert_same([row["dice_identity"] for row in metrics["labels"]], _monai_dice(moving, fixed, metrics["label_ids"]))
+
+
+def _monai_hd95(pred, reference, label_ids, spacing) -> list[float]:
+    """The reference: MONAI's compute_hausdorff_distance on whole-grid one-hot maps, NaN where a map lacks the label."""
+    p, r = label_one_hot(pred, label_ids), label_one_hot(reference, label_ids)
+    hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=list(spacing))[0]
+    hd[(p.sum(dim=(0, 2, 3, 4)) == 0) | (r.sum(dim=(0, 2, 3, 4)) == 0)] = float("nan")
+    return [float(v) for v in hd]
+
+
+def test_hd95_on_bounding_boxes_matches_monai_on_the_whole_grid(sample_labels):
+    moving, fixed = sample_labels
+    warped = torch.roll(moving, shifts=3, dims=1)  # wraps round: labels touching the grid's edge, boxes clipped there
+    warped[warped == 5] = 0
+    warped[0, :2, :2, :2] = 5  # a stray island far from label 5: the union of the boxes spans both
+    ids, spacing = [7, 1, 2, 3, 4, 5, 6, 8, 9], (2.0, 2.4, 1.8)  # any order; 9 is in neither map
+    cropped = hd95_per_label(warped, fixed, ids, spacing)
+    _assert_same(cropped, _monai_hd95(warped, fixed, ids, spacing))
+    _assert_same(hd95_per_label(warped, fixed, ids, spacing, crop_margin=None), cropped)
+    assert cropped[ids.index(5)] > 40.0 and math.isnan(cropped[-1])  # HD95 sees the island; label 9: NaN
+    _assert_same(hd95_per_label(fixed, warped, ids, spacing), cropped)  # symmetric
+
+
+def _cube(shape, start, size=10, label=1) -> torch.Tensor:
+    out = torch.zeros((1, *shape), dtype=torch.int16)
+    out[(0, *(slice(s, s + size) for s in start))] = label
+    return out
+
+
+def test_hd95_of_a_cube_offset_by_3_voxels_is_3_voxels_in_mm():
+    # a 10^3 cube and the same cube 3 voxels further along one axis: the far faces (20 % of the surface voxels) are
+    # 3 voxels apart and nothing is further, so the 95th percentile is exactly 3 voxels, in mm of that axis
+    shape, spacing = (30, 30, 30), (1.0, 1.0, 2.0)
+    fixed = _cube(shape, (10, 10, 10))
+    assert hd95_per_label(_cube(shape, (10, 10, 13)), fixed, [1], spacing) == [pytest.approx(6.0)]
+    assert hd95_per_label(_cube(shape, (13, 10, 10)), fixed, [1], spacing) == [pytest.approx(3.0)]
+    assert hd95_per_label(_cube(shape, (10, 10, 13)), fixed, [1]) == [pytest.approx(3.0)]  # no spacing: voxels
+    assert hd95_per_label(fixed, fixed, [1], spacing) == [0.0]
+    one_sided = hd95_per_label(fixed, _cube(shape, (0, 0, 0), size=5, label=2), [1, 2], spacing)
+    assert all(math.isnan(v) for v in one_sided)  # each label is missing from one map
+    with pytest.raises(ValueError, match="crop_margin"):
+        hd95_per_label(fixed, fixed, [1], spacing, crop_margin=0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        hd95_per_label(fixed, fixed[:, 1:], [1], spacing)
+    with pytest.raises(ValueError, match="3 values"):
+        hd95_per_label(fixed, fixed, [1], (1.0, 1.0))
+
+
+def test_jacobian_statistics_known_values_and_mask():
+    det = np.ones((4, 4, 4), np.float32)
+    det[:2] = np.e  # half the voxels log det = 1, half 0: std 0.5
+    stats = jacobian_statistics(torch.from_numpy(det)[None])
+    assert stats["sdlogj"] == pytest.approx(0.5) and stats["percent_non_positive_jacobian"] == 0.0
+    assert stats["det_min"] == 1.0 and stats["det_max"] == pytest.approx(np.e)
+    mask = np.zeros_like(det, bool)
+    mask[2:] = True
+    assert jacobian_statistics(det, mask)["sdlogj"] == pytest.approx(0.0)
+    det[0, 0, 0] = -1.0  # folded: counted, and its log clipped at log(1e-9) instead of NaN
+    stats = jacobian_statistics(det)
+    assert stats["percent_non_positive_jacobian"] == pytest.approx(100 / 64) and np.isfinite(stats["sdlogj"])
+    assert jacobian_statistics(det, mask)["percent_non_positive_jacobian"] == 0.0
+    with pytest.raises(ValueError, match="mask"):
+        jacobian_statistics(det, mask[1:])
+    with pytest.raises(ValueError, match="empty"):
+        jacobian_statistics(det, np.zeros_like(mask))

@@ -31,7 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bench.accuracy.io import save_like, write_json_atomic
+from bench.accuracy.io import resample_to_grid, save_like, write_json_atomic
 
 __all__ = ["MODES", "main", "run_ants", "run_identity"]
 
@@ -40,8 +40,6 @@ MODES = ("identity", "Affine", "SyN", "SyNOnly")
 
 def run_identity(fixed_path: str, moving_label_path: str, out_dir: Path) -> dict:
     """Moving labels on the fixed grid through world coordinates (nearest neighbour); returns method info."""
-    from bench.accuracy.native_scoring import resample_to_grid
-
     fixed, moving = nib.load(fixed_path), nib.load(moving_label_path)
     labels = np.rint(np.asanyarray(moving.dataobj)).astype(np.int16)
     warped = resample_to_grid(labels, moving.affine, fixed.shape[:3], fixed.affine, order=0)

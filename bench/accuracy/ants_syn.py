@@ -21,9 +21,29 @@ import nibabel as nib
 import numpy as np
 
 from bench.accuracy.io import save_like, write_json_atomic
-from bench.accuracy.metrics import ddf_from_physical_field
 
-__all__ = ["register_syn", "main"]
+__all__ = ["ddf_from_physical_field", "main", "register_syn"]
+
+
+def ddf_from_physical_field(field: np.ndarray, direction: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Convert a displacement field given in world units (ITK/ANTs, mm) to voxel units along the array axes.
+
+    A world displacement v corresponds to the index displacement (D·diag(s))⁻¹ v, where D is the grid's direction
+    matrix and s its spacing, both in the same world frame as v.
+
+    Args:
+        field: (D, H, W, 3) world displacement per voxel (ANTs' ``numpy()`` layout of a vector image).
+        direction: 3×3 direction matrix of the grid.
+        spacing: voxel sizes (3,).
+
+    Returns:
+        (3, D, H, W) displacement in voxels, channel i along array axis i.
+    """
+    if field.ndim != 4 or field.shape[-1] != 3:
+        raise ValueError(f"field must have shape (D, H, W, 3), got {field.shape}.")
+    to_index = np.linalg.inv(np.asarray(direction, dtype=np.float64) @ np.diag(np.asarray(spacing, dtype=np.float64)))
+    ddf = np.einsum("ij,dhwj->idhw", to_index, field.astype(np.float64))
+    return ddf.astype(np.float32)
 
 
 def register_syn(

@@ -1,16 +1,21 @@
-"""Small NIfTI helpers for the accuracy benchmark: atomic writes on a reference grid, and loading as arrays."""
+"""Small NIfTI helpers for the accuracy benchmark: atomic writes on a reference grid, loading as arrays, and moving a
+volume onto another grid through world coordinates.
+
+numpy, scipy and nibabel only: the ANTs worker processes import this module, and their measured time and memory should
+not include torch or MONAI."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["save_like", "load_array", "write_json_atomic"]
+__all__ = ["load_array", "resample_to_grid", "save_like", "write_json_atomic"]
 
 
 def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path) -> None:
@@ -52,3 +57,44 @@ def write_json_atomic(obj, path: str | Path) -> None:
         json.dump(obj, handle, indent=2, sort_keys=False, default=str)
         handle.write("\n")
     os.replace(tmp, path)
+
+
+def resample_to_grid(
+    volume: np.ndarray,
+    volume_affine: np.ndarray,
+    target_shape: Sequence[int],
+    target_affine: np.ndarray,
+    order: int = 0,
+    chunk: int = 16,
+) -> np.ndarray:
+    """Resample ``volume`` onto a target grid through world coordinates (no registration: identity in world space).
+
+    Args:
+        volume: (X, Y, Z) array on its own grid.
+        volume_affine: its 4x4 voxel-to-world affine.
+        target_shape: (X', Y', Z') of the target grid.
+        target_affine: the target's 4x4 voxel-to-world affine.
+        order: spline order (0 = nearest neighbour, for labels; 1 = linear).
+        chunk: slices along the first target axis resampled at a time (bounds the memory of the coordinates).
+
+    Returns:
+        (X', Y', Z') array of ``volume``'s dtype; points outside ``volume`` get 0.
+    """
+    from scipy.ndimage import map_coordinates
+
+    if volume.ndim != 3 or len(target_shape) != 3:
+        raise ValueError(f"need a 3-D volume and a 3-D target shape, got {volume.shape} and {tuple(target_shape)}.")
+    for name, aff in (("volume_affine", volume_affine), ("target_affine", target_affine)):
+        if np.asarray(aff).shape != (4, 4):
+            raise ValueError(f"{name} must be 4x4, got shape {np.asarray(aff).shape}.")
+    target_to_source = np.linalg.inv(np.asarray(volume_affine, np.float64)) @ np.asarray(target_affine, np.float64)
+    out = np.zeros(tuple(int(s) for s in target_shape), dtype=volume.dtype)
+    grid_yz = np.indices(out.shape[1:], dtype=np.float64).reshape(2, -1)
+    for start in range(0, out.shape[0], chunk):
+        stop = min(start + chunk, out.shape[0])
+        xs = np.repeat(np.arange(start, stop, dtype=np.float64), grid_yz.shape[1])
+        points = np.stack([xs, np.tile(grid_yz[0], stop - start), np.tile(grid_yz[1], stop - start)])
+        coords = target_to_source[:3, :3] @ points + target_to_source[:3, 3:]
+        values = map_coordinates(volume, coords, order=order, mode="constant", cval=0, prefilter=False)
+        out[start:stop] = values.reshape((stop - start,) + out.shape[1:])
+    return out

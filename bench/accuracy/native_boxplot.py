@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.accuracy.native_report import NATIVE_ROWS, PREALIGNED_ROWS, SEG14_NAMES
+from bench.accuracy.report import NATIVE_ROWS, PREALIGNED_ROWS, SEG14_NAMES
 
 __all__ = ["DEFAULT_METHODS", "common_pairs", "main", "plot"]
 

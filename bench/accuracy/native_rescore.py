@@ -5,11 +5,12 @@
 
 For every ``ok`` row of ``OUT/results.json`` without ``hd95_mean``: the row's ``warped_label.nii.gz``
 (``OUT/<pair>/<method>/``, or the run it was reused from) is scored against the pair's fixed labels by
-``native_scoring.hd95_summary`` over the row's own ``classes`` (the classes its Dice was taken over), after checking
-that the same file reproduces the row's stored per-class Dice exactly. Only ``hd95_mean`` and ``hd95_per_class`` are
-added to the row (nothing else in it changes) and one entry to the document's ``rescores`` list. The JSON is
-rewritten atomically after every row, re-read just before, so a stopped rescore resumes where it was and a row
-rewritten meanwhile by the runner is left alone.
+the bundle's HD95 (``scoring.hd95_summary``) over the row's own ``classes`` (the classes its Dice was taken over),
+after checking that the same file reproduces the row's stored per-class Dice (to float32 precision: the bundle's Dice
+is a float32 ratio, rows scored before the bench used it hold the float64 one). Only ``hd95_mean`` and
+``hd95_per_class`` are added to the row (nothing else in it changes) and one entry to the document's ``rescores``
+list. The JSON is rewritten atomically after every row, re-read just before, so a stopped rescore resumes where it was
+and a row rewritten meanwhile by the runner is left alone.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.accuracy.io import write_json_atomic
-from bench.accuracy.native_pairs import NativePair
-from bench.accuracy.native_scoring import dice_scores, hd95_summary, voxel_spacing
+from bench.accuracy.pairs import NativePair
+from bench.accuracy.runner import machine_info
+from bench.accuracy.scoring import dice_per_class, hd95_summary, read_labels
+from scripts.io.input_checks import voxel_spacing
 
 __all__ = ["HD95_FIELDS", "find_method_dir", "hd95_of_record", "main", "rescore"]
 
@@ -47,8 +50,13 @@ def find_method_dir(out_dir: Path, record: dict) -> Path:
     raise FileNotFoundError(f"no warped_label.nii.gz for {record['pair']} / {record['method']} in {candidates}.")
 
 
+#: a recomputed Dice equals a stored one within float32 rounding (|float32(x) - x| <= 2**-24 x < 6e-8 for x <= 1);
+#: one voxel more or less in a 500 000-voxel class already moves Dice by ~1e-6
+DICE_TOLERANCE = 1e-7
+
+
 def _same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= DICE_TOLERANCE
 
 
 def hd95_of_record(pair: NativePair, record: dict, method_dir: Path) -> dict:
@@ -58,14 +66,12 @@ def hd95_of_record(pair: NativePair, record: dict, method_dir: Path) -> dict:
         ValueError: the warped labels are not on the fixed grid, or do not reproduce the row's stored Dice (then they
             are not the files the row was scored on).
     """
-    from bench.accuracy.native import _labels  # the runner's loader: the same rounding and dtype as its scoring
-
-    fixed, fixed_ref = _labels(pair.fixed_label)
-    warped, warped_ref = _labels(str(method_dir / "warped_label.nii.gz"))
+    fixed, fixed_ref = read_labels(pair.fixed_label)  # the runner's loader: the same rounding and dtype as its scoring
+    warped, warped_ref = read_labels(method_dir / "warped_label.nii.gz")
     if warped.shape != fixed.shape or not np.allclose(warped_ref.affine, fixed_ref.affine, atol=1e-3):
         raise ValueError(f"{method_dir}: warped labels {warped.shape} are not on the fixed grid {fixed.shape}.")
     classes = [int(c) for c in record["classes"]]
-    dice = dice_scores(fixed, warped, classes)
+    dice = dice_per_class(fixed, warped, classes)
     stored = record["dice_per_class"]
     if set(stored) != {str(c) for c in classes} or not all(_same(dice[c], float(stored[str(c)])) for c in classes):
         raise ValueError(f"{method_dir}: warped_label.nii.gz does not reproduce the stored Dice of the row.")
@@ -73,8 +79,6 @@ def hd95_of_record(pair: NativePair, record: dict, method_dir: Path) -> dict:
 
 
 def _rescore_entry(argv: list[str]) -> dict:
-    from bench.accuracy.native import machine_info
-
     info = machine_info(1, argv)
     info.pop("threads_per_method", None)
     return {**info, "added": list(HD95_FIELDS), "what": "HD95 added to the ok rows lacking it, from the files on disk"}

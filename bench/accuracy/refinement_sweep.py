@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +27,12 @@ import nibabel as nib
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bundle"))
-
-from scripts.engines import refine_displacement  # noqa: E402
-from scripts.layers.jacobian import jacobian_determinant  # noqa: E402
-from scripts.layers.warp import warp_image  # noqa: E402
-from scripts.losses import GradientLoss, LocalNCCLoss  # noqa: E402
-from scripts.spatial import apply_transforms  # noqa: E402
+from bench.accuracy.scoring import dice_per_class, jacobian_stats
+from scripts.engines import refine_displacement
+from scripts.layers.jacobian import jacobian_determinant
+from scripts.layers.warp import warp_image
+from scripts.losses import GradientLoss, LocalNCCLoss
+from scripts.spatial import apply_transforms
 
 
 def _scaled(array: np.ndarray) -> torch.Tensor:
@@ -67,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     def score(field: torch.Tensor) -> tuple[float, float]:
         warped = warp_image(labels, field, mode="nearest")[0, 0].numpy()
         ids = [k for k in range(1, 15) if (fixed_label == k).any()]
-        dice = np.mean([2 * ((warped == k) & (fixed_label == k)).sum() / ((warped == k).sum() + (fixed_label == k).sum()) for k in ids])
+        dice = np.mean(list(dice_per_class(fixed_label, warped, ids).values()))
         det = jacobian_determinant(field).reshape(brain.shape).numpy()
-        return float(dice), 100.0 * float((det[brain] <= 0).mean())
+        return float(dice), jacobian_stats(det, brain)["fold_pct"]
 
     print("plain (no refinement): Dice %.4f, det J <= 0 %.3f %%" % score(ddf), flush=True)
     for setting in args.settings:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.accuracy.native import thread_env
+from bench.accuracy.runner import thread_env
 
 __all__ = ["SPLIT_FILE", "OASIS_SUBJECTS", "TUNING_PAIRS", "align", "labelled_entries", "training_entries", "main"]
 
