@@ -50,9 +50,10 @@ class SACBNetLabelApp(MONAILabelApp):
     """One infer task and one train task, both named :py:data:`MODEL_NAME`."""
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
-        self.bundle_path = os.path.abspath(conf.get("bundle_path") or str(DEFAULT_BUNDLE))
-        if not os.path.isfile(os.path.join(self.bundle_path, "configs", "inference.json")):
-            raise ValueError(f"bundle_path {self.bundle_path} has no configs/inference.json.")
+        # not "bundle_path": MONAILabelApp.bundle_path(model) is a method, which the train endpoint calls
+        self.bundle_root = os.path.abspath(conf.get("bundle_path") or str(DEFAULT_BUNDLE))
+        if not os.path.isfile(os.path.join(self.bundle_root, "configs", "inference.json")):
+            raise ValueError(f"bundle_path {self.bundle_root} has no configs/inference.json.")
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -63,14 +64,14 @@ class SACBNetLabelApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        task = RegistrationInferTask(self.bundle_path, self.conf)
+        task = RegistrationInferTask(self.bundle_root, self.conf)
         if not task.is_valid():
-            logger.warning("no model.pt / model.ts in %s/models: inference disabled", self.bundle_path)
+            logger.warning("no model.pt / model.ts in %s/models: inference disabled", self.bundle_root)
             return {}
         return {MODEL_NAME: task}
 
     def init_trainers(self) -> Dict[str, TrainTask]:
-        task = RegistrationTrainTask(self.bundle_path, self.conf)
+        task = RegistrationTrainTask(self.bundle_root, self.conf)
         return {MODEL_NAME: task} if task.is_valid() else {}
 
     def infer(self, request: Dict[str, Any], datastore: Optional[Datastore] = None) -> Dict[str, Any]:
