@@ -200,6 +200,39 @@ def inferred(served):
     return {"label": label_file, "params": json.loads(fields["params"][1]), "raw_params": fields["params"][1].decode()}
 
 
+#: run in the Label venv: every declared dependency of monailabel (monai's extras included) installed at a version its
+#: requirement accepts, and the modules behind what the server offers (mlflow tracking, DICOM, SAM2) importable
+DEPENDENCY_CHECK = """
+import json
+from importlib.metadata import PackageNotFoundError, requires, version
+from packaging.requirements import Requirement
+
+def unmet(name, extras=()):
+    found = []
+    for line in requires(name) or []:
+        req = Requirement(line)
+        if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+            continue
+        try:
+            if not req.specifier.contains(version(req.name), prereleases=True):
+                found.append(f"{req} (installed: {version(req.name)})")
+        except PackageNotFoundError:
+            found.append(f"{req} (not installed)")
+            continue
+        found += unmet(req.name, tuple(req.extras))
+    return found
+
+import mlflow, pynetdicom, httpx, sklearn, sam2
+print("RESULT " + json.dumps(unmet("monailabel")))
+"""
+
+
+def test_monailabel_is_installed_with_its_declared_dependencies(tmp_path):
+    result = run_checked([str(LABEL_VENV / "bin" / "python"), "-c", DEPENDENCY_CHECK], cwd=tmp_path)
+    assert result.stdout.strip().splitlines()[-1] == "RESULT []", result.stdout[-3000:]
+    run_checked([str(LABEL_VENV / "bin" / "pip"), "check"], cwd=tmp_path)
+
+
 def test_launcher_starts_the_server_and_its_state_stays_out_of_git(served):
     server = served["server"]
     assert server.process.poll() is None
