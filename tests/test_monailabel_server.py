@@ -115,7 +115,7 @@ class LabelServer:
 def _start_server(studies: Path, conf: dict, log: Path) -> LabelServer:
     """Start the documented launcher on a free port and wait until ``GET /info/`` answers 200."""
     port = _free_port()
-    command = ["bash", str(LAUNCHER), "--studies", str(studies), "--port", str(port)]
+    command = [str(LAUNCHER), "--studies", str(studies), "--port", str(port)]
     for key, value in conf.items():
         command += ["--conf", key, str(value)]
     env = dict(os.environ, SACB_LABEL_VENV=str(LABEL_VENV))

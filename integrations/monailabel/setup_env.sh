@@ -15,7 +15,7 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 python3 -m venv "$venv"
 pip=("$venv/bin/pip" install --disable-pip-version-check -q)
-# 1. everything but monailabel and sam2 (torch first of all), with their dependencies
+# 1. everything but monailabel and sam2 (so torch, which the sam2 build needs), with their dependencies
 grep -v -E '^(monailabel|sam2)==' "$req" > "$venv/.requirements-label-base.txt"
 sed -E 's/\[[^]]*\]//' "$req" > "$venv/.constraints-label.txt"  # pip takes no extras in constraints
 "${pip[@]}" setuptools==84.2.1
