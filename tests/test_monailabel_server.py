@@ -118,7 +118,9 @@ def _start_server(studies: Path, conf: dict, log: Path) -> LabelServer:
     command = [str(LAUNCHER), "--studies", str(studies), "--port", str(port)]
     for key, value in conf.items():
         command += ["--conf", key, str(value)]
-    env = dict(os.environ, SACB_LABEL_VENV=str(LABEL_VENV))
+    # the server's temporary files (uploads, the extra outputs before they enter the datastore) in a folder of its own
+    (studies.parent / "server_tmp").mkdir(exist_ok=True)
+    env = dict(os.environ, SACB_LABEL_VENV=str(LABEL_VENV), TMPDIR=str(studies.parent / "server_tmp"))
     env.pop("VIRTUAL_ENV", None)  # as from a plain shell: the launcher must not depend on an activated venv
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=str(studies.parent), env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -195,6 +197,8 @@ def inferred(served):
                                                      timeout=INFER_TIMEOUT_S)
         assert status == 200, f"{status}: {answer[:2000]!r}"
         fields = _parse_multipart(answer_type, answer)
+    # the extra outputs moved into the datastore: their temporary folder is gone
+    assert not list((served["work"] / "server_tmp").glob("sacb_net_label_*"))
     label_file = served["work"] / "answer_label.nii.gz"
     label_file.write_bytes(fields["image"][1])
     return {"label": label_file, "params": json.loads(fields["params"][1]), "raw_params": fields["params"][1].decode()}

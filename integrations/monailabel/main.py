@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
-
-from monailabel.interfaces.datastore import Datastore
 
 from lib.registration_infer import EXTRA_OUTPUTS, OUTPUT_FILES_KEY, RegistrationInferTask
 from lib.registration_train import RegistrationTrainTask

@@ -29,7 +29,6 @@ import logging
 import os
 import sys
 import tempfile
-import uuid
 from types import ModuleType
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -154,14 +153,14 @@ class RegistrationInferTask(BundleInferTask):
         # the labels are the atlas classes, not the channels of the network output (a displacement field)
         names = _label_names(path, self.bundle_config.get("label_names"), atlas_label)
         self.labels = {str(name): int(idx) for idx, name in names.items()}
-        # per-request folders of the extra outputs, outside the app and bundle folders; the app removes each one
-        self.outputs_root = tempfile.mkdtemp(prefix="sacb_net_label_")
+        # the extra outputs go to a fresh temporary folder per request (outside the app and bundle folders; the app
+        # removes it): the bundle's writers put a pair's files into output_dir/<pair_id>
         outputs = _bundle_module(path, "scripts.io")
         workflow = _bundle_module(path, "scripts.workflow")
         self._save_extras = [
-            workflow.SaveTransformsd(self.outputs_root, inverse=False),
+            workflow.SaveTransformsd(tempfile.gettempdir(), inverse=False),
             outputs.SaveRegistrationOutputsd(
-                self.outputs_root, names={"warped_image": EXTRA_OUTPUTS["warped_atlas_image"]}, vector_keys=(),
+                tempfile.gettempdir(), names={"warped_image": EXTRA_OUTPUTS["warped_atlas_image"]}, vector_keys=(),
                 label_keys=(),
             ),
         ]
@@ -179,12 +178,12 @@ class RegistrationInferTask(BundleInferTask):
         kept = [t for t in super().post_transforms(data) if type(t).__name__ not in DROPPED_POSTPROCESSING]
         return kept + [self._request_folder, *self._save_extras, self._select_result]
 
-    def _request_folder(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        """A fresh sub-folder of :py:attr:`outputs_root` for this request's extra outputs (the bundle's writers put a
-        pair's files into ``output_dir/<pair_id>``)."""
+    @staticmethod
+    def _request_folder(data: Dict[str, Any]) -> Dict[str, Any]:
+        """A fresh temporary folder for this request's extra outputs, named by ``pair_id`` (its name under the
+        temporary directory, the ``output_dir`` of the writers)."""
         d = dict(data)
-        d["pair_id"] = uuid.uuid4().hex
-        os.makedirs(os.path.join(self.outputs_root, d["pair_id"]))
+        d["pair_id"] = os.path.basename(tempfile.mkdtemp(prefix="sacb_net_label_"))
         return d
 
     def _select_result(self, data: Dict[str, Any]) -> Dict[str, Any]:
@@ -196,7 +195,7 @@ class RegistrationInferTask(BundleInferTask):
         label = d["warped_label"]
         d["ddf"] = d["pred"]
         d["pred"] = MetaTensor(torch.round(label.as_tensor()[0]).to(torch.uint8), affine=label.affine.clone())
-        folder = os.path.join(self.outputs_root, d["pair_id"])
+        folder = os.path.join(tempfile.gettempdir(), d["pair_id"])
         d["result"] = {
             "percent_non_positive_jacobian": folding,
             "atlas_image": os.path.basename(d["atlas_image_path"]),
