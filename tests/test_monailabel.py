@@ -55,7 +55,8 @@ def infer_run(tmp_path_factory):
     studies = work / "studies"
     studies.mkdir()
     shutil.copy(pair["fixed_image"], studies / "mni152.nii.gz")
-    conf = {"bundle_path": str(bundle), "atlas_image": pair["moving_image"], "atlas_label": pair["moving_label"]}
+    conf = {"bundle_path": str(bundle), "atlas_image": pair["moving_image"], "atlas_label": pair["moving_label"],
+            "weights_dir": str(work / "weights")}  # not the app folder's model/: no weights trained by an earlier run
     code = (
         "import json\n"
         "from main import SACBNetLabelApp\n"
@@ -134,7 +135,8 @@ def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     code = (
         "import json\n"
         "from main import SACBNetLabelApp\n"
-        f"app = SACBNetLabelApp({str(APP_DIR)!r}, {str(studies)!r}, {{'bundle_path': {str(bundle)!r}}})\n"
+        f"conf = {{'bundle_path': {str(bundle)!r}, 'weights_dir': {str(tmp_path / 'weights')!r}}}\n"
+        f"app = SACBNetLabelApp({str(APP_DIR)!r}, {str(studies)!r}, conf)\n"
         f"task = app._trainers[{MODEL!r}]\n"
         "overrides = {}\n"
         "task._update_overrides_orig = task._update_overrides\n"
@@ -150,5 +152,8 @@ def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     assert sorted(Path(p["moving_image"]).name for p in train_pairs) == ["colin27.nii.gz", "mni152.nii.gz"]
     assert all(set(p) == {"moving_image", "fixed_image"} for p in train_pairs)  # unsupervised training
     assert all({"moving_label", "fixed_label"} <= set(p) for p in validation_pairs)
-    after = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert any(not torch.equal(before[k], after[k]) for k in before), "training did not update models/model.pt"
+    # the app's weights_dir holds the trained weights (started from the bundle's); the bundle is never written
+    shipped = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], shipped[k]) for k in before)
+    after = torch.load(tmp_path / "weights" / "model.pt", weights_only=True)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training did not write weights_dir/model.pt"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import email
+import hashlib
 import json
 import os
 import signal
@@ -178,11 +179,12 @@ def served(tmp_path_factory):
     run_checked([sys.executable, "-m", "scripts.cli", "register", "--fixed", str(studies / f"{STUDY}.nii.gz"),
                  "--moving", pair["moving_image"], "--moving_label", pair["moving_label"], "--out", str(reference),
                  "--device", "cpu"], cwd=bundle)
-    conf = {"bundle_path": bundle, "atlas_image": pair["moving_image"], "atlas_label": pair["moving_label"]}
+    conf = {"bundle_path": bundle, "atlas_image": pair["moving_image"], "atlas_label": pair["moving_label"],
+            "weights_dir": work / "weights"}  # not the app folder's model/: no weights trained by an earlier run
     server = _start_server(studies, conf, work / "server.log")
     try:
         yield {"server": server, "work": work, "bundle": bundle, "studies": studies, "atlas": pair,
-               "reference": reference}
+               "reference": reference, "weights_dir": work / "weights"}
     finally:
         server.stop()
 
@@ -328,11 +330,18 @@ def test_registration_outputs_are_downloadable_from_the_datastore(served, inferr
         assert np.median(error) < 0.5 and np.sqrt(np.mean(error**2)) < 2.0, (np.median(error), displacement.mean())
 
 
-def test_train_task_over_http_updates_the_served_weights(served, inferred):
-    server, weights = served["server"], served["bundle"] / "models" / "model.pt"
-    before = torch.load(weights, weights_only=True)
+def _sha256(path: Path) -> str:
+    """A file's checksum as MONAI Label's ``GET /model/info/<model>`` states it."""
+    return "SHA256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_train_task_over_http_trains_the_served_weights_outside_the_bundle(served, inferred):
+    server, shipped = served["server"], served["bundle"] / "models" / "model.pt"
+    trained = served["weights_dir"] / "model.pt"
+    shipped_before = shipped.read_bytes()
     request = {"max_epochs": 1, "val_split": 0.0, "device": "cpu", "multi_gpu": False}
     with server.log_on_failure():
+        assert server.get_json(f"/model/info/{MODEL}")["checksum"] == _sha256(shipped)  # served: the bundle's
         status, _, body = server.request("POST", f"/train/{MODEL}", json.dumps(request).encode(), "application/json")
         assert status == 200, f"{status}: {body[:2000]!r}"
         deadline = time.monotonic() + TRAIN_TIMEOUT_S
@@ -341,5 +350,10 @@ def test_train_task_over_http_updates_the_served_weights(served, inferred):
             time.sleep(2.0)
             task = server.get_json("/train/")
         assert task.get("status") == "DONE", json.dumps(task)[-4000:]
-        after = torch.load(weights, weights_only=True)
-        assert any(not torch.equal(before[k], after[k]) for k in before), "training did not update models/model.pt"
+        # the training wrote the app's weights, started from the shipped ones and changed them; the bundle is as it was
+        assert shipped.read_bytes() == shipped_before
+        before, after = (torch.load(path, weights_only=True) for path in (shipped, trained))
+        assert set(before) == set(after)
+        assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change the weights"
+        # and the server now serves them
+        assert server.get_json(f"/model/info/{MODEL}")["checksum"] == _sha256(trained)

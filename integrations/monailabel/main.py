@@ -12,6 +12,10 @@ Config (``--conf key value``):
     bundle_path: bundle root (default: the repository's ``bundle/``); needs ``models/model.pt`` or ``models/model.ts``.
     atlas_image, atlas_label: the labelled atlas registered onto each study (default: the bundle's Colin27 + labels).
     pairing: how training pairs are built from the labelled studies, "all_pairs" (default) or "atlas".
+    weights_dir: where the app's training writes its weights and checkpoints (default: ``model/<MODEL_NAME>`` in the
+        app folder, MONAI Label's folder for an app's models, ignored by git). Once it holds ``model.pt``, inference
+        serves it instead of the bundle's ``models/model.pt`` and training continues from it; the bundle itself is
+        never written. Remove the folder to serve the bundle's weights again.
 
 An inference on a datastore image also stores the registration's other outputs in the datastore, as labels of that
 image under the tags of :py:data:`OUTPUT_TAGS` (the warped atlas image, the atlas-to-study ITK transform); the result
@@ -53,6 +57,7 @@ class SACBNetLabelApp(MONAILabelApp):
         self.bundle_root = os.path.abspath(conf.get("bundle_path") or str(DEFAULT_BUNDLE))
         if not os.path.isfile(os.path.join(self.bundle_root, "configs", "inference.json")):
             raise ValueError(f"bundle_path {self.bundle_root} has no configs/inference.json.")
+        self.weights_dir = os.path.abspath(conf.get("weights_dir") or os.path.join(app_dir, "model", MODEL_NAME))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -63,14 +68,14 @@ class SACBNetLabelApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        task = RegistrationInferTask(self.bundle_root, self.conf)
+        task = RegistrationInferTask(self.bundle_root, self.conf, weights_dir=self.weights_dir)
         if not task.is_valid():
             logger.warning("no model.pt / model.ts in %s/models: inference disabled", self.bundle_root)
             return {}
         return {MODEL_NAME: task}
 
     def init_trainers(self) -> Dict[str, TrainTask]:
-        task = RegistrationTrainTask(self.bundle_root, self.conf)
+        task = RegistrationTrainTask(self.bundle_root, self.conf, weights_dir=self.weights_dir)
         return {MODEL_NAME: task} if task.is_valid() else {}
 
     def infer(self, request: Dict[str, Any], datastore: Optional[Datastore] = None) -> Dict[str, Any]:

@@ -133,10 +133,12 @@ class RegistrationInferTask(BundleInferTask):
     Args:
         path: bundle root (``configs/*.json``, ``configs/metadata.json``, ``models/model.pt|ts``, ``scripts``).
         conf: MONAI Label app config; ``atlas_image`` / ``atlas_label`` set the default atlas.
+        weights_dir: folder of the weights the app's training writes (``model.pt``); once there, they are served
+            instead of the bundle's ``models/model.pt``. None: the bundle's weights only.
         kwargs: passed on to :py:class:`BundleInferTask`.
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], **kwargs: Any) -> None:
+    def __init__(self, path: str, conf: Dict[str, str], weights_dir: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(
             path,
             conf,
@@ -147,6 +149,11 @@ class RegistrationInferTask(BundleInferTask):
         )
         if not self.valid:
             return
+        if weights_dir and self.network is not None:
+            # BasicInferTask.get_path serves the last existing path: the trained weights once the training wrote them.
+            # Its "model_filename" option would pick a file beside the bundle's weights instead, so it is not offered.
+            self.path = [*self.path, os.path.join(weights_dir, "model.pt")]
+            self._config.pop("model_filename", None)
         atlas_image = conf.get("atlas_image") or os.path.join(path, SHIPPED_ATLAS[0])
         atlas_label = conf.get("atlas_label") or os.path.join(path, SHIPPED_ATLAS[1])
         self.atlas = AtlasPaird(atlas_image, atlas_label)
