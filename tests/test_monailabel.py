@@ -12,7 +12,6 @@ which needs another torch than the main environment's (see requirements-label.tx
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,9 +20,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
 from ecosystem_utils import bundle_copy_with_weights, run_checked
-from reliability_data import load_sample, save
+from monailabel_utils import APP_DIR, LABEL_PYTHON, MODEL, fast_affine_stage, label_venv_missing, write_pair
 from spatial_cases import mean_dice, rotation_ras
 
 from scripts.layers import resample_moving
@@ -31,17 +29,11 @@ from scripts.spatial import read_itk_affine
 
 pytestmark = [pytest.mark.label, pytest.mark.slow]
 
-LABEL_PYTHON = Path(os.environ.get("SACB_LABEL_VENV", REPO_ROOT / ".venv-label")) / "bin" / "python"
-APP_DIR = REPO_ROOT / "integrations" / "monailabel"
-MODEL = "sacb_net_registration"
 #: fixed world point -> atlas world point: the atlas header moved by 10 + 4 degrees about the brain centre and ~17 mm
 ATLAS_MOVE = rotation_ras((0.0, -20.0, 10.0), degrees_z=10.0, degrees_x=-4.0, translation=(12.0, -10.0, 8.0))
 
-if not LABEL_PYTHON.is_file():
-    pytest.skip(
-        f"MONAI Label venv not found at {LABEL_PYTHON.parent.parent}: run integrations/monailabel/setup_env.sh",
-        allow_module_level=True,
-    )
+if label_venv_missing():
+    pytest.skip(label_venv_missing(), allow_module_level=True)
 
 
 def _run_in_label_venv(code: str, cwd: Path) -> dict:
@@ -52,43 +44,19 @@ def _run_in_label_venv(code: str, cwd: Path) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _write_pair(folder: Path, factor: int, atlas_move: np.ndarray | None = None) -> dict:
-    """The shipped pair subsampled by ``factor``; ``atlas_move`` (4, 4) moves the atlas (moving) headers in world."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = {"moving_image": "colin27.nii.gz", "moving_label": "colin27_seg.nii.gz",
-             "fixed_image": "mni152.nii.gz", "fixed_label": "mni152_seg.nii.gz"}
-    pair = {}
-    for key, name in names.items():
-        data, affine = load_sample(key, factor=factor)
-        moved = atlas_move is not None and key.startswith("moving")
-        pair[key] = str(save(folder / name, data, atlas_move @ affine if moved else affine))
-    # the shipped label maps' own lookup tables travel with their copies (X.tsv beside X.nii.gz names the classes)
-    for key, table in (("moving_label", "moving_colin27_seg8.tsv"), ("fixed_label", "fixed_mni152_seg8.tsv")):
-        shutil.copy(REPO_ROOT / "bundle" / "sample_data" / table, pair[key].replace(".nii.gz", ".tsv"))
-    return pair
-
-
-def _fast_affine_stage(bundle: Path) -> None:
-    """The affine stage at 8 and 4 mm only (not 6, 4, 2 mm) for the 4 mm pair, in the bundle copy's inference.json,
-    which the app and the CLI both read: a fifth of the time, the same stages."""
-    path = bundle / "configs" / "inference.json"
-    config = json.loads(path.read_text())
-    config.update(affine_levels_mm=[8.0, 4.0], affine_iterations=[60, 30])
-    path.write_text(json.dumps(config, indent=4))
-
-
 @pytest.fixture(scope="module")
 def infer_run(tmp_path_factory):
     """App-level inference (MONAILabelApp.infer on a study id) and the CLI's default ``register`` on the same 4 mm
     pair, the atlas in its own scanner space (``ATLAS_MOVE``)."""
     work = tmp_path_factory.mktemp("label_infer")
     bundle = bundle_copy_with_weights(work)
-    _fast_affine_stage(bundle)
-    pair = _write_pair(work / "data", factor=4, atlas_move=ATLAS_MOVE)
+    fast_affine_stage(bundle)
+    pair = write_pair(work / "data", factor=4, atlas_move=ATLAS_MOVE)
     studies = work / "studies"
     studies.mkdir()
     shutil.copy(pair["fixed_image"], studies / "mni152.nii.gz")
-    conf = {"bundle_path": str(bundle), "atlas_image": pair["moving_image"], "atlas_label": pair["moving_label"]}
+    conf = {"bundle_path": str(bundle), "atlas_image": pair["moving_image"], "atlas_label": pair["moving_label"],
+            "weights_dir": str(work / "weights")}  # not the app folder's model/: no weights trained by an earlier run
     code = (
         "import json\n"
         "from main import SACBNetLabelApp\n"
@@ -127,7 +95,7 @@ def test_infer_returns_atlas_labels_on_study_grid(infer_run):
     assert set(np.unique(data)) <= set(range(9)) and len(np.unique(data)) >= 5
     params = result["params"]
     assert 0.0 <= params["percent_non_positive_jacobian"] < 100.0
-    assert params["atlas_label"] == pair["moving_label"]
+    assert params["atlas_label"] == Path(pair["moving_label"]).name  # the file's name, never a server path
     # the same warped atlas labels as the CLI's default register; the venv's torch (2.14 vs 2.13) rounds differently
     # and ~200 optimisation steps (affine stage, field refinement) carry that into boundary voxels of this 4 mm pair
     # (40x48x40, so 20x24x20 at the network grid): 0.5 % of the voxels with the 0.4.0 weights, 1.2 % (Dice 0.965)
@@ -158,7 +126,7 @@ def test_affine_stage_brings_the_atlas_from_its_own_scanner_space(infer_run):
 def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     bundle = bundle_copy_with_weights(tmp_path)
     before = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    pair = _write_pair(tmp_path / "data", factor=8)  # 20x24x20: one epoch in seconds
+    pair = write_pair(tmp_path / "data", factor=8)  # 20x24x20: one epoch in seconds
     studies = tmp_path / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     for image, label, name in (("moving_image", "moving_label", "colin27"), ("fixed_image", "fixed_label", "mni152")):
@@ -167,7 +135,8 @@ def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     code = (
         "import json\n"
         "from main import SACBNetLabelApp\n"
-        f"app = SACBNetLabelApp({str(APP_DIR)!r}, {str(studies)!r}, {{'bundle_path': {str(bundle)!r}}})\n"
+        f"conf = {{'bundle_path': {str(bundle)!r}, 'weights_dir': {str(tmp_path / 'weights')!r}}}\n"
+        f"app = SACBNetLabelApp({str(APP_DIR)!r}, {str(studies)!r}, conf)\n"
         f"task = app._trainers[{MODEL!r}]\n"
         "overrides = {}\n"
         "task._update_overrides_orig = task._update_overrides\n"
@@ -183,5 +152,8 @@ def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     assert sorted(Path(p["moving_image"]).name for p in train_pairs) == ["colin27.nii.gz", "mni152.nii.gz"]
     assert all(set(p) == {"moving_image", "fixed_image"} for p in train_pairs)  # unsupervised training
     assert all({"moving_label", "fixed_label"} <= set(p) for p in validation_pairs)
-    after = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert any(not torch.equal(before[k], after[k]) for k in before), "training did not update models/model.pt"
+    # the app's weights_dir holds the trained weights (started from the bundle's); the bundle is never written
+    shipped = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], shipped[k]) for k in before)
+    after = torch.load(tmp_path / "weights" / "model.pt", weights_only=True)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training did not write weights_dir/model.pt"

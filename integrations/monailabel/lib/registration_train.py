@@ -30,11 +30,14 @@ class RegistrationTrainTask(BundleTrainTask):
     Args:
         path: bundle root.
         conf: MONAI Label app config; ``pairing`` ("all_pairs" | "atlas"), ``atlas_image`` and ``atlas_label``.
+        weights_dir: where training writes its checkpoints and best ``model.pt`` (train.json's ``ckpt_dir``) and
+            which ``model.pt`` it starts from when there; None: the bundle's ``models/`` (the bundle is written).
         kwargs: passed on to :py:class:`BundleTrainTask`.
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], **kwargs: Any) -> None:
+    def __init__(self, path: str, conf: Dict[str, str], weights_dir: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(path, conf, **kwargs)
+        self.weights_dir = weights_dir
         self.pairing = conf.get("pairing", "all_pairs")
         if self.pairing not in ("all_pairs", "atlas"):
             raise ValueError(f"pairing must be 'all_pairs' or 'atlas', got {self.pairing!r}.")
@@ -56,10 +59,16 @@ class RegistrationTrainTask(BundleTrainTask):
             pairs = [{k: v for k, v in p.items() if k in ("moving_image", "fixed_image")} for p in pairs]
         return pairs
 
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        # start from the weights the app serves: its own trained ones once they exist, else the bundle's
+        trained = os.path.join(self.weights_dir, "model.pt") if self.weights_dir else None
+        super()._load_checkpoint(trained if trained and os.path.isfile(trained) else model_pytorch, pretrained,
+                                 train_handlers)
+
     def _update_overrides(self, overrides: Dict[str, Any]) -> None:
-        # train.json writes into its own run folder by default; the app serves <bundle>/models/model.pt, so its
-        # training writes (and resumes) there on purpose
-        overrides.setdefault("ckpt_dir", os.path.join(self.bundle_path, "models"))
+        # train.json writes into its own run folder by default; the app serves <weights_dir>/model.pt once it exists
+        # (else the bundle's models/model.pt), so its training writes (and resumes) there on purpose
+        overrides.setdefault("ckpt_dir", self.weights_dir or os.path.join(self.bundle_path, "models"))
         overrides[TRAIN_DATA] = self._make_pairs(overrides[TRAIN_DATA], with_labels=False)
         validation = overrides.get(VALIDATE_DATA)
         if validation is not None:
