@@ -44,7 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: bundle postprocessing steps that write files into the bundle's output_dir; MONAI Label writes the result itself.
-DROPPED_POSTPROCESSING = ("SaveRegistrationOutputsd", "SaveTransformsd", "RegistrationMetricsd")
+DROPPED_POSTPROCESSING = ("SaveRegistrationOutputsd", "SaveTransformsd", "RegistrationMetricsd", "SaveQCFigured")
 SHIPPED_ATLAS = ("sample_data/moving_colin27_t1.nii.gz", "sample_data/moving_colin27_seg8.nii.gz")
 
 
