@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.layers import GaussianFilter
 
+from scripts.io.progress import Progress
 from scripts.layers.intensity import AUTO_BACKGROUND, check_background, check_intensity_window, resolve_background
 from scripts.layers.intensity import window_intensity
 # resample_moving is imported from here by scripts.workflow.alignment; it lives in the sampling module
-from scripts.io.progress import Progress
 from scripts.layers.sampling import batch_matrices, grid_sample_matrix, resample_moving, sample_points
 
 __all__ = ["AffineRegistration", "check_affine_result", "normalize_intensity"]
