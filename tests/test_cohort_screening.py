@@ -145,7 +145,7 @@ def test_sharding_refuses_bad_ranks_and_torchrun_without_a_process_group(monkeyp
 
 
 def _finalize_as_rank(rank, tmp_path, monkeypatch, gathered_bad):
-    """``CohortSummary.finalize`` then ``PairScreen.report`` as rank ``rank`` of 2 runs them in multi_gpu_inference.json:
+    """``CohortSummary.finalize`` then ``PairScreen.report`` as rank ``rank`` of 2 runs them (multi_gpu_inference.json):
     the gather (stubbed: rank 0 gets both ranks' parts) and then the report after the process group was closed, so that
     ``distributed_context()`` says ``(0, 1)`` on every rank by then."""
     from scripts.io.errors import BundleUserError

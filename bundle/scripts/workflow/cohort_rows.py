@@ -29,8 +29,8 @@ __all__ = [
 STATUSES = ("registered", "already_complete", "failed", "pending")
 
 _BASE_COLUMNS = (
-    "pair_id", "status", "rank", "seconds", "mean_dice", "mean_dice_identity", "percent_non_positive_jacobian", "qc_png",
-    "error",
+    "pair_id", "status", "rank", "seconds", "mean_dice", "mean_dice_identity", "percent_non_positive_jacobian",
+    "qc_png", "error",
 )
 
 
@@ -191,8 +191,8 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], run: Mapping[str, Any], q
                   "Lowest mean Dice first, then (pairs without labels) the most folding. Each figure: fixed, moving, "
                   "warped, checkerboards before/after, differences, deformation grid, det J."]
         for row in shown:
-            facts = [f"{title} {row[k]:.4f}" for k, title in (("mean_dice", "mean Dice"), ("mean_dice_identity", "before"))
-                     if row.get(k) is not None]
+            scores = (("mean_dice", "mean Dice"), ("mean_dice_identity", "before"))
+            facts = [f"{title} {row[k]:.4f}" for k, title in scores if row.get(k) is not None]
             if row.get("percent_non_positive_jacobian") is not None:
                 facts.append(f"det J <= 0: {row['percent_non_positive_jacobian']:.4f} %")
             lines += ["", f"### {row['pair_id']}" + (f" ({', '.join(facts)})" if facts else ""), "",
