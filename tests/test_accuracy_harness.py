@@ -315,3 +315,4 @@ def test_cli_register_writes_qc_png(tmp_path):
     )
     assert (out / "ddf.nii.gz").exists()
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    assert (out / "qc.png").read_bytes()[:4] == b"\x89PNG"  # register's own figure, written by default

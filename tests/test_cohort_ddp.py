@@ -1,6 +1,7 @@
-"""Cohorts sharded over ranks: ``torchrun --nproc_per_node 2 -m monai.bundle run`` with inference.json + evaluate.json +
-multi_gpu_inference.json (gloo, CPU) over a real datalist registers each pair exactly once, writes exactly the outputs
-of a one-process run, and leaves one merged summary (cohort files, evaluation summary, failed pairs)."""
+"""Cohorts sharded over ranks: ``torchrun --standalone --nproc_per_node 2 -m monai.bundle run`` with inference.json +
+evaluate.json + multi_gpu_inference.json (gloo, CPU) over a real datalist registers each pair exactly once, writes
+exactly the outputs of a one-process run, and leaves one merged summary (cohort files, evaluation summary, failed
+pairs)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from cohort_data import SMALL_NETWORK, SMALL_NETWORK_ARGS, cohort, real_pairs, volume, write_datalist
 from conftest import BUNDLE_ROOT
+from torchrun_launch import standalone_command
 from workflow_data import PLAIN_INFERENCE, PLAIN_INFERENCE_ARGS, run_bundle_workflow
 
 from scripts.io.errors import BundleUserError, find_user_error
@@ -31,7 +32,7 @@ def runs(tmp_path_factory):
     pairs = [p for p in real_pairs(work) if p["id"] != "colin_to_colin"]
     datalist = write_datalist(work, pairs)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--tee", "3", "-m", "monai.bundle", "run",
+        *standalone_command(2), "-m", "monai.bundle", "run",
         "--config_file", str([f"configs/{c}" for c in CONFIGS + ["multi_gpu_inference.json"]]),
         "--datalist", str(datalist), "--output_dir", str(work / "ranks"), "--ckpt_path", str(work / "none.pt"),
         *SMALL_NETWORK_ARGS, *PLAIN_INFERENCE_ARGS,

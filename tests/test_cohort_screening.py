@@ -144,6 +144,41 @@ def test_sharding_refuses_bad_ranks_and_torchrun_without_a_process_group(monkeyp
         check_launch()
 
 
+def _finalize_as_rank(rank, tmp_path, monkeypatch, gathered_bad):
+    """``CohortSummary.finalize`` then ``PairScreen.report`` as rank ``rank`` of 2 runs them (multi_gpu_inference.json):
+    the gather (stubbed: rank 0 gets both ranks' parts) and then the report after the process group was closed, so that
+    ``distributed_context()`` says ``(0, 1)`` on every rank by then."""
+    from scripts.io.errors import BundleUserError
+    from scripts.workflow import cohort_summary
+
+    pairs = [{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "pair_id": f"p{i}"} for i in range(4)]
+    screen = PairScreen(pairs)
+    if rank == 1:
+        screen.reject(pairs[3], ValueError("missing"), 3)
+    summary = cohort_summary.CohortSummary(tmp_path)
+    summary.start([p["pair_id"] for p in pairs], rank, 2)
+    other = {"rows": {}, "metrics": {}, "bad": gathered_bad}
+    monkeypatch.setattr(cohort_summary, "gather_to_main", lambda part: [part, other] if rank == 0 else None)
+    summary.finalize(screen)
+    try:
+        screen.report(tmp_path)
+    except BundleUserError as error:
+        return error
+    return None
+
+
+def test_only_rank_zero_reports_skipped_pairs_after_the_process_group_is_closed(tmp_path, monkeypatch):
+    # rank 0 reports the pair that rank 1 skipped (its file written, one error)
+    bad = [{"pair_id": "p3", "moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "error": "missing"}]
+    error = _finalize_as_rank(0, tmp_path, monkeypatch, bad)
+    assert error is not None and "1 of 4 pairs" in str(error) and "p3: missing" in str(error)
+    written = (tmp_path / "failed_pairs.json").read_text()
+    assert [f["pair_id"] for f in json.loads(written)["failed"]] == ["p3"]
+    # rank 1, reporting after rank 0 (the race of issue 24): neither raises nor removes rank 0's failed_pairs.json
+    assert _finalize_as_rank(1, tmp_path, monkeypatch, bad) is None
+    assert (tmp_path / "failed_pairs.json").read_text() == written
+
+
 def test_atlas_and_subjects_datalist_and_duplicate_ids(atlas_study, tmp_path):
     files, subjects = atlas_study
     datalist = tmp_path / "study.json"

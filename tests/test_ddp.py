@@ -1,5 +1,5 @@
-"""Multi-GPU config on CPU: ``torchrun --nproc_per_node 2 -m monai.bundle run`` with train.json + multi_gpu_train.json
-(gloo backend): DDP trains on a DistributedSampler split, and only rank 0 logs and saves."""
+"""Multi-GPU config on CPU: ``torchrun --standalone --nproc_per_node 2 -m monai.bundle run`` with train.json +
+multi_gpu_train.json (gloo backend): DDP trains on a DistributedSampler split, and only rank 0 logs and saves."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from conftest import BUNDLE_ROOT
 from ecosystem_utils import run_checked
 from reliability_data import load_sample, save
+from torchrun_launch import standalone_command
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -42,8 +43,7 @@ def ddp_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
     datalist = _datalist(work)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--tee", "3",
-        "-m", "monai.bundle", "run",
+        *standalone_command(2), "-m", "monai.bundle", "run",
         "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
         "--datalist", str(datalist), "--dataset_dir", str(work),
         "--ckpt_dir", str(work / "ckpt"), "--output_dir", str(work / "runs"), "--max_epochs", "2",

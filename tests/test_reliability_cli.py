@@ -259,7 +259,8 @@ def test_batch_continues_past_bad_pairs_and_reports_them(pair, tmp_path):
     assert message.startswith(f"2 of 3 pairs were skipped because of bad inputs (details in {out / FAILED_PAIRS_FILE})")
     assert "bad_truncated: fixed image" in message and "bad_missing: moving image" in message
     assert sorted(p.name for p in (out / "good").iterdir()) == ["affine.mat", "ddf.nii.gz", "jacobian_det.nii.gz",
-                                                                "transform.h5", "warp.nii.gz", "warped_image.nii.gz"]
+                                                                "qc.png", "transform.h5", "warp.nii.gz",
+                                                                "warped_image.nii.gz"]
     assert not (out / "bad_truncated").exists() and not (out / "bad_missing").exists()
     report = json.loads((out / FAILED_PAIRS_FILE).read_text())
     assert [item["pair_id"] for item in report["failed"]] == ["bad_truncated", "bad_missing"]

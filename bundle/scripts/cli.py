@@ -38,6 +38,23 @@ def _absolute(path: str | os.PathLike | None) -> str | None:
     return None if path in (None, "") else str(Path(os.path.expanduser(str(path))).resolve())
 
 
+def _switch(value: Any, flag: str) -> bool:
+    """An on/off flag as typed (fire passes ``--qc false`` as the string "false"): a bool, 0/1, or true/false, yes/no,
+    on/off in any case.
+
+    Raises:
+        RegistrationInputError: any other value.
+    """
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    from scripts.io.errors import RegistrationInputError
+
+    raise RegistrationInputError(f"{flag} must be true or false, got {value!r}.")
+
+
 def _checked_weights(weights: str) -> str:
     """The absolute path of ``--weights``; a missing file stops the run (the configs would otherwise skip loading)."""
     path = _absolute(weights)
@@ -72,6 +89,7 @@ def workflow_overrides(
     fixed_mask: str | None = None,
     intensity_window: Any = None,
     background: Any = None,
+    qc: Any = True,
 ) -> tuple[list[str], dict[str, Any]]:
     """
     The config files and run overrides that :py:func:`register` hands to ``ConfigWorkflow`` (also what the equivalent
@@ -104,6 +122,7 @@ def workflow_overrides(
         "output_dir": _absolute(out),
         "overwrite": bool(overwrite),
         "write_inverse": bool(inverse),
+        "qc": _switch(qc, "--qc"),
     }
     from scripts.io.datalist import cli_datalist_overrides  # --datalist: every pair, resumably (usage.md, "Cohorts")
     overrides.update(cli_datalist_overrides(datalist, fixed, moving, out,
@@ -184,6 +203,7 @@ def register(
     fixed_mask: str | None = None,
     intensity_window: Any = None,
     background: Any = None,
+    qc: Any = True,
 ) -> None:
     """
     Register a moving scan onto a fixed scan (both 3-D NIfTI, each in its own scanner space): affine stage, then SACB-Net.
@@ -212,7 +232,10 @@ def register(
         regularization_weight: lambda of the smoothness term of the instance optimisation (default from the config).
         device: "cpu", "cuda" or "cuda:N" (default: CUDA when available); one this machine lacks stops the run at once.
         debug: show full Python tracebacks for input errors (and library deprecation warnings).
-        qc_png: also write a QC figure (PNG: middle slice of fixed, moving, warped, differences, grid, det J) here.
+        qc: write the QC figure qc.png (axial middle slice: fixed, moving after the affine stage, warped,
+            checkerboards, differences, deformation grid, det J) into OUT, or into each pair's folder of a
+            --datalist run (default true; --qc false: none).
+        qc_png: also write a QC figure of the finished outputs (the moving image as given, through the affines) here.
         affine: the affine stage: "affine" (12 parameters, default), "rigid" (6) or "none" (inputs already aligned).
         affine_only: stop after the affine stage (zero deformable field; outputs as usual).
         inverse: also write inverse_warp.nii.gz (maps fixed-space images onto the moving scan with affine.mat) and
@@ -240,7 +263,7 @@ def register(
     files, overrides = exit_on_user_error(
         workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
         learning_rate, regularization_weight, device, affine, affine_only, inverse, label_names, datalist,
-        refine_iterations, weights, amp, moving_mask, fixed_mask, intensity_window, background, debug=debug,
+        refine_iterations, weights, amp, moving_mask, fixed_mask, intensity_window, background, qc, debug=debug,
     )
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.layers import GaussianFilter
 
+from scripts.io.progress import Progress
 from scripts.layers.intensity import AUTO_BACKGROUND, check_background, check_intensity_window, resolve_background
 from scripts.layers.intensity import window_intensity
 # resample_moving is imported from here by scripts.workflow.alignment; it lives in the sampling module
@@ -198,15 +199,19 @@ class AffineRegistration(torch.nn.Module):
         """The loss of ``matrix`` at ``level`` as a float (no gradient)."""
         return float(self._level_loss(matrix, level))
 
-    def _optimize(self, params: torch.Tensor, frame: dict, level: dict, steps: int, lr: float) -> torch.Tensor:
+    def _optimize(self, params: torch.Tensor, frame: dict, level: dict, steps: int, lr: float,
+                  progress: Progress | None = None) -> torch.Tensor:
         """``steps`` Adam steps with a linearly decaying learning rate (to 10 %); returns the new parameters."""
         params = params.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([params], lr=lr)
         for k in range(steps):
             opt.param_groups[0]["lr"] = lr * (1.0 - 0.9 * k / steps)
             opt.zero_grad(set_to_none=True)
-            self._level_loss(self._matrix(params, frame), level).backward()
+            loss = self._level_loss(self._matrix(params, frame), level)
+            loss.backward()
             opt.step()
+            if progress is not None and progress.active:
+                progress.update(1, loss=float(loss.detach()))
         return params.detach()
 
     def scaled_intensity(self, image: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -239,14 +244,19 @@ class AffineRegistration(torch.nn.Module):
                  "radius": float(cov_f.trace().sqrt()), "rotation": torch.eye(3, dtype=c_f.dtype, device=c_f.device)}
         return levels, frame
 
-    def _pick_start(self, params: torch.Tensor, frame: dict, level: dict):
+    def _start_rotations(self, frame: dict) -> list[torch.Tensor]:
+        """The start rotations that :meth:`_pick_start` tries (none without the moments initialisation)."""
+        return _rotation_candidates(frame["cov_f"], frame["cov_m"]) if self.init == "moments" else []
+
+    def _pick_start(self, params: torch.Tensor, frame: dict, level: dict, rotations: Sequence[torch.Tensor],
+                    progress: Progress | None = None):
         """Try each start rotation for ``search_iterations`` steps at ``level``; returns (params, frame, losses)."""
-        if self.init != "moments":
+        if not rotations:
             return params, frame, []
         best, scores = None, []
-        for rotation in _rotation_candidates(frame["cov_f"], frame["cov_m"]):
+        for rotation in rotations:
             trial = dict(frame, rotation=rotation)
-            p = self._optimize(params, trial, level, self.search_iterations, self.learning_rate)
+            p = self._optimize(params, trial, level, self.search_iterations, self.learning_rate, progress)
             scores.append(self._score(self._matrix(p, trial), level))
             best = (p, trial) if best is None or scores[-1] < min(scores[:-1]) else best
         return *best, scores
@@ -256,13 +266,16 @@ class AffineRegistration(torch.nn.Module):
         levels, frame = self._pyramid(moving, fixed, a_m, a_f)
         params = torch.zeros(6 if self.transform == "rigid" else 12, dtype=torch.float32, device=a_m.device)
         com_matrix = self._matrix(params.double(), frame)
-        params, frame, scores = self._pick_start(params, frame, levels[0])
+        rotations = self._start_rotations(frame)
         report_levels = []
-        for spacing, steps, level in zip(self.levels_mm, self.iterations, levels):
-            start = self._score(self._matrix(params, frame), level)
-            params = self._optimize(params, frame, level, steps, self.learning_rate * spacing / self.levels_mm[0])
-            end = self._score(self._matrix(params, frame), level)
-            report_levels.append({"spacing_mm": spacing, "iterations": steps, "start_loss": start, "end_loss": end})
+        with Progress(len(rotations) * self.search_iterations + sum(self.iterations), f"{self.transform} stage") as bar:
+            params, frame, scores = self._pick_start(params, frame, levels[0], rotations, bar)
+            for spacing, steps, level in zip(self.levels_mm, self.iterations, levels):
+                start = self._score(self._matrix(params, frame), level)
+                lr = self.learning_rate * spacing / self.levels_mm[0]
+                params = self._optimize(params, frame, level, steps, lr, bar)
+                end = self._score(self._matrix(params, frame), level)
+                report_levels.append({"spacing_mm": spacing, "iterations": steps, "start_loss": start, "end_loss": end})
         matrix, eye = self._matrix(params.double(), frame), torch.eye(4, dtype=torch.float64, device=a_m.device)
         losses = {key: self._score(m, levels[-1]) for key, m in
                   (("initial_loss", com_matrix), ("identity_loss", eye), ("final_loss", matrix))}

@@ -13,6 +13,7 @@ from monai.inferers import Inferer
 
 from scripts.engines.resolution_inferer import ResolutionInferer, resize_displacement
 from scripts.io.errors import NonFiniteLossError
+from scripts.io.progress import Progress
 from scripts.layers.sampling import compose_displacements, integrate_velocity, warp_image
 
 __all__ = ["FieldRefinementInferer", "refine_displacement"]
@@ -102,7 +103,8 @@ def refine_displacement(
         iterations: Adam steps (0 returns ``ddf`` unchanged).
         learning_rate: Adam step size, in voxels of the refinement grid.
         scale: refinement grid relative to the input (one number or one per axis).
-        log_interval: log the loss every this many steps (0: never).
+        log_interval: log the loss every this many steps (0: never); on an interactive terminal a progress bar with
+            the loss replaces these lines (``scripts.io.progress``).
         parameterization: "velocity" or "displacement", see above.
         integration_steps: scaling-and-squaring steps of the velocity (>= 1).
 
@@ -124,16 +126,19 @@ def refine_displacement(
         moving, fixed = small[:, :1], small[:, 1:]
         correction = _Correction(resize_displacement(ddf, small.shape[2:]), parameterization, integration_steps)
         optimizer = torch.optim.Adam([correction.field], lr=learning_rate)
-        for step in range(iterations):
-            penalty = regularization_weight * regularization(correction.smoothed())
-            loss = image_loss(warp_image(moving, correction.total()), fixed) + penalty
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"field refinement: loss became {loss.item()} at step {step}.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if log_interval and (step + 1) % log_interval == 0:
-                logger.info("field refinement step %d/%d: loss %.5f", step + 1, iterations, loss.item())
+        with Progress(iterations, "field refinement") as bar:
+            for step in range(iterations):
+                penalty = regularization_weight * regularization(correction.smoothed())
+                loss = image_loss(warp_image(moving, correction.total()), fixed) + penalty
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"field refinement: loss became {loss.item()} at step {step}.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if bar.active:
+                    bar.update(1, loss=loss.item())
+                elif log_interval and (step + 1) % log_interval == 0:
+                    logger.info("field refinement step %d/%d: loss %.5f", step + 1, iterations, loss.item())
         return correction.apply_to(ddf)
 
 

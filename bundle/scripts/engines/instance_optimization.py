@@ -13,6 +13,7 @@ from torch import nn
 
 from scripts.engines.resolution_inferer import ResolutionInferer
 from scripts.io.errors import NonFiniteLossError
+from scripts.io.progress import Progress
 from scripts.losses.registration_loss import RegistrationLoss
 
 __all__ = ["InstanceOptimizationInferer"]
@@ -53,7 +54,8 @@ class InstanceOptimizationInferer(ResolutionInferer):
         learning_rate: Adam learning rate.
         network_scale: network resolution relative to the input (per axis or one number).
         antialias: smooth before downsampling.
-        log_interval: log the loss every this many iterations (0: only first and last).
+        log_interval: log the loss every this many iterations (0: only first and last); on an interactive terminal
+            a progress bar with the loss replaces these lines (``scripts.io.progress``).
         frozen_prefixes: parameter-name prefixes kept fixed during the optimisation (e.g. ``["encoder.0"]``: the
             full-resolution encoder level, whose backward pass is the most expensive part on CPU).
 
@@ -131,7 +133,7 @@ class InstanceOptimizationInferer(ResolutionInferer):
     def _steps(self, network: nn.Module, pair: torch.Tensor, optimizer: torch.optim.Optimizer, start: float) -> list[float]:
         history: list[float] = []
         scaler = _grad_scaler(pair.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), Progress(self.iterations, "instance optimisation") as bar:
             for step in range(1, self.iterations + 1):
                 optimizer.zero_grad(set_to_none=True)
                 loss, _ = self.objective(network, pair)
@@ -147,7 +149,9 @@ class InstanceOptimizationInferer(ResolutionInferer):
                 scaler.step(optimizer)
                 scaler.update()
                 history.append(float(loss.detach()))
-                if step == 1 or step == self.iterations or (self.log_interval and step % self.log_interval == 0):
+                if bar.active:  # the bar shows the loss; the log lines below are for logs that are not a terminal
+                    bar.update(1, loss=history[-1])
+                elif step == 1 or step == self.iterations or (self.log_interval and step % self.log_interval == 0):
                     logger.info(
                         "instance optimisation step %d/%d: loss %.4f (%.1f s)", step, self.iterations, history[-1], time.time() - start
                     )

@@ -2,7 +2,7 @@
 """Input/output of the bundle: user errors, atomic writes, input checks (headers, voxels, datalists, checkpoints, the
 resolution weights were trained at) and the transforms that check and load a pair once, datalists and the ledger of
 skipped pairs, when a pair's outputs are complete, sharding over
-ranks, and the writer of registration outputs. Imports nothing else from ``scripts``."""
+ranks, the writer of registration outputs and the progress bars of long loops. Imports nothing else from ``scripts``."""
 
 from .errors import (
     BundleUserError,
@@ -133,3 +133,4 @@ from .sharding import (
     gather_to_main,
     check_launch,
 )
+from .progress import Progress, interactive_terminal

@@ -7,6 +7,11 @@ it. Each pair is checked when the run reaches it, by the ``loading_transforms`` 
 ledger of the skipped ones: ``scripts.workflow.CohortDataset`` records a pair that failed with :meth:`PairScreen.reject`,
 and :meth:`PairScreen.report` (called when the run ends) writes ``failed_pairs.json`` and raises one error listing
 them, so the command exits non-zero and the user knows what to fix.
+
+On a ``torchrun`` launch, ``CohortSummary.finalize`` gathers the skipped pairs of every rank and hands them to rank 0's
+screen with :meth:`PairScreen.merge_ranks`; the other ranks' screens are told there that they report nothing. That duty
+is fixed at the gather, not read from the process group when :meth:`report` runs: the configs close the group before
+the report (the report raises, so it must come last), and a closed group makes every rank look like rank 0.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class PairScreen:
         self.pairs = [dict(p) for p in pairs]
         self.total = len(self.pairs)
         self.bad: list[dict[str, Any]] = []
+        self._reports: bool | None = None  # None: decided by the process group when report() runs (no gather yet)
 
     def __len__(self) -> int:
         return self.total
@@ -57,15 +63,23 @@ class PairScreen:
         files = {k: v for k, v in pair.items() if k != "pair_id"}
         self.bad.append({"pair_id": name, **files, "error": str(error)})
 
+    def merge_ranks(self, bad: Sequence[Mapping[str, Any]] | None) -> None:
+        """Take the result of the final gather over the ranks: on rank 0 ``bad`` is the skipped pairs of every rank
+        (it replaces this rank's and :meth:`report` lists them all); on the other ranks it is None, their pairs are
+        reported by rank 0 and :meth:`report` does nothing, whatever the state of the process group by then."""
+        self._reports = bad is not None
+        self.bad = [dict(item) for item in bad or []]
+
     def report(self, output_dir: str | os.PathLike | None = None) -> None:
         """Call when the run ends: write ``failed_pairs.json`` into ``output_dir`` and raise when pairs were skipped
         (a stale ``failed_pairs.json`` of an earlier run is removed when none were). Only rank 0 of a multi-rank run
-        reports (for every rank).
+        reports (for every rank, after :meth:`merge_ranks`); another rank writes, removes and raises nothing.
 
         Raises:
             BundleUserError: listing every skipped pair and why (the good pairs' outputs are already written).
         """
-        if distributed_context()[0] != 0:
+        reports = self._reports if self._reports is not None else distributed_context()[0] == 0
+        if not reports:
             return  # rank 0 reports the skipped pairs of every rank (CohortSummary.finalize gathered them)
         target = Path(output_dir) / FAILED_PAIRS_FILE if output_dir is not None else None
         if not self.bad:

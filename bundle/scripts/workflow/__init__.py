@@ -61,3 +61,7 @@ from .pair_summary import (
 from .cohort_dataset import (
     CohortDataset,
 )
+from .qc import (
+    QC_PNG,
+    SaveQCFigured,
+)

@@ -40,6 +40,7 @@ from scripts.io.completion import (
 )
 from scripts.io.datalist import check_inputs_are_not_outputs, check_outputs_free
 from scripts.io.errors import OutputExistsError, find_user_error
+from scripts.io.progress import Progress
 from scripts.io.screening import PairScreen
 from scripts.io.sharding import check_launch, distributed_context, shard_indices
 from scripts.io.writer import pair_output_dir
@@ -112,14 +113,16 @@ class CohortDataset(IterableDataset):
         self.summary.start([p["pair_id"] for p in self.pairs], rank, world_size)
         owned = shard_indices(len(self.pairs), rank, world_size)
         logger.info("rank %d of %d: %d of %d pair(s) of the datalist.", rank, world_size, len(owned), len(self.pairs))
-        for index in owned:
-            pair = self.pairs[index]
-            started = time.perf_counter()
-            item = self._prepare(index, pair)
-            if item is None:
-                continue
-            yield item
-            self._finish(pair, time.perf_counter() - started)
+        # a bar over this rank's pairs on an interactive terminal; each pair's own stages draw theirs below it
+        with Progress(len(owned), "cohort", unit="pair") as bar:
+            for index in owned:
+                pair = self.pairs[index]
+                started = time.perf_counter()
+                item = self._prepare(index, pair)
+                if item is not None:
+                    yield item
+                    self._finish(pair, time.perf_counter() - started)
+                bar.update(1)
 
     def _single_pair(self) -> Iterator[Any]:
         item, self._first_item = self._first_item, None  # a second run prepares the pair again

@@ -3,7 +3,9 @@
 
 A row holds the pair's status, rank and time, the Dice scores of its ``metrics.json`` (pairs with labels), the % of
 voxels with det J <= 0 (from ``metrics.json``, else from ``jacobian_det.nii.gz``) and, when a label map was warped, the
-volume of every structure of ``warped_label.nii.gz`` in millilitres (atlas-based segmentation of a subject).
+volume of every structure of ``warped_label.nii.gz`` in millilitres (atlas-based segmentation of a subject), and the
+pair's QC figure (``qc_png``, relative to the run's output folder) when the run wrote one. The report shows the QC
+figures of the worst pairs, the ones to look at first.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["STATUSES", "pair_row", "read_pair_metrics", "structure_volumes", "table_columns", "markdown_report"]
+from scripts.workflow.qc import QC_PNG
+
+__all__ = [
+    "STATUSES", "pair_row", "read_pair_metrics", "structure_volumes", "table_columns", "worst_pairs", "markdown_report",
+]
 
 #: row statuses: registered by this run, found complete from an earlier run, skipped (bad input), not reached yet.
 STATUSES = ("registered", "already_complete", "failed", "pending")
 
 _BASE_COLUMNS = (
-    "pair_id", "status", "rank", "seconds", "mean_dice", "mean_dice_identity", "percent_non_positive_jacobian", "error",
+    "pair_id", "status", "rank", "seconds", "mean_dice", "mean_dice_identity", "percent_non_positive_jacobian",
+    "qc_png", "error",
 )
 
 
@@ -102,6 +109,8 @@ def pair_row(
         row[f"dice_{_label_name(label.get('label'), label_names)}"] = label.get("dice")
     if (folder / "warped_label.nii.gz").is_file():
         row.update(structure_volumes(folder / "warped_label.nii.gz", label_names))
+    if (folder / QC_PNG).is_file():
+        row["qc_png"] = f"{folder.name}/{QC_PNG}"  # the pair folder is <output_dir>/<pair id>
     return row
 
 
@@ -129,12 +138,28 @@ def _mean_std(values: Sequence[Any]) -> tuple[float, float, int] | None:
     return (float(np.mean(finite)), float(np.std(finite)), len(finite)) if finite else None
 
 
-def markdown_report(rows: Sequence[Mapping[str, Any]], run: Mapping[str, Any]) -> str:
-    """A short Markdown report of a cohort: counts, time and throughput, Dice, folding, volumes, failed pairs.
+def worst_pairs(rows: Sequence[Mapping[str, Any]], count: int = 5) -> list[Mapping[str, Any]]:
+    """The ``count`` finished pairs with a QC figure to look at first: the lowest mean Dice first (pairs with labels),
+    then, for pairs without labels, the most folding (% of voxels with det J <= 0)."""
+
+    def badness(row: Mapping[str, Any]) -> tuple[int, float]:
+        dice, folding = row.get("mean_dice"), row.get("percent_non_positive_jacobian")
+        if dice is not None and not math.isnan(float(dice)):
+            return 0, float(dice)
+        return 1, -float(folding) if folding is not None else 0.0
+
+    done = [r for r in rows if r.get("status") in ("registered", "already_complete") and r.get("qc_png")]
+    return sorted(done, key=badness)[: max(int(count), 0)]
+
+
+def markdown_report(rows: Sequence[Mapping[str, Any]], run: Mapping[str, Any], qc_figures: int = 5) -> str:
+    """A short Markdown report of a cohort: counts, time and throughput, Dice, folding, volumes, the QC figures of the
+    ``qc_figures`` worst pairs (:func:`worst_pairs`, linked relative to the report), failed pairs.
 
     Args:
         rows: one row per pair (:func:`pair_row`), in datalist order.
         run: ``{"world_size", "wall_seconds", "registered_this_run"}`` of the run that wrote it.
+        qc_figures: how many pairs' QC figures the report shows.
     """
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     lines = ["# Cohort summary", "", f"- pairs: {len(rows)} — " + ", ".join(f"{s.replace('_', ' ')} {n}" for s, n in counts.items())]
@@ -160,6 +185,18 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], run: Mapping[str, Any]) -
             stats = _mean_std([r.get(column) for r in rows])
             if stats:
                 lines.append(f"| {column[len('volume_ml_'):]} | {stats[0]:.2f} | {stats[1]:.2f} | {stats[2]} |")
+    shown = worst_pairs(rows, qc_figures)
+    if shown:
+        lines += ["", "## Pairs to check first (QC figures)", "",
+                  "Lowest mean Dice first, then (pairs without labels) the most folding. Each figure: fixed, moving, "
+                  "warped, checkerboards before/after, differences, deformation grid, det J."]
+        for row in shown:
+            scores = (("mean_dice", "mean Dice"), ("mean_dice_identity", "before"))
+            facts = [f"{title} {row[k]:.4f}" for k, title in scores if row.get(k) is not None]
+            if row.get("percent_non_positive_jacobian") is not None:
+                facts.append(f"det J <= 0: {row['percent_non_positive_jacobian']:.4f} %")
+            lines += ["", f"### {row['pair_id']}" + (f" ({', '.join(facts)})" if facts else ""), "",
+                      f"![QC figure of {row['pair_id']}]({row['qc_png']})"]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed pairs", "", "| pair | error |", "|---|---|"]

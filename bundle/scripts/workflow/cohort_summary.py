@@ -164,8 +164,9 @@ class CohortSummary:
         ``cohort.json``, ``cohort.csv``, ``cohort.md`` (and the evaluation summary). Every rank must call it.
 
         Args:
-            screen: the run's ``scripts.io.PairScreen``; on rank 0 its ``bad`` becomes the pairs skipped on any rank
-                (so its ``report`` lists them all), on the other ranks it is emptied.
+            screen: the run's ``scripts.io.PairScreen``; it gets the gather's result (``PairScreen.merge_ranks``):
+                on rank 0 the pairs skipped on any rank (so its ``report`` lists them all), on the other ranks nothing
+                to report (so their ``report`` neither writes nor removes ``failed_pairs.json``).
 
         Returns:
             the merged ``cohort.json`` content on rank 0, None elsewhere or when no datalist was run.
@@ -178,7 +179,7 @@ class CohortSummary:
         if gathered is None:  # not rank 0: rank 0 writes everything
             (self.output_dir / _RANK_FILE.format(self.rank)).unlink(missing_ok=True)
             if screen is not None:
-                screen.bad = []
+                screen.merge_ranks(None)
             return None
         rows: dict[str, dict[str, Any]] = {}
         bad: list[dict[str, Any]] = []
@@ -188,7 +189,7 @@ class CohortSummary:
             bad += part["bad"]
         position = {pair_id: i for i, pair_id in enumerate(self.order)}
         if screen is not None:
-            screen.bad = sorted(bad, key=lambda b: position.get(b.get("pair_id"), len(position)))
+            screen.merge_ranks(sorted(bad, key=lambda b: position.get(b.get("pair_id"), len(position))))
         ordered = self._ordered(rows)
         registered = sum(r["status"] == "registered" for r in rows.values())
         document = self._write_tables(ordered, True, registered)

@@ -13,7 +13,7 @@ __all__ = ["OUTPUT_FILES", "pair_console_summary"]
 #: the files of one pair's output folder, in the order the report lists them
 OUTPUT_FILES = (
     "warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat", "warp.nii.gz",
-    "transform.h5", "inverse_warp.nii.gz", "inverse_transform.h5", "metrics.json",
+    "transform.h5", "inverse_warp.nii.gz", "inverse_transform.h5", "metrics.json", "qc.png",
 )
 
 

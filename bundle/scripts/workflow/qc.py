@@ -1,9 +1,14 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Quality-control figure of one registration: the picture a registration user looks at first.
 
-One PNG, middle slice along one array axis, 2 × 4 panels:
-fixed | moving | warped | deformation grid (in-plane displacement, every ``grid_step`` voxels)
-|fixed − moving| (before) | |fixed − warped| (after) | det J (folds ≤ 0 in black) | det J histogram.
+One PNG, middle slice along one array axis, 2 × 5 panels:
+fixed | moving | warped | checkerboard fixed/moving (before) | checkerboard fixed/warped (after)
+|fixed − moving| (before) | |fixed − warped| (after) | deformation grid (in-plane displacement, every ``grid_step``
+voxels) | det J (folds ≤ 0 in black) | det J histogram.
+
+A checkerboard alternates square tiles of the two images: edges that continue across tile borders mean the images
+agree there, steps at the borders show the misalignment left. :class:`SaveQCFigured` writes the figure of every pair
+of an inference run (``qc.png`` in the pair's folder), :func:`qc_png_from_outputs` the figure of finished outputs.
 
 Intensities are scaled to [0, 1] per image with robust percentiles before differencing, because the two images of a
 pair may come from different scanners/templates (e.g. MNI152 spans 0–8364, Colin27 0–133).
@@ -13,12 +18,17 @@ Uses matplotlib's object-oriented API with the Agg canvas only, so no GUI backen
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.transforms import MapTransform
 
-__all__ = ["robust_scale", "qc_figure", "save_qc_png", "qc_png_from_outputs"]
+__all__ = ["QC_PNG", "robust_scale", "checkerboard", "qc_figure", "save_qc_png", "qc_png_from_outputs", "SaveQCFigured"]
+
+#: the QC figure's file name in a pair's output folder
+QC_PNG = "qc.png"
 
 
 def _as_numpy(array: Any, name: str, ndim: int) -> np.ndarray:
@@ -37,6 +47,18 @@ def robust_scale(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> 
     if hi <= lo:
         return np.zeros_like(image, dtype=np.float32)
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def checkerboard(first: np.ndarray, second: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Tiles of ``first`` and ``second`` (same 2-D shape) alternating like a chess board, ``tiles`` along the longer
+    side (square tiles)."""
+    if first.shape != second.shape or first.ndim != 2:
+        raise ValueError(f"checkerboard needs two 2-D images of one shape, got {first.shape} and {second.shape}.")
+    if tiles < 1:
+        raise ValueError(f"tiles must be >= 1, got {tiles}.")
+    side = max(1, int(np.ceil(max(first.shape) / tiles)))
+    rows, cols = np.indices(first.shape)
+    return np.where((rows // side + cols // side) % 2 == 0, first, second)
 
 
 def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -106,9 +128,9 @@ def qc_figure(
     u = [np.take(ddf[a], index, axis=axis) for a in in_plane]  # (n0, n1) each, NOT transposed
     folded_pct = 100.0 * float((det <= 0).sum()) / det.size
 
-    fig = Figure(figsize=(16, 8.6), dpi=100)
+    fig = Figure(figsize=(20, 8.6), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 4)
+    axes = fig.subplots(2, 5)
     grey = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0, "origin": "lower", "interpolation": "nearest"}
     axes[0, 0].imshow(f2, **grey)
     axes[0, 0].set_title("fixed")
@@ -116,6 +138,10 @@ def qc_figure(
     axes[0, 1].set_title("moving")
     axes[0, 2].imshow(w2, **grey)
     axes[0, 2].set_title("warped moving")
+    axes[0, 3].imshow(checkerboard(f2, m2), **grey)
+    axes[0, 3].set_title("checkerboard fixed / moving")
+    axes[0, 4].imshow(checkerboard(f2, w2), **grey)
+    axes[0, 4].set_title("checkerboard fixed / warped")
 
     before, after = np.abs(f2 - m2), np.abs(f2 - w2)
     diff_max = max(float(np.percentile(before, 99.5)), 1e-6)
@@ -127,7 +153,7 @@ def qc_figure(
     fig.colorbar(image, ax=axes[1, 1], fraction=0.046, pad=0.02)
 
     # deformation grid: the point p maps to p + u(p); draw the images of the regular grid lines
-    grid_ax = axes[0, 3]
+    grid_ax = axes[1, 2]
     grid_ax.imshow(f2, cmap="gray", vmin=0.0, vmax=2.5, origin="lower", interpolation="nearest")
     n0, n1 = u[0].shape
     c0, c1 = np.meshgrid(np.arange(n0), np.arange(n1), indexing="ij")
@@ -141,21 +167,21 @@ def qc_figure(
     magnitude = np.sqrt(u[0] ** 2 + u[1] ** 2)
     grid_ax.set_title(f"deformation grid, max |u| {magnitude.max():.1f} vox")
 
-    det_ax = axes[1, 2]
+    det_ax = axes[1, 3]
     image = det_ax.imshow(det2, cmap="RdBu_r", vmin=0.0, vmax=2.0, origin="lower", interpolation="nearest")
     folds = np.ma.masked_where(det2 > 0, np.zeros_like(det2))  # value 0 = black in "gray"
     det_ax.imshow(folds, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest")
     det_ax.set_title(f"det J (black ≤ 0); folds {folded_pct:.3f} % of volume")
     fig.colorbar(image, ax=det_ax, fraction=0.046, pad=0.02)
 
-    hist_ax = axes[1, 3]
+    hist_ax = axes[1, 4]
     hist_ax.hist(np.clip(det.ravel(), -1.0, 3.0), bins=120, color="tab:blue", log=True)
     hist_ax.axvline(0.0, color="black", linewidth=1.0)
     hist_ax.set_title(f"det J (all voxels): min {det.min():.2f}, max {det.max():.2f}", fontsize=10)
     hist_ax.set_xlabel("det J (clipped to [−1, 3])")
 
     names = "DHW"
-    for ax in list(axes[0]) + list(axes[1, :3]):
+    for ax in list(axes[0]) + list(axes[1, :4]):
         ax.set_xlabel(f"array axis {in_plane[0]} ({names[in_plane[0]]})")
         ax.set_ylabel(f"array axis {in_plane[1]} ({names[in_plane[1]]})")
         ax.set_aspect("equal")
@@ -224,3 +250,63 @@ def qc_png_from_outputs(
     det_path = output_dir / "jacobian_det.nii.gz"
     det = np.squeeze(np.asanyarray(nib.load(str(det_path)).dataobj)).astype(np.float32) if det_path.exists() else None
     return save_qc_png(png_path, fixed, moving, warped, ddf, det, title=title)
+
+
+class SaveQCFigured(MapTransform):
+    """Write the QC figure of one registered pair (:func:`qc_figure`) as ``qc.png`` into the pair's output folder.
+
+    Placed in the inference postprocessing before ``RestoreOriginalGridd``: there the fixed image, the moving image
+    (after the affine stage, on the fixed grid), the warped image, the displacement and det J all lie on the fixed grid
+    reoriented to RAS, scaled to [0, 1], so the figure shows an axial slice (array axis 2 is inferior -> superior) of
+    every scan, whatever the orientation of its file.
+
+    Args:
+        output_dir: root output folder (a pair with an id writes into ``output_dir/<pair_id>``).
+        fixed_key, moving_key, warped_key, ddf_key, det_key: data keys of the fixed image (1, D, H, W), the moving
+            image on the fixed grid (1, D, H, W), the warped moving image (1, D, H, W), the displacement (3, D, H, W)
+            in voxels and det J (1, D, H, W); det J is computed from the displacement when absent.
+        pair_id_key: data key of the pair's sub-folder name.
+        name: file name of the figure.
+        enabled: False writes nothing (``--qc false``).
+        overwrite: replace an existing figure (otherwise ``OutputExistsError``, as for every output).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        fixed_key: str = "fixed_image",
+        moving_key: str = "moving_image",
+        warped_key: str = "warped_moving_scaled",
+        ddf_key: str = "pred",
+        det_key: str = "jacobian_det",
+        pair_id_key: str = "pair_id",
+        name: str = QC_PNG,
+        enabled: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__([fixed_key, moving_key, warped_key, ddf_key])
+        self.output_dir = output_dir
+        self.fixed_key, self.moving_key, self.warped_key = fixed_key, moving_key, warped_key
+        self.ddf_key, self.det_key, self.pair_id_key = ddf_key, det_key, pair_id_key
+        self.name = name
+        self.enabled = bool(enabled)
+        self.overwrite = bool(overwrite)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        from scripts.io.atomic import check_outputs_writable
+        from scripts.io.writer import pair_output_dir
+
+        pair_id = d.get(self.pair_id_key) or None
+        path = pair_output_dir(self.output_dir, pair_id) / self.name
+        check_outputs_writable([path], self.overwrite)
+        det = d.get(self.det_key)
+        det = None if det is None else _as_numpy(det, self.det_key, 4)[0]
+        volumes = [_as_numpy(d[k], k, 4)[0] for k in (self.fixed_key, self.moving_key, self.warped_key)]
+        ddf = _as_numpy(d[self.ddf_key], self.ddf_key, 4)
+        folded = None if det is None else 100.0 * float((det <= 0).mean())
+        title = " ".join(filter(None, [str(pair_id or ""), f"folds {folded:.3f} %" if folded is not None else ""]))
+        save_qc_png(path, *volumes, ddf, det, title=title)
+        return d

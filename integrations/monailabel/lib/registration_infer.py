@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 #: bundle postprocessing steps that write files into the bundle's output_dir; MONAI Label writes the label map itself
 #: and the task writes the outputs of :py:data:`EXTRA_OUTPUTS` into a folder of its own.
-DROPPED_POSTPROCESSING = ("SaveRegistrationOutputsd", "SaveTransformsd", "RegistrationMetricsd")
+DROPPED_POSTPROCESSING = ("SaveRegistrationOutputsd", "SaveTransformsd", "RegistrationMetricsd", "SaveQCFigured")
 #: the registration's outputs beside the label map: name in the result -> file that ``register`` writes
 EXTRA_OUTPUTS = {"warped_atlas_image": "warped_image.nii.gz", "transform": "transform.h5"}
 #: key of the JSON result listing the files of :py:data:`EXTRA_OUTPUTS` (server paths: the app replaces them)
