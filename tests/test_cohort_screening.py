@@ -118,6 +118,12 @@ def test_pair_folder_states_and_clearing_an_interrupted_one(tmp_path):
     assert not pair_outputs_complete(folder, pair, OUTPUT_NAMES)
     (folder / "metrics.json").write_text("{}")
     assert pair_output_state(folder, expected)[0] == COMPLETE and pair_outputs_complete(folder, pair, OUTPUT_NAMES)
+    # A folder from a run without the QC figure (--qc false, an older version) is complete for a run that writes it.
+    with_qc = expected_pair_outputs(pair, OUTPUT_NAMES + ["qc.png"])
+    assert "qc.png" in with_qc and pair_output_state(folder, with_qc)[0] == COMPLETE
+    (folder / "metrics.json").unlink()
+    assert pair_output_state(folder, with_qc)[0] == FOREIGN  # the picture alone never completes a result
+    (folder / "metrics.json").write_text("{}")
     with pytest.raises(ValueError, match="refusing"):
         clear_interrupted_outputs(folder, expected)  # complete results without a marker are never removed
     mark_in_progress(folder)

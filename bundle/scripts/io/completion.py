@@ -22,6 +22,7 @@ __all__ = [
     "IN_PROGRESS_MARKER",
     "LABEL_OUTPUTS",
     "RUN_OUTPUTS",
+    "VIEW_OUTPUTS",
     "ABSENT",
     "COMPLETE",
     "INTERRUPTED",
@@ -43,6 +44,9 @@ LABEL_OUTPUTS = {"warped_label.nii.gz": "moving_label", "metrics.json": "fixed_l
 #: files written once per run into ``output_dir``, not into pair folders (configs: ``run_output_names``).
 RUN_OUTPUTS = ("summary.json", "summary.csv", "failed_pairs.json", "cohort.json", "cohort.csv", "cohort.md")
 
+#: pictures of a pair's result, not part of it: a folder with every other output and no marker is complete without
+#: them, so an OUT written with ``--qc false`` or by a version without ``qc.png`` resumes as it is.
+VIEW_OUTPUTS = ("qc.png",)
 #: states of a pair folder (see :func:`pair_output_state`).
 ABSENT, COMPLETE, INTERRUPTED, FOREIGN = "absent", "complete", "interrupted", "foreign"
 
@@ -88,7 +92,7 @@ def pair_output_state(
         known: every file name the run may write into pair folders (default ``expected``); used to find leftovers.
 
     Returns:
-        ``(state, existing)``: :data:`COMPLETE` (all expected files, no marker), :data:`INTERRUPTED` (marker present),
+        ``(state, existing)``: :data:`COMPLETE` (all expected files but :data:`VIEW_OUTPUTS` at least, no marker), :data:`INTERRUPTED` (marker present),
         :data:`FOREIGN` (some output files but not all, no marker) or :data:`ABSENT` (none); ``existing`` lists the
         files of ``known`` that exist.
     """
@@ -99,7 +103,7 @@ def pair_output_state(
     existing = [n for n in names if (folder / n).is_file()]
     if (folder / IN_PROGRESS_MARKER).exists():
         return INTERRUPTED, existing
-    if all(n in existing for n in expected):
+    if all(n in existing for n in expected if n not in VIEW_OUTPUTS):
         return COMPLETE, existing
     return (FOREIGN if existing else ABSENT), existing
 
