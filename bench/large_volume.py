@@ -44,7 +44,7 @@ CT_FLAGS = ["--intensity_window=-1000,1000", "--background=-1024"]
 
 # The launcher runs ``scripts.cli`` in the measured process; kept as source so the child imports nothing of ours first.
 LAUNCHER = r"""
-import atexit, json, runpy, sys, threading, time, traceback
+import atexit, json, os, runpy, sys, threading, time, traceback
 log_path, sample_s = sys.argv[1], float(sys.argv[2])
 sys.argv = ["scripts.cli"] + sys.argv[3:]
 main_thread, start = threading.main_thread(), time.monotonic()
@@ -71,11 +71,14 @@ def sample():
         if rss > peak + 64:  # a new peak, 64 MB above the last one recorded
             peak = rss
             peaks.append({"t": t, "rss_mb": round(rss), "where": where()})
+            report()  # kept up to date: a run killed for memory still leaves its peaks
         time.sleep(sample_s)
 
 def report():
-    with open(log_path, "w") as f:
-        json.dump({"vm_hwm_mb": status("VmHWM"), "peaks": peaks, "samples": samples[::max(1, len(samples) // 400)]}, f)
+    kept = samples[::max(1, len(samples) // 400)]
+    with open(log_path + ".tmp", "w") as f:
+        json.dump({"vm_hwm_mb": status("VmHWM"), "peaks": list(peaks), "samples": kept}, f)
+    os.replace(log_path + ".tmp", log_path)
 
 atexit.register(report)
 threading.Thread(target=sample, daemon=True).start()

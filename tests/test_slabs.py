@@ -99,3 +99,25 @@ def test_resampling_through_transforms_in_slabs_equals_the_whole_map(case, with_
             slabs = resample_with_transforms(volume, transforms, fixed_grid, moving_grid, mode, padding, inverse,
                                              max_voxels=max_voxels)
             assert slabs.dtype == volume.dtype and torch.equal(slabs, whole)
+
+
+def test_resample_moving_in_slabs_equals_one_piece(sample_pair_small):
+    """Resampling onto the fixed grid through a world matrix (preprocessing), slab-wise as without gradient, equals
+    the one-piece path the affine stage differentiates through."""
+    from spatial_cases import rotation_ras
+
+    from scripts.layers.sampling import resample_moving
+
+    image, label = sample_pair_small["moving"], sample_pair_small["moving_label"]
+    moving_affine = np.diag([1.1, 0.9, 1.2, 1.0])
+    fixed_shape, fixed_affine = (37, 50, 43), np.diag([1.0, 1.0, 1.1, 1.0])
+    matrix = torch.as_tensor(rotation_ras((20.0, 22.0, 24.0)), dtype=torch.float64).requires_grad_()
+    for volume, mode, padding in ((image, "bilinear", -0.5), (label, "nearest", 0.0)):
+        one_piece = resample_moving(volume, moving_affine, fixed_shape, fixed_affine, matrix, mode,
+                                    padding_value=padding)
+        assert one_piece.requires_grad == (mode == "bilinear")  # the gradient reaches the matrix
+        with torch.no_grad():
+            for max_voxels in _slab_sizes(fixed_shape):
+                slabs = resample_moving(volume, moving_affine, fixed_shape, fixed_affine, matrix, mode,
+                                        padding_value=padding, max_voxels=max_voxels)
+                assert slabs.dtype == volume.dtype and torch.equal(slabs, one_piece.detach())

@@ -325,7 +325,7 @@ def sample_points(
 
 def resample_moving(
     moving, moving_affine, fixed_shape, fixed_affine, world_matrix, mode: str = "bilinear", padding_mode: str = "zeros",
-    padding_value: float = 0.0,
+    padding_value: float = 0.0, max_voxels: int = SLAB_VOXELS,
 ) -> torch.Tensor:
     """
     Resample ``moving`` onto the fixed voxel grid through the world transform ``world_matrix`` (fixed -> moving world).
@@ -338,6 +338,7 @@ def resample_moving(
             the identity resamples between two grids of one world space.
         mode: "bilinear" or "nearest". padding_mode, padding_value: as :func:`sample_at_voxels` (where the moving
             field of view ends: the image's background, e.g. -1024 HU for a CT; 0 for label maps).
+        max_voxels: fixed-grid voxels sampled per slab (:func:`slab_ranges`), when no gradient is needed.
 
     Returns:
         (B, C, X', Y', Z') in ``moving``'s dtype (integer label maps rounded back).
@@ -351,8 +352,20 @@ def resample_moving(
     to_grid = grid_sample_matrix(moving.shape[2:], device) @ torch.linalg.inv(a_m)
     to_grid = to_grid @ batch_matrices(world_matrix, batch, device, "world_matrix") @ a_f
     shape = [int(s) for s in fixed_shape]
-    index = voxel_grid(shape, device).reshape(1, 3, -1).transpose(1, 2)
     source = moving.to(torch.promote_types(moving.dtype, torch.float32))
-    out = sample_points(source, index.expand(batch, -1, 3), to_grid, mode, padding_mode, padding_value)
-    out = out.reshape(*moving.shape[:2], *shape)
+
+    def resampled_slab(start: int, stop: int) -> torch.Tensor:
+        index = voxel_grid([shape[0], shape[1], stop - start], device)
+        index[2] += start  # integer indices: exact
+        points = index.reshape(1, 3, -1).transpose(1, 2).expand(batch, -1, 3)
+        values = sample_points(source, points, to_grid, mode, padding_mode, padding_value)
+        return values.reshape(*moving.shape[:2], shape[0], shape[1], stop - start)
+
+    if torch.is_grad_enabled() and (source.requires_grad or to_grid.requires_grad):
+        out = resampled_slab(0, shape[2])  # in one piece, for the gradient
+    else:  # slab by slab (every point is mapped and sampled alone: the same values), so a CT-sized grid never
+        # holds its whole point list and grid_sample's copies of it (1.3 GB each at 512 x 512 x 400)
+        out = source.new_empty((*moving.shape[:2], *shape))
+        for start, stop in slab_ranges(shape, max_voxels):
+            out[..., start:stop] = resampled_slab(start, stop)
     return out if moving.is_floating_point() else out.round().to(moving.dtype)
