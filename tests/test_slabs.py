@@ -121,3 +121,19 @@ def test_resample_moving_in_slabs_equals_one_piece(sample_pair_small):
                 slabs = resample_moving(volume, moving_affine, fixed_shape, fixed_affine, matrix, mode,
                                         padding_value=padding, max_voxels=max_voxels)
                 assert slabs.dtype == volume.dtype and torch.equal(slabs, one_piece.detach())
+
+
+def test_affine_pyramid_blur_in_slabs_equals_monai_gaussian_filter(sample_pair_small):
+    """The affine stage blurs full-resolution images slab by slab (MONAI's filter holds a copy per kernel tap):
+    the same image up to float rounding, with a long kernel across the slabs' axis and a short one along it."""
+    from monai.networks.layers import GaussianFilter
+
+    from scripts.engines.affine_registration import _gaussian_blur
+
+    image = sample_pair_small["moving"]
+    sigma = [0.9, 2.5, 4.0]  # slabs along the first axis (smallest sigma): 4 sigma + 1 voxels of context each side
+    whole = GaussianFilter(3, sigma)(image)
+    plane = image.shape[3] * image.shape[4]
+    for max_voxels in (plane, 3 * plane - 1, 10**9):
+        torch.testing.assert_close(_gaussian_blur(image, sigma, max_voxels), whole, rtol=0, atol=1e-6)
+    assert not torch.allclose(GaussianFilter(3, sigma)(image[:, :, :10]), whole[:, :, :10], atol=1e-4)  # context matters

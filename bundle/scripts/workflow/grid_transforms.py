@@ -181,7 +181,9 @@ class WarpByDdfd(MapTransform):
 
     Args:
         keys: volumes to warp, each (C, D, H, W).
-        warp: callable ``warp(image (B, C, D, H, W), ddf (B, 3, D, H, W))`` such as ``scripts.layers.warp.Warp``.
+        warp: callable ``warp(image (B, C, D, H, W), ddf (B, 3, D, H, W))`` such as ``scripts.layers.warp.Warp``;
+            one with an ``in_slabs`` method (``Warp``) is run through it: the same values, one slab of the field at
+            a time (full-resolution outputs of a CT would otherwise hold gigabytes of coordinates).
         ddf_key: key of the (3, D, H, W) displacement in voxels.
         output_keys: where to store the results, one per key (default: ``"warped_" + key``).
         reference_key: key whose affine/meta the outputs carry (the fixed image).
