@@ -167,7 +167,8 @@ def main() -> None:
     parser.add_argument("--source_dir", type=Path, default=SOURCE_DIR, help="folder of ct_img / ct_seg_total.nii.gz")
     parser.add_argument("--label", default="", help="free text stored with the results (e.g. 'before')")
     parser.add_argument("--make_only", action="store_true", help=argparse.SUPPRESS)  # the data-building child
-    parser.add_argument("register_flags", nargs="*", help="extra register flags after --, e.g. -- --refine_iterations=0")
+    parser.add_argument("register_flags", nargs="*",
+                        help="extra register flags after --, e.g. -- --refine_iterations=0")
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
     if len(shape) != 3 or min(shape) < 2:
@@ -181,7 +182,8 @@ def main() -> None:
         raise SystemExit(f"the source scan folder {args.source_dir} is missing (needs /work/shared/data).")
     if not pair_file.is_file():  # built in its own child, so this process stays small
         subprocess.run([sys.executable, __file__, "--shape", args.shape, "--work", str(args.work), "--amplitude_mm",
-                        str(args.amplitude_mm), "--source_dir", str(args.source_dir), "--out", str(args.out), "--make_only"], check=True)
+                        str(args.amplitude_mm), "--source_dir", str(args.source_dir), "--out", str(args.out),
+                        "--make_only"], check=True)
     pair = json.loads(pair_file.read_text())
     result = run_register(pair, args.work / "out", args.work / "rss_log.json", args.register_flags, args.sample_s)
     import torch  # only for the version, after the measured run

@@ -64,7 +64,9 @@ class Warp(nn.Module):
         """:meth:`forward`'s result bit for bit, computed one slab of the field at a time (no gradient): for
         full-resolution outputs, where the whole coordinate map of a CT-sized field takes gigabytes. Not part of a
         scripted model (TorchScript compiles ``forward`` only)."""
-        if image.dim() != 5 or ddf.dim() != 5 or ddf.shape[1] != 3 or image.shape[0] != ddf.shape[0] or image.shape[2:] != ddf.shape[2:]:
+        if image.dim() != 5 or ddf.dim() != 5 or ddf.shape[1] != 3 or (image.shape[0], image.shape[2:]) != (
+            ddf.shape[0], ddf.shape[2:]
+        ):
             raise ValueError(
                 f"expected image (B, C, D, H, W) and ddf (B, 3, D, H, W) of one batch size and spatial shape, got "
                 f"{list(image.shape)} and {list(ddf.shape)}."
