@@ -157,6 +157,40 @@ def run_register(pair: dict, out_dir: Path, log_path: Path, extra: list[str], sa
             "metrics": {k: metrics[k] for k in metrics if not isinstance(metrics[k], (dict, list))}}
 
 
+def postprocessing_peak(shape: tuple[int, int, int]) -> dict:
+    """Peak RSS of the full-resolution post-processing alone (``WarpByDdfd``, ``JacobianDeterminantd``,
+    ``WarpFromSourced`` as ``inference.json`` chains them), on synthetic data of ``shape``, in this process (run it in a
+    fresh child): RSS after the inputs exist, and ``VmHWM`` after the transforms."""
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    import torch
+    import torch.nn.functional as F
+    from monai.data import MetaTensor
+
+    from scripts.layers import Warp
+    from scripts.workflow import JacobianDeterminantd, WarpByDdfd, WarpFromSourced
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith(field + ":"))
+
+    generator = torch.Generator().manual_seed(0)
+    affine = torch.diag(torch.tensor([0.7, 0.6, 0.25, 1.0], dtype=torch.float64))
+    field = F.interpolate(torch.randn(1, 3, 6, 6, 5, generator=generator) * 3, size=shape, mode="trilinear")[0]
+    image = torch.rand((1, *shape), generator=generator)
+    label = (image * 5).to(torch.uint8)
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[:3, 3] = torch.tensor([1.5, -2.0, 0.5])
+    data = {"pred": MetaTensor(field, affine=affine), "moving_image": MetaTensor(image, affine=affine),
+            "fixed_image": MetaTensor(image.clone(), affine=affine), "moving_source": MetaTensor(image, affine=affine),
+            "moving_label_source": MetaTensor(label, affine=affine), "affine_matrix": matrix}
+    baseline = status("VmRSS")
+    data = WarpByDdfd(["moving_image"], Warp(), output_keys=["warped_moving_scaled"])(data)
+    data = JacobianDeterminantd("pred")(data)
+    data = WarpFromSourced(["moving_source", "moving_label_source"], ["warped_image", "warped_label"],
+                           mode=["bilinear", "nearest"])(data)
+    return {"shape": list(shape), "rss_with_inputs_mb": round(baseline), "peak_rss_mb": round(status("VmHWM"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="512,512,400", help="spatial size X,Y,Z of the pair")
@@ -167,12 +201,26 @@ def main() -> None:
     parser.add_argument("--source_dir", type=Path, default=SOURCE_DIR, help="folder of ct_img / ct_seg_total.nii.gz")
     parser.add_argument("--label", default="", help="free text stored with the results (e.g. 'before')")
     parser.add_argument("--make_only", action="store_true", help=argparse.SUPPRESS)  # the data-building child
+    parser.add_argument("--postprocessing_only", action="store_true",
+                        help="measure the full-resolution post-processing transforms alone on synthetic data")
     parser.add_argument("register_flags", nargs="*",
                         help="extra register flags after --, e.g. -- --refine_iterations=0")
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
     if len(shape) != 3 or min(shape) < 2:
         raise SystemExit(f"--shape must be three sizes >= 2 like 512,512,400, got {args.shape!r}.")
+    if args.postprocessing_only:  # this small parent starts the measured child
+        command = [sys.executable, "-c", f"import runpy, sys; sys.argv = ['x']; m = runpy.run_path({str(__file__)!r}); "
+                   f"print(m['json'].dumps(m['postprocessing_peak']({shape!r})))"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = json.loads(output) | {"cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime
+                                                       - before.ru_stime, 1), "label": args.label}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+        return
     pair_file = args.work / f"pair_{'x'.join(map(str, shape))}.json"
     if args.make_only:
         args.work.mkdir(parents=True, exist_ok=True)
