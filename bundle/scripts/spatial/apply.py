@@ -9,8 +9,9 @@ Applying a registration's saved transforms to any image or label map, like ``ant
   ``y = F^-1 T^-1 M q`` (fixed voxels), then the fixed image is sampled at ``y + v(y)`` (``v`` = inverse warp, on the
   fixed grid). Same as ``ants.apply_transforms(moving, fixed, [affine, inverse_warp], whichtoinvert=[True, False])``.
 
-The whole map is composed first and the image interpolated once, one slab of the reference grid at a time, in torch (``grid_sample``, ``align_corners=True``,
-nearest for labels, which keep their integer dtype). Outside the source's field of view an image gets its background
+The whole map is composed first and the image interpolated once, in torch (``grid_sample``, ``align_corners=True``,
+nearest for labels, which keep their integer dtype), one slab of the reference grid at a time: a CT-sized output never
+holds its whole (float64) point map. Outside the source's field of view an image gets its background
 (its minimum unless given: a CT reads air there, not 0 HU soft tissue), a label map 0. With no affine and a moving
 image on the fixed grid whose minimum is 0 the result equals the bundle's own warp (``warp(moving, ddf)``) bit for bit.
 """
@@ -35,9 +36,7 @@ from .itk_files import TransformFileError
 from .transform_set import SavedTransforms, load_transforms
 from .world import as_matrix4
 
-__all__ = [
-    "INTERPOLATIONS", "apply_transforms", "resample_with_transforms", "voxel_point_map",
-]
+__all__ = ["INTERPOLATIONS", "apply_transforms", "resample_with_transforms", "voxel_point_map"]
 
 INTERPOLATIONS = {"linear": "bilinear", "nearest": "nearest"}
 
