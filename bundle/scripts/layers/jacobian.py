@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from scripts.layers.sampling import slab_ranges
 
 __all__ = ["jacobian_determinant", "folding_percentage"]
 
 
-def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
+def jacobian_determinant(ddf: torch.Tensor, slab_voxels: Optional[int] = None) -> torch.Tensor:
     """
     Determinant of the Jacobian ``I + ∇u`` of the transform ``x ↦ x + u(x)``, at every voxel.
 
@@ -18,6 +22,11 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
 
     Args:
         ddf: (B, 3, D, H, W) displacement field in voxels, every spatial size >= 2.
+        slab_voxels: None: the whole field at once. A number: one slab of about that many voxels along the last axis
+            at a time, each with one neighbouring plane on either side, so every difference (central inside,
+            one-sided at the field's own borders) is the whole-field one and the map is equal bit for bit, while the
+            nine derivative volumes exist for one slab only (a 512 x 512 x 400 field needs ~6 GB of them at once).
+            For outputs without gradient; a field that requires one is always done whole.
 
     Returns:
         (B, 1, D, H, W) determinant map (values <= 0 mark folding), in the dtype of ``ddf`` or float32 for
@@ -33,7 +42,16 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     if ddf.dtype in (torch.float16, torch.bfloat16):
         ddf = ddf.float()
     with torch.autocast(device_type=ddf.device.type, enabled=False):
-        return _determinant(ddf)
+        if slab_voxels is None or (ddf.requires_grad and torch.is_grad_enabled()):
+            return _determinant(ddf)
+        depth = ddf.shape[-1]
+        det = ddf.new_empty((ddf.shape[0], 1, *ddf.shape[2:]))
+        for start, stop in slab_ranges(list(ddf.shape[2:]), slab_voxels):
+            # one plane of context each side (where the field has one), so a slab never sees a false border; the
+            # slab with its context always spans >= 2 planes, as the field's depth is >= 2
+            lo, hi = max(start - 1, 0), min(stop + 1, depth)
+            det[..., start:stop] = _determinant(ddf[..., lo:hi])[..., start - lo : stop - lo]
+        return det
 
 
 def _determinant(ddf: torch.Tensor) -> torch.Tensor:

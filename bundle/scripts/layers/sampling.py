@@ -35,6 +35,7 @@ import torch.nn.functional as F
 __all__ = [
     "MODES",
     "PADDING_MODES",
+    "SLAB_VOXELS",
     "apply_matrix",
     "batch_matrices",
     "compose_displacements",
@@ -42,13 +43,20 @@ __all__ = [
     "integrate_velocity",
     "resample_moving",
     "sample_at_voxels",
+    "sample_in_slabs",
     "sample_points",
+    "slab_ranges",
     "voxel_grid",
     "warp_image",
+    "warp_image_in_slabs",
 ]
 
 MODES = ("bilinear", "nearest")
 PADDING_MODES = ("zeros", "border", "reflection")
+
+#: output voxels per slab of :func:`sample_in_slabs` (and the slab-wise Jacobian): 2**21 points keep a float64
+#: (1, 3, ...) coordinate slab at 48 MB, where a whole 512 x 512 x 400 CT would need 2.5 GB per copy
+SLAB_VOXELS = 2**21
 
 
 def voxel_grid(shape: List[int], device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
@@ -114,6 +122,48 @@ def sample_at_voxels(
     return torch.round(sampled).to(image.dtype)
 
 
+def slab_ranges(shape: List[int], max_voxels: int = SLAB_VOXELS) -> List[List[int]]:
+    """``[start, stop)`` ranges along the last axis of a grid of spatial ``shape`` (X, Y, Z), each slab of at most
+    ``max_voxels`` voxels (at least one plane, whatever its size)."""
+    if len(shape) != 3 or max_voxels < 1:
+        raise ValueError(f"need a spatial shape of three sizes and max_voxels >= 1, got {shape} and {max_voxels}.")
+    plane = max(int(shape[0]) * int(shape[1]), 1)
+    depth = max(max_voxels // plane, 1)
+    return [[start, min(start + depth, int(shape[2]))] for start in range(0, int(shape[2]), depth)]
+
+
+def sample_in_slabs(
+    image: torch.Tensor, coords_of_slab, shape: List[int], mode: str = "bilinear", padding_mode: str = "zeros",
+    padding_value: float = 0.0, max_voxels: int = SLAB_VOXELS,
+) -> torch.Tensor:
+    """
+    :func:`sample_at_voxels` over an output grid too large for one coordinate map, one slab along its last axis at a
+    time. Every output voxel is sampled alone, so the result equals sampling the whole map at once bit for bit, while
+    only one slab of coordinates (and of ``grid_sample``'s normalised copy) exists at a time. Meant for outputs
+    without gradient (full-resolution post-processing): the output is written slab by slab.
+
+    Args:
+        image: (B, C, X, Y, Z) volume, as for :func:`sample_at_voxels`.
+        coords_of_slab: ``coords_of_slab(start, stop)`` -> (B, 3, X', Y', stop - start) voxel coordinates in
+            ``image``'s index space of the output voxels ``[..., start:stop]``.
+        shape: the output's spatial shape (X', Y', Z').
+        mode, padding_mode, padding_value: as :func:`sample_at_voxels`.
+        max_voxels: output voxels per slab (:func:`slab_ranges`).
+
+    Returns:
+        (B, C, X', Y', Z') samples in the dtype :func:`sample_at_voxels` gives.
+    """
+    out: Optional[torch.Tensor] = None
+    for start, stop in slab_ranges(shape, max_voxels):
+        slab = sample_at_voxels(image, coords_of_slab(start, stop), mode, padding_mode, padding_value)
+        if out is None:
+            out = slab.new_empty(list(slab.shape[:2]) + [int(s) for s in shape])
+        out[..., start:stop] = slab
+    if out is None:  # an empty output grid
+        return sample_at_voxels(image, coords_of_slab(0, 0), mode, padding_mode, padding_value)
+    return out
+
+
 def warp_image(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
     """
     Backward warp on the field's grid: ``out(p) = image(p + ddf(p))``.
@@ -132,6 +182,35 @@ def warp_image(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", p
         # the grid stays in the field's dtype (float32 in the network, also when autocast gives half-precision features)
         return _grid_sample(image, coords, mode, padding_mode)
     return sample_at_voxels(image, coords, mode, padding_mode)
+
+
+def warp_image_in_slabs(
+    image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+    max_voxels: int = SLAB_VOXELS,
+) -> torch.Tensor:
+    """
+    :func:`warp_image` one slab of the field along its last axis at a time (:func:`sample_in_slabs`): the same values
+    bit for bit, without the whole-volume coordinate map; for warping full-resolution outputs (no gradient).
+
+    Args:
+        image: (B, C, X, Y, Z) volume on the field's grid; integer label maps keep their dtype.
+        ddf: (B, 3, X, Y, Z) displacement in voxels, in ``image``'s dtype for a floating image (as :func:`warp_image`
+            receives it from :py:class:`scripts.layers.Warp`).
+        mode, padding_mode: as :func:`warp_image`.
+        max_voxels: field voxels per slab.
+
+    Returns:
+        (B, C, X, Y, Z) warped volume.
+    """
+    shape = [int(s) for s in ddf.shape[2:]]
+
+    def coords_of_slab(start: int, stop: int) -> torch.Tensor:
+        grid = voxel_grid([shape[0], shape[1], stop - start], ddf.device, ddf.dtype)
+        grid[2] += start  # integer indices: exact, the same points as the whole grid's
+        return grid.unsqueeze(0) + ddf[..., start:stop]
+
+    # sample_at_voxels casts the coordinates to a floating image's dtype, as warp_image's callers do beforehand
+    return sample_in_slabs(image, coords_of_slab, shape, mode, padding_mode, 0.0, max_voxels)
 
 
 def compose_displacements(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str) -> torch.Tensor:
@@ -246,7 +325,7 @@ def sample_points(
 
 def resample_moving(
     moving, moving_affine, fixed_shape, fixed_affine, world_matrix, mode: str = "bilinear", padding_mode: str = "zeros",
-    padding_value: float = 0.0,
+    padding_value: float = 0.0, max_voxels: int = SLAB_VOXELS,
 ) -> torch.Tensor:
     """
     Resample ``moving`` onto the fixed voxel grid through the world transform ``world_matrix`` (fixed -> moving world).
@@ -259,6 +338,7 @@ def resample_moving(
             the identity resamples between two grids of one world space.
         mode: "bilinear" or "nearest". padding_mode, padding_value: as :func:`sample_at_voxels` (where the moving
             field of view ends: the image's background, e.g. -1024 HU for a CT; 0 for label maps).
+        max_voxels: fixed-grid voxels sampled per slab (:func:`slab_ranges`), when no gradient is needed.
 
     Returns:
         (B, C, X', Y', Z') in ``moving``'s dtype (integer label maps rounded back).
@@ -272,8 +352,20 @@ def resample_moving(
     to_grid = grid_sample_matrix(moving.shape[2:], device) @ torch.linalg.inv(a_m)
     to_grid = to_grid @ batch_matrices(world_matrix, batch, device, "world_matrix") @ a_f
     shape = [int(s) for s in fixed_shape]
-    index = voxel_grid(shape, device).reshape(1, 3, -1).transpose(1, 2)
     source = moving.to(torch.promote_types(moving.dtype, torch.float32))
-    out = sample_points(source, index.expand(batch, -1, 3), to_grid, mode, padding_mode, padding_value)
-    out = out.reshape(*moving.shape[:2], *shape)
+
+    def resampled_slab(start: int, stop: int) -> torch.Tensor:
+        index = voxel_grid([shape[0], shape[1], stop - start], device)
+        index[2] += start  # integer indices: exact
+        points = index.reshape(1, 3, -1).transpose(1, 2).expand(batch, -1, 3)
+        values = sample_points(source, points, to_grid, mode, padding_mode, padding_value)
+        return values.reshape(*moving.shape[:2], shape[0], shape[1], stop - start)
+
+    if torch.is_grad_enabled() and (source.requires_grad or to_grid.requires_grad):
+        out = resampled_slab(0, shape[2])  # in one piece, for the gradient
+    else:  # slab by slab (every point is mapped and sampled alone: the same values), so a CT-sized grid never
+        # holds its whole point list and grid_sample's copies of it (1.3 GB each at 512 x 512 x 400)
+        out = source.new_empty((*moving.shape[:2], *shape))
+        for start, stop in slab_ranges(shape, max_voxels):
+            out[..., start:stop] = resampled_slab(start, stop)
     return out if moving.is_floating_point() else out.round().to(moving.dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scripts.layers.sampling import MODES, PADDING_MODES, warp_image
+from scripts.layers.sampling import MODES, PADDING_MODES, SLAB_VOXELS, warp_image, warp_image_in_slabs
 
 __all__ = ["Warp"]
 
@@ -59,3 +59,18 @@ class Warp(nn.Module):
             )
         # integer label maps are sampled in float32 (float64 for ids of 2**24 and more) and keep their dtype
         return warp_image(image, ddf.to(image.dtype) if image.is_floating_point() else ddf, self.mode, self.padding_mode)
+
+    def in_slabs(self, image: torch.Tensor, ddf: torch.Tensor, max_voxels: int = SLAB_VOXELS) -> torch.Tensor:
+        """:meth:`forward`'s result bit for bit, computed one slab of the field at a time (no gradient): for
+        full-resolution outputs, where the whole coordinate map of a CT-sized field takes gigabytes. Not part of a
+        scripted model (TorchScript compiles ``forward`` only)."""
+        if image.dim() != 5 or ddf.dim() != 5 or ddf.shape[1] != 3 or (image.shape[0], image.shape[2:]) != (
+            ddf.shape[0], ddf.shape[2:]
+        ):
+            raise ValueError(
+                f"expected image (B, C, D, H, W) and ddf (B, 3, D, H, W) of one batch size and spatial shape, got "
+                f"{list(image.shape)} and {list(ddf.shape)}."
+            )
+        with torch.no_grad():
+            field = ddf.to(image.dtype) if image.is_floating_point() else ddf
+            return warp_image_in_slabs(image, field, self.mode, self.padding_mode, max_voxels)

@@ -18,7 +18,7 @@ Sits above ``scripts.io`` and ``scripts.layers`` and below ``scripts.engines``; 
 
 from __future__ import annotations
 
-from .apply import INTERPOLATIONS, apply_transforms, mapped_voxel_coordinates
+from .apply import INTERPOLATIONS, apply_transforms, resample_with_transforms, voxel_point_map
 from .composite import sitk_displacement_transform, write_itk_composite
 from .inversion import (
     InverseField,
@@ -82,15 +82,16 @@ __all__ = [
     "itk_geometry",
     "load_transforms",
     "lps_to_voxel_ddf",
-    "mapped_voxel_coordinates",
     "ras_lps_transform",
     "read_itk_affine",
     "read_itk_displacement",
+    "resample_with_transforms",
     "save_transforms",
     "sitk_affine",
     "sitk_displacement_transform",
     "transform_file_names",
     "voxel_ddf_to_lps",
+    "voxel_point_map",
     "write_inverse_warp",
     "write_itk_composite",
     "write_itk_affine",

@@ -10,7 +10,8 @@ Applying a registration's saved transforms to any image or label map, like ``ant
   fixed grid). Same as ``ants.apply_transforms(moving, fixed, [affine, inverse_warp], whichtoinvert=[True, False])``.
 
 The whole map is composed first and the image interpolated once, in torch (``grid_sample``, ``align_corners=True``,
-nearest for labels, which keep their integer dtype). Outside the source's field of view an image gets its background
+nearest for labels, which keep their integer dtype), one slab of the reference grid at a time: a CT-sized output never
+holds its whole (float64) point map. Outside the source's field of view an image gets its background
 (its minimum unless given: a CT reads air there, not 0 HU soft tissue), a label map 0. With no affine and a moving
 image on the fixed grid whose minimum is 0 the result equals the bundle's own warp (``warp(moving, ddf)``) bit for bit.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -28,13 +30,13 @@ from scripts.io.atomic import atomic_path
 from scripts.io.errors import RegistrationInputError
 from scripts.io.input_checks import describe_grid, same_grid
 from scripts.layers.intensity import background_per_key, resolve_background
-from scripts.layers.sampling import apply_matrix, sample_at_voxels, voxel_grid
+from scripts.layers.sampling import SLAB_VOXELS, apply_matrix, sample_at_voxels, sample_in_slabs, voxel_grid
 
 from .itk_files import TransformFileError
 from .transform_set import SavedTransforms, load_transforms
 from .world import as_matrix4
 
-__all__ = ["INTERPOLATIONS", "apply_transforms", "mapped_voxel_coordinates"]
+__all__ = ["INTERPOLATIONS", "apply_transforms", "resample_with_transforms", "voxel_point_map"]
 
 INTERPOLATIONS = {"linear": "bilinear", "nearest": "nearest"}
 
@@ -81,10 +83,10 @@ def _check_field_grid(transforms: SavedTransforms, shape, affine, fixed_name: st
         )
 
 
-def mapped_voxel_coordinates(
+def voxel_point_map(
     transforms: SavedTransforms, fixed_grid, moving_grid, inverse: bool = False, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Where each reference voxel samples the source image, in the source's voxel indices.
+) -> Callable[[int, int], torch.Tensor]:
+    """Where reference voxels sample the source image, one slab of the reference grid at a time.
 
     Args:
         transforms: from :func:`scripts.spatial.transform_set.load_transforms` (its field on the fixed grid).
@@ -93,8 +95,10 @@ def mapped_voxel_coordinates(
         device: where to compute.
 
     Returns:
-        (1, 3, X, Y, Z) coordinates over the reference grid: float32 when only a field moves the points (so that
-        they match the bundle's warp exactly), float64 otherwise.
+        ``coords_of_slab(start, stop)`` -> (1, 3, X, Y, stop - start) source voxel indices of the reference voxels
+        ``[..., start:stop]``: float32 when only a field moves the points (so that they match the bundle's warp
+        exactly), float64 when a matrix does (world matrices compose voxel, mm and affine scales; sampling rounds the
+        points to float32 once, at the end). Each point is computed alone, so slabs give the whole map's values.
     """
     (fixed_shape, fixed_affine), (moving_shape, moving_affine) = fixed_grid, moving_grid
     world = transforms.affine if transforms.affine is not None else np.eye(4)
@@ -104,18 +108,59 @@ def mapped_voxel_coordinates(
     if not inverse:  # fixed voxel -> (+ u) -> fixed world -> T -> moving world -> moving voxel
         post = np.linalg.inv(moving_affine) @ world @ fixed_affine
         dtype = torch.float32 if field is not None and _is_identity(post) else torch.float64
-        coords = voxel_grid(fixed_shape, device, dtype).unsqueeze(0)
-        if field is not None:
-            coords = coords + field.to(dtype)
-        return coords if _is_identity(post) else apply_matrix(torch.as_tensor(post), coords)
+        post_matrix = None if _is_identity(post) else torch.as_tensor(post)
+
+        def forward_slab(start: int, stop: int) -> torch.Tensor:
+            coords = _slab_grid(fixed_shape, start, stop, device, dtype)
+            if field is not None:
+                coords = coords + field[..., start:stop].to(dtype)
+            return coords if post_matrix is None else apply_matrix(post_matrix, coords)
+
+        return forward_slab
     pre = np.linalg.inv(fixed_affine) @ np.linalg.inv(world) @ moving_affine  # moving voxel -> fixed voxel
     dtype = torch.float32 if field is not None and _is_identity(pre) else torch.float64
-    coords = voxel_grid(moving_shape, device, dtype).unsqueeze(0)
-    if not _is_identity(pre):
-        coords = apply_matrix(torch.as_tensor(pre), coords)
-    if field is not None:  # then y -> y + v(y), v interpolated on the fixed grid
-        coords = coords + sample_at_voxels(field.to(dtype), coords, "bilinear", "border")
-    return coords
+    pre_matrix = None if _is_identity(pre) else torch.as_tensor(pre)
+    field = None if field is None else field.to(dtype)  # sampled by every slab: converted once
+
+    def inverse_slab(start: int, stop: int) -> torch.Tensor:
+        coords = _slab_grid(moving_shape, start, stop, device, dtype)
+        if pre_matrix is not None:
+            coords = apply_matrix(pre_matrix, coords)
+        if field is not None:  # then y -> y + v(y), v interpolated on the fixed grid
+            coords = coords + sample_at_voxels(field, coords, "bilinear", "border")
+        return coords
+
+    return inverse_slab
+
+
+def _slab_grid(shape, start: int, stop: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 3, X, Y, stop - start) voxel indices of the slab ``[..., start:stop]`` of a grid of spatial ``shape``."""
+    grid = voxel_grid([int(shape[0]), int(shape[1]), stop - start], device, dtype)
+    grid[2] += start  # integers: exact in float32 and float64
+    return grid.unsqueeze(0)
+
+
+def resample_with_transforms(
+    volume: torch.Tensor, transforms: SavedTransforms, fixed_grid, moving_grid, mode: str, padding_value: float,
+    inverse: bool = False, device: torch.device | str = "cpu", max_voxels: int = SLAB_VOXELS,
+) -> torch.Tensor:
+    """The source volume sampled on the reference grid through the transforms, one slab of the reference at a time
+    (:func:`scripts.layers.sampling.sample_in_slabs`: equal to the whole map's result bit for bit, with one slab of
+    coordinates in memory: a 512 x 512 x 400 map would take 2.5 GB per float64 copy).
+
+    Args:
+        volume: (1, C, X, Y, Z) source: the moving image (forward) or the fixed-space image (``inverse``).
+        transforms, fixed_grid, moving_grid, inverse, device: as :func:`voxel_point_map`.
+        mode: "bilinear" or "nearest" (integer label maps keep their dtype).
+        padding_value: the value outside the source's field of view (its background; 0 for label maps).
+        max_voxels: reference voxels per slab.
+
+    Returns:
+        (1, C, X', Y', Z') on the reference grid.
+    """
+    reference_shape = [int(s) for s in (moving_grid[0] if inverse else fixed_grid[0])]
+    point_map = voxel_point_map(transforms, fixed_grid, moving_grid, inverse, device)
+    return sample_in_slabs(volume, point_map, reference_shape, mode, "zeros", padding_value, max_voxels)
 
 
 def _output_image(data: np.ndarray, reference: nib.spatialimages.SpatialImage, affine: np.ndarray) -> nib.Nifti1Image:
@@ -180,9 +225,9 @@ def apply_transforms(
     channels = np.ascontiguousarray(np.moveaxis(data, -1, 0))
     channels = channels.astype(np.int64 if keep_integer else np.float32, copy=False)  # torch lacks most uint ops
     volume = torch.as_tensor(channels, device=device)[None]
-    coords = mapped_voxel_coordinates(transforms, fixed_grid, moving_grid, inverse, device)
     padding = resolve_background(volume, background_per_key(background, [INTERPOLATIONS[interpolation]])[0])
-    warped = sample_at_voxels(volume, coords, INTERPOLATIONS[interpolation], "zeros", padding)[0]
+    mode = INTERPOLATIONS[interpolation]
+    warped = resample_with_transforms(volume, transforms, fixed_grid, moving_grid, mode, padding, inverse, device)[0]
     out = np.moveaxis(warped.cpu().numpy(), 0, -1)
     out = out.astype(data.dtype) if keep_integer else out
     out = out[..., 0] if out.shape[-1] == 1 and len(source.shape) == 3 else out

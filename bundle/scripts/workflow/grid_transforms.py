@@ -16,7 +16,7 @@ from monai.transforms import MapTransform, Orientation
 
 from scripts.engines.resolution_inferer import ResolutionInferer, network_grid_size
 from scripts.layers.intensity import background_per_key, resolve_background
-from scripts.layers.sampling import resample_moving
+from scripts.layers.sampling import SLAB_VOXELS, resample_moving
 from scripts.io.input_checks import same_grid
 
 __all__ = [
@@ -181,7 +181,9 @@ class WarpByDdfd(MapTransform):
 
     Args:
         keys: volumes to warp, each (C, D, H, W).
-        warp: callable ``warp(image (B, C, D, H, W), ddf (B, 3, D, H, W))`` such as ``scripts.layers.warp.Warp``.
+        warp: callable ``warp(image (B, C, D, H, W), ddf (B, 3, D, H, W))`` such as ``scripts.layers.warp.Warp``;
+            one with an ``in_slabs`` method (``Warp``) is run through it: the same values, one slab of the field at
+            a time (full-resolution outputs of a CT would otherwise hold gigabytes of coordinates).
         ddf_key: key of the (3, D, H, W) displacement in voxels.
         output_keys: where to store the results, one per key (default: ``"warped_" + key``).
         reference_key: key whose affine/meta the outputs carry (the fixed image).
@@ -217,7 +219,9 @@ class WarpByDdfd(MapTransform):
                 raise ValueError(f"{key} has spatial shape {tuple(image.shape[1:])}, the ddf {tuple(ddf.shape[1:])}.")
             source = image.to(ddf.device)
             floating = source.is_floating_point()
-            warped = self.warp(source[None].float() if not floating else source[None], ddf[None])[0]
+            # a full-resolution output: one slab at a time when the warp can (scripts.layers.Warp), same values
+            warp = getattr(self.warp, "in_slabs", self.warp)
+            warped = warp(source[None].float() if not floating else source[None], ddf[None])[0]
             warped = warped.to(image.dtype) if not floating else warped
             d[out_key] = _like(warped, reference if reference is not None else d[key])
         return d
@@ -245,7 +249,8 @@ class JacobianDeterminantd(MapTransform):
 
         d = dict(data)
         ddf = torch.as_tensor(d[self.keys[0]]).float()
-        d[self.output_key] = _like(jacobian_determinant(ddf[None])[0], d.get(self.reference_key, d[self.keys[0]]))
+        det = jacobian_determinant(ddf[None], slab_voxels=SLAB_VOXELS)[0]  # slab-wise: a CT-sized field fits in RAM
+        d[self.output_key] = _like(det, d.get(self.reference_key, d[self.keys[0]]))
         return d
 
 

@@ -26,8 +26,7 @@ from monai.transforms import MapTransform
 from scripts.io.atomic import check_outputs_writable
 from scripts.io.writer import DEFAULT_WRITE_WORKERS, pair_output_dir
 from scripts.layers.intensity import background_per_key, resolve_background
-from scripts.layers.sampling import sample_at_voxels
-from scripts.spatial import SavedTransforms, mapped_voxel_coordinates, save_transforms, transform_file_names
+from scripts.spatial import SavedTransforms, resample_with_transforms, save_transforms, transform_file_names
 from scripts.workflow.alignment import AFFINE_MATRIX_KEY
 
 __all__ = ["WarpFromSourced", "SaveTransformsd", "TRANSFORM_METRICS_KEY"]
@@ -101,17 +100,15 @@ class WarpFromSourced(MapTransform):
         field = torch.as_tensor(ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf).detach().float().cpu()
         transforms = SavedTransforms(_matrix(d, self.matrix_key), field.numpy(), fixed_affine, None, None)
         fixed_grid = (tuple(reference.shape[1:]), fixed_affine)
-        coords_of: dict[tuple, torch.Tensor] = {}  # the image and label of one scan share a grid: map its points once
         for key, out_key, mode, background in self.key_iterator(d, self.output_keys, self.mode, self.background):
             source = d[key]
             source_grid = (tuple(source.shape[1:]), _affine(source, key))
-            grid_key = (source_grid[0], source_grid[1].tobytes())
-            if grid_key not in coords_of:
-                coords_of[grid_key] = mapped_voxel_coordinates(transforms, fixed_grid, source_grid)
-            coords = coords_of[grid_key]
             volume = source.as_tensor().detach().cpu()
             volume = volume.float() if mode == "bilinear" or volume.is_floating_point() else volume
-            warped = sample_at_voxels(volume[None], coords, mode, padding_value=resolve_background(volume, background))
+            # slab-wise on the fixed grid: a CT-sized output never holds the whole point map
+            warped = resample_with_transforms(
+                volume[None], transforms, fixed_grid, source_grid, mode, resolve_background(volume, background)
+            )
             d[out_key] = MetaTensor(warped[0], affine=torch.as_tensor(fixed_affine))
         return d
 
