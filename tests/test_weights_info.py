@@ -16,6 +16,7 @@ from scripts.io import (
     check_network_scale,
     install_weights,
     read_trained_network_scale,
+    trained_network_spacing,
     weights_info_path,
     write_weights_info,
 )
@@ -144,9 +145,11 @@ def test_install_weights_with_an_invalid_record_replaces_nothing(weights, tmp_pa
 
 def test_shipped_record_matches_the_inference_default():
     inference = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "inference.json"))
-    assert json.loads((BUNDLE_ROOT / "models" / "model.json").read_text()) == {"network_scale": 0.5}
+    record = {"network_scale": 0.5, "spacing_mm": 1.0}  # trained on 1 mm scans (brain_mal2012, OASIS) at half resolution
+    assert json.loads((BUNDLE_ROOT / "models" / "model.json").read_text()) == record
     assert inference["network_scale"] == 0.5
     assert read_trained_network_scale(BUNDLE_ROOT / "models" / "model.pt") == (0.5, 0.5, 0.5)
+    assert trained_network_spacing(BUNDLE_ROOT / "models" / "model.pt") == (2.0, 2.0, 2.0)
 
 
 def _check_item(parser: ConfigParser, name: str) -> str:
