@@ -12,9 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import BUNDLE_ROOT, REPO_ROOT, SAMPLE_PAIR, SHARED_DATA
 
 from scripts.engines import FieldRefinementInferer, ForegroundCropInferer, ResolutionInferer
 from scripts.engines.resolution_inferer import input_spacing, isotropic_network_scale, network_grid_size
@@ -23,6 +24,7 @@ from scripts.io import (
     check_network_spacing,
     read_trained_spacing,
     trained_network_spacing,
+    training_spacing,
     write_weights_info,
 )
 from scripts.losses import GradientLoss
@@ -207,3 +209,19 @@ def test_a_thick_slice_pair_registers_as_well_as_the_same_pair_at_1_mm(tmp_path)
     for name in ("warped_image.nii.gz", "warped_label.nii.gz", "ddf.nii.gz", "jacobian_det.nii.gz", "warp.nii.gz"):
         written = nib.load(str(tmp_path / "thick" / name))
         assert written.shape[:3] == fixed_thick.shape and np.allclose(written.affine, fixed_thick.affine, atol=1e-4), name
+
+
+def test_training_records_the_finest_spacing_of_its_images(tmp_path):
+    thick = nib.Nifti1Image(np.zeros((20, 20, 8), np.float32), np.diag([1.2, 1.2, 3.0, 1.0]))
+    nib.save(thick, str(tmp_path / "thick.nii.gz"))
+    pairs = [{"moving_image": str(SAMPLE_PAIR["moving_image"]), "fixed_image": str(tmp_path / "thick.nii.gz")},
+             {"moving_image": str(tmp_path / "thick.nii.gz"), "fixed_image": torch.zeros(1, 4, 4, 4)}]
+    assert training_spacing(pairs) == pytest.approx(1.1)  # median of 1.0 (1 mm sample) and 1.2 (thick, finest axis)
+    assert training_spacing([{"moving_image": torch.zeros(1), "fixed_image": torch.zeros(1)}]) is None
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    parser["ckpt_dir"] = str(tmp_path / "run")
+    item = [i for i, x in enumerate(parser.get("initialize")) if "write_weights_info" in str(x)][0]
+    parser.get_parsed_content(f"initialize#{item}")  # the default datalist: the shipped 1 mm pair
+    record = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert record == {"network_scale": 0.5, "spacing_mm": 1.0}

@@ -78,6 +78,7 @@ from .weights_info import (
     SPACING_KEY,
     MAX_NETWORK_SPACING_RATIO,
     read_trained_spacing,
+    training_spacing,
     trained_network_spacing,
     check_network_spacing,
 )

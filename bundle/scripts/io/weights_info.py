@@ -22,8 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from scripts.io.atomic import write_json
 from scripts.io.errors import RegistrationInputError
+from scripts.io.input_checks import read_header, voxel_spacing
 
 __all__ = [
     "NETWORK_SCALE_KEY",
@@ -34,6 +37,7 @@ __all__ = [
     "SPACING_KEY",
     "MAX_NETWORK_SPACING_RATIO",
     "read_trained_spacing",
+    "training_spacing",
     "trained_network_spacing",
     "check_network_spacing",
 ]
@@ -109,6 +113,8 @@ def write_weights_info(weights_path: str | os.PathLike, network_scale: float | S
     if extra.get(SPACING_KEY) is not None and _scale_triplet(extra[SPACING_KEY], upper=None) is None:
         raise ValueError(f"{SPACING_KEY} must be a positive number or 3 positive numbers, got {extra[SPACING_KEY]!r}.")
     value = [float(v) for v in network_scale] if isinstance(network_scale, Sequence) else float(network_scale)
+    if extra.get(SPACING_KEY, 0) is None:  # unknown (training from volumes in memory): no entry rather than null
+        extra.pop(SPACING_KEY)
     return write_json({NETWORK_SCALE_KEY: value, **extra}, weights_info_path(weights_path))
 
 
@@ -178,6 +184,29 @@ def read_trained_spacing(weights_path: str | os.PathLike) -> tuple[float, float,
             f"numbers (the training images' voxel size in mm, e.g. 1.0), got {value!r}."
         )
     return spacing
+
+
+def training_spacing(pairs: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("moving_image", "fixed_image")) -> float | None:
+    """
+    The voxel size of a training set, for its weights record (``spacing_mm``): the median over its distinct image
+    files of each file's finest voxel spacing (mm), read from the headers. The finest axis is the one the network grid
+    follows (its other axes are resampled to it, :py:func:`scripts.engines.resolution_inferer.isotropic_network_scale`).
+
+    Args:
+        pairs: training pairs, e.g. ``scripts.io.training_pairs(...)``.
+        keys: the image entries of a pair; entries that are not file paths (volumes given in memory) are skipped.
+
+    Returns:
+        the spacing in mm, or None when no entry is a file path.
+
+    Raises:
+        RegistrationInputError: a listed file is missing or not a readable NIfTI header.
+    """
+    paths = sorted({str(pair[key]) for pair in pairs for key in keys if isinstance(pair.get(key), (str, os.PathLike))})
+    if not paths:
+        return None
+    finest = [float(voxel_spacing(read_header(path, "training image").affine).min()) for path in paths]
+    return round(float(np.median(finest)), 6)
 
 
 def trained_network_spacing(weights_path: str | os.PathLike | None) -> tuple[float, float, float] | None:
