@@ -19,7 +19,6 @@ __all__ = [
     "input_spacing",
     "isotropic_network_scale",
     "network_grid_size",
-    "network_grid_spacing",
     "resize_displacement",
 ]
 
@@ -100,14 +99,6 @@ def isotropic_network_scale(
     finest = min(network)
     adjusted = [k if n <= finest * (1.0 + tolerance) else s / finest for k, s, n in zip(scales, spacing, network)]
     return adjusted[0], adjusted[1], adjusted[2]
-
-
-def network_grid_spacing(spacing: Sequence[float], scale: float | Sequence[float]) -> tuple[float, float, float]:
-    """Voxel size (mm) per axis of the network grid of an input of ``spacing`` at ``scale``: ``spacing / scale``
-    (approximately: the grid keeps the input's extent between its corner voxels, see :py:func:`network_grid_size`)."""
-    scales = _per_axis(scale, "network_scale")
-    values = [float(s) / k for s, k in zip(_per_axis(spacing, "spacing"), scales)]
-    return values[0], values[1], values[2]
 
 
 def resize_displacement(ddf: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
