@@ -225,3 +225,21 @@ def test_training_records_the_finest_spacing_of_its_images(tmp_path):
     parser.get_parsed_content(f"initialize#{item}")  # the default datalist: the shipped 1 mm pair
     record = json.loads((tmp_path / "run" / "model.json").read_text())
     assert record == {"network_scale": 0.5, "spacing_mm": 1.0}
+
+
+def test_thick_slice_simulation_averages_slabs_and_keeps_world_positions():
+    """The benchmark's and the end-to-end test's thick scans (bench/accuracy/thick_slices.py)."""
+    data = np.arange(4 * 5 * 7, dtype=np.float32).reshape(4, 5, 7)
+    las = np.diag([-1.0, 1.0, 1.0, 1.0])
+    las[:3, 3] = [10.0, -20.0, 5.0]
+    image = nib.Nifti1Image(data, las)
+    assert thick_axis(las) == 2 and thick_axis(np.array([[-1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])) == 1
+    thick = thick_slices(image, 3)
+    assert thick.shape == (4, 5, 2) and thick.header.get_zooms() == (1.0, 1.0, 3.0)
+    np.testing.assert_allclose(thick.get_fdata()[..., 1], data[..., 3:6].mean(-1))
+    np.testing.assert_allclose(thick.affine @ [1, 2, 1, 1], las @ [1, 2, 4, 1])  # slab 1 is centred on slice 4
+    labels = thick_slices(nib.Nifti1Image(data.astype(np.int16), las), 3, label=True)
+    assert np.array_equal(np.asanyarray(labels.dataobj), data[..., [1, 4]].astype(np.int16))
+    one_mm = np.zeros((4, 5, 6), np.int16)
+    one_mm[..., 4] = 7  # only slice 4 (the centre of slab 1) is read for the thick grid
+    assert score_on_thick_grid(one_mm, np.asanyarray(labels.dataobj) * 0 + np.array([0, 7]), 3, 2) == 1.0

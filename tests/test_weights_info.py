@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, SAMPLE_PAIR
 from monai.bundle import ConfigParser
 
 from scripts.io import (
@@ -16,6 +16,7 @@ from scripts.io import (
     check_network_scale,
     install_weights,
     read_trained_network_scale,
+    read_trained_spacing,
     trained_network_spacing,
     weights_info_path,
     write_weights_info,
@@ -178,14 +179,18 @@ def test_inference_configs_warn_at_another_scale(configs, caplog):
 def test_training_records_its_network_scale_after_the_input_checks(tmp_path):
     """train.json writes ``<ckpt_dir>/model.json`` at initialize, after the input checks (a run refused by them
     writes nothing); with the oasis_brain preset (train::inferer at 1.0 on images already reduced by
-    DownsampleToNetworkGridd) the recorded scale is the effective one, network_scale 0.5."""
+    DownsampleToNetworkGridd) the recorded scale is the effective one, network_scale 0.5. The record also holds the
+    training images' spacing (the presets' data are not here: their pairs are replaced by the shipped 1 mm pair)."""
     for presets, scale in (([], 0.5), (["oasis_brain"], 0.5), (["lpba40"], 1.0)):
         parser = ConfigParser()
         parser.read_config([str(BUNDLE_ROOT / "configs" / "train.json")]
                            + [str(BUNDLE_ROOT / "configs" / "presets" / f"{p}.json") for p in presets])
         ckpt = tmp_path / f"run_{scale}_{len(presets)}"
         parser["ckpt_dir"] = str(ckpt)  # does not exist yet
+        if presets:
+            parser["train::pairs"] = [{k: str(SAMPLE_PAIR[k]) for k in ("moving_image", "fixed_image")}]
         item = _check_item(parser, "write_weights_info")
         assert parser.get("initialize").index("@input_checks") < int(item.split("#")[1])
         parser.get_parsed_content(item)
         assert read_trained_network_scale(ckpt / "model.pt") == (scale,) * 3, presets
+        assert read_trained_spacing(ckpt / "model.pt") == (1.0,) * 3, presets

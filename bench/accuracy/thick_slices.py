@@ -1,16 +1,17 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Thick-slice benchmark: one native pair registered at 1 mm and with thick slices (1 x 1 x 3 mm), Dice on the thick grid.
 
-``python -m bench.accuracy.thick_slices --data ../shared/data --out outputs/thick_slices [--pairs 3] [--threads 2]``
+``python -m bench.accuracy.thick_slices --data ../shared/data --out outputs/thick_slices [--pairs 3] [--threads 2]
+[--refine 0,default]``
 
 For each of the first ``--pairs`` test pairs of ``bench/accuracy/splits/mal2012_split.json`` both scans are made thick
 (:func:`thick_slices`: slabs of ``--factor`` slices averaged along the axis nearest to world S, as a 2-D acquisition's
 slice profile does; the label map keeps each slab's middle slice). The bundle (``configs/inference.json``, the same
 workflow as ``scripts.cli register``) then registers the 1 mm pair and the thick pair, with the network grid made
 isotropic (``isotropic_network_grid`` true, the default) and without (false: a uniform ``network_scale`` of the
-thick voxels, the behaviour before), each with ``refine_iterations`` 0 (affine stage + one forward pass) and the
-default. Scores: mean Dice over the 14 ``seg14`` classes on the thick fixed grid (the 1 mm result read at the slab
-centres, so both are scored on the same voxels). Each run is a child process with its thread pools capped at
+thick voxels, the behaviour before), at each ``--refine`` setting of ``refine_iterations`` in turn: 0 (affine stage
++ one forward pass) and the config's default. Scores: mean Dice over the 14 ``seg14`` classes on the thick fixed grid
+(the 1 mm result read at the slab centres, so both are scored on the same voxels). Each run is a child process with its thread pools capped at
 ``--threads``; its CPU time (not wall time: the machine may be shared) is recorded. ``OUT/results.json`` is rewritten
 after every run; a rerun skips the runs already there.
 """
@@ -32,13 +33,13 @@ from bench.accuracy.native import thread_env
 from bench.accuracy.native_scoring import dice_scores
 from bench.accuracy.native_split import load_split, scan_files
 
-__all__ = ["LABELS", "thick_axis", "thick_slices", "score_on_thick_grid", "main"]
+__all__ = ["LABELS", "thick_axis", "thick_slices", "score_on_thick_grid", "markdown_table", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 LABELS = tuple(range(1, 15))
-#: (name, isotropic_network_grid, refine_iterations or None for the config's default)
-SETTINGS = (("isotropic", True, 0), ("uniform", False, 0), ("isotropic", True, None), ("uniform", False, None))
+#: (name, isotropic_network_grid) of each run on the thick pair; the 1 mm pair runs once (both are one run there)
+GRIDS = (("isotropic", True), ("uniform", False))
 
 
 def thick_axis(affine: np.ndarray) -> int:
@@ -93,6 +94,29 @@ def score_on_thick_grid(warped_label: np.ndarray, fixed_thick_label: np.ndarray,
     return float(np.nanmean(list(dice_scores(fixed_thick_label, warped_label, LABELS).values())))
 
 
+def markdown_table(results: dict) -> str:
+    """The runs of ``results.json`` as a table: per pair and refinement setting, Dice at 1 mm and on the thick pair
+    with the uniform (before) and the isotropic network grid (now), and the gaps to 1 mm."""
+    rows = ["| pair | refine_iterations | 1 mm | 1 × 1 × 3 mm, uniform scale (before) | 1 × 1 × 3 mm, isotropic grid (now) |",
+            "|---|---|---|---|---|"]
+    runs = results["runs"]
+    groups = sorted({(key.split("/")[0], key.split("/")[3]) for key in runs}, key=lambda g: (g[1] != "refine_0", g[0]))
+    for pair, refine in groups:
+        def dice(grid, setting, pair=pair, refine=refine):
+            run = runs.get(f"{pair}/{grid}/{setting}/{refine}")
+            return None if run is None else run["mean_dice_thick_grid"]
+
+        reference = dice("1mm", "isotropic")
+        cells = []
+        for grid, setting in (("thick", "uniform"), ("thick", "isotropic")):
+            value = dice(grid, setting)
+            gap = "" if value is None or reference is None else f" ({value - reference:+.3f})"
+            cells.append("–" if value is None else f"{value:.3f}{gap}")
+        rows.append(f"| {pair.replace('_to_', ' → ')} | {refine.split('_')[1]} | "
+                    f"{'–' if reference is None else f'{reference:.3f}'} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
 def _run_bundle(pair: dict[str, str], out: Path, isotropic: bool, refine: int | None, threads: int) -> float:
     """One inference.json run into ``out``; returns its CPU time (s)."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
@@ -116,7 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=int, default=3, help="how many test pairs of the split, in its order")
     parser.add_argument("--factor", type=int, default=3, help="slices per thick slab")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--refine", default="0,default",
+                        help="comma-separated refine_iterations to run, 'default' for the config's (50)")
     args = parser.parse_args(argv)
+    refines = [None if r == "default" else int(r) for r in args.refine.split(",")]
     data, out = Path(args.data), Path(args.out)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
@@ -137,20 +164,20 @@ def main(argv: list[str] | None = None) -> dict:
                 pairs["thick"][key] = str(target)
         fixed_thick = nib.load(pairs["thick"]["fixed_label"])
         axis = thick_axis(nib.load(pairs["1mm"]["fixed_label"]).affine)
-        for grid in ("1mm", "thick"):
-            for setting, isotropic, refine in SETTINGS:
-                if grid == "1mm" and not isotropic:
-                    continue  # isotropic voxels: both settings are one and the same run
-                key = f"{name}/{grid}/{setting}/refine_{'default' if refine is None else refine}"
-                if key in results["runs"]:
-                    continue
-                run_dir = out / "runs" / key.replace("/", "_")
-                cpu = _run_bundle(pairs[grid], run_dir, isotropic, refine, args.threads)
-                warped = np.asanyarray(nib.load(str(run_dir / "warped_label.nii.gz")).dataobj)
-                dice = score_on_thick_grid(warped, np.asanyarray(fixed_thick.dataobj), args.factor, axis)
-                results["runs"][key] = {"mean_dice_thick_grid": round(dice, 4), "cpu_s": round(cpu, 1)}
-                print(key, results["runs"][key], flush=True)
-                write_json_atomic(results, results_path)
+        runs = [(grid, setting, isotropic, refine) for refine in refines for grid in ("1mm", "thick")
+                for setting, isotropic in GRIDS if grid == "thick" or isotropic]  # 1 mm: both settings are one run
+        for grid, setting, isotropic, refine in runs:
+            key = f"{name}/{grid}/{setting}/refine_{'default' if refine is None else refine}"
+            if key in results["runs"]:
+                continue
+            run_dir = out / "runs" / key.replace("/", "_")
+            cpu = _run_bundle(pairs[grid], run_dir, isotropic, refine, args.threads)
+            warped = np.asanyarray(nib.load(str(run_dir / "warped_label.nii.gz")).dataobj)
+            dice = score_on_thick_grid(warped, np.asanyarray(fixed_thick.dataobj), args.factor, axis)
+            results["runs"][key] = {"mean_dice_thick_grid": round(dice, 4), "cpu_s": round(cpu, 1)}
+            print(key, results["runs"][key], flush=True)
+            write_json_atomic(results, results_path)
+    print(markdown_table(results), flush=True)
     return results
 
 

@@ -174,8 +174,10 @@ class ResolutionInferer(Inferer):
 
     def downsample(self, inputs: torch.Tensor, scale: Sequence[float] | None = None) -> torch.Tensor:
         """(B, C, D, H, W) -> (B, C, d, h, w) on the network grid: at ``scale`` per axis when given, else at
-        :py:meth:`scale_for` of the inputs."""
+        :py:meth:`scale_for` of the inputs. A plain tensor either way: the network needs no metadata, and a
+        MetaTensor's affine would no longer describe the resized grid."""
         target = network_grid_size(inputs.shape[2:], self.scale_for(inputs) if scale is None else scale)
+        inputs = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         if target == list(inputs.shape[2:]):
             return inputs
         x = inputs
