@@ -85,6 +85,8 @@ def test_inferer_runs_a_thick_pair_on_an_isotropic_grid_and_returns_the_field_on
     assert net.seen == (20, 24, 7)
     ResolutionInferer(network_scale=0.5, isotropic=False)(_thick(pair), net)  # the former behaviour
     assert net.seen == (20, 24, 7)
+    with pytest.raises(ValueError, match="isotropic must be True or False, got 'false'"):
+        ResolutionInferer(network_scale=0.5, isotropic="false")  # as `monai.bundle run --... false` passes it
 
 
 def test_a_known_shift_along_the_thick_axis_comes_back_in_thick_voxels():
@@ -243,3 +245,25 @@ def test_thick_slice_simulation_averages_slabs_and_keeps_world_positions():
     one_mm = np.zeros((4, 5, 6), np.int16)
     one_mm[..., 4] = 7  # only slice 4 (the centre of slab 1) is read for the thick grid
     assert score_on_thick_grid(one_mm, np.asanyarray(labels.dataobj) * 0 + np.array([0, 7]), 3, 2) == 1.0
+
+
+def test_the_inferer_stack_gives_isotropic_pairs_the_same_field_as_before(sample_pair_small):
+    """The configs' inferers (foreground box -> refinement -> network) on the real pair at 40x48x40 (voxels of
+    4.55 x 4.54 x 4.55 mm: isotropic within the 1 % tolerance) give bit for bit the field of the former uniform scale."""
+    from scripts.networks import SACBNet
+
+    torch.manual_seed(0)
+    network = SACBNet(base_channels=2, num_clusters=[2, 2, 2, 2]).eval()
+    pair = torch.cat([sample_pair_small["moving"], sample_pair_small["fixed"]], dim=1)
+    affine = torch.diag(torch.tensor([182 / 40, 218 / 48, 182 / 40, 1.0], dtype=torch.float64))
+
+    def stack(isotropic):
+        base = ResolutionInferer(network_scale=0.5, isotropic=isotropic)
+        refine = FieldRefinementInferer(base, lambda w, f: ((w - f) ** 2).mean(), GradientLoss(), iterations=2,
+                                        scale=0.5, isotropic=isotropic)
+        return ForegroundCropInferer(refine, margin=2)
+
+    with torch.no_grad():
+        now = stack(True)(MetaTensor(pair, affine=affine), network)
+        before = stack(False)(pair, network)
+    assert torch.equal(now, before)

@@ -118,10 +118,11 @@ def markdown_table(results: dict) -> str:
 
 
 def _run_bundle(pair: dict[str, str], out: Path, isotropic: bool, refine: int | None, threads: int) -> float:
-    """One inference.json run into ``out``; returns its CPU time (s)."""
+    """One inference.json run into ``out``; returns its CPU time (s). Booleans go as ``True``/``False``: the runner
+    reads its arguments as Python literals, and ``false`` would stay a (true) string."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
-               "--output_dir", str(out), "--overwrite", "true", "--isotropic_network_grid", str(isotropic).lower()]
+               "--output_dir", str(out), "--overwrite", "True", "--isotropic_network_grid", str(bool(isotropic))]
     command += [arg for key, value in pair.items() for arg in (f"--{key}", value)]
     if refine is not None:
         command += ["--refine_iterations", str(refine)]

@@ -163,7 +163,12 @@ class ResolutionInferer(Inferer):
         super().__init__()
         self.network_scale = _per_axis(network_scale, "network_scale")
         self.antialias = antialias
-        self.isotropic = bool(isotropic)
+        if not isinstance(isotropic, bool):  # a string "false" from a command line would silently mean True
+            raise ValueError(
+                f"isotropic must be True or False, got {isotropic!r}; on the command line write "
+                "--isotropic_network_grid False (a Python literal)."
+            )
+        self.isotropic = isotropic
         self.last_velocity: torch.Tensor | None = None
 
     def scale_for(self, inputs: torch.Tensor) -> tuple[float, float, float]:
