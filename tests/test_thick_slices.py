@@ -21,6 +21,7 @@ from scripts.engines import FieldRefinementInferer, ForegroundCropInferer, Resol
 from scripts.engines.resolution_inferer import input_spacing, isotropic_network_scale, network_grid_size
 from scripts.io import (
     RegistrationInputError,
+    check_network_scale,
     check_network_spacing,
     read_trained_spacing,
     trained_network_spacing,
@@ -139,6 +140,7 @@ def test_weights_record_gives_the_trained_network_voxel(tmp_path):
     write_weights_info(weights, 0.5, spacing_mm=1.0)
     assert read_trained_spacing(weights) == (1.0, 1.0, 1.0)
     assert trained_network_spacing(weights) == (2.0, 2.0, 2.0)
+    assert check_network_scale(1.5, weights)  # no warning by scale: each pair's network voxel is checked instead
     write_weights_info(weights, 0.5)  # an older record: the spacing is unknown, nothing is checked
     assert read_trained_spacing(weights) is None and trained_network_spacing(weights) is None
     assert trained_network_spacing(None) is None and trained_network_spacing(tmp_path / "absent.pt") is None

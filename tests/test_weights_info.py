@@ -163,17 +163,24 @@ def _check_item(parser: ConfigParser, name: str) -> str:
 @pytest.mark.parametrize(
     "configs", [["inference"], ["inference", "evaluate"]]
 )
-def test_inference_configs_warn_at_another_scale(configs, caplog):
-    """The check the registration configs run at initialize (no registration): the shipped weights at 1.0 warn."""
+def test_inference_configs_warn_at_another_scale(configs, caplog, tmp_path):
+    """The check the registration configs run at initialize (no registration): weights whose record holds only their
+    scale (0.5) warn at 1.0. The shipped record also gives the training spacing: then the per-pair check of the
+    network voxel size (tests/test_thick_slices.py) replaces this one, and 1.0 alone is no reason to warn."""
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / f"{name}.json") for name in configs])
     item = _check_item(parser, "check_network_scale")
     assert parser.get_parsed_content(item) is True  # the defaults: the shipped weights at their scale
     parser["network_scale"] = 1.0
+    assert parser.get_parsed_content(item, lazy=False) is True  # the shipped record gives spacing_mm
+    weights = tmp_path / "model.pt"
+    weights.write_bytes((BUNDLE_ROOT / "models" / "model.pt").read_bytes())
+    write_weights_info(weights, 0.5)  # an older record: the scale alone
+    parser["ckpt_path"] = str(weights)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert parser.get_parsed_content(item, lazy=False) is False
     (record,) = _warnings(caplog)
-    assert "models/model.pt" in record.getMessage() and "trained at network_scale 0.5" in record.getMessage()
+    assert str(weights) in record.getMessage() and "trained at network_scale 0.5" in record.getMessage()
 
 
 def test_training_records_its_network_scale_after_the_input_checks(tmp_path):

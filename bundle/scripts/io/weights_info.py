@@ -232,14 +232,18 @@ def check_network_scale(network_scale: float | Sequence[float], weights_path: st
     Compare the scale inference runs at with the one the weights were trained at (their record, see
     :func:`read_trained_network_scale`) and log one warning when they differ (per axis, by more than 1e-6).
 
-    Meant for a workflow's ``initialize`` step, next to :func:`scripts.io.check_checkpoint`.
+    Meant for a workflow's ``initialize`` step, next to :func:`scripts.io.check_checkpoint`. A record that also gives
+    ``spacing_mm`` is not compared here: what matters is the voxel size the network sees, which depends on each
+    pair's spacing too (3 mm scans at 1.5 show it what 1 mm scans at 0.5 did) and is checked per pair instead
+    (:func:`check_network_spacing`).
 
     Args:
         network_scale: the inference ``network_scale`` (a positive number or one per axis).
         weights_path: the weights inference loads (``ckpt_path``); None, empty or a missing file: nothing to check.
 
     Returns:
-        True when the scales match or nothing is known (no weights file, no record); False when it warned.
+        True when the scales match or nothing is known (no weights file, no record) or the record gives
+        ``spacing_mm``; False when it warned.
 
     Raises:
         ValueError: ``network_scale`` is not a positive number or 3 positive numbers.
@@ -253,7 +257,7 @@ def check_network_scale(network_scale: float | Sequence[float], weights_path: st
     used = _scale_triplet(network_scale, upper=None)
     if used is None:
         raise ValueError(f"network_scale must be a positive number or 3 positive numbers, got {network_scale!r}.")
-    if all(abs(a - b) <= _TOLERANCE for a, b in zip(used, trained)):
+    if all(abs(a - b) <= _TOLERANCE for a, b in zip(used, trained)) or read_trained_spacing(weights_path) is not None:
         return True
     logger.warning(
         "inference runs at network_scale %s, but the weights '%s' were trained at network_scale %s (recorded in "
