@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, SAMPLE_PAIR
 from monai.bundle import ConfigParser
 
 from scripts.io import (
@@ -16,6 +16,8 @@ from scripts.io import (
     check_network_scale,
     install_weights,
     read_trained_network_scale,
+    read_trained_spacing,
+    trained_network_spacing,
     weights_info_path,
     write_weights_info,
 )
@@ -144,9 +146,11 @@ def test_install_weights_with_an_invalid_record_replaces_nothing(weights, tmp_pa
 
 def test_shipped_record_matches_the_inference_default():
     inference = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "inference.json"))
-    assert json.loads((BUNDLE_ROOT / "models" / "model.json").read_text()) == {"network_scale": 0.5}
+    record = {"network_scale": 0.5, "spacing_mm": 1.0}  # trained on 1 mm scans (brain_mal2012, OASIS) at half resolution
+    assert json.loads((BUNDLE_ROOT / "models" / "model.json").read_text()) == record
     assert inference["network_scale"] == 0.5
     assert read_trained_network_scale(BUNDLE_ROOT / "models" / "model.pt") == (0.5, 0.5, 0.5)
+    assert trained_network_spacing(BUNDLE_ROOT / "models" / "model.pt") == (2.0, 2.0, 2.0)
 
 
 def _check_item(parser: ConfigParser, name: str) -> str:
@@ -159,30 +163,41 @@ def _check_item(parser: ConfigParser, name: str) -> str:
 @pytest.mark.parametrize(
     "configs", [["inference"], ["inference", "evaluate"]]
 )
-def test_inference_configs_warn_at_another_scale(configs, caplog):
-    """The check the registration configs run at initialize (no registration): the shipped weights at 1.0 warn."""
+def test_inference_configs_warn_at_another_scale(configs, caplog, tmp_path):
+    """The check the registration configs run at initialize (no registration): weights whose record holds only their
+    scale (0.5) warn at 1.0. The shipped record also gives the training spacing: then the per-pair check of the
+    network voxel size (tests/test_thick_slices.py) replaces this one, and 1.0 alone is no reason to warn."""
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / f"{name}.json") for name in configs])
     item = _check_item(parser, "check_network_scale")
     assert parser.get_parsed_content(item) is True  # the defaults: the shipped weights at their scale
     parser["network_scale"] = 1.0
+    assert parser.get_parsed_content(item, lazy=False) is True  # the shipped record gives spacing_mm
+    weights = tmp_path / "model.pt"
+    weights.write_bytes((BUNDLE_ROOT / "models" / "model.pt").read_bytes())
+    write_weights_info(weights, 0.5)  # an older record: the scale alone
+    parser["ckpt_path"] = str(weights)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert parser.get_parsed_content(item, lazy=False) is False
     (record,) = _warnings(caplog)
-    assert "models/model.pt" in record.getMessage() and "trained at network_scale 0.5" in record.getMessage()
+    assert str(weights) in record.getMessage() and "trained at network_scale 0.5" in record.getMessage()
 
 
 def test_training_records_its_network_scale_after_the_input_checks(tmp_path):
     """train.json writes ``<ckpt_dir>/model.json`` at initialize, after the input checks (a run refused by them
     writes nothing); with the oasis_brain preset (train::inferer at 1.0 on images already reduced by
-    DownsampleToNetworkGridd) the recorded scale is the effective one, network_scale 0.5."""
+    DownsampleToNetworkGridd) the recorded scale is the effective one, network_scale 0.5. The record also holds the
+    training images' spacing (the presets' data are not here: their pairs are replaced by the shipped 1 mm pair)."""
     for presets, scale in (([], 0.5), (["oasis_brain"], 0.5), (["lpba40"], 1.0)):
         parser = ConfigParser()
         parser.read_config([str(BUNDLE_ROOT / "configs" / "train.json")]
                            + [str(BUNDLE_ROOT / "configs" / "presets" / f"{p}.json") for p in presets])
         ckpt = tmp_path / f"run_{scale}_{len(presets)}"
         parser["ckpt_dir"] = str(ckpt)  # does not exist yet
+        if presets:
+            parser["train::pairs"] = [{k: str(SAMPLE_PAIR[k]) for k in ("moving_image", "fixed_image")}]
         item = _check_item(parser, "write_weights_info")
         assert parser.get("initialize").index("@input_checks") < int(item.split("#")[1])
         parser.get_parsed_content(item)
         assert read_trained_network_scale(ckpt / "model.pt") == (scale,) * 3, presets
+        assert read_trained_spacing(ckpt / "model.pt") == (1.0,) * 3, presets

@@ -85,7 +85,8 @@ def refine_displacement(
 ) -> torch.Tensor:
     """
     Correct ``ddf`` by a field ``c`` optimised on a grid at ``scale`` of the input (Adam, fixed iteration count, zero
-    start) and return the corrected displacement on the input grid.
+    start) and return the corrected displacement on the input grid. ``scale`` is taken as given (the inputs are plain
+    tensors here); :py:class:`FieldRefinementInferer` makes it isotropic in mm for thick-slice inputs first.
 
     ``parameterization="velocity"`` (default): ``c`` is a stationary velocity and the result is ``ddf ∘ exp(c)``
     (the moving image is warped by the network's field, then by the diffeomorphism ``exp(c)``), minimising
@@ -148,11 +149,16 @@ class FieldRefinementInferer(Inferer):
     :py:func:`refine_displacement`: a correction (by default a diffeomorphism composed after the network's map) optimised at ``scale`` of the input
     resolution.
 
+    The refinement grid is isotropic in mm like the network's (``isotropic``, see
+    :py:class:`scripts.engines.ResolutionInferer`): on a 1 x 1 x 3 mm pair at ``scale`` 0.5 the correction lives on a
+    2 mm grid, so its smoothness penalty, its NCC window and its step size (all in voxels) mean one distance per axis.
+
     Args:
         base_inferer: inferer producing the (B, 3, D, H, W) displacement, e.g.
             :py:class:`scripts.engines.ResolutionInferer` or :py:class:`scripts.engines.InstanceOptimizationInferer`.
         image_loss, regularization, regularization_weight, iterations, learning_rate, scale, log_interval,
             parameterization, integration_steps: see :py:func:`refine_displacement`.
+        isotropic: refine on a grid of one voxel size in mm when the inputs carry their spacing (a MetaTensor).
 
     Call:
         inputs: (B, 2, D, H, W) moving + fixed; network: passed to ``base_inferer``. Returns (B, 3, D, H, W).
@@ -170,6 +176,7 @@ class FieldRefinementInferer(Inferer):
         log_interval: int = 0,
         parameterization: str = "velocity",
         integration_steps: int = 4,
+        isotropic: bool = True,
     ) -> None:
         super().__init__()
         if not callable(base_inferer):
@@ -187,7 +194,10 @@ class FieldRefinementInferer(Inferer):
             "parameterization": parameterization,
             "integration_steps": int(integration_steps),
         }
+        #: the refinement grid: ``scale`` of the input, isotropic in mm for inputs that carry their spacing
+        self.grid = ResolutionInferer(network_scale=scale, isotropic=isotropic)
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         ddf = self.base_inferer(inputs, network, *args, **kwargs)
-        return refine_displacement(inputs, ddf, self.image_loss, self.regularization, **self.settings)
+        settings = dict(self.settings, scale=self.grid.scale_for(inputs))
+        return refine_displacement(inputs, ddf, self.image_loss, self.regularization, **settings)

@@ -65,7 +65,9 @@ class ForegroundCropInferer(Inferer):
     show the network a background share it never saw in training, which degrades its field (measured on a FreeSurfer
     pair in docs/results.md); the box also saves time. On scans whose foreground fills the grid it changes nothing.
     Displacements are in voxels, which cropping leaves unchanged; outside the box there is only background, where a
-    field continued from the box's faces keeps the map smooth (no folding at the box's faces).
+    field continued from the box's faces keeps the map smooth (no folding at the box's faces). A MetaTensor pair is
+    cropped into a MetaTensor on the box's grid (same voxel spacing, origin at the box), so the inferers below still
+    know the spacing they pick their grid from.
 
     Args:
         base_inferer: inferer producing a (B, 3, d, h, w) displacement for a (B, 2, d, h, w) pair.
@@ -91,9 +93,22 @@ class ForegroundCropInferer(Inferer):
         box = foreground_box(plain, self.margin, self.threshold, self.min_size)
         if all(b.stop - b.start == s for b, s in zip(box, plain.shape[2:])):
             return self.base_inferer(inputs, network, *args, **kwargs)
-        ddf = self.base_inferer(plain[(slice(None), slice(None), *box)].contiguous(), network, *args, **kwargs)
+        ddf = self.base_inferer(_crop(inputs, box), network, *args, **kwargs)
         ddf = ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf
         return F.pad(ddf, _padding(box, plain.shape[2:]), mode="replicate")
+
+
+def _crop(inputs: torch.Tensor, box: Sequence[slice]) -> torch.Tensor:
+    """(B, C, D, H, W) -> the box, contiguous; a MetaTensor's affine (4, 4) or (B, 4, 4) moves its origin to the box's
+    first voxel (the spacing, which the inferers read, is kept)."""
+    plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+    crop = plain[(slice(None), slice(None), *box)].contiguous()
+    if not isinstance(inputs, MetaTensor):
+        return crop
+    affine = inputs.affine.clone()
+    start = torch.tensor([float(b.start) for b in box], dtype=affine.dtype, device=affine.device)
+    affine[..., :3, 3] = affine[..., :3, 3] + affine[..., :3, :3] @ start
+    return MetaTensor(crop, affine=affine)
 
 
 def _padding(box: Sequence[slice], shape: Sequence[int]) -> list[int]:

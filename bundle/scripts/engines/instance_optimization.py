@@ -54,6 +54,8 @@ class InstanceOptimizationInferer(ResolutionInferer):
         learning_rate: Adam learning rate.
         network_scale: network resolution relative to the input (per axis or one number).
         antialias: smooth before downsampling.
+        isotropic: a network grid of one voxel size in mm for thick-slice inputs (see
+            :py:class:`scripts.engines.resolution_inferer.ResolutionInferer`).
         log_interval: log the loss every this many iterations (0: only first and last); on an interactive terminal
             a progress bar with the loss replaces these lines (``scripts.io.progress``).
         frozen_prefixes: parameter-name prefixes kept fixed during the optimisation (e.g. ``["encoder.0"]``: the
@@ -75,8 +77,9 @@ class InstanceOptimizationInferer(ResolutionInferer):
         antialias: bool = True,
         log_interval: int = 10,
         frozen_prefixes: Sequence[str] = (),
+        isotropic: bool = True,
     ) -> None:
-        super().__init__(network_scale=network_scale, antialias=antialias)
+        super().__init__(network_scale=network_scale, antialias=antialias, isotropic=isotropic)
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}.")
         if learning_rate <= 0:

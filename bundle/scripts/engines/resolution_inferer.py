@@ -5,11 +5,26 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-__all__ = ["ResolutionInferer", "network_grid_size", "resize_displacement"]
+from scripts.io.input_checks import voxel_spacing
+
+__all__ = [
+    "ISOTROPY_TOLERANCE",
+    "ResolutionInferer",
+    "input_spacing",
+    "isotropic_network_scale",
+    "network_grid_size",
+    "resize_displacement",
+]
+
+#: network-grid axes at most this much (relative) coarser than the finest keep the scale they were given: header
+#: rounding (float32 spacings) and near-isotropic scans (1 x 1 x 1.005 mm) are left as they are, voxel for voxel
+ISOTROPY_TOLERANCE = 0.01
 
 
 def _per_axis(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
@@ -31,6 +46,59 @@ def network_grid_size(spatial_shape: Sequence[int], scale: float | Sequence[floa
     """
     scales = _per_axis(scale, "network_scale")
     return [max(2, int(round(int(s) * f))) for s, f in zip(spatial_shape, scales)]
+
+
+def input_spacing(inputs: torch.Tensor) -> tuple[float, float, float] | None:
+    """
+    Voxel spacing (mm) along the three spatial axes of a MetaTensor, from its affine (the lengths of its columns, so
+    oblique grids are measured right); None for a plain tensor, whose grid is unknown.
+
+    Args:
+        inputs: (C, D, H, W) or (B, C, D, H, W); a batch's affine is (B, 4, 4), one (4, 4) serves every item.
+
+    Raises:
+        ValueError: the items of a batch have different spacings (one network grid serves the whole batch).
+    """
+    if not isinstance(inputs, MetaTensor):
+        return None
+    affines = np.asarray(inputs.affine.detach().cpu(), dtype=np.float64).reshape(-1, 4, 4)
+    spacings = np.stack([voxel_spacing(affine) for affine in affines])
+    if not np.allclose(spacings, spacings[0], rtol=1e-4, atol=0.0):
+        raise ValueError(
+            f"the items of one batch have different voxel spacings ({spacings.round(4).tolist()} mm); expected one "
+            "spacing per batch, as one network grid serves it: use batch_size 1."
+        )
+    return float(spacings[0][0]), float(spacings[0][1]), float(spacings[0][2])
+
+
+def isotropic_network_scale(
+    scale: float | Sequence[float], spacing: Sequence[float], tolerance: float = ISOTROPY_TOLERANCE
+) -> tuple[float, float, float]:
+    """
+    Per-axis ``network_scale`` that gives the network grid the same voxel size (mm) along every axis: the finest
+    network-grid axis (``spacing_i / scale_i``) keeps its scale, the coarser ones are resampled to its voxel size.
+
+    The network was trained on near-isotropic voxels; on a thick-slice scan (1 x 1 x 3 mm) a uniform scale would show it
+    2 x 2 x 6 mm voxels, where its 3x3x3 kernels, its reach and its smoothness penalty (all in voxels) mean three times
+    the distance along one axis. Here that axis is upsampled instead (scale 0.5 x 3 = 1.5), so the network sees 2 mm
+    voxels everywhere; the displacement comes back to the input grid as usual (:py:func:`resize_displacement`).
+    An isotropic input (or an explicit per-axis scale that already makes the network grid isotropic) is returned as it
+    was given, bit for bit.
+
+    Args:
+        scale: the configured network resolution relative to the input, a number or one per axis.
+        spacing: the input's voxel spacing (mm) per axis.
+        tolerance: axes whose network voxel is at most this much (relative) larger than the finest keep their scale.
+
+    Returns:
+        the scale per axis.
+    """
+    scales = _per_axis(scale, "network_scale")
+    spacing = _per_axis(spacing, "spacing")
+    network = [s / k for s, k in zip(spacing, scales)]
+    finest = min(network)
+    adjusted = [k if n <= finest * (1.0 + tolerance) else s / finest for k, s, n in zip(scales, spacing, network)]
+    return adjusted[0], adjusted[1], adjusted[2]
 
 
 def resize_displacement(ddf: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
@@ -73,10 +141,17 @@ class ResolutionInferer(Inferer):
     also under ``torch.autocast`` (MONAI engines with ``amp=True``). A diffeomorphic network's velocity is resized
     and integrated on the input grid instead (see :py:meth:`to_input_grid`); it is kept in :py:attr:`last_velocity`.
 
+    With ``isotropic`` (default) and an input whose voxel spacing is known (a MetaTensor, as MONAI engines pass the
+    preprocessed pair), the network grid has the same voxel size in mm along every axis:
+    :py:func:`isotropic_network_scale` applies ``network_scale`` to the finest axis and upsamples thick-slice axes to
+    match (a 1 x 1 x 3 mm pair at 0.5 runs on a 2 mm isotropic grid, not 2 x 2 x 6 mm). Isotropic inputs and plain
+    tensors (training, whose pairs are already on the network grid) run at ``network_scale`` as given.
+
     Args:
         network_scale: resolution of the network grid relative to the input, one number or one per axis, in (0, 1]
             typically (values above 1 upsample).
         antialias: smooth with a centred box of odd width before downsampling (only where an axis shrinks 2x or more).
+        isotropic: make the network grid isotropic in mm for anisotropic inputs (see above).
 
     Example::
 
@@ -84,15 +159,30 @@ class ResolutionInferer(Inferer):
         ddf = inferer(image, network)  # image (B, 2, 160, 192, 160) -> ddf (B, 3, 160, 192, 160)
     """
 
-    def __init__(self, network_scale: float | Sequence[float] = 1.0, antialias: bool = True) -> None:
+    def __init__(self, network_scale: float | Sequence[float] = 1.0, antialias: bool = True, isotropic: bool = True) -> None:
         super().__init__()
         self.network_scale = _per_axis(network_scale, "network_scale")
         self.antialias = antialias
+        if not isinstance(isotropic, bool):  # a string "false" from a command line would silently mean True
+            raise ValueError(
+                f"isotropic must be True or False, got {isotropic!r}; on the command line write "
+                "--isotropic_network_grid False (a Python literal)."
+            )
+        self.isotropic = isotropic
         self.last_velocity: torch.Tensor | None = None
 
-    def downsample(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> (B, C, d, h, w) on the network grid."""
-        target = network_grid_size(inputs.shape[2:], self.network_scale)
+    def scale_for(self, inputs: torch.Tensor) -> tuple[float, float, float]:
+        """The network scale per axis for these inputs: ``network_scale``, made isotropic in mm when ``isotropic`` is
+        set and the inputs carry their spacing (:py:func:`input_spacing`)."""
+        spacing = input_spacing(inputs) if self.isotropic else None
+        return self.network_scale if spacing is None else isotropic_network_scale(self.network_scale, spacing)
+
+    def downsample(self, inputs: torch.Tensor, scale: Sequence[float] | None = None) -> torch.Tensor:
+        """(B, C, D, H, W) -> (B, C, d, h, w) on the network grid: at ``scale`` per axis when given, else at
+        :py:meth:`scale_for` of the inputs. A plain tensor either way: the network needs no metadata, and a
+        MetaTensor's affine would no longer describe the resized grid."""
+        target = network_grid_size(inputs.shape[2:], self.scale_for(inputs) if scale is None else scale)
+        inputs = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         if target == list(inputs.shape[2:]):
             return inputs
         x = inputs

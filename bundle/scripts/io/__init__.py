@@ -75,6 +75,12 @@ from .weights_info import (
     write_weights_info,
     read_trained_network_scale,
     check_network_scale,
+    SPACING_KEY,
+    MAX_NETWORK_SPACING_RATIO,
+    read_trained_spacing,
+    training_spacing,
+    trained_network_spacing,
+    check_network_spacing,
 )
 from .datalist import (
     PAIR_KEYS,

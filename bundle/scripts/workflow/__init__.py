@@ -3,6 +3,7 @@
 cohorts (the streaming, resumable dataset of a datalist run and its summary)."""
 
 from .grid_transforms import (
+    CheckNetworkGridd,
     DownsampleToNetworkGridd,
     ResampleToFixedGridd,
     WarpByDdfd,

@@ -14,12 +14,14 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation
 
-from scripts.engines.resolution_inferer import ResolutionInferer, network_grid_size
+from scripts.engines.resolution_inferer import ResolutionInferer, input_spacing, network_grid_size
 from scripts.layers.intensity import background_per_key, resolve_background
 from scripts.layers.sampling import SLAB_VOXELS, resample_moving
 from scripts.io.input_checks import same_grid
+from scripts.io.weights_info import check_network_spacing
 
 __all__ = [
+    "CheckNetworkGridd",
     "DownsampleToNetworkGridd",
     "ResampleToFixedGridd",
     "WarpByDdfd",
@@ -115,6 +117,60 @@ def _resample_through(moving: torch.Tensor, fixed: torch.Tensor, matrix, mode: s
     return MetaTensor(resampled, affine=fixed.affine.clone(), meta={"filename_or_obj": moving.meta.get("filename_or_obj")})
 
 
+class CheckNetworkGridd(MapTransform):
+    """
+    Say which grid the network will work on for this pair, and warn when it is far from the grid of the weights.
+
+    The inferers pick the network (and refinement) grid from the fixed grid's voxel spacing
+    (:py:meth:`scripts.engines.ResolutionInferer.scale_for`): ``network_scale`` of the finest axis, thick-slice axes
+    upsampled to the same voxel size in mm. For an anisotropic fixed image a log line gives that grid; when its voxel
+    size differs from the trained one (``trained_spacing``, :py:func:`scripts.io.trained_network_spacing`) by more
+    than :py:data:`scripts.io.MAX_NETWORK_SPACING_RATIO` either way, a warning names the image and the scale that
+    would match (:py:func:`scripts.io.check_network_spacing`). The data pass through unchanged.
+
+    Args:
+        keys: the fixed image key (one), a MetaTensor on the grid the network input will have.
+        network_scale: the inferers' ``network_scale``.
+        trained_spacing: voxel size (mm per axis) of the network grid in training; None: no warning.
+        isotropic: the inferers' ``isotropic`` setting.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "fixed_image",
+        network_scale: float | Sequence[float] = 0.5,
+        trained_spacing: Sequence[float] | None = None,
+        isotropic: bool = True,
+    ) -> None:
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"CheckNetworkGridd takes the fixed image key only, got {self.keys}.")
+        self.grid = ResolutionInferer(network_scale=network_scale, isotropic=isotropic)
+        self.trained_spacing = None if trained_spacing is None else [float(v) for v in trained_spacing]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        fixed = d[self.keys[0]]
+        spacing = input_spacing(fixed)
+        if spacing is None:
+            raise ValueError(f"{self.keys[0]} must be a MetaTensor with an affine, got {type(fixed).__name__}.")
+        scale = self.grid.scale_for(fixed)
+        network = [s / k for s, k in zip(spacing, scale)]
+        source = fixed.meta.get("filename_or_obj", self.keys[0])
+        if list(scale) != list(self.grid.network_scale):
+            logger.info(
+                "fixed image '%s' has voxels of %s mm: the network works on a grid of %s mm voxels (network scale %s "
+                "per axis: thick-slice axes upsampled; the refinement's grid alike); every output stays on the fixed "
+                "grid",
+                source,
+                " x ".join(f"{v:.3g}" for v in spacing),
+                " x ".join(f"{v:.3g}" for v in network),
+                " x ".join(f"{v:.3g}" for v in scale),
+            )
+        check_network_spacing(network, self.trained_spacing, spacing, source)
+        return d
+
+
 class DownsampleToNetworkGridd(MapTransform):
     """
     Resize images to the grid :py:class:`scripts.engines.resolution_inferer.ResolutionInferer` gives the network at ``network_scale``,
@@ -124,8 +180,10 @@ class DownsampleToNetworkGridd(MapTransform):
     Label maps (``mode="nearest"``) are sampled at the network grid's voxel centres, which sit on the input grid at
     ``j * (N - 1) / (n - 1)`` (the align-corners mapping of the images), so labels and images stay in register.
 
-    Images of one pair must share a grid (run after :py:class:`ResampleToFixedGridd`). Spatial metadata is dropped:
-    the output is a plain tensor meant for training, where only voxels matter.
+    Images of one pair must share a grid (run after :py:class:`ResampleToFixedGridd`). A MetaTensor of anisotropic
+    voxels goes to the isotropic network grid the inferer gives it (thick-slice axes upsampled, see
+    :py:func:`scripts.engines.resolution_inferer.isotropic_network_scale`). Spatial metadata is dropped: the output is
+    a plain tensor meant for training, where only voxels matter.
 
     Args:
         keys: volumes, each (C, D, H, W).
@@ -152,18 +210,21 @@ class DownsampleToNetworkGridd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key, mode in self.key_iterator(d, self.mode):
+            scale = self.resolution.scale_for(d[key])  # isotropic in mm when the volume carries its spacing
             volume = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
             if volume.ndim != 4:
                 raise ValueError(f"'{key}' must have shape (C, D, H, W), got {tuple(volume.shape)}.")
             if mode == "nearest":
-                d[key] = self._nearest(volume)
+                d[key] = self._nearest(volume, scale)
             else:
-                d[key] = self.resolution.downsample(volume.unsqueeze(0).float())[0]
+                d[key] = self.resolution.downsample(volume.unsqueeze(0).float(), scale)[0]
         return d
 
-    def _nearest(self, label: torch.Tensor) -> torch.Tensor:
-        """(C, D, H, W) -> (C, d, h, w), the input voxel nearest to each network-grid centre (dtype kept)."""
-        target = network_grid_size(label.shape[1:], self.resolution.network_scale)
+    @staticmethod
+    def _nearest(label: torch.Tensor, scale: Sequence[float]) -> torch.Tensor:
+        """(C, D, H, W) -> (C, d, h, w) at ``scale`` per axis, the input voxel nearest to each network-grid centre
+        (dtype kept)."""
+        target = network_grid_size(label.shape[1:], scale)
         for axis, (size, n) in enumerate(zip(label.shape[1:], target)):
             j = torch.arange(n, dtype=torch.long)
             # round(j * (N - 1) / (n - 1)) in integers, ties upwards: no float ambiguity at half-voxel positions
