@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""The optional weakly supervised Dice term of training (RegistrationLoss.label_weight, presets/mal2012_brain_dice.json)
-and the nearest-neighbour label path of DownsampleToNetworkGridd that feeds it."""
+"""The optional weakly supervised Dice term of training (RegistrationLoss.label_weight, presets/mal2012_brain_dice.json),
+the labels reaching it by name through RegistrationPrepareBatch, and the nearest-neighbour label path of
+DownsampleToNetworkGridd that feeds it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from monai.losses import DiceLoss
 from workflow_data import run_bundle_workflow, write_small_pair
 
 from scripts.layers.warp import Warp
-from scripts.losses import GradientLoss, LocalNCCLoss, RegistrationLoss
+from scripts.losses import GradientLoss, LocalNCCLoss, RegistrationLoss, registration_target
+from scripts.networks import SACBNet
+from scripts.workflow import RegistrationPrepareBatch
 from scripts.workflow.grid_transforms import DownsampleToNetworkGridd
 from scripts.workflow.metric_transforms import OneHotLabelsd
 
@@ -43,30 +46,36 @@ def _loss(label_weight: float = 0.0) -> RegistrationLoss:
     )
 
 
-def _target(volumes, shift: int = 0) -> torch.Tensor:
-    """(1, 2 + 2K, D, H, W): moving = fixed shifted by ``shift`` voxels along axis 0 (images and labels alike)."""
+def _target(volumes, shift: int = 0) -> dict[str, torch.Tensor]:
+    """The loss target with (1, K, D, H, W) one-hot labels: moving = fixed shifted by ``shift`` voxels along axis 0
+    (images and labels alike)."""
     fixed_image, fixed_label = volumes["fixed_image"], volumes["fixed_label"]
     moving_image, moving_label = (torch.roll(v, shift, dims=1) for v in (fixed_image, fixed_label))
     onehot = OneHotLabelsd(["moving", "fixed"], LABEL_IDS)({"moving": moving_label, "fixed": fixed_label})
-    return torch.cat([moving_image, fixed_image, onehot["moving_onehot"], onehot["fixed_onehot"]])[None]
+    pair = torch.cat([moving_image, fixed_image])[None]
+    return registration_target(pair, onehot["moving_onehot"][None], onehot["fixed_onehot"][None])
 
 
-def test_label_term_off_by_default_and_ignores_label_channels(small_pair):
+def _grid(target: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    return tuple(target["fixed_image"].shape[2:])
+
+
+def test_label_term_off_by_default_and_ignores_labels(small_pair):
     _, volumes = small_pair
     target = _target(volumes, shift=2)
-    ddf = 0.3 * torch.randn(1, 3, *target.shape[2:], generator=torch.Generator().manual_seed(0))
+    ddf = 0.3 * torch.randn(1, 3, *_grid(target), generator=torch.Generator().manual_seed(0))
     unsupervised = _loss(0.0)
-    expected = LocalNCCLoss(kernel_size=5)(Warp()(target[:, :1], ddf), target[:, 1:2]) + GradientLoss()(ddf)
+    moving, fixed = target["moving_image"], target["fixed_image"]
+    expected = LocalNCCLoss(kernel_size=5)(Warp()(moving, ddf), fixed) + GradientLoss()(ddf)
     torch.testing.assert_close(unsupervised(ddf, target), expected)
-    torch.testing.assert_close(unsupervised(ddf, target[:, :2]), expected)
+    torch.testing.assert_close(unsupervised(ddf, {"moving_image": moving, "fixed_image": fixed}), expected)
 
 
 def test_label_term_is_the_dice_loss_of_the_warped_moving_labels(small_pair):
     _, volumes = small_pair
     target = _target(volumes, shift=2)
-    k = len(LABEL_IDS)
-    ddf = torch.zeros(1, 3, *target.shape[2:])
-    dice = DiceLoss(include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)(target[:, 2 : 2 + k], target[:, 2 + k :])
+    ddf = torch.zeros(1, 3, *_grid(target))
+    dice = DiceLoss(include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)(target["moving_label"], target["fixed_label"])
     assert float(dice) > 0.1  # a 2-voxel shift at 4 mm really separates the structures
     torch.testing.assert_close(_loss(0.5)(ddf, target) - _loss(0.0)(ddf, target), 0.5 * dice)
 
@@ -79,8 +88,8 @@ def test_label_term_pulls_the_field_towards_the_true_shift(small_pair):
     label_only = RegistrationLoss(
         lambda a, b: a.sum() * 0, lambda d: d.sum() * 0, Warp(), 0.0, DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5), 1.0
     )
-    zero = torch.zeros(1, 3, *target.shape[2:], requires_grad=True)
-    true = torch.zeros(1, 3, *target.shape[2:])
+    zero = torch.zeros(1, 3, *_grid(target), requires_grad=True)
+    true = torch.zeros(1, 3, *_grid(target))
     true[:, 0] = 2.0
     at_zero = label_only(zero, target)
     assert float(label_only(true, target)) < 0.5 * float(at_zero.detach())
@@ -95,11 +104,18 @@ def test_label_term_needs_labels_and_a_loss():
         RegistrationLoss(LocalNCCLoss(), GradientLoss(), Warp(), label_weight=1.0)
     with pytest.raises(ValueError, match="label_weight"):
         RegistrationLoss(LocalNCCLoss(), GradientLoss(), Warp(), label_weight=-1.0)
-    pair = torch.rand(1, 2, 8, 8, 8)
-    with pytest.raises(ValueError, match="one-hot labels"):
-        _loss(1.0)(torch.zeros(1, 3, 8, 8, 8), pair)
-    with pytest.raises(ValueError, match=r"2 \+ 2K"):
-        _loss(1.0)(torch.zeros(1, 3, 8, 8, 8), torch.rand(1, 5, 8, 8, 8))
+    pair, ddf = torch.rand(1, 2, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match="no 'moving_label' and 'fixed_label'"):
+        _loss(1.0)(ddf, registration_target(pair))
+    with pytest.raises(ValueError, match="must map 'moving_image' and 'fixed_image'.*got Tensor"):
+        _loss(1.0)(ddf, torch.rand(1, 2 + 2 * 3, 8, 8, 8))  # labels packed as channels are not read any more
+    labels = torch.rand(1, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"target\['fixed_label'\].*3 channels.*\(1, 2, 8, 8, 8\)"):
+        _loss(1.0)(ddf, registration_target(pair, labels, labels[:, :2]))
+    with pytest.raises(ValueError, match=r"target\['moving_image'\].*\(1, 1, 8, 8, 9\)"):
+        _loss(0.0)(ddf, registration_target(torch.rand(1, 2, 8, 8, 9)))
+    with pytest.raises(ValueError, match="both images"):
+        registration_target(pair, labels)
 
 
 def test_nearest_downsampling_samples_labels_at_the_network_grid_centres():

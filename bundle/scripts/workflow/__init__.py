@@ -61,3 +61,6 @@ from .pair_summary import (
 from .cohort_dataset import (
     CohortDataset,
 )
+from .prepare_batch import (
+    RegistrationPrepareBatch,
+)
