@@ -15,9 +15,9 @@ from conftest import BUNDLE_ROOT, load_sample_pair
 from monai.bundle import ConfigParser
 
 import scripts.networks.sacb_net as sacb_net_module
-from scripts.engines import InstanceOptimizationInferer, ResolutionInferer
+from scripts.engines import InstanceOptimizationInferer, ResolutionInferer, resize_displacement
 from scripts.layers import Warp, jacobian_determinant, warp_image
-from scripts.losses import GradientLoss, LocalNCCLoss
+from scripts.losses import GradientLoss, LocalNCCLoss, RegistrationLoss, registration_target
 from scripts.networks import SACBNet
 
 SHIPPED = BUNDLE_ROOT / "models" / "model.pt"
@@ -136,6 +136,26 @@ def test_instance_optimisation_keeps_the_transform_invertible(shipped_state):
     errors = _inverse_consistency(ddf, inverse, image)
     print("inverse consistency (voxels), after instance optimisation:", errors)
     assert max(errors.values()) < 0.1, errors
+
+
+def test_training_at_a_reduced_grid_reaches_the_weights_through_the_returned_velocity():
+    """At network_scale 0.5 the inferer integrates on the input grid the velocity the network returns, resized: the
+    field and its inverse come from that value, and the loss's gradient flows through it into the weights (a velocity
+    kept in an attribute was detached: a training step through the inferer updated nothing)."""
+    pair = load_sample_pair((40, 48, 40))
+    image = torch.cat([pair["moving"], pair["fixed"]], dim=1)
+    net = SACBNet(base_channels=2, num_clusters=3, kmeans_iterations=3, diffeomorphic=True)
+    inferer = ResolutionInferer(network_scale=0.5)
+    ddf, velocity = inferer.displacement_and_velocity(image, net)
+    _, network_velocity = net(inferer.downsample(image), return_velocity=True)  # with gradients, as the inferer ran
+    network_velocity = network_velocity.detach()
+    assert velocity.shape == ddf.shape == (1, 3, 40, 48, 40) and network_velocity.shape == (1, 3, 20, 24, 20)
+    torch.testing.assert_close(velocity.detach(), resize_displacement(network_velocity, (40, 48, 40)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ddf, net.integrate(velocity), atol=0, rtol=0)
+    loss = RegistrationLoss(LocalNCCLoss(5), GradientLoss(), Warp())(ddf, registration_target(image))
+    loss.backward()
+    gradient = net.flow_out.weight.grad
+    assert gradient is not None and gradient.abs().sum() > 0
 
 
 def test_plain_networks_report_no_velocity(real_pair):

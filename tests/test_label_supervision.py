@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
+from monai.engines import SupervisedTrainer
 from monai.losses import DiceLoss
 from workflow_data import run_bundle_workflow, write_small_pair
 
@@ -118,6 +119,61 @@ def test_label_term_needs_labels_and_a_loss():
         registration_target(pair, labels)
 
 
+def test_a_training_step_gets_its_labels_through_prepare_batch(small_pair):
+    """One SupervisedTrainer iteration on the real pair: RegistrationPrepareBatch hands the loss the one-hot labels of
+    the batch by name, unchanged, and the label term compares the fixed ones with the moving ones warped by the very
+    field the network predicted in that step."""
+    _, volumes = small_pair
+    target = _target(volumes, shift=2)
+    batch = {
+        "image": torch.cat([target["moving_image"], target["fixed_image"]], dim=1),
+        "moving_label_onehot": target["moving_label"],
+        "fixed_label_onehot": target["fixed_label"],
+    }
+    dice, compared = DiceLoss(include_background=True, smooth_nr=1e-5, smooth_dr=1e-5), []
+
+    def recording_dice(warped, fixed):
+        compared.append((warped.detach().clone(), fixed))
+        return dice(warped, fixed)
+
+    net = SACBNet(base_channels=2, num_clusters=3, kmeans_iterations=3)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[batch],
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
+        loss_function=RegistrationLoss(LocalNCCLoss(5), GradientLoss(), Warp(), 1.0, recording_dice, 0.5),
+        prepare_batch=RegistrationPrepareBatch("image", "moving_label_onehot", "fixed_label_onehot"),
+        decollate=False,
+    )
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: outputs.append(dict(engine.state.output)))
+    trainer.run()
+
+    assert len(compared) == len(outputs) == 1  # one iteration, one label term
+    (warped, fixed), output = compared[0], outputs[0]
+    assert set(output["label"]) == {"moving_image", "fixed_image", "moving_label", "fixed_label"}
+    assert torch.equal(fixed, batch["fixed_label_onehot"])
+    assert torch.equal(output["label"]["moving_label"], batch["moving_label_onehot"])
+    assert torch.equal(output["label"]["moving_image"], batch["image"][:, :1])
+    pred = output["pred"].detach()
+    assert pred.abs().max() > 1e-3  # a real field, so the comparison below tells warped labels from unwarped ones
+    torch.testing.assert_close(warped, Warp()(batch["moving_label_onehot"], pred))
+    unsupervised = RegistrationLoss(LocalNCCLoss(5), GradientLoss(), Warp(), 1.0)(pred, output["label"])
+    torch.testing.assert_close(output["loss"].detach(), unsupervised + 0.5 * dice(warped, fixed))
+
+
+def test_prepare_batch_names_what_is_missing():
+    batch = {"image": torch.rand(1, 2, 8, 8, 8), "moving_label_onehot": torch.rand(1, 3, 8, 8, 8)}
+    inputs, target = RegistrationPrepareBatch()(batch)
+    assert torch.equal(inputs, batch["image"]) and set(target) == {"moving_image", "fixed_image"}
+    with pytest.raises(ValueError, match=r"no tensor under \['fixed_label_onehot'\]"):
+        RegistrationPrepareBatch("image", "moving_label_onehot", "fixed_label_onehot")(batch)
+    with pytest.raises(ValueError, match="both moving_label_key and fixed_label_key"):
+        RegistrationPrepareBatch("image", "moving_label_onehot")
+
+
 def test_nearest_downsampling_samples_labels_at_the_network_grid_centres():
     """A label volume whose value encodes its own index along each axis: after downsampling, network voxel j must
     hold the input index round(j * (N - 1) / (n - 1)), the align-corners position the images are resized to."""
@@ -137,8 +193,9 @@ def test_nearest_downsampling_samples_labels_at_the_network_grid_centres():
 
 @pytest.mark.slow
 def test_dice_preset_trains_with_the_label_target(small_pair, tmp_path):
-    """train.json + mal2012_brain.json + mal2012_brain_dice.json on the real pair: the trainer's target carries the
-    image pair and both one-hot label maps, the loss has the label term, and a best model is written."""
+    """train.json + mal2012_brain.json + mal2012_brain_dice.json on the real pair: the trainer's prepare_batch hands
+    the loss the image pair and both one-hot label maps by name, the loss has the label term, and a best model is
+    written."""
     paths, _ = small_pair
     pairs = [
         dict(paths),
@@ -152,8 +209,17 @@ def test_dice_preset_trains_with_the_label_target(small_pair, tmp_path):
         trainer = workflow.parser.get_parsed_content("train::trainer")
         seen["loss"] = trainer.loss_function
 
+        prepare_batch = trainer.prepare_batch
+
+        def recording_prepare_batch(batchdata, *args, **kwargs):
+            inputs, target = prepare_batch(batchdata, *args, **kwargs)
+            seen.setdefault("targets", []).append({k: tuple(v.shape[:2]) for k, v in target.items()})
+            return inputs, target
+
+        trainer.prepare_batch = recording_prepare_batch
+
         def on_start(engine):  # the collated batch, before MONAI decollates it
-            seen.setdefault("channels", []).append(engine.state.batch["label"].shape[1])
+            seen.setdefault("batch_keys", []).append(set(engine.state.batch))
 
         def on_end(engine):
             seen.setdefault("loss_values", []).append(float(engine.state.output[0]["loss"]))
@@ -176,6 +242,8 @@ def test_dice_preset_trains_with_the_label_target(small_pair, tmp_path):
         **{"train::trainer#epoch_length": 2, "train::augmentation#1#transforms#0#roi_size": [12, 12, 12]},
     )
     assert seen["loss"].label_weight == 1.0
-    assert seen["channels"] == [2 + 2 * len(LABEL_IDS)] * 2
+    k = len(LABEL_IDS)
+    assert seen["targets"] == [{"moving_image": (1, 1), "fixed_image": (1, 1), "moving_label": (1, k), "fixed_label": (1, k)}] * 2
+    assert all("label" not in keys for keys in seen["batch_keys"])  # nothing packed into a placeholder target
     assert all(np.isfinite(seen["loss_values"]))
     assert (tmp_path / "run" / "model.pt").exists()

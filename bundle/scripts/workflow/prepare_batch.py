@@ -61,5 +61,7 @@ class RegistrationPrepareBatch(PrepareBatch):
                 + (" and the one-hot labels under the label keys (train_with_labels and the one-hot transform, as "
                    "configs/presets/mal2012_brain_dice.json)." if self.label_keys else ".")
             )
-        pair, *labels = (batchdata[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in (self.image_key, *self.label_keys))
+        pair, *labels = [
+            batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs) for key in (self.image_key, *self.label_keys)
+        ]
         return pair, registration_target(pair, *labels)
