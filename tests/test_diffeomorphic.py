@@ -2,7 +2,8 @@
 """Diffeomorphic mode of SACBNet (our extension beyond the paper): a stationary velocity field, integrated by scaling
 and squaring wherever a transform is applied. On the real shipped pair with the shipped weights the output has
 det J > 0 everywhere and is inverted by negating the velocity (inverse-consistency error below 0.1 voxel), also after
-instance optimisation; the decoder warps its features with the same integrated field the output is."""
+instance optimisation; the decoder warps its features with the same integrated field the output is. The velocity
+comes from the return values (``forward(..., return_velocity=True)``, ``inferer.displacement_and_velocity``)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from conftest import BUNDLE_ROOT, load_sample_pair
 from monai.bundle import ConfigParser
 
 import scripts.networks.sacb_net as sacb_net_module
-from scripts.engines import InstanceOptimizationInferer, ResolutionInferer
+from scripts.engines import InstanceOptimizationInferer, ResolutionInferer, resize_displacement
 from scripts.layers import Warp, jacobian_determinant, warp_image
-from scripts.losses import GradientLoss, LocalNCCLoss
+from scripts.losses import GradientLoss, LocalNCCLoss, RegistrationLoss, registration_target
 from scripts.networks import SACBNet
 
 SHIPPED = BUNDLE_ROOT / "models" / "model.pt"
@@ -87,14 +88,14 @@ def test_decoder_warps_with_the_integrated_field_it_outputs():
         sacb_net_module.warp_image = recording_warp
         try:
             with torch.no_grad():
-                ddf = net(image)
+                ddf, velocity = net(image, return_velocity=True) if diffeomorphic else (net(image), None)
         finally:
             sacb_net_module.warp_image = original
         assert len(feature_warps) == 1 and ddf.abs().max() > 0.1
         torch.testing.assert_close(feature_warps[0], ddf, atol=1e-6, rtol=0)
         if diffeomorphic:
-            torch.testing.assert_close(ddf, net.integrate(net.last_velocity), atol=1e-6, rtol=0)
-            assert not torch.allclose(ddf, net.last_velocity, atol=1e-3)  # the field is integrated, not the velocity
+            torch.testing.assert_close(ddf, net.integrate(velocity), atol=1e-6, rtol=0)
+            assert not torch.allclose(ddf, velocity, atol=1e-3)  # the field is integrated, not the velocity
 
 
 def test_plain_inference_is_folding_free_and_inverted_by_the_negated_velocity(shipped_state, real_pair):
@@ -102,9 +103,9 @@ def test_plain_inference_is_folding_free_and_inverted_by_the_negated_velocity(sh
     net.load_state_dict(shipped_state, strict=True)
     inferer = ResolutionInferer(network_scale=0.5)  # the weights' training grid, as the bundle runs them
     with torch.no_grad():
-        ddf = inferer(real_pair, net)
-        velocity = inferer.last_velocity
+        ddf, velocity = inferer.displacement_and_velocity(real_pair, net)
         inverse = net.integrate(-velocity)
+        torch.testing.assert_close(inferer(real_pair, net), ddf, atol=0, rtol=0)  # the call: the same field alone
     assert velocity.shape == ddf.shape == (1, 3, 90, 108, 90)
     assert ddf.norm(dim=1).max() > 2.0  # a real deformation, not a near-identity
     det = jacobian_determinant(ddf)
@@ -127,19 +128,39 @@ def test_instance_optimisation_keeps_the_transform_invertible(shipped_state):
     )
     image = torch.cat([pair["moving"], pair["fixed"]], dim=1)
     with torch.no_grad():  # as inside a MONAI evaluator
-        ddf = inferer(image, net)
+        ddf, velocity = inferer.displacement_and_velocity(image, net)
     assert inferer.history[-1] < inferer.history[0]  # the optimisation did something
     assert any(not torch.equal(start[k], v) for k, v in net.state_dict().items())
-    inverse = net.integrate(-inferer.last_velocity)
+    inverse = net.integrate(-velocity)
     assert jacobian_determinant(ddf).min() > 0
     errors = _inverse_consistency(ddf, inverse, image)
     print("inverse consistency (voxels), after instance optimisation:", errors)
     assert max(errors.values()) < 0.1, errors
 
 
+def test_training_at_a_reduced_grid_reaches_the_weights_through_the_returned_velocity():
+    """At network_scale 0.5 the inferer integrates on the input grid the velocity the network returns, resized: the
+    field and its inverse come from that value, and the loss's gradient flows through it into the weights (a velocity
+    kept in an attribute was detached: a training step through the inferer updated nothing)."""
+    pair = load_sample_pair((40, 48, 40))
+    image = torch.cat([pair["moving"], pair["fixed"]], dim=1)
+    net = SACBNet(base_channels=2, num_clusters=3, kmeans_iterations=3, diffeomorphic=True)
+    inferer = ResolutionInferer(network_scale=0.5)
+    ddf, velocity = inferer.displacement_and_velocity(image, net)
+    _, network_velocity = net(inferer.downsample(image), return_velocity=True)  # with gradients, as the inferer ran
+    network_velocity = network_velocity.detach()
+    assert velocity.shape == ddf.shape == (1, 3, 40, 48, 40) and network_velocity.shape == (1, 3, 20, 24, 20)
+    torch.testing.assert_close(velocity.detach(), resize_displacement(network_velocity, (40, 48, 40)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ddf, net.integrate(velocity), atol=0, rtol=0)
+    loss = RegistrationLoss(LocalNCCLoss(5), GradientLoss(), Warp())(ddf, registration_target(image))
+    loss.backward()
+    gradient = net.flow_out.weight.grad
+    assert gradient is not None and gradient.abs().sum() > 0
+
+
 def test_plain_networks_report_no_velocity(real_pair):
     net = SACBNet(base_channels=2, num_clusters=3, kmeans_iterations=3).eval()
     inferer = ResolutionInferer(network_scale=0.25)
     with torch.no_grad():
-        ddf = inferer(real_pair, net)
-    assert inferer.last_velocity is None and net.last_velocity is None and ddf.shape == (1, 3, 90, 108, 90)
+        ddf, velocity = inferer.displacement_and_velocity(real_pair, net)
+    assert velocity is None and ddf.shape == (1, 3, 90, 108, 90)

@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""The optional weakly supervised Dice term of training (RegistrationLoss.label_weight, presets/mal2012_brain_dice.json)
-and the nearest-neighbour label path of DownsampleToNetworkGridd that feeds it."""
+"""The optional weakly supervised Dice term of training (RegistrationLoss.label_weight, presets/mal2012_brain_dice.json),
+the labels reaching it by name through RegistrationPrepareBatch, and the nearest-neighbour label path of
+DownsampleToNetworkGridd that feeds it."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
+from monai.engines import SupervisedTrainer
 from monai.losses import DiceLoss
 from workflow_data import run_bundle_workflow, write_small_pair
 
 from scripts.layers.warp import Warp
-from scripts.losses import GradientLoss, LocalNCCLoss, RegistrationLoss
+from scripts.losses import GradientLoss, LocalNCCLoss, RegistrationLoss, registration_target
+from scripts.networks import SACBNet
+from scripts.workflow import RegistrationPrepareBatch
 from scripts.workflow.grid_transforms import DownsampleToNetworkGridd
 from scripts.workflow.metric_transforms import OneHotLabelsd
 
@@ -43,30 +47,36 @@ def _loss(label_weight: float = 0.0) -> RegistrationLoss:
     )
 
 
-def _target(volumes, shift: int = 0) -> torch.Tensor:
-    """(1, 2 + 2K, D, H, W): moving = fixed shifted by ``shift`` voxels along axis 0 (images and labels alike)."""
+def _target(volumes, shift: int = 0) -> dict[str, torch.Tensor]:
+    """The loss target with (1, K, D, H, W) one-hot labels: moving = fixed shifted by ``shift`` voxels along axis 0
+    (images and labels alike)."""
     fixed_image, fixed_label = volumes["fixed_image"], volumes["fixed_label"]
     moving_image, moving_label = (torch.roll(v, shift, dims=1) for v in (fixed_image, fixed_label))
     onehot = OneHotLabelsd(["moving", "fixed"], LABEL_IDS)({"moving": moving_label, "fixed": fixed_label})
-    return torch.cat([moving_image, fixed_image, onehot["moving_onehot"], onehot["fixed_onehot"]])[None]
+    pair = torch.cat([moving_image, fixed_image])[None]
+    return registration_target(pair, onehot["moving_onehot"][None], onehot["fixed_onehot"][None])
 
 
-def test_label_term_off_by_default_and_ignores_label_channels(small_pair):
+def _grid(target: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    return tuple(target["fixed_image"].shape[2:])
+
+
+def test_label_term_off_by_default_and_ignores_labels(small_pair):
     _, volumes = small_pair
     target = _target(volumes, shift=2)
-    ddf = 0.3 * torch.randn(1, 3, *target.shape[2:], generator=torch.Generator().manual_seed(0))
+    ddf = 0.3 * torch.randn(1, 3, *_grid(target), generator=torch.Generator().manual_seed(0))
     unsupervised = _loss(0.0)
-    expected = LocalNCCLoss(kernel_size=5)(Warp()(target[:, :1], ddf), target[:, 1:2]) + GradientLoss()(ddf)
+    moving, fixed = target["moving_image"], target["fixed_image"]
+    expected = LocalNCCLoss(kernel_size=5)(Warp()(moving, ddf), fixed) + GradientLoss()(ddf)
     torch.testing.assert_close(unsupervised(ddf, target), expected)
-    torch.testing.assert_close(unsupervised(ddf, target[:, :2]), expected)
+    torch.testing.assert_close(unsupervised(ddf, {"moving_image": moving, "fixed_image": fixed}), expected)
 
 
 def test_label_term_is_the_dice_loss_of_the_warped_moving_labels(small_pair):
     _, volumes = small_pair
     target = _target(volumes, shift=2)
-    k = len(LABEL_IDS)
-    ddf = torch.zeros(1, 3, *target.shape[2:])
-    dice = DiceLoss(include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)(target[:, 2 : 2 + k], target[:, 2 + k :])
+    ddf = torch.zeros(1, 3, *_grid(target))
+    dice = DiceLoss(include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)(target["moving_label"], target["fixed_label"])
     assert float(dice) > 0.1  # a 2-voxel shift at 4 mm really separates the structures
     torch.testing.assert_close(_loss(0.5)(ddf, target) - _loss(0.0)(ddf, target), 0.5 * dice)
 
@@ -79,8 +89,8 @@ def test_label_term_pulls_the_field_towards_the_true_shift(small_pair):
     label_only = RegistrationLoss(
         lambda a, b: a.sum() * 0, lambda d: d.sum() * 0, Warp(), 0.0, DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5), 1.0
     )
-    zero = torch.zeros(1, 3, *target.shape[2:], requires_grad=True)
-    true = torch.zeros(1, 3, *target.shape[2:])
+    zero = torch.zeros(1, 3, *_grid(target), requires_grad=True)
+    true = torch.zeros(1, 3, *_grid(target))
     true[:, 0] = 2.0
     at_zero = label_only(zero, target)
     assert float(label_only(true, target)) < 0.5 * float(at_zero.detach())
@@ -95,11 +105,73 @@ def test_label_term_needs_labels_and_a_loss():
         RegistrationLoss(LocalNCCLoss(), GradientLoss(), Warp(), label_weight=1.0)
     with pytest.raises(ValueError, match="label_weight"):
         RegistrationLoss(LocalNCCLoss(), GradientLoss(), Warp(), label_weight=-1.0)
-    pair = torch.rand(1, 2, 8, 8, 8)
-    with pytest.raises(ValueError, match="one-hot labels"):
-        _loss(1.0)(torch.zeros(1, 3, 8, 8, 8), pair)
-    with pytest.raises(ValueError, match=r"2 \+ 2K"):
-        _loss(1.0)(torch.zeros(1, 3, 8, 8, 8), torch.rand(1, 5, 8, 8, 8))
+    pair, ddf = torch.rand(1, 2, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match="no 'moving_label' and 'fixed_label'"):
+        _loss(1.0)(ddf, registration_target(pair))
+    with pytest.raises(ValueError, match="must map 'moving_image' and 'fixed_image'.*got Tensor"):
+        _loss(1.0)(ddf, torch.rand(1, 2 + 2 * 3, 8, 8, 8))  # labels packed as channels are not read any more
+    labels = torch.rand(1, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"target\['fixed_label'\].*3 channels.*\(1, 2, 8, 8, 8\)"):
+        _loss(1.0)(ddf, registration_target(pair, labels, labels[:, :2]))
+    with pytest.raises(ValueError, match=r"target\['moving_image'\].*\(1, 1, 8, 8, 9\)"):
+        _loss(0.0)(ddf, registration_target(torch.rand(1, 2, 8, 8, 9)))
+    with pytest.raises(ValueError, match="both images"):
+        registration_target(pair, labels)
+
+
+def test_a_training_step_gets_its_labels_through_prepare_batch(small_pair):
+    """One SupervisedTrainer iteration on the real pair: RegistrationPrepareBatch hands the loss the one-hot labels of
+    the batch by name, unchanged, and the label term compares the fixed ones with the moving ones warped by the very
+    field the network predicted in that step."""
+    _, volumes = small_pair
+    target = _target(volumes, shift=2)
+    batch = {
+        "image": torch.cat([target["moving_image"], target["fixed_image"]], dim=1),
+        "moving_label_onehot": target["moving_label"],
+        "fixed_label_onehot": target["fixed_label"],
+    }
+    dice, compared = DiceLoss(include_background=True, smooth_nr=1e-5, smooth_dr=1e-5), []
+
+    def recording_dice(warped, fixed):
+        compared.append((warped.detach().clone(), fixed))
+        return dice(warped, fixed)
+
+    net = SACBNet(base_channels=2, num_clusters=3, kmeans_iterations=3)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[batch],
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
+        loss_function=RegistrationLoss(LocalNCCLoss(5), GradientLoss(), Warp(), 1.0, recording_dice, 0.5),
+        prepare_batch=RegistrationPrepareBatch("image", "moving_label_onehot", "fixed_label_onehot"),
+        decollate=False,
+    )
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: outputs.append(dict(engine.state.output)))
+    trainer.run()
+
+    assert len(compared) == len(outputs) == 1  # one iteration, one label term
+    (warped, fixed), output = compared[0], outputs[0]
+    assert set(output["label"]) == {"moving_image", "fixed_image", "moving_label", "fixed_label"}
+    assert torch.equal(fixed, batch["fixed_label_onehot"])
+    assert torch.equal(output["label"]["moving_label"], batch["moving_label_onehot"])
+    assert torch.equal(output["label"]["moving_image"], batch["image"][:, :1])
+    pred = output["pred"].detach()
+    assert pred.abs().max() > 1e-3  # a real field, so the comparison below tells warped labels from unwarped ones
+    torch.testing.assert_close(warped, Warp()(batch["moving_label_onehot"], pred))
+    unsupervised = RegistrationLoss(LocalNCCLoss(5), GradientLoss(), Warp(), 1.0)(pred, output["label"])
+    torch.testing.assert_close(output["loss"].detach(), unsupervised + 0.5 * dice(warped, fixed))
+
+
+def test_prepare_batch_names_what_is_missing():
+    batch = {"image": torch.rand(1, 2, 8, 8, 8), "moving_label_onehot": torch.rand(1, 3, 8, 8, 8)}
+    inputs, target = RegistrationPrepareBatch()(batch)
+    assert torch.equal(inputs, batch["image"]) and set(target) == {"moving_image", "fixed_image"}
+    with pytest.raises(ValueError, match=r"no tensor under \['fixed_label_onehot'\]"):
+        RegistrationPrepareBatch("image", "moving_label_onehot", "fixed_label_onehot")(batch)
+    with pytest.raises(ValueError, match="both moving_label_key and fixed_label_key"):
+        RegistrationPrepareBatch("image", "moving_label_onehot")
 
 
 def test_nearest_downsampling_samples_labels_at_the_network_grid_centres():
@@ -121,8 +193,9 @@ def test_nearest_downsampling_samples_labels_at_the_network_grid_centres():
 
 @pytest.mark.slow
 def test_dice_preset_trains_with_the_label_target(small_pair, tmp_path):
-    """train.json + mal2012_brain.json + mal2012_brain_dice.json on the real pair: the trainer's target carries the
-    image pair and both one-hot label maps, the loss has the label term, and a best model is written."""
+    """train.json + mal2012_brain.json + mal2012_brain_dice.json on the real pair: the trainer's prepare_batch hands
+    the loss the image pair and both one-hot label maps by name, the loss has the label term, and a best model is
+    written."""
     paths, _ = small_pair
     pairs = [
         dict(paths),
@@ -136,8 +209,17 @@ def test_dice_preset_trains_with_the_label_target(small_pair, tmp_path):
         trainer = workflow.parser.get_parsed_content("train::trainer")
         seen["loss"] = trainer.loss_function
 
+        prepare_batch = trainer.prepare_batch
+
+        def recording_prepare_batch(batchdata, *args, **kwargs):
+            inputs, target = prepare_batch(batchdata, *args, **kwargs)
+            seen.setdefault("targets", []).append({k: tuple(v.shape[:2]) for k, v in target.items()})
+            return inputs, target
+
+        trainer.prepare_batch = recording_prepare_batch
+
         def on_start(engine):  # the collated batch, before MONAI decollates it
-            seen.setdefault("channels", []).append(engine.state.batch["label"].shape[1])
+            seen.setdefault("batch_keys", []).append(set(engine.state.batch))
 
         def on_end(engine):
             seen.setdefault("loss_values", []).append(float(engine.state.output[0]["loss"]))
@@ -160,6 +242,8 @@ def test_dice_preset_trains_with_the_label_target(small_pair, tmp_path):
         **{"train::trainer#epoch_length": 2, "train::augmentation#1#transforms#0#roi_size": [12, 12, 12]},
     )
     assert seen["loss"].label_weight == 1.0
-    assert seen["channels"] == [2 + 2 * len(LABEL_IDS)] * 2
+    k = len(LABEL_IDS)
+    assert seen["targets"] == [{"moving_image": (1, 1), "fixed_image": (1, 1), "moving_label": (1, k), "fixed_label": (1, k)}] * 2
+    assert all("label" not in keys for keys in seen["batch_keys"])  # nothing packed into a placeholder target
     assert all(np.isfinite(seen["loss_values"]))
     assert (tmp_path / "run" / "model.pt").exists()

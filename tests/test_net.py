@@ -63,20 +63,39 @@ def test_scripted_network_matches_eager_at_two_sizes():
 
 
 def test_diffeomorphic_mode_integrates_the_velocity():
-    """The output is exp(last_velocity) (tests/test_diffeomorphic.py checks invertibility and det J on real pairs)."""
+    """The output is exp(velocity) of the velocity the network returns with return_velocity (tests/test_diffeomorphic.py
+    checks invertibility and det J on real pairs); the plain call returns the same field alone."""
     torch.manual_seed(0)
     plain = SACBNet(**SMALL).eval()
     diffeo = SACBNet(**SMALL, diffeomorphic=True).eval()
     diffeo.load_state_dict(plain.state_dict())
-    image = torch.rand(1, 2, 32, 32, 32)
+    image = torch.rand(2, 2, 32, 32, 32)
     with torch.no_grad():
         displacement = plain(image)
         ddf = diffeo(image)
-    velocity = diffeo.last_velocity
-    assert plain.last_velocity is None and velocity.shape == ddf.shape == displacement.shape
+        returned, velocity = diffeo(image, return_velocity=True)
+    assert velocity.shape == ddf.shape == displacement.shape
+    assert torch.equal(returned, ddf)
     assert torch.allclose(ddf, diffeo.integrate(velocity), atol=1e-5)
     assert not torch.allclose(ddf, velocity)
-    assert folding_percentage(jacobian_determinant(ddf)).item() == 0.0
+    assert folding_percentage(jacobian_determinant(ddf)).max().item() == 0.0  # both pairs of the batch
+    with pytest.raises(ValueError, match="diffeomorphic"):
+        plain(image, return_velocity=True)
+
+
+def test_scripted_diffeomorphic_network_returns_its_velocity():
+    """The TorchScript export keeps the switch: the plain call returns the field, return_velocity the typed tuple."""
+    net = SACBNet(**SMALL, diffeomorphic=True).eval()
+    scripted = torch.jit.script(net)
+    image = torch.rand(1, 2, 20, 24, 28)
+    with torch.no_grad():
+        ddf, velocity = net(image, return_velocity=True)
+        scripted_ddf = scripted(image)
+        scripted_pair = scripted(image, return_velocity=True)
+    assert isinstance(scripted_ddf, torch.Tensor) and isinstance(scripted_pair, tuple)
+    torch.testing.assert_close(scripted_ddf, ddf, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scripted_pair[0], ddf, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scripted_pair[1], velocity, atol=1e-5, rtol=0)
 
 
 def test_bad_input_raises():

@@ -3,6 +3,7 @@
 
 from .resolution_inferer import (
     ResolutionInferer,
+    network_fields,
     network_grid_size,
     resize_displacement,
 )

@@ -11,10 +11,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from scripts.engines.resolution_inferer import ResolutionInferer
+from scripts.engines.resolution_inferer import ResolutionInferer, network_fields
 from scripts.io.errors import NonFiniteLossError
 from scripts.io.progress import Progress
-from scripts.losses.registration_loss import RegistrationLoss
+from scripts.losses.registration_loss import RegistrationLoss, registration_target
 
 __all__ = ["InstanceOptimizationInferer"]
 
@@ -105,7 +105,7 @@ class InstanceOptimizationInferer(ResolutionInferer):
     def objective(self, network: nn.Module, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of the network on a (B, 2, d, h, w) pair and the predicted (B, 3, d, h, w) field."""
         ddf = network(pair)
-        return self.loss(ddf, pair), ddf
+        return self.loss(ddf, registration_target(pair)), ddf
 
     def optimize(self, network: nn.Module, pair: torch.Tensor) -> list[float]:
         """Run the Adam steps on one (B, 2, d, h, w) pair at network resolution; returns the loss per step."""
@@ -160,14 +160,21 @@ class InstanceOptimizationInferer(ResolutionInferer):
                     )
         return history
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    def displacement_and_velocity(
+        self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
+        Optimise the network on the pair, then predict as
+        :py:meth:`scripts.engines.resolution_inferer.ResolutionInferer.displacement_and_velocity` (the call returns the
+        displacement of this).
+
         Args:
             inputs: (B, 2, D, H, W) pair, channel 0 moving, 1 fixed.
             network: the registration network (an ``nn.Module``; its weights are optimised in place).
 
         Returns:
-            (B, 3, D, H, W) displacement in voxels of the input grid.
+            ddf (B, 3, D, H, W) in voxels of the input grid, and the velocity it integrates for a diffeomorphic
+            network (None otherwise).
         """
         if self.iterations > 0 and not isinstance(network, nn.Module):  # 0 steps: a plain forward pass, any network
             raise ValueError(
@@ -179,8 +186,8 @@ class InstanceOptimizationInferer(ResolutionInferer):
         pair = self.downsample(inputs).detach()
         self.history = self.optimize(network, pair)
         with torch.no_grad():
-            ddf = network(pair, *args, **kwargs)
-        return self.to_input_grid(network, ddf, inputs.shape[2:])
+            ddf, velocity = network_fields(network, pair, *args, **kwargs)
+        return self.to_input_grid(network, ddf, velocity, inputs.shape[2:])
 
 
 def _grad_scaler(device: torch.device) -> torch.amp.GradScaler:

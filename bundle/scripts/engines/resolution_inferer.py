@@ -19,6 +19,7 @@ __all__ = [
     "input_spacing",
     "isotropic_network_scale",
     "network_grid_size",
+    "network_fields",
     "resize_displacement",
 ]
 
@@ -129,6 +130,33 @@ def resize_displacement(ddf: torch.Tensor, spatial_shape: Sequence[int]) -> torc
     return resized * torch.tensor(factors, dtype=ddf.dtype, device=ddf.device).view(1, 3, 1, 1, 1)
 
 
+def network_fields(
+    network: Callable[..., Any], pair: torch.Tensor, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    Run a registration network on a pair and return its displacement and, for a diffeomorphic network, its velocity.
+
+    A network built with ``diffeomorphic`` set (see :py:class:`scripts.networks.sacb_net.SACBNet`) is called with
+    ``return_velocity=True`` and returns the velocity with the field; any other network (a plain SACB-Net, its
+    TorchScript export, another model) is called as it is. The call goes through ``network`` itself, so DataParallel
+    and DistributedDataParallel wrappers still see the forward pass; the setting is read from the wrapped module.
+
+    Args:
+        network: callable mapping (B, 2, d, h, w) to a (B, 3, d, h, w) displacement in voxels.
+        pair: (B, 2, d, h, w), channel 0 moving, 1 fixed.
+        args, kwargs: passed on to ``network``.
+
+    Returns:
+        ddf (B, 3, d, h, w) and velocity (B, 3, d, h, w) with ``ddf = exp(velocity)``, or None for a network that
+        predicts a displacement.
+    """
+    module = getattr(network, "module", network)  # DataParallel / DistributedDataParallel
+    if getattr(module, "diffeomorphic", False):  # a constructor setting, absent from networks without the mode
+        ddf, velocity = network(pair, *args, return_velocity=True, **kwargs)
+        return ddf, velocity
+    return network(pair, *args, **kwargs), None
+
+
 class ResolutionInferer(Inferer):
     """
     Run a registration network on a resampled copy of its input and return the displacement on the input's grid.
@@ -139,7 +167,8 @@ class ResolutionInferer(Inferer):
     displacement on that grid and :py:func:`resize_displacement` brings it back, scaling each component by the exact
     per-axis ratio ``(D - 1) / (d - 1)``. With ``network_scale=1`` the network is called directly. The result is float32
     also under ``torch.autocast`` (MONAI engines with ``amp=True``). A diffeomorphic network's velocity is resized
-    and integrated on the input grid instead (see :py:meth:`to_input_grid`); it is kept in :py:attr:`last_velocity`.
+    and integrated on the input grid instead (see :py:meth:`to_input_grid`); :py:meth:`displacement_and_velocity`
+    returns it with the field (``exp(-velocity)`` is the inverse), the call itself only the field.
 
     With ``isotropic`` (default) and an input whose voxel spacing is known (a MetaTensor, as MONAI engines pass the
     preprocessed pair), the network grid has the same voxel size in mm along every axis:
@@ -157,6 +186,7 @@ class ResolutionInferer(Inferer):
 
         inferer = ResolutionInferer(network_scale=0.5)
         ddf = inferer(image, network)  # image (B, 2, 160, 192, 160) -> ddf (B, 3, 160, 192, 160)
+        ddf, velocity = inferer.displacement_and_velocity(image, network)  # velocity None unless diffeomorphic
     """
 
     def __init__(self, network_scale: float | Sequence[float] = 1.0, antialias: bool = True, isotropic: bool = True) -> None:
@@ -169,7 +199,6 @@ class ResolutionInferer(Inferer):
                 "--isotropic_network_grid False (a Python literal)."
             )
         self.isotropic = isotropic
-        self.last_velocity: torch.Tensor | None = None
 
     def scale_for(self, inputs: torch.Tensor) -> tuple[float, float, float]:
         """The network scale per axis for these inputs: ``network_scale``, made isotropic in mm when ``isotropic`` is
@@ -204,42 +233,63 @@ class ResolutionInferer(Inferer):
         Returns:
             (B, 3, D, H, W) displacement in voxels of the input grid.
         """
-        if inputs.ndim != 5:
-            raise ValueError(f"inputs must have shape (B, C, D, H, W), got {tuple(inputs.shape)}.")
-        ddf = network(self.downsample(inputs), *args, **kwargs)
-        return self.to_input_grid(network, ddf, inputs.shape[2:])
+        return self.displacement_and_velocity(inputs, network, *args, **kwargs)[0]
 
-    def to_input_grid(self, network: Callable[..., torch.Tensor], ddf: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    def displacement_and_velocity(
+        self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
-        The network's displacement on its own grid -> the displacement on the input grid, in float32 (also when the
-        network ran under ``torch.autocast``).
-
-        A diffeomorphic network (one with ``diffeomorphic`` set and a ``last_velocity``, see
-        :py:class:`scripts.networks.sacb_net.SACBNet`) is handled through its velocity: the velocity is resized
-        (:py:func:`resize_displacement`) and integrated on the input grid by the network's own ``integrate``, so the
-        output is ``exp(v)`` there and ``exp(-v)`` its inverse; the resized velocity is kept in
-        :py:attr:`last_velocity` ((B, 3, D, H, W), voxels of the input grid; None for other networks).
+        As the call, and also the velocity of a diffeomorphic network on the input grid (see :py:func:`network_fields`).
 
         Args:
-            network: the network that produced ``ddf`` (possibly wrapped in DataParallel/DDP).
+            inputs: (B, 2, D, H, W) image pair, channel 0 moving, 1 fixed.
+            network: callable mapping (B, 2, d, h, w) to a (B, 3, d, h, w) displacement in voxels.
+            args, kwargs: passed on to ``network``.
+
+        Returns:
+            ddf (B, 3, D, H, W) and velocity (B, 3, D, H, W) with ``ddf = exp(velocity)`` and ``exp(-velocity)`` its
+            inverse, both in voxels of the input grid; velocity None for a network that predicts a displacement.
+        """
+        if inputs.ndim != 5:
+            raise ValueError(f"inputs must have shape (B, C, D, H, W), got {tuple(inputs.shape)}.")
+        ddf, velocity = network_fields(network, self.downsample(inputs), *args, **kwargs)
+        return self.to_input_grid(network, ddf, velocity, inputs.shape[2:])
+
+    def to_input_grid(
+        self,
+        network: Callable[..., Any],
+        ddf: torch.Tensor,
+        velocity: torch.Tensor | None,
+        spatial_shape: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        The network's fields on its own grid -> the fields on the input grid, in float32 (also when the network ran
+        under ``torch.autocast``).
+
+        A displacement is resized (:py:func:`resize_displacement`). A diffeomorphic network's field is handled through
+        its velocity: the velocity is resized and integrated on the input grid by the network's own ``integrate``, so
+        the output is ``exp(v)`` there and ``exp(-v)`` its inverse (resizing ``exp(v)`` instead would not keep it
+        invertible by the resized velocity).
+
+        Args:
+            network: the network that produced the fields (possibly wrapped in DataParallel/DDP).
             ddf: (B, 3, d, h, w) displacement in voxels of the network grid.
+            velocity: (B, 3, d, h, w) the velocity ``ddf`` integrates, or None (see :py:func:`network_fields`).
             spatial_shape: the input grid (D, H, W).
 
         Returns:
-            (B, 3, D, H, W) displacement in voxels of the input grid.
+            ddf (B, 3, D, H, W) and velocity (B, 3, D, H, W) or None, in voxels of the input grid.
         """
         if ddf.dtype in (torch.float16, torch.bfloat16):
             ddf = ddf.float()
+        if velocity is None:
+            return resize_displacement(ddf, spatial_shape), None
         module = getattr(network, "module", network)  # DataParallel / DistributedDataParallel
-        velocity = getattr(module, "last_velocity", None) if getattr(module, "diffeomorphic", False) else None
-        if not isinstance(velocity, torch.Tensor) or velocity.shape != ddf.shape:
-            self.last_velocity = None
-            return resize_displacement(ddf, spatial_shape)
         with torch.autocast(device_type=ddf.device.type, enabled=False):
-            self.last_velocity = resize_displacement(velocity.float(), spatial_shape)
-            if list(self.last_velocity.shape[2:]) == list(ddf.shape[2:]):
-                return ddf  # already exp(velocity) on this grid
-            return module.integrate(self.last_velocity)
+            velocity = resize_displacement(velocity.float(), spatial_shape)
+            if list(velocity.shape[2:]) == list(ddf.shape[2:]):
+                return ddf, velocity  # already exp(velocity) on this grid
+            return module.integrate(velocity), velocity
 
 
 def _centre_pad(kernel: Sequence[int]) -> list[int]:

@@ -1,5 +1,5 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Registration losses: local normalised cross-correlation, displacement smoothness, the combined objective."""
+"""Registration losses: local normalised cross-correlation, displacement smoothness, the combined objective and its target."""
 
 from .ncc import (
     LocalNCCLoss,
@@ -10,4 +10,5 @@ from .regularization import (
 )
 from .registration_loss import (
     RegistrationLoss,
+    registration_target,
 )

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,9 @@ class SACBNet(nn.Module):
             extension beyond the paper, whose model is not diffeomorphic): every level adds its residual to the
             velocity (``v <- v + d``, the first-order form of composing ``exp(v)`` with ``exp(d)``), and wherever a
             transform is applied it is the integrated field ``exp(v)`` (scaling and squaring): the moving features
-            of the next level are warped by it, and the output is ``exp(v)``. The velocity of the last call is kept in
-            :py:attr:`last_velocity`; ``integrate(-last_velocity)`` is the inverse transform. Same parameters and
-            state-dict keys as the plain mode, so the same weights load into both.
+            of the next level are warped by it, and the output is ``exp(v)``. ``forward(image, return_velocity=True)``
+            returns the velocity with the field; ``integrate(-velocity)`` is the inverse transform. Same parameters
+            and state-dict keys as the plain mode, so the same weights load into both.
         integration_steps: scaling-and-squaring steps in diffeomorphic mode.
 
     Shapes:
@@ -63,15 +63,9 @@ class SACBNet(nn.Module):
         -> ddf (B, 3, D, H, W) in voxels of the input grid, channel i = shift along array axis i, such that
         ``warped(p) = moving(p + ddf(p))`` (see :py:class:`scripts.layers.warp.Warp`); float32 also under
         ``torch.autocast`` (k-means and the flow heads run in float32, the convolutions in the autocast dtype).
-
-    Attributes:
-        last_velocity: diffeomorphic mode only: the (B, 3, D, H, W) stationary velocity (voxels, detached) of the last
-            :py:meth:`forward`, whose output is ``integrate(last_velocity)``; ``integrate(-last_velocity)`` is the
-            displacement of the inverse transform. None in the plain mode and before the first call. Kept in eager
-            mode only (a TorchScript export does not record it).
+        With ``return_velocity=True`` (diffeomorphic mode): the tuple (ddf, velocity), both (B, 3, D, H, W) in voxels,
+        ``ddf = integrate(velocity)``.
     """
-
-    __jit_ignored_attributes__ = ["last_velocity"]
 
     def __init__(
         self,
@@ -106,7 +100,6 @@ class SACBNet(nn.Module):
         self.flow_out = ChannelsLastConv3d(widths[0], 3, kernel_size=3, padding=1)
         self.diffeomorphic = bool(diffeomorphic)
         self.integrate = VelocityIntegration(integration_steps)
-        self.last_velocity = None  # Optional[torch.Tensor], see the class docstring
 
     def _padding(self, spatial: List[int]) -> List[int]:
         """F.pad amounts (last axis first) that bring every axis to a multiple of 16 and at least 32 voxels."""
@@ -136,17 +129,28 @@ class SACBNet(nn.Module):
         """Half-precision (autocast) conv outputs -> float32, so that fields are sampled and composed in float32."""
         return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, return_velocity: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
             image: (B, 2, D, H, W), channel 0 = moving, 1 = fixed.
+            return_velocity: diffeomorphic mode only: also return the stationary velocity the field integrates (what
+                an inferer needs to integrate on another grid, or to form the inverse ``integrate(-velocity)``).
+                A switch of the call rather than of the network, so the one network serves both kinds of callers.
 
         Returns:
-            (B, 3, D, H, W) displacement field in voxels (in diffeomorphic mode ``integrate(last_velocity)``).
+            (B, 3, D, H, W) displacement field in voxels (in diffeomorphic mode ``integrate(velocity)``); with
+            ``return_velocity`` the tuple (displacement, velocity), both (B, 3, D, H, W) in voxels.
         """
         if image.dim() != 5 or image.shape[1] != 2:
             raise ValueError(
                 f"expected image of shape (B, 2, D, H, W) with channels [moving, fixed], got {list(image.shape)}."
+            )
+        if return_velocity and not self.diffeomorphic:
+            raise ValueError(
+                "return_velocity=True needs a diffeomorphic network (diffeomorphic=True): the plain mode predicts a "
+                "displacement, not a velocity."
             )
         # Pairs are registered one at a time: k-means labels are discontinuous in the features, so the last-bit
         # differences of batched convolutions could flip voxels between clusters. This keeps every pair's result
@@ -154,13 +158,10 @@ class SACBNet(nn.Module):
         fields = [self._register(image[b : b + 1]) for b in range(image.shape[0])]
         if not self.diffeomorphic:
             return torch.cat(fields, dim=0)
-        if not torch.jit.is_scripting():
-            self._keep_velocity(torch.cat(fields, dim=0))
-        return torch.cat([self.integrate(v) for v in fields], dim=0)
-
-    @torch.jit.unused
-    def _keep_velocity(self, velocity: torch.Tensor) -> None:
-        self.last_velocity = velocity.detach()
+        ddf = torch.cat([self.integrate(v) for v in fields], dim=0)
+        if return_velocity:
+            return ddf, torch.cat(fields, dim=0)
+        return ddf
 
     def _register(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 2, D, H, W) -> (1, 3, D, H, W) displacement, or velocity in diffeomorphic mode; see :py:meth:`forward`."""

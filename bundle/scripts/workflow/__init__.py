@@ -62,6 +62,9 @@ from .pair_summary import (
 from .cohort_dataset import (
     CohortDataset,
 )
+from .prepare_batch import (
+    RegistrationPrepareBatch,
+)
 from .qc import (
     QC_PNG,
     SaveQCFigured,
