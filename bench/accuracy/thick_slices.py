@@ -29,8 +29,8 @@ import nibabel as nib
 import numpy as np
 
 from bench.accuracy.io import write_json_atomic
-from bench.accuracy.native import thread_env
-from bench.accuracy.native_scoring import dice_scores
+from bench.accuracy.runner import thread_env
+from bench.accuracy.scoring import dice_per_class
 from bench.accuracy.native_split import load_split, scan_files
 
 __all__ = ["LABELS", "thick_axis", "thick_slices", "score_on_thick_grid", "markdown_table", "main"]
@@ -91,7 +91,7 @@ def score_on_thick_grid(warped_label: np.ndarray, fixed_thick_label: np.ndarray,
         index = [slice(None)] * 3
         index[axis] = slice(factor // 2, fixed_thick_label.shape[axis] * factor, factor)
         warped_label = warped_label[tuple(index)]
-    return float(np.nanmean(list(dice_scores(fixed_thick_label, warped_label, LABELS).values())))
+    return float(np.nanmean(list(dice_per_class(fixed_thick_label, warped_label, LABELS).values())))
 
 
 def markdown_table(results: dict) -> str:
