@@ -21,6 +21,7 @@ from scripts.layers.sampling import sample_at_voxels, voxel_grid
 from scripts.spatial.inversion import invert_displacement
 from scripts.workflow.grid_transforms import ResampleToFixedGridd
 from scripts.workflow.intensity import ScaleRegistrationIntensityd
+from scripts.workflow.transform_outputs import WarpFromSourced
 
 CT_DIR = SHARED_DATA / "abdomen_ct_mr_totalseg"
 AIR = -1024.0
@@ -167,6 +168,12 @@ def _parsed(*config_files: str, **overrides):
     return parser
 
 
+def _postprocessing_step(parser, kind):
+    """The one transform of type ``kind`` in the parsed config's postprocessing chain."""
+    (step,) = [t for t in parser.get_parsed_content("postprocessing").transforms if isinstance(t, kind)]
+    return step
+
+
 def test_configs_wire_the_window_and_the_background():
     """inference.json: percentiles and each image's minimum by default, in every stage that scales or resamples;
     the abdomen_ct preset (on train.json) sets the CT window and -1024 HU."""
@@ -176,11 +183,11 @@ def test_configs_wire_the_window_and_the_background():
     assert parser.get_parsed_content("grid_transforms")[0].background == ["auto", 0.0, 0.0]
     affine = parser.get_parsed_content("affine_registration")
     assert affine.intensity_window is None and affine.background == "auto"
-    warp_from_source = parser.get_parsed_content("postprocessing").transforms[3]
+    warp_from_source = _postprocessing_step(parser, WarpFromSourced)
     assert warp_from_source.background == ["auto", 0.0]  # warped_image: the image's background, warped_label: 0
     parser = _parsed("inference.json", intensity_window=[-1000, 1000], background_value=-1024)
     assert parser.get_parsed_content("affine_registration").intensity_window == (-1000.0, 1000.0)
-    assert parser.get_parsed_content("postprocessing").transforms[3].background == [-1024.0, 0.0]
+    assert _postprocessing_step(parser, WarpFromSourced).background == [-1024.0, 0.0]
     parser = _parsed("train.json", "presets/abdomen_ct.json")
     scaling = parser.get_parsed_content("intensity_transforms")[0]
     assert scaling.window == (-1000.0, 1000.0) and scaling.background == -1024.0
