@@ -316,3 +316,10 @@ def test_cli_register_writes_qc_png(tmp_path):
     assert (out / "ddf.nii.gz").exists()
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     assert (out / "qc.png").read_bytes()[:4] == b"\x89PNG"  # register's own figure, written by default
+    # The same --qc_png again without --overwrite: refused before anything runs, the figure left as it is.
+    before = png.read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        register(fixed=str(folder / "fixed_mni152_t1.nii.gz"), moving=str(folder / "moving_colin27_t1.nii.gz"),
+                 out=str(tmp_path / "out2"), iterations=0, device="cpu", qc_png=str(png))
+    assert stopped.value.code == 2
+    assert png.read_bytes() == before and not (tmp_path / "out2" / "ddf.nii.gz").exists()
