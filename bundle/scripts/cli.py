@@ -159,14 +159,6 @@ def workflow_overrides(
     return files, overrides
 
 
-def _check_free_output(path: str, overwrite: bool, flag: str) -> None:
-    """Refuse ``path`` when it exists and ``overwrite`` is off (the user's file is never replaced silently)."""
-    from scripts.io.errors import OutputExistsError
-
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"{flag} {path} already exists; choose another file or pass --overwrite to replace it.")
-
-
 def _run_workflow(files: list[str], overrides: dict[str, Any]) -> None:
     from monai.bundle import ConfigWorkflow
 
@@ -274,7 +266,9 @@ def register(
         refine_iterations, weights, amp, moving_mask, fixed_mask, intensity_window, background, qc, debug=debug,
     )
     if qc_png:  # refused before the run, not after it: the figure is written once the registration is done
-        exit_on_user_error(_check_free_output, _absolute(qc_png), overwrite, "--qc_png", debug=debug)
+        from scripts.io.atomic import check_outputs_writable
+
+        exit_on_user_error(check_outputs_writable, [_absolute(qc_png)], overwrite, debug=debug)
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)
     if datalist is not None:  # a cohort: its summary instead of one pair's report
