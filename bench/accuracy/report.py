@@ -188,12 +188,17 @@ def _summary(report: dict, rows: dict[str, str], pairs: list[str]) -> list[str]:
     return lines
 
 
+def _method_columns_header(first: str, methods: list[str]) -> list[str]:
+    """Header and rule of a table with a ``first`` column and one column per method (named as in the reports)."""
+    labels = {**NATIVE_ROWS, **PREALIGNED_ROWS}
+    return ["| " + first + " | " + " | ".join(labels[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+
+
 def _per_pair(
     report: dict, methods: list[str], pairs: list[str], field: str = "dice_mean", spec: str = ".3f"
 ) -> list[str]:
     ok = _ok(report)
-    labels = {**NATIVE_ROWS, **PREALIGNED_ROWS}
-    lines = ["| pair | " + " | ".join(labels[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines = _method_columns_header("pair", methods)
     for p in pairs:
         cells = [_f(ok[(p, m)].get(field), spec) if (p, m) in ok else "·" for m in methods]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
@@ -204,8 +209,7 @@ def _per_class(
     report: dict, methods: list[str], pairs: list[str], field: str = "dice_per_class", spec: str = ".3f"
 ) -> list[str]:
     ok = _ok(report)
-    labels = {**NATIVE_ROWS, **PREALIGNED_ROWS}
-    lines = ["| class | " + " | ".join(labels[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines = _method_columns_header("class", methods)
     for c, name in SEG14_NAMES.items():
         cells = [_f(_mean(ok[(p, m)].get(field, {}).get(str(c)) for p in pairs if (p, m) in ok), spec) for m in methods]
         lines.append(f"| {c} {name} | " + " | ".join(cells) + " |")
