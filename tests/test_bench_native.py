@@ -314,6 +314,29 @@ def test_report_means_over_the_mal_pairs_and_keeps_the_freesurfer_pair_apart():
     assert "| identity (world coordinates) | 2 | 0.300 | — |" in old and "HD95 (mm) per" not in old
 
 
+def test_report_of_a_whole_head_document_means_each_kind_of_input_apart():
+    """A document without brain_mal2012 pairs (whole heads + their stripped twins) gets one means table per kind."""
+    from bench.accuracy.report import render_native
+
+    def rec(pair, method, dice):
+        return {"pair": pair, "method": method, "status": "ok", "dice_mean": dice, "dice_subcortical": dice,
+                "dice_per_class": {"1": dice}, "wall_s": 10.0, "cpu_s": 8.0, "peak_rss_mib": 100.0}
+
+    pairs = {
+        "head_ab": {"source": "brain_freesurfer_head", "note": "whole heads"},
+        "brain_ab": {"source": "brain_freesurfer_head", "note": "stripped brains"},
+        "head_ba": {"source": "brain_freesurfer_head", "note": "whole heads"},
+    }
+    results = [rec("head_ab", "bundle_default", 0.8), rec("head_ba", "bundle_default", 0.6)]
+    results += [rec("brain_ab", "bundle_default", 0.9), rec("head_ab", "bundle_default_masks", 0.85)]
+    text = render_native({"pairs": pairs, "results": results, "runs": []})
+    assert "brain_mal2012" not in text  # no empty mal2012 tables
+    heads, brains = text.split("### brain_freesurfer_head: whole heads")[1].split("### brain_freesurfer_head: stripped")
+    assert "| bundle register (default) | 2 | 0.700 |" in heads  # the mean of the two heads only
+    assert "| bundle register (default) with brain masks | 1 | 0.850 |" in heads
+    assert "| bundle register (default) | 1 | 0.900 |" in brains.split("### Dice")[0]
+
+
 def test_box_plot_covers_only_the_pairs_every_method_finished(tmp_path):
     from bench.accuracy.native_boxplot import common_pairs, plot
 

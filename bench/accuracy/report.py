@@ -119,9 +119,12 @@ NATIVE_ROWS = {
     "ants_affine": "ANTs Affine",
     "ants_syn_60_30_10": "ANTs SyN (60,30,10)",
     "ants_syn_40_20_0": "ANTs SyN (40,20,0) antspyx default",
+    "ants_syn_60_30_10_masks": "ANTs SyN (60,30,10) with brain masks",
     "bundle_affine_only": "bundle register --affine_only",
+    "bundle_affine_only_masks": "bundle register --affine_only with brain masks",
     "bundle_native_it0": "bundle register --iterations 0 --refine_iterations 0",
     "bundle_default": "bundle register (default)",
+    "bundle_default_masks": "bundle register (default) with brain masks",
 }
 PREALIGNED_ROWS = {
     "identity_after_affine": "identity after ANTs Affine",
@@ -228,24 +231,39 @@ def render_native(report: dict) -> str:
     ]
     ok = _ok(report)
     methods = [m for m in {**NATIVE_ROWS, **PREALIGNED_ROWS} if any((p, m) in ok for p in names)]
-    out = [f"### Native pairs: means over the brain_mal2012 test pairs ({len(mal)} listed)", ""]
-    out += _summary(report, NATIVE_ROWS, mal)
-    out += ["", "### Pre-aligned pairs (moving scan resampled by the ANTs Affine result): same pairs", ""]
-    out += _summary(report, PREALIGNED_ROWS, mal)
+    out: list[str] = []
+    if mal:
+        out += [f"### Native pairs: means over the brain_mal2012 test pairs ({len(mal)} listed)", ""]
+        out += _summary(report, NATIVE_ROWS, mal)
+        out += ["", "### Pre-aligned pairs (moving scan resampled by the ANTs Affine result): same pairs", ""]
+        out += _summary(report, PREALIGNED_ROWS, mal)
     fs = [p for p in names if report["pairs"][p]["source"] == "brain_freesurfer_native"]
     if fs:
         out += ["", f"### FreeSurfer pair ({', '.join(fs)}; FreeSurfer aseg labels, not averaged with the others)", ""]
         out += _summary(report, {**NATIVE_ROWS, **PREALIGNED_ROWS}, fs)
+    # any other source (e.g. whole heads and their stripped twins) gets one table per kind of input (the pairs' note),
+    # never averaged with the manual brain_mal2012 labels
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in names:
+        if report["pairs"][p]["source"] not in ("brain_mal2012", "brain_freesurfer_native"):
+            groups.setdefault((report["pairs"][p]["source"], report["pairs"][p].get("note", "")), []).append(p)
+    for (source, note), group in groups.items():
+        if out:
+            out.append("")
+        kind = f": {note}" if note else ""
+        out += [f"### {source}{kind} ({', '.join(group)}; means over these pairs)", ""]
+        out += _summary(report, {**NATIVE_ROWS, **PREALIGNED_ROWS}, group)
     has_hd95 = any("hd95_mean" in r for r in ok.values())
     out += ["", "### Dice (14 classes) per pair (· = not run yet)", ""] + _per_pair(report, methods, names)
     if has_hd95:
         out += ["", "### HD95 (mm, mean over the Dice classes) per pair (· = not run yet, — = not scored)", ""]
         out += _per_pair(report, methods, names, "hd95_mean", ".2f")
-    out += ["", "### Dice per class, mean over the brain_mal2012 test pairs each method finished", ""]
-    out += _per_class(report, methods, mal)
-    if has_hd95:
-        out += ["", "### HD95 (mm) per class, mean over the brain_mal2012 test pairs each method finished", ""]
-        out += _per_class(report, methods, mal, "hd95_per_class", ".2f")
+    if mal:
+        out += ["", "### Dice per class, mean over the brain_mal2012 test pairs each method finished", ""]
+        out += _per_class(report, methods, mal)
+        if has_hd95:
+            out += ["", "### HD95 (mm) per class, mean over the brain_mal2012 test pairs each method finished", ""]
+            out += _per_class(report, methods, mal, "hd95_per_class", ".2f")
     out += ["", "Runs:"]
     for run in report["runs"]:
         v = run["versions"]
