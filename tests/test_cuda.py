@@ -150,8 +150,9 @@ def test_instance_optimisation_on_cuda_matches_cpu_and_steps_under_amp(shipped, 
         inferer = InstanceOptimizationInferer(LocalNCCLoss(9), GradientLoss(), Warp(), iterations=5,
                                               learning_rate=2e-4, network_scale=0.5, log_interval=0)
         with torch.no_grad(), torch.autocast(**FP16, enabled=amp):
-            ddf = inferer(image.to(device), net)
-        return ddf.cpu(), inferer.history
+            history = inferer.optimize(net, inferer.downsample(image.to(device)))  # the losses, returned explicitly
+            ddf = inferer(image.to(device), net)  # restarts from the same weights and repeats those steps
+        return ddf.cpu(), history
 
     ddf_cpu, history_cpu = run("cpu")
     ddf_gpu, history_gpu = run(GPU)

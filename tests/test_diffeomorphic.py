@@ -129,7 +129,7 @@ def test_instance_optimisation_keeps_the_transform_invertible(shipped_state):
     image = torch.cat([pair["moving"], pair["fixed"]], dim=1)
     with torch.no_grad():  # as inside a MONAI evaluator
         ddf, velocity = inferer.displacement_and_velocity(image, net)
-    assert inferer.history[-1] < inferer.history[0]  # the optimisation did something
+    # the optimisation changed the weights (that it lowers the loss: tests/test_instance_optimization.py)
     assert any(not torch.equal(start[k], v) for k, v in net.state_dict().items())
     inverse = net.integrate(-velocity)
     assert jacobian_determinant(ddf).min() > 0

@@ -34,9 +34,10 @@ def test_optimisation_lowers_loss_and_restarts_from_the_same_weights_for_every_p
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     inferer = _inferer(15, frozen_prefixes=("bias",))
     pair = _smooth_pair()
+    history = inferer.optimize(net, inferer.downsample(pair))  # the loss per step, returned explicitly
+    assert len(history) == 15 and history[-1] < history[0]
     with torch.no_grad():  # as inside MONAI's evaluator
         first = inferer(pair, net)
-    assert inferer.history[-1] < inferer.history[0]
     assert not torch.equal(net.weight, initial["weight"]) and torch.equal(net.bias, initial["bias"])  # bias frozen
     assert all(p.requires_grad for p in net.parameters())  # restored after the optimisation
     second = inferer(pair, net)

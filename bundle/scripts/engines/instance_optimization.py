@@ -92,7 +92,6 @@ class InstanceOptimizationInferer(ResolutionInferer):
         self.frozen_prefixes = tuple(frozen_prefixes)
         self._initial_state: dict[str, torch.Tensor] | None = None
         self._initial_owner: int | None = None
-        self.history: list[float] = []
 
     def _reset(self, network: nn.Module) -> None:
         """Restore the weights the network had at the first call (each pair starts from the same model)."""
@@ -184,7 +183,7 @@ class InstanceOptimizationInferer(ResolutionInferer):
         if inputs.ndim != 5 or inputs.shape[1] != 2:
             raise ValueError(f"inputs must have shape (B, 2, D, H, W), got {tuple(inputs.shape)}.")
         pair = self.downsample(inputs).detach()
-        self.history = self.optimize(network, pair)
+        self.optimize(network, pair)  # the loss per step is logged; call optimize() itself to get it as a list
         with torch.no_grad():
             ddf, velocity = network_fields(network, pair, *args, **kwargs)
         return self.to_input_grid(network, ddf, velocity, inputs.shape[2:])
