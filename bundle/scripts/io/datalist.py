@@ -144,7 +144,7 @@ def inference_pairs(
     ``pair_id`` (their ``id``, the subject's file name, or index + file names): their outputs go into
     ``output_dir/<pair_id>/``. Nothing is read but the datalist itself; ``check=True`` also reports every missing or
     unreadable file at once (headers only) before anything runs, whereas ``check=False`` leaves the checks to
-    ``scripts.io.screening.PairScreen``, which checks each pair when the run reaches it and skips bad ones.
+    ``scripts.workflow.CohortDataset``, which checks each pair when the run reaches it and skips bad ones.
 
     Raises:
         RegistrationInputError: an empty or malformed datalist, duplicate pair ids, (with ``check``) missing files.

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from scripts.io.atomic import check_outputs_writable, write_csv, write_json
+from scripts.io.outputs import SUMMARY_CSV, SUMMARY_JSON
 
 __all__ = ["MetricsSummaryHandler"]
 
@@ -75,18 +76,18 @@ class MetricsSummaryHandler:
             logger.info("no pair had labels: no evaluation summary written.")
             return
         folder = Path(self.output_dir)
-        check_outputs_writable([folder / "summary.json", folder / "summary.csv"], self.overwrite)
+        check_outputs_writable([folder / SUMMARY_JSON, folder / SUMMARY_CSV], self.overwrite)
         summary = self.summary()
-        write_json(summary, folder / "summary.json", indent=4)
+        write_json(summary, folder / SUMMARY_JSON, indent=4)
         table = [
             {"pair_id": r.get("pair_id", str(i)), **{name: r.get(name) for name in self.SCALARS}}
             for i, r in enumerate(self.rows)
         ]
-        write_csv(table, folder / "summary.csv")
+        write_csv(table, folder / SUMMARY_CSV)
         logger.info(
             "evaluation of %d pair(s): mean Dice %.4f (identity %s); summary in %s",
             len(self.rows),
             summary["mean_dice"]["mean"],
             f"{summary['mean_dice_identity']['mean']:.4f}" if "mean_dice_identity" in summary else "n/a",
-            folder / "summary.json",
+            folder / SUMMARY_JSON,
         )
