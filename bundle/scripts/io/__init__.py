@@ -56,10 +56,6 @@ from .input_transforms import (
     CheckRegistrationContentd,
     is_given,
 )
-from .datalist_checks import (
-    ENTRY_LAYOUTS,
-    check_datalist,
-)
 from .checkpoints import (
     latest_checkpoint,
     extract_state_dict,
@@ -86,6 +82,8 @@ from .datalist import (
     PAIR_KEYS,
     MASK_KEYS,
     INPUT_KEYS,
+    ENTRY_LAYOUTS,
+    check_datalist,
     check_inputs_are_not_outputs,
     check_outputs_free,
     inference_pairs,

@@ -82,7 +82,8 @@ class CohortRecord:
         label_names: label id -> name (or a lookup-table file, ``scripts.io.label_names``) for the Dice and volume
             column names; default: the lookup table beside the pair's label map (``X.tsv``), else the numbers.
         metrics_summaries: the run's handlers (e.g. ``@extra_handlers``); its ``MetricsSummaryHandler`` s get their
-            summary rewritten over every pair of the datalist when the run ends.
+            summary rewritten over every pair of the datalist when the run ends (configs/evaluate.json lets them
+            replace the summary of an earlier run of a datalist: this one covers its pairs too).
     """
 
     def __init__(
@@ -129,8 +130,6 @@ class CohortRecord:
         self.rank, self.world_size = idist.get_rank(), idist.get_world_size()
         self.active, self.rows, self.metrics, self.failed, self._reports = True, {}, {}, [], None
         self._clock, self._started = time.perf_counter(), _now()
-        for handler in self.metrics_summaries:
-            handler.overwrite = True  # its file is rewritten over every pair by finalize(); a rerun must not refuse it
         todo: list[int] | None = None
         if self.rank == 0:
             self.previous = self._load_previous()
@@ -326,8 +325,7 @@ class CohortRecord:
             path.unlink(missing_ok=True)  # rank files are merged now; temporary files of writes cut short by a kill
         metrics = [self.metrics[i] for i in self._by_id if i in self.metrics]
         for handler in self.metrics_summaries if metrics else []:  # the evaluation summary over every pair with metrics
-            handler.rows = list(metrics)
-            handler._write(None)  # the handler's own writer (same files and layout as at the end of a plain run)
+            handler.write(metrics)
         counts = document["counts"]
         logger.info(
             "cohort of %d pair(s): %d registered now, %d complete from earlier runs, %d failed, %d pending; "

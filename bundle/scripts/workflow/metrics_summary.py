@@ -7,7 +7,8 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class MetricsSummaryHandler:
 
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
 
     def _reset(self, engine: Any) -> None:
         self.rows = []
@@ -71,7 +72,11 @@ class MetricsSummaryHandler:
         result["dice_per_label"] = {k: float(np.mean(v)) for k, v in per_label.items()}
         return result
 
-    def _write(self, engine: Any) -> None:
+    def write(self, rows: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Write the summary files over ``rows`` (default: the pairs of this run; a cohort run rewrites them over every
+        pair of its datalist, ``scripts.workflow.CohortRecord.finalize``)."""
+        if rows is not None:
+            self.rows = [dict(r) for r in rows]
         if not self.rows:
             logger.info("no pair had labels: no evaluation summary written.")
             return
