@@ -179,6 +179,29 @@ def _finalize_as_rank(rank, tmp_path, monkeypatch, other_failed):
     return None
 
 
+def test_a_resumed_cohort_deals_only_the_unfinished_pairs_to_the_ranks(tmp_path, monkeypatch):
+    """Rank 0 leaves the complete pairs out before the ranks split the rest: both of rank 0's pairs of a round-robin
+    over all four are done, and each rank still gets one of the two left (the same list reaches both ranks)."""
+    from scripts.workflow import cohort_record
+
+    pairs = [{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "pair_id": f"p{i}"} for i in range(4)]
+    for done in ("p0", "p2"):
+        (tmp_path / done).mkdir()
+        (tmp_path / done / "warped_image.nii.gz").write_bytes(b"from an earlier run")
+    group, sent = cohort_record.idist, []
+    monkeypatch.setattr(group, "get_world_size", lambda: 2)
+    shares = {}
+    for rank in (0, 1):  # rank 0 first: what it broadcasts is what rank 1 receives
+        monkeypatch.setattr(group, "get_rank", lambda: rank)
+        monkeypatch.setattr(group, "broadcast", lambda todo, src, safe_mode: sent.append(todo) or todo if rank == 0
+                            else sent[0])
+        record = CohortRecord(pairs, tmp_path, ["warped_image.nii.gz"])
+        shares[rank] = [item["pair_id"] for item in CohortDataset(record, None)]
+        assert {i: r["status"] for i, r in record.rows.items()} == (
+            {"p0": "already_complete", "p2": "already_complete"} if rank == 0 else {})
+    assert shares == {0: ["p1"], 1: ["p3"]}
+
+
 def test_only_rank_zero_reports_skipped_pairs_after_the_process_group_is_closed(tmp_path, monkeypatch):
     # rank 0 reports the pair that rank 1 skipped (its file written, one error)
     bad = [{"pair_id": "p3", "moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "error": "missing"}]

@@ -106,7 +106,8 @@ class CohortRecord:
         self.overwrite = bool(overwrite)
         self.label_names = label_names or None
         self.metrics_summaries = [h for h in (metrics_summaries or []) if isinstance(h, MetricsSummaryHandler)]
-        self._by_id = {p["pair_id"]: p for p in self.pairs if p.get("pair_id")}
+        self._by_id = {p["pair_id"]: p for p in self.pairs if p.get("pair_id")}  # datalist order
+        self._position = {pair_id: i for i, pair_id in enumerate(self._by_id)}
         self._known = expected_pair_outputs(_ALL_LABELS, self.output_names)
         self.active = False
         self.rank, self.world_size = 0, 1
@@ -133,7 +134,7 @@ class CohortRecord:
         todo: list[int] | None = None
         if self.rank == 0:
             self.previous = self._load_previous()
-            todo = [index for index, pair in enumerate(self.pairs) if self._needs_registering(index, pair)]
+            todo = [index for index, pair in enumerate(self.pairs) if self._needs_registering(pair)]
             self._write_progress()
         if self.world_size > 1:
             todo = json.loads(idist.broadcast(json.dumps(todo) if self.rank == 0 else None, src=0, safe_mode=True))
@@ -152,18 +153,18 @@ class CohortRecord:
                     rows[str(row["pair_id"])] = dict(row)
         return rows
 
-    def _needs_registering(self, index: int, pair: Mapping[str, Any]) -> bool:
+    def _needs_registering(self, pair: Mapping[str, Any]) -> bool:
         """Whether the pair is registered in this run; a finished pair and one the run must not touch are recorded."""
         folder = pair_output_dir(self.output_dir, pair["pair_id"])
         try:
             check_inputs_are_not_outputs(pair, folder, self.output_names)
         except OutputExistsError as error:
-            self.reject(pair, error)
+            self.reject(pair, error, write=False)
             return False
         state, existing = pair_output_state(folder, expected_pair_outputs(pair, self.output_names), self._known)
         if state == COMPLETE and not self.overwrite:
-            logger.info("pair %s (%d of %d) is complete from an earlier run: skipped.", pair["pair_id"], index + 1,
-                        len(self.pairs))
+            logger.info("pair %s (%d of %d) is complete from an earlier run: skipped.", pair["pair_id"],
+                        self._position[pair["pair_id"]] + 1, len(self.pairs))
             self.record(pair["pair_id"], "already_complete", folder, write=False)
             return False
         if state == FOREIGN and not self.overwrite:
@@ -171,7 +172,7 @@ class CohortRecord:
                 f"output file(s) already exist in {folder}: {', '.join(existing)}, but not all outputs of this run "
                 "and not from an interrupted cohort run; expected a folder without earlier results. Pass --overwrite "
                 "(config: overwrite=true) to replace them, or choose another output folder."
-            ))
+            ), write=False)
             return False
         if state == INTERRUPTED:
             removed = clear_interrupted_outputs(folder, self._known)
@@ -224,13 +225,12 @@ class CohortRecord:
         seconds = time.perf_counter() - self._running.pop(pair_id, time.perf_counter())
         return self.record(pair_id, "registered", folder, seconds=seconds)
 
-    def reject(self, pair: Mapping[str, Any], error: Exception) -> None:
+    def reject(self, pair: Mapping[str, Any], error: Exception, write: bool = True) -> None:
         """Record a pair skipped because of ``error`` (bad inputs, outputs from elsewhere); :meth:`report` lists it."""
         pair_id = pair["pair_id"]
-        position = list(self._by_id).index(pair_id) + 1 if pair_id in self._by_id else 0
-        logger.error("skipping pair %s (%d of %d): %s", pair_id, position, len(self.pairs), error)
+        logger.error("skipping pair %s (%d of %d): %s", pair_id, self._position[pair_id] + 1, len(self.pairs), error)
         self.failed.append({"pair_id": pair_id, **{k: v for k, v in pair.items() if k != "pair_id"}, "error": str(error)})
-        self.record(pair_id, "failed", error=str(error))
+        self.record(pair_id, "failed", error=str(error), write=write)
 
     def record(
         self,
@@ -316,8 +316,7 @@ class CohortRecord:
             rows.update(part["rows"])
             self.metrics.update(part["metrics"])
             failed += part["failed"]
-        position = {pair_id: i for i, pair_id in enumerate(self._by_id)}
-        self.failed = sorted(failed, key=lambda f: position.get(f["pair_id"], len(position)))
+        self.failed = sorted(failed, key=lambda f: self._position[f["pair_id"]])
         ordered = self._ordered(rows)
         document = self._write_tables(ordered, True, sum(r["status"] == "registered" for r in rows.values()))
         write_text(markdown_report(ordered, document), self.output_dir / COHORT_MD)
