@@ -15,8 +15,7 @@ from typing import Any
 
 from monai.config import KeysCollection
 
-from scripts.io.atomic import check_outputs_writable
-from scripts.io.errors import OutputExistsError, RegistrationInputError
+from scripts.io.errors import RegistrationInputError
 from scripts.io.input_checks import header_problem
 
 __all__ = [
@@ -25,8 +24,6 @@ __all__ = [
     "INPUT_KEYS",
     "ENTRY_LAYOUTS",
     "check_datalist",
-    "check_inputs_are_not_outputs",
-    "check_outputs_free",
     "cli_datalist_overrides",
     "inference_pairs",
     "load_json",
@@ -86,9 +83,9 @@ def _check_pairs(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
     check_datalist(list(pairs), optional_keys=PAIR_KEYS[2:] + MASK_KEYS, source=source)
 
 
-def _subject_pairs(content: Mapping[str, Any], root: Path | None, source: str) -> list[dict[str, Any]]:
-    """Atlas-to-subject pairs of ``{"atlas": {"image", "label"}, "subjects": [...]}``: the atlas is the moving image
-    (and label) of every pair, each subject (a path or ``{"image"[, "label", "id"]}``) a fixed image; ids default to the
+def _subject_entries(content: Mapping[str, Any], source: str) -> list[dict[str, Any]]:
+    """The pair entries of ``{"atlas": {"image", "label"}, "subjects": [...]}``: the atlas is the moving image (and
+    label) of every pair, each subject (a path or ``{"image"[, "label", "id"]}``) a fixed image; ids default to the
     subject file names."""
     atlas = content.get("atlas")
     if not isinstance(atlas, Mapping) or not atlas.get("image"):
@@ -99,18 +96,14 @@ def _subject_pairs(content: Mapping[str, Any], root: Path | None, source: str) -
     subjects = content["subjects"]
     if not isinstance(subjects, list) or not subjects:
         raise RegistrationInputError(f"'subjects' in {source} must be a non-empty list of images.")
-    pairs = []
-    for index, subject in enumerate(subjects):
+    entries = []
+    for subject in subjects:
         subject = {"image": subject} if isinstance(subject, (str, os.PathLike)) else dict(subject or {})
-        entry = {"moving_image": atlas["image"], "moving_label": atlas.get("label"), "moving_mask": atlas.get("mask"),
-                 "fixed_image": subject.get("image"), "fixed_label": subject.get("label"),
-                 "fixed_mask": subject.get("mask")}
-        pair = {k: _resolve(v, root) for k, v in entry.items()}
-        pair = {k: v for k, v in pair.items() if v is not None}
-        stem = _file_stem(pair["fixed_image"]) if pair.get("fixed_image") else ""
-        pair["pair_id"] = _safe_id(subject.get("id") or stem or index)
-        pairs.append(pair)
-    return pairs
+        entries.append({"moving_image": atlas["image"], "moving_label": atlas.get("label"),
+                        "moving_mask": atlas.get("mask"), "fixed_image": subject.get("image"),
+                        "fixed_label": subject.get("label"), "fixed_mask": subject.get("mask"),
+                        "id": subject.get("id") or (_file_stem(subject["image"]) if subject.get("image") else None)})
+    return entries
 
 
 def _check_unique_ids(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
@@ -161,24 +154,23 @@ def inference_pairs(
         entries = load_json(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
         root = Path(base_dir) if base_dir else (Path(datalist).parent if isinstance(datalist, (str, os.PathLike)) else None)
         if isinstance(entries, Mapping) and "subjects" in entries:
-            pairs = _subject_pairs(entries, root, source)
-        else:
-            if isinstance(entries, Mapping):
-                entries = entries.get("pairs", entries.get("testing"))
-            if not isinstance(entries, list) or not entries:
-                raise RegistrationInputError(
-                    f"{source} must hold a non-empty list of pairs (or {{'pairs': [...]}}, or {{'atlas': ..., "
-                    "'subjects': [...]}})."
-                )
-            pairs = []
-            for index, entry in enumerate(entries):
-                if not isinstance(entry, Mapping):
-                    raise RegistrationInputError(f"{source}: entry {index} is a {type(entry).__name__}; expected a dict.")
-                pair = {k: _resolve(entry.get(k), root) for k in INPUT_KEYS}
-                pair = {k: v for k, v in pair.items() if v is not None}
-                complete = pair.get("moving_image") and pair.get("fixed_image")
-                pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if complete else str(index)
-                pairs.append(pair)
+            entries = _subject_entries(entries, source)
+        elif isinstance(entries, Mapping):
+            entries = entries.get("pairs", entries.get("testing"))
+        if not isinstance(entries, list) or not entries:
+            raise RegistrationInputError(
+                f"{source} must hold a non-empty list of pairs (or {{'pairs': [...]}}, or {{'atlas': ..., "
+                "'subjects': [...]}})."
+            )
+        pairs = []
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                raise RegistrationInputError(f"{source}: entry {index} is a {type(entry).__name__}; expected a dict.")
+            pair = {k: _resolve(entry.get(k), root) for k in INPUT_KEYS}
+            pair = {k: v for k, v in pair.items() if v is not None}
+            complete = pair.get("moving_image") and pair.get("fixed_image")
+            pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if complete else str(index)
+            pairs.append(pair)
         _check_unique_ids(pairs, source)
     else:
         pair = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label,
@@ -218,41 +210,6 @@ def cli_datalist_overrides(
             "--fixed_label/--moving_mask/--fixed_mask with it."
         )
     return {"datalist": str(Path(os.path.expanduser(str(datalist))).resolve())}
-
-
-def check_outputs_free(
-    pairs: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, names: Sequence[str], overwrite: bool = False
-) -> list[Mapping[str, Any]]:
-    """
-    Fail before any computation if outputs of these pairs already exist and ``overwrite`` is False.
-
-    Returns ``pairs`` unchanged so that it can wrap the datalist in a config expression.
-    """
-    targets = []
-    for pair in pairs:
-        folder = Path(output_dir) / pair["pair_id"] if pair.get("pair_id") else Path(output_dir)
-        check_inputs_are_not_outputs(pair, folder, names)
-        targets += [folder / n for n in names]
-    check_outputs_writable(targets, overwrite)
-    return list(pairs)
-
-
-def check_inputs_are_not_outputs(pair: Mapping[str, Any], folder: str | os.PathLike, names: Sequence[str]) -> None:
-    """Refuse a pair whose input file is one of the files the run writes for it (even with ``overwrite``): e.g. a
-    moving image called ``warped_image.nii.gz`` inside the output folder would be replaced by its own result.
-
-    Raises:
-        OutputExistsError: naming the input, the output and what to do.
-    """
-    outputs = {os.path.realpath(Path(folder) / name): name for name in names}
-    for key in INPUT_KEYS:
-        value = pair.get(key)
-        if value and os.path.realpath(value) in outputs:
-            raise OutputExistsError(
-                f"{key.replace('_', ' ')} '{value}' is also the output '{outputs[os.path.realpath(value)]}' of this run in "
-                f"{folder}; expected inputs outside the files the run writes (it would be overwritten, --overwrite or "
-                "not). Move or rename the input, or choose another output folder."
-            )
 
 
 def make_pairs(

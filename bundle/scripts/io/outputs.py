@@ -1,9 +1,10 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Every file a registration run writes, declared once, and when a pair's set of them is complete.
+"""Every file a registration run writes, declared once; whether a run may write them; when a pair's set is complete.
 
 The writers (``SaveRegistrationOutputsd``, ``SaveTransformsd``, ``RegistrationMetricsd``, ``SaveQCFigured``, the
 evaluation and cohort summaries), the configs (``output_names`` in ``inference.json`` is :func:`registration_output_names`), the
 resume checks below and the console reports all take the names from here: a new output is added in this module.
+:func:`check_outputs_free` refuses a run whose outputs exist (unless ``overwrite``) or would replace one of its inputs.
 
 Every output file is written atomically (``scripts.io.atomic``): it either exists complete under its final name or not at
 all. A pair of a datalist run is therefore *complete* when every file of ``output_names`` that the run writes for it
@@ -22,12 +23,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scripts.io.atomic import check_outputs_writable
+from scripts.io.datalist import INPUT_KEYS
+from scripts.io.errors import OutputExistsError
+
 __all__ = [
     "WARPED_IMAGE", "DDF", "WARPED_LABEL", "JACOBIAN_DET", "METRICS_JSON", "METRICS_CSV", "AFFINE_MAT", "WARP",
     "TRANSFORM_H5", "INVERSE_WARP", "INVERSE_TRANSFORM_H5", "QC_PNG",
     "SUMMARY_JSON", "SUMMARY_CSV", "FAILED_PAIRS", "COHORT_JSON", "COHORT_CSV", "COHORT_MD", "COHORT_RANK_JSON",
     "IN_PROGRESS_MARKER", "VOLUME_OUTPUTS", "PAIR_OUTPUTS", "LABEL_OUTPUTS", "RUN_OUTPUTS", "VIEW_OUTPUTS",
-    "EVALUATION_OUTPUTS", "transform_file_names", "registration_output_names", "pair_output_dir",
+    "EVALUATION_OUTPUTS", "transform_file_names", "registration_output_names", "pair_output_dir", "check_outputs_free",
+    "check_inputs_are_not_outputs",
     "ABSENT", "COMPLETE", "INTERRUPTED", "FOREIGN",
     "expected_pair_outputs", "pair_output_state", "pair_outputs_complete", "mark_in_progress", "clear_in_progress",
     "clear_interrupted_outputs",
@@ -98,6 +104,41 @@ def registration_output_names(inverse: bool = False, qc: bool = True, extra: Seq
 def pair_output_dir(output_dir: str | os.PathLike, pair_id: str | None) -> Path:
     """Folder of one pair's outputs: ``output_dir`` for a single pair, ``output_dir/<pair_id>`` in batch runs."""
     return Path(output_dir) / pair_id if pair_id else Path(output_dir)
+
+
+def check_outputs_free(
+    pairs: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, names: Sequence[str], overwrite: bool = False
+) -> list[Mapping[str, Any]]:
+    """
+    Fail before any computation if outputs of these pairs already exist and ``overwrite`` is False.
+
+    Returns ``pairs`` unchanged so that it can wrap the datalist in a config expression.
+    """
+    targets = []
+    for pair in pairs:
+        folder = pair_output_dir(output_dir, pair.get("pair_id"))
+        check_inputs_are_not_outputs(pair, folder, names)
+        targets += [folder / n for n in names]
+    check_outputs_writable(targets, overwrite)
+    return list(pairs)
+
+
+def check_inputs_are_not_outputs(pair: Mapping[str, Any], folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """Refuse a pair whose input file is one of the files the run writes for it (even with ``overwrite``): e.g. a
+    moving image called ``warped_image.nii.gz`` inside the output folder would be replaced by its own result.
+
+    Raises:
+        OutputExistsError: naming the input, the output and what to do.
+    """
+    outputs = {os.path.realpath(Path(folder) / name): name for name in names}
+    for key in INPUT_KEYS:
+        value = pair.get(key)
+        if value and os.path.realpath(value) in outputs:
+            raise OutputExistsError(
+                f"{key.replace('_', ' ')} '{value}' is also the output '{outputs[os.path.realpath(value)]}' of this run in "
+                f"{folder}; expected inputs outside the files the run writes (it would be overwritten, --overwrite or "
+                "not). Move or rename the input, or choose another output folder."
+            )
 
 
 def expected_pair_outputs(pair: Mapping[str, Any], output_names: Sequence[str]) -> list[str]:

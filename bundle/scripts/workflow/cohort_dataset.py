@@ -21,7 +21,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from scripts.io.datalist import check_outputs_free
+from scripts.io.outputs import check_outputs_free
 from scripts.io.errors import find_user_error
 from scripts.io.progress import Progress
 from scripts.io.sharding import check_launch, rank_share

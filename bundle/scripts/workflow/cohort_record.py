@@ -38,13 +38,12 @@ import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from scripts.io.atomic import write_csv, write_json, write_text
-from scripts.io.datalist import check_inputs_are_not_outputs
 from scripts.io.errors import BundleUserError, OutputExistsError
 from scripts.io.label_names import label_names_for
 from scripts.io.outputs import (
     COHORT_CSV, COHORT_JSON, COHORT_MD, COHORT_RANK_JSON, COMPLETE, FAILED_PAIRS, FOREIGN, INTERRUPTED,
-    clear_in_progress, clear_interrupted_outputs, expected_pair_outputs, mark_in_progress, pair_output_dir,
-    pair_output_state,
+    check_inputs_are_not_outputs, clear_in_progress, clear_interrupted_outputs, expected_pair_outputs,
+    mark_in_progress, pair_output_dir, pair_output_state,
 )
 from scripts.workflow.metrics_summary import MetricsSummaryHandler
 from scripts.workflow.reports import STATUSES, markdown_report, pair_row, read_pair_metrics, table_columns
