@@ -153,9 +153,9 @@ def test_sharding_refuses_bad_ranks_and_torchrun_without_a_process_group(monkeyp
 
 
 def _finalize_as_rank(rank, tmp_path, monkeypatch, other_failed):
-    """``CohortRecord.finalize`` then ``CohortRecord.report`` as rank ``rank`` of 2 runs them (multi_gpu_inference.json):
-    the process group stubbed (rank 0 decides which pairs run, the gather gives both ranks' parts), then the report
-    after the group was closed, so that ``idist.get_rank()`` says 0 on every rank by then."""
+    """``CohortRecord.finalize`` then ``CohortRecord.report`` as rank ``rank`` of 2 runs them (as in
+    multi_gpu_inference.json): the process group stubbed (rank 0 decides which pairs run, the gather gives both ranks'
+    parts), then the report after the group was closed, so that ``idist.get_rank()`` says 0 on every rank by then."""
     from scripts.io.errors import BundleUserError
     from scripts.workflow import cohort_record
 

@@ -2,12 +2,13 @@
 """Every file a registration run writes, declared once; whether a run may write them; when a pair's set is complete.
 
 The writers (``SaveRegistrationOutputsd``, ``SaveTransformsd``, ``RegistrationMetricsd``, ``SaveQCFigured``, the
-evaluation and cohort summaries), the configs (``output_names`` in ``inference.json`` is :func:`registration_output_names`), the
-resume checks below and the console reports all take the names from here: a new output is added in this module.
-:func:`check_outputs_free` refuses a run whose outputs exist (unless ``overwrite``) or would replace one of its inputs.
+evaluation and cohort summaries), the configs (``output_names`` in ``inference.json`` is
+:func:`registration_output_names`), the resume checks below and the console reports all take the names from here: a
+new output is added in this module. :func:`check_outputs_free` refuses a run whose outputs exist (unless
+``overwrite``) or would replace one of its inputs.
 
-Every output file is written atomically (``scripts.io.atomic``): it either exists complete under its final name or not at
-all. A pair of a datalist run is therefore *complete* when every file of ``output_names`` that the run writes for it
+Every output file is written atomically (``scripts.io.atomic``): it either exists complete under its final name or not
+at all. A pair of a datalist run is therefore *complete* when every file of ``output_names`` that the run writes for it
 exists (:func:`expected_pair_outputs`: the label-dependent files only when the pair has that label, run-level files
 never) and no :data:`IN_PROGRESS_MARKER` is left in its folder. The marker is created before a pair is registered and
 removed once its outputs are complete, so a folder that still holds it was being written when a run stopped (its files
@@ -133,9 +134,10 @@ def check_inputs_are_not_outputs(pair: Mapping[str, Any], folder: str | os.PathL
     outputs = {os.path.realpath(Path(folder) / name): name for name in names}
     for key in INPUT_KEYS:
         value = pair.get(key)
-        if value and os.path.realpath(value) in outputs:
+        output = outputs.get(os.path.realpath(value)) if value else None
+        if output is not None:
             raise OutputExistsError(
-                f"{key.replace('_', ' ')} '{value}' is also the output '{outputs[os.path.realpath(value)]}' of this run in "
+                f"{key.replace('_', ' ')} '{value}' is also the output '{output}' of this run in "
                 f"{folder}; expected inputs outside the files the run writes (it would be overwritten, --overwrite or "
                 "not). Move or rename the input, or choose another output folder."
             )

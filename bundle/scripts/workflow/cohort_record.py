@@ -4,8 +4,8 @@
 :class:`CohortRecord` is the one place that knows what became of each pair:
 
 1. :meth:`CohortRecord.start` (every rank, before any pair runs): rank 0 looks at every pair's output folder
-   (``scripts.io.outputs``): a complete pair is skipped unless ``overwrite`` (row ``already_complete``, keeping the row of
-   the run that registered it), outputs from elsewhere make the pair fail (they are never replaced without
+   (``scripts.io.outputs``): a complete pair is skipped unless ``overwrite`` (row ``already_complete``, keeping the row
+   of the run that registered it), outputs from elsewhere make the pair fail (they are never replaced without
    ``overwrite``), the leftovers of an interrupted run are removed. Every rank gets the same list of pairs still to
    register (``ignite.distributed.broadcast``), which ``scripts.workflow.CohortDataset`` splits over the ranks.
 2. As an ignite handler of the evaluator it marks a pair's folder in progress when its iteration starts and, when the
@@ -76,7 +76,8 @@ class CohortRecord:
     Args:
         pairs: the run's pair dicts (``scripts.io.inference_pairs``); datalist pairs carry a ``pair_id``.
         output_dir: the run's output folder (pair ``p`` writes into ``output_dir/p``, the summary files into it).
-        output_names: every output file name of the run (configs: ``@output_names``, ``scripts.io.registration_output_names``).
+        output_names: every output file name of the run (configs: ``@output_names``,
+            ``scripts.io.registration_output_names``).
         overwrite: register and replace every pair, finished or not.
         label_names: label id -> name (or a lookup-table file, ``scripts.io.label_names``) for the Dice and volume
             column names; default: the lookup table beside the pair's label map (``X.tsv``), else the numbers.
@@ -199,7 +200,8 @@ class CohortRecord:
             self.finished(pair_id)
 
     def started(self, pair_id: str, since: float | None = None) -> None:
-        """The pair's outputs are about to be written: mark its folder in progress (``since``: when its loading began)."""
+        """The pair's outputs are about to be written: mark its folder in progress (``since``: when its loading
+        began)."""
         folder = pair_output_dir(self.output_dir, pair_id)
         mark_in_progress(folder, f"pair {pair_id} being registered since {time.ctime()} (pid {os.getpid()})\n")
         self._running[pair_id] = time.perf_counter() if since is None else since
@@ -228,7 +230,8 @@ class CohortRecord:
         """Record a pair skipped because of ``error`` (bad inputs, outputs from elsewhere); :meth:`report` lists it."""
         pair_id = pair["pair_id"]
         logger.error("skipping pair %s (%d of %d): %s", pair_id, self._position[pair_id] + 1, len(self.pairs), error)
-        self.failed.append({"pair_id": pair_id, **{k: v for k, v in pair.items() if k != "pair_id"}, "error": str(error)})
+        files = {k: v for k, v in pair.items() if k != "pair_id"}
+        self.failed.append({"pair_id": pair_id, **files, "error": str(error)})
         self.record(pair_id, "failed", error=str(error), write=write)
 
     def record(
@@ -251,8 +254,10 @@ class CohortRecord:
             row = {**earlier, "status": status}
         else:
             pair = self._by_id.get(pair_id, {})
-            names = label_names_for(self.label_names, pair.get("fixed_label"), pair.get("moving_label")) if folder else None
-            row = pair_row(pair_id, status, folder, names, seconds, self.rank if status == "registered" else None, error)
+            labels = (pair.get("fixed_label"), pair.get("moving_label"))  # fixed first: its lookup table names them
+            names = label_names_for(self.label_names, *labels) if folder else None
+            rank = self.rank if status == "registered" else None
+            row = pair_row(pair_id, status, folder, names, seconds, rank, error)
         self.rows[pair_id] = row
         if self.metrics_summaries and folder is not None and status in _DONE:
             metrics = read_pair_metrics(folder)

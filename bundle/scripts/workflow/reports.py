@@ -1,6 +1,6 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""What a user reads about finished registrations: the console report of one pair, the row of each pair of a cohort (read
-back from the pair's finished output folder), the cohort's Markdown report and its console summary.
+"""What a user reads about finished registrations: the console report of one pair, the row of each pair of a cohort
+(read back from the pair's finished output folder), the cohort's Markdown report and its console summary.
 
 A row holds the pair's status, rank and time, the Dice scores of its ``metrics.json`` (pairs with labels), the % of
 voxels with det J <= 0 (from ``metrics.json``, else from ``jacobian_det.nii.gz``) and, when a label map was warped, the
