@@ -74,7 +74,7 @@ def run_pairs(pairs, transform, output_dir: Path, record=None):
 
     record = record if record is not None else cohort_record(pairs, output_dir)
     loaded = []
-    for item in CohortDataset(record, transform):
+    for item in CohortDataset(record.start(), transform, record):
         loaded.append(item["pair_id"])
         record.started(item["pair_id"])
         (Path(output_dir) / item["pair_id"] / "warped_image.nii.gz").write_bytes(b"stand-in")

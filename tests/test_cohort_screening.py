@@ -165,7 +165,7 @@ def _finalize_as_rank(rank, tmp_path, monkeypatch, other_failed):
     monkeypatch.setattr(group, "get_rank", lambda: rank)
     monkeypatch.setattr(group, "get_world_size", lambda: 2)
     monkeypatch.setattr(group, "broadcast", lambda todo, src, safe_mode: todo if rank == 0 else "[0, 1, 2, 3]")
-    assert [p["pair_id"] for p in record.start()] == ["p0", "p1", "p2", "p3"]
+    assert [p["pair_id"] for p in record.start()] == (["p0", "p2"] if rank == 0 else ["p1", "p3"])
     if rank == 1:
         record.reject(pairs[3], ValueError("missing"))
     other = {"rows": {}, "metrics": {}, "failed": other_failed}
@@ -196,7 +196,7 @@ def test_a_resumed_cohort_deals_only_the_unfinished_pairs_to_the_ranks(tmp_path,
         monkeypatch.setattr(group, "broadcast", lambda todo, src, safe_mode: sent.append(todo) or todo if rank == 0
                             else sent[0])
         record = CohortRecord(pairs, tmp_path, ["warped_image.nii.gz"])
-        shares[rank] = [item["pair_id"] for item in CohortDataset(record, None)]
+        shares[rank] = [pair["pair_id"] for pair in record.start()]
         assert {i: r["status"] for i, r in record.rows.items()} == (
             {"p0": "already_complete", "p2": "already_complete"} if rank == 0 else {})
     assert shares == {0: ["p1"], 1: ["p3"]}
@@ -246,7 +246,7 @@ def test_the_first_pair_of_a_long_datalist_is_ready_after_reading_only_its_own_f
             for i in range(300)]
     record = CohortRecord([first, *rest], tmp_path / "out", OUTPUT_NAMES)
     counter = DecodeCounter(monkeypatch)
-    item = next(iter(CohortDataset(record, loading_transforms())))
+    item = next(iter(CohortDataset(record.start(), loading_transforms(), record)))
     assert item["pair_id"] == "first" and tuple(item["moving_image"].shape) == (1, 40, 48, 40)
     assert set(counter.counts) == set(files.values()) and not record.failed  # the other 300 not looked at yet
     assert not (tmp_path / "out" / "first").exists()  # marked only when the engine starts writing its outputs

@@ -61,7 +61,7 @@ def test_each_file_is_decoded_once_per_pair(batch, tmp_path, monkeypatch):
 def test_single_bad_pair_fails_at_once_and_clean_batch_reports_nothing(batch, tmp_path):
     single = {k: v for k, v in batch[1].items() if k != "pair_id"}  # one pair from the run arguments
     with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps it; the CLI prints the user error inside
-        CohortDataset(CohortRecord([single], tmp_path / "single", ["ddf.nii.gz"]), loading_transforms())
+        CohortDataset([single], loading_transforms(), CohortRecord([single], tmp_path / "single", ["ddf.nii.gz"]))
     error = find_user_error(info.value)  # raised while the dataset is built: before any engine runs
     assert isinstance(error, RegistrationInputError) and "truncated.nii.gz' could not be read" in str(error)
     record = cohort_record(batch[1:2], tmp_path / "one")  # a datalist of one pair: recorded, reported at the end

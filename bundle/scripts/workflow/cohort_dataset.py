@@ -1,12 +1,12 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""The dataset of inference/evaluation runs: this rank's share of the pairs still to register, loaded one at a time.
+"""The dataset of inference/evaluation runs: the pairs this rank registers, checked and loaded one at a time.
 
 :class:`CohortDataset` is an iterable dataset, so nothing is read before the first pair runs and memory does not grow
-with the datalist. When the engine starts iterating it asks the run's ``CohortRecord`` which pairs still need
-registering (finished ones are left out up front), takes this rank's round-robin share of them
-(``scripts.io.sharding.rank_share``) and runs ``transform`` on each (the config's ``preprocessing``, whose
-``loading_transforms`` check the pair: headers, then the decoded voxels). A pair whose inputs are bad is recorded with
-``CohortRecord.reject`` and skipped; the record, attached to the evaluator, records the others as they finish.
+with the datalist. Its data is what the run's ``CohortRecord.start`` returns: this rank's share of the datalist's pairs
+still to register (finished ones are left out before the dataset is built). It runs ``transform`` on each (the config's
+``preprocessing``, whose ``loading_transforms`` check the pair: headers, then the decoded voxels); a pair whose inputs
+are bad is handed to ``CohortRecord.reject`` and skipped. The record, attached to the evaluator, records the others as
+their outputs are written.
 
 A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) is prepared when the dataset is built: existing
 outputs (unless ``overwrite``) or bad inputs stop the run with one message before the engine starts; it writes no
@@ -16,15 +16,14 @@ cohort files. A datalist, even of one pair, records bad pairs and lists them whe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from scripts.io.outputs import check_outputs_free
 from scripts.io.errors import find_user_error
+from scripts.io.outputs import check_outputs_free
 from scripts.io.progress import Progress
-from scripts.io.sharding import check_launch, rank_share
 from scripts.workflow.cohort_record import CohortRecord
 
 __all__ = ["CohortDataset"]
@@ -33,23 +32,34 @@ logger = logging.getLogger(__name__)
 
 
 class CohortDataset(IterableDataset):
-    """The pairs of a run's :class:`CohortRecord` that this rank registers, checked and loaded one at a time.
+    """The pairs this rank registers, checked and loaded one at a time (see the module docstring).
 
     Args:
-        record: the run's record: its pairs, output folder, output names and ``overwrite``.
+        data: the pairs (``CohortRecord.start()``).
         transform: applied to each pair dict (the config's ``preprocessing``: checks and loads it).
+        record: the run's record: its output folder, output names and ``overwrite``; it gets the pairs with bad inputs.
     """
 
-    def __init__(self, record: CohortRecord, transform: Callable[[dict[str, Any]], Any] | None) -> None:
+    def __init__(
+        self,
+        data: Sequence[Mapping[str, Any]],
+        transform: Callable[[dict[str, Any]], Any] | None,
+        record: CohortRecord,
+    ) -> None:
         super().__init__()
-        self.record = record
+        self.data = [dict(p) for p in data]
         self.transform = transform
+        self.record = record
         self._first_item: Any = None
-        if not record.datalist:
+        if self._single_pair:
             # one pair: prepared now, so bad inputs or outputs stop the run with one message before the engine starts
             # (an error inside the engine would be logged with its traceback by the engine's handlers)
-            check_outputs_free(record.pairs, record.output_dir, record.output_names, record.overwrite)
-            self._first_item = self._transformed(record.pairs[0])
+            check_outputs_free(self.data, record.output_dir, record.output_names, record.overwrite)
+            self._first_item = self._transformed(self.data[0])
+
+    @property
+    def _single_pair(self) -> bool:
+        return len(self.data) == 1 and not self.data[0].get("pair_id")
 
     def __iter__(self) -> Iterator[Any]:
         if get_worker_info() is not None:
@@ -57,20 +67,15 @@ class CohortDataset(IterableDataset):
                 "CohortDataset must run in the main process (dataloader num_workers=0): its record marks each pair "
                 "while the engine writes its outputs."
             )
-        check_launch()
-        if not self.record.datalist:
+        if self._single_pair:
             item, self._first_item = self._first_item, None  # a second run prepares the pair again
-            yield item if item is not None else self._transformed(self.record.pairs[0])
+            yield item if item is not None else self._transformed(self.data[0])
             return
-        todo = self.record.start()
-        mine = rank_share(todo, self.record.rank, self.record.world_size)
-        logger.info("rank %d of %d: %d of the %d pair(s) to register (%d in the datalist).", self.record.rank,
-                    self.record.world_size, len(mine), len(todo), len(self.record.pairs))
         # a bar over this rank's pairs on an interactive terminal; each pair's own stages draw theirs below it
-        with Progress(len(mine), "cohort", unit="pair") as bar:
-            for position, pair in enumerate(mine):
-                logger.info("registering pair %s (%d of %d on rank %d).", pair["pair_id"], position + 1, len(mine),
-                            self.record.rank)
+        with Progress(len(self.data), "cohort", unit="pair") as bar:
+            for position, pair in enumerate(self.data):
+                logger.info("registering pair %s (%d of %d on rank %d).", pair["pair_id"], position + 1,
+                            len(self.data), self.record.rank)
                 item = self._loaded(pair)
                 if item is not None:
                     yield item

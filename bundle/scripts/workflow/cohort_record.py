@@ -3,11 +3,12 @@
 
 :class:`CohortRecord` is the one place that knows what became of each pair:
 
-1. :meth:`CohortRecord.start` (every rank, before any pair runs): rank 0 looks at every pair's output folder
-   (``scripts.io.outputs``): a complete pair is skipped unless ``overwrite`` (row ``already_complete``, keeping the row
+1. :meth:`CohortRecord.start` (every rank, before the dataset is built): rank 0 looks at every pair's output folder
+   (``scripts.io.outputs``): a complete pair is left out unless ``overwrite`` (row ``already_complete``, keeping the row
    of the run that registered it), outputs from elsewhere make the pair fail (they are never replaced without
    ``overwrite``), the leftovers of an interrupted run are removed. Every rank gets the same list of pairs still to
-   register (``ignite.distributed.broadcast``), which ``scripts.workflow.CohortDataset`` splits over the ranks.
+   register (``ignite.distributed.broadcast``) and takes its round-robin share of it (``scripts.io.sharding.rank_share``,
+   ``monai.data.partition_dataset``): the data of its ``scripts.workflow.CohortDataset``.
 2. As an ignite handler of the evaluator it marks a pair's folder in progress when its iteration starts and, when the
    iteration has written the outputs, checks that they are complete, removes the mark and records the pair's row with
    its wall time. A pair whose inputs are bad is recorded by the dataset with :meth:`CohortRecord.reject`.
@@ -40,6 +41,7 @@ from ignite.engine import Engine, Events
 from scripts.io.atomic import write_csv, write_json, write_text
 from scripts.io.errors import BundleUserError, OutputExistsError
 from scripts.io.label_names import label_names_for
+from scripts.io.sharding import check_launch, rank_share
 from scripts.io.outputs import (
     COHORT_CSV, COHORT_JSON, COHORT_MD, COHORT_RANK_JSON, COMPLETE, FAILED_PAIRS, FOREIGN, INTERRUPTED,
     check_inputs_are_not_outputs, clear_in_progress, clear_interrupted_outputs, expected_pair_outputs,
@@ -123,11 +125,18 @@ class CohortRecord:
     # -- 1. which pairs to register
 
     def start(self) -> list[dict[str, Any]]:
-        """Begin the datalist run; every rank calls it before any pair runs (a collective with a process group).
+        """Begin the run; every rank calls it before any pair runs (a collective with a process group).
 
         Returns:
-            the pairs still to register, in datalist order, the same list on every rank (rank 0's view of the folders).
+            the pairs this rank registers: its share of the datalist's pairs still to register (decided on rank 0), in
+            datalist order; the single pair of the run arguments as it is (nothing recorded for it).
+
+        Raises:
+            RegistrationInputError: a torchrun launch without a process group (``scripts.io.sharding.check_launch``).
         """
+        check_launch()
+        if not self.datalist:
+            return [dict(p) for p in self.pairs]
         self.rank, self.world_size = idist.get_rank(), idist.get_world_size()
         self.active, self.rows, self.metrics, self.failed, self._reports = True, {}, {}, [], None
         self._clock, self._started = time.perf_counter(), _now()
@@ -138,7 +147,10 @@ class CohortRecord:
             self._write_progress()
         if self.world_size > 1:
             todo = json.loads(idist.broadcast(json.dumps(todo) if self.rank == 0 else None, src=0, safe_mode=True))
-        return [self.pairs[index] for index in todo]
+        mine = rank_share([self.pairs[index] for index in todo], self.rank, self.world_size)
+        logger.info("rank %d of %d: %d of the %d pair(s) to register (%d in the datalist).", self.rank,
+                    self.world_size, len(mine), len(todo), len(self.pairs))
+        return mine
 
     def _load_previous(self) -> dict[str, dict[str, Any]]:
         """Rows of earlier runs: ``cohort.json``, then rank files left by a multi-rank run that was stopped."""
