@@ -56,19 +56,29 @@ def loading_transforms(**overrides):
     return Compose(parser.get_parsed_content("loading_transforms"))
 
 
-def run_pairs(pairs, transform, output_dir: Path, screen=None):
-    """Drive a ``CohortDataset`` over ``pairs`` as an engine would, writing a stand-in output after each pair.
+def cohort_record(pairs, output_dir: Path):
+    """The ``CohortRecord`` of a run over ``pairs`` whose only output is ``warped_image.nii.gz`` (see run_pairs)."""
+    from scripts.workflow.cohort_record import CohortRecord
+
+    return CohortRecord(pairs, output_dir, ["warped_image.nii.gz"])
+
+
+def run_pairs(pairs, transform, output_dir: Path, record=None):
+    """Drive a ``CohortDataset`` over ``pairs`` as an engine with the record attached would: each loaded pair is
+    started, gets a stand-in output and is finished.
 
     Returns:
         the ids of the pairs that were loaded, in order.
     """
     from scripts.workflow.cohort_dataset import CohortDataset
 
-    dataset = CohortDataset(pairs, transform, screen=screen, output_dir=output_dir, output_names=["warped_image.nii.gz"])
+    record = record if record is not None else cohort_record(pairs, output_dir)
     loaded = []
-    for item in dataset:
+    for item in CohortDataset(record.start(), transform, record):
         loaded.append(item["pair_id"])
+        record.started(item["pair_id"])
         (Path(output_dir) / item["pair_id"] / "warped_image.nii.gz").write_bytes(b"stand-in")
+        record.finished(item["pair_id"])
     return loaded
 
 

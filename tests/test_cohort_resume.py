@@ -27,7 +27,7 @@ from cohort_data import (
 from conftest import BUNDLE_ROOT
 from workflow_data import PLAIN_INFERENCE, PLAIN_INFERENCE_ARGS, run_bundle_workflow
 
-from scripts.io.completion import IN_PROGRESS_MARKER, pair_outputs_complete
+from scripts.io.outputs import IN_PROGRESS_MARKER, pair_outputs_complete
 from scripts.io.errors import BundleUserError, find_user_error
 
 pytestmark = pytest.mark.slow

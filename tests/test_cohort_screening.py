@@ -10,9 +10,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from reliability_data import DecodeCounter, load_sample, loading_transforms, run_pairs, save, small_pair
+from reliability_data import DecodeCounter, cohort_record, load_sample, loading_transforms, run_pairs, save, small_pair
 
-from scripts.io.completion import (
+from scripts.io.outputs import (
     ABSENT,
     COMPLETE,
     FOREIGN,
@@ -26,9 +26,9 @@ from scripts.io.completion import (
 )
 from scripts.io.datalist import cli_datalist_overrides, inference_pairs
 from scripts.io.errors import RegistrationInputError
-from scripts.io.screening import PairScreen
-from scripts.io.sharding import check_launch, shard_indices
+from scripts.io.sharding import check_launch, rank_share
 from scripts.workflow.cohort_dataset import CohortDataset
+from scripts.workflow.cohort_record import CohortRecord
 
 OUTPUT_NAMES = ["warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat",
                 "metrics.json", "metrics.csv", "summary.json", "summary.csv"]
@@ -50,11 +50,11 @@ def test_nothing_is_read_before_a_pair_is_reached(tmp_path, monkeypatch):
     pairs = [{"moving_image": str(tmp_path / f"m{i}.nii.gz"), "fixed_image": str(tmp_path / "f.nii.gz"),
               "pair_id": f"p{i}"} for i in range(500)]
     counter = DecodeCounter(monkeypatch)
-    screen = PairScreen(pairs)  # 500 missing files: not even looked at yet
-    assert screen.total == 500 and not screen.bad and not counter.counts
-    assert run_pairs(pairs, loading_transforms(), tmp_path / "out", screen) == []
-    assert [b["pair_id"] for b in screen.bad] == [f"p{i}" for i in range(500)]
-    assert "does not exist" in screen.bad[7]["error"] and not counter.counts
+    record = cohort_record(pairs, tmp_path / "out")  # 500 missing files: not even looked at yet
+    assert len(record.pairs) == 500 and not record.failed and not counter.counts
+    assert run_pairs(pairs, loading_transforms(), tmp_path / "out", record) == []
+    assert [b["pair_id"] for b in record.failed] == [f"p{i}" for i in range(500)]
+    assert "does not exist" in record.failed[7]["error"] and not counter.counts
 
 
 def test_an_atlas_shared_by_every_pair_is_decoded_once(atlas_study, tmp_path, monkeypatch):
@@ -74,10 +74,10 @@ def test_a_bad_atlas_fails_every_pair_but_is_decoded_once(atlas_study, tmp_path,
     volume[3, 3, 3] = np.inf
     atlas = str(save(tmp_path / "data" / "inf_atlas.nii.gz", volume, affine))
     pairs = [{"moving_image": atlas, "fixed_image": s, "pair_id": f"s{i}"} for i, s in enumerate(subjects)]
-    screen = PairScreen(pairs)
+    record = cohort_record(pairs, tmp_path / "out")
     counter = DecodeCounter(monkeypatch)
-    assert run_pairs(pairs, loading_transforms(), tmp_path / "out", screen) == []
-    assert len(screen.bad) == 3 and all("NaN/Inf" in b["error"] for b in screen.bad)
+    assert run_pairs(pairs, loading_transforms(), tmp_path / "out", record) == []
+    assert len(record.failed) == 3 and all("NaN/Inf" in b["error"] for b in record.failed)
     assert counter.counts[atlas] == 1
 
 
@@ -85,10 +85,10 @@ def test_header_problems_are_found_before_any_image_is_decoded(atlas_study, tmp_
     files, subjects = atlas_study
     flat = str(save(tmp_path / "data" / "flat_label.nii.gz", np.zeros((40, 50, 1), np.uint8), np.eye(4)))
     pair = {"moving_image": files["moving_image"], "moving_label": flat, "fixed_image": subjects[0], "pair_id": "a"}
-    screen = PairScreen([pair, {**files, "pair_id": "b"}])
+    record = cohort_record([pair, {**files, "pair_id": "b"}], tmp_path / "out")
     counter = DecodeCounter(monkeypatch)
-    assert run_pairs(screen.pairs, loading_transforms(), tmp_path / "out", screen) == ["b"]
-    assert "is 2-D" in screen.bad[0]["error"] and flat not in counter.counts
+    assert run_pairs(record.pairs, loading_transforms(), tmp_path / "out", record) == ["b"]
+    assert "is 2-D" in record.failed[0]["error"] and flat not in counter.counts
     assert set(counter.counts) == set(files.values())  # pair a decoded nothing: its moving image was read for b
 
 
@@ -135,42 +135,71 @@ def test_pair_folder_states_and_clearing_an_interrupted_one(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [IN_PROGRESS_MARKER, "notes.txt"]
 
 
-@pytest.mark.parametrize("count, world", [(10, 3), (2, 4), (0, 2), (7, 1)])
+@pytest.mark.parametrize("count, world", [(10, 3), (2, 4), (0, 2), (7, 1), (5, 5)])
 def test_every_pair_has_exactly_one_rank(count, world):
-    shards = [shard_indices(count, rank, world) for rank in range(world)]
-    assert sorted(i for shard in shards for i in shard) == list(range(count))
+    pairs = [f"p{i}" for i in range(count)]
+    shards = [rank_share(pairs, rank, world) for rank in range(world)]
+    assert sorted(p for shard in shards for p in shard) == sorted(pairs)  # no pair twice (no padding), none left out
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert all(shard == pairs[rank::world] for rank, shard in enumerate(shards))  # round-robin in datalist order
 
 
 def test_sharding_refuses_bad_ranks_and_torchrun_without_a_process_group(monkeypatch):
     with pytest.raises(ValueError, match="rank must be in"):
-        shard_indices(4, 2, 2)
+        rank_share(["a", "b", "c", "d"], 2, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RegistrationInputError, match="multi_gpu_inference.json"):
         check_launch()
 
 
-def _finalize_as_rank(rank, tmp_path, monkeypatch, gathered_bad):
-    """``CohortSummary.finalize`` then ``PairScreen.report`` as rank ``rank`` of 2 runs them (multi_gpu_inference.json):
-    the gather (stubbed: rank 0 gets both ranks' parts) and then the report after the process group was closed, so that
-    ``distributed_context()`` says ``(0, 1)`` on every rank by then."""
+def _finalize_as_rank(rank, tmp_path, monkeypatch, other_failed):
+    """``CohortRecord.finalize`` then ``CohortRecord.report`` as rank ``rank`` of 2 runs them (as in
+    multi_gpu_inference.json): the process group stubbed (rank 0 decides which pairs run, the gather gives both ranks'
+    parts), then the report after the group was closed, so that ``idist.get_rank()`` says 0 on every rank by then."""
     from scripts.io.errors import BundleUserError
-    from scripts.workflow import cohort_summary
+    from scripts.workflow import cohort_record
 
     pairs = [{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "pair_id": f"p{i}"} for i in range(4)]
-    screen = PairScreen(pairs)
+    record = cohort_record.CohortRecord(pairs, tmp_path, ["warped_image.nii.gz"])
+    group = cohort_record.idist
+    monkeypatch.setattr(group, "get_rank", lambda: rank)
+    monkeypatch.setattr(group, "get_world_size", lambda: 2)
+    monkeypatch.setattr(group, "broadcast", lambda todo, src, safe_mode: todo if rank == 0 else "[0, 1, 2, 3]")
+    assert [p["pair_id"] for p in record.start()] == (["p0", "p2"] if rank == 0 else ["p1", "p3"])
     if rank == 1:
-        screen.reject(pairs[3], ValueError("missing"), 3)
-    summary = cohort_summary.CohortSummary(tmp_path)
-    summary.start([p["pair_id"] for p in pairs], rank, 2)
-    other = {"rows": {}, "metrics": {}, "bad": gathered_bad}
-    monkeypatch.setattr(cohort_summary, "gather_to_main", lambda part: [part, other] if rank == 0 else None)
-    summary.finalize(screen)
+        record.reject(pairs[3], ValueError("missing"))
+    other = {"rows": {}, "metrics": {}, "failed": other_failed}
+    monkeypatch.setattr(group, "all_gather", lambda part: [part, other] if rank == 0 else [other, part])
+    record.finalize()
+    monkeypatch.setattr(group, "get_rank", lambda: 0)  # the group is closed: every rank looks like rank 0
     try:
-        screen.report(tmp_path)
+        record.report()
     except BundleUserError as error:
         return error
     return None
+
+
+def test_a_resumed_cohort_deals_only_the_unfinished_pairs_to_the_ranks(tmp_path, monkeypatch):
+    """Rank 0 leaves the complete pairs out before the ranks split the rest: both of rank 0's pairs of a round-robin
+    over all four are done, and each rank still gets one of the two left (the same list reaches both ranks)."""
+    from scripts.workflow import cohort_record
+
+    pairs = [{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "pair_id": f"p{i}"} for i in range(4)]
+    for done in ("p0", "p2"):
+        (tmp_path / done).mkdir()
+        (tmp_path / done / "warped_image.nii.gz").write_bytes(b"from an earlier run")
+    group, sent = cohort_record.idist, []
+    monkeypatch.setattr(group, "get_world_size", lambda: 2)
+    shares = {}
+    for rank in (0, 1):  # rank 0 first: what it broadcasts is what rank 1 receives
+        monkeypatch.setattr(group, "get_rank", lambda: rank)
+        monkeypatch.setattr(group, "broadcast", lambda todo, src, safe_mode: sent.append(todo) or todo if rank == 0
+                            else sent[0])
+        record = CohortRecord(pairs, tmp_path, ["warped_image.nii.gz"])
+        shares[rank] = [pair["pair_id"] for pair in record.start()]
+        assert {i: r["status"] for i, r in record.rows.items()} == (
+            {"p0": "already_complete", "p2": "already_complete"} if rank == 0 else {})
+    assert shares == {0: ["p1"], 1: ["p3"]}
 
 
 def test_only_rank_zero_reports_skipped_pairs_after_the_process_group_is_closed(tmp_path, monkeypatch):
@@ -215,29 +244,30 @@ def test_the_first_pair_of_a_long_datalist_is_ready_after_reading_only_its_own_f
     first = {**files, "pair_id": "first"}
     rest = [{"moving_image": str(tmp_path / f"m{i}.nii.gz"), "fixed_image": subjects[0], "pair_id": f"p{i}"}
             for i in range(300)]
-    screen = PairScreen([first, *rest])
+    record = CohortRecord([first, *rest], tmp_path / "out", OUTPUT_NAMES)
     counter = DecodeCounter(monkeypatch)
-    dataset = CohortDataset(screen.pairs, loading_transforms(), screen=screen, output_dir=tmp_path / "out",
-                            output_names=OUTPUT_NAMES)
-    item = next(iter(dataset))
+    item = next(iter(CohortDataset(record.start(), loading_transforms(), record)))
     assert item["pair_id"] == "first" and tuple(item["moving_image"].shape) == (1, 40, 48, 40)
-    assert set(counter.counts) == set(files.values()) and not screen.bad  # the other 300 not looked at yet
+    assert set(counter.counts) == set(files.values()) and not record.failed  # the other 300 not looked at yet
+    assert not (tmp_path / "out" / "first").exists()  # marked only when the engine starts writing its outputs
+    record.started("first")
     assert (tmp_path / "out" / "first" / IN_PROGRESS_MARKER).exists()
 
 
 def test_summary_row_of_a_segmented_subject_has_named_structure_volumes(atlas_study, tmp_path):
     from conftest import SAMPLE_DATA
 
-    from scripts.workflow.cohort_summary import CohortSummary
-
+    files, subjects = atlas_study
     atlas_label = tmp_path / "data" / "moving_colin27_seg8.nii.gz"  # written by atlas_study
     shutil.copy(SAMPLE_DATA / "moving_colin27_seg8.tsv", atlas_label.with_name("moving_colin27_seg8.tsv"))
+    pair = {"moving_image": files["moving_image"], "moving_label": str(atlas_label), "fixed_image": subjects[0],
+            "pair_id": "subject0"}
+    record = CohortRecord([pair], tmp_path / "out", OUTPUT_NAMES)
+    assert [p["pair_id"] for p in record.start()] == ["subject0"]
     folder = tmp_path / "out" / "subject0"
     folder.mkdir(parents=True)
     shutil.copy(atlas_label, folder / "warped_label.nii.gz")  # stands in for the atlas labels warped onto a subject
-    summary = CohortSummary(tmp_path / "out")
-    summary.start(["subject0"])
-    row = summary.record("subject0", "registered", folder, seconds=1.5, label_files=(None, str(atlas_label)))
+    row = record.record("subject0", "registered", folder, seconds=1.5)
     labels = np.asarray(nib.load(str(atlas_label)).dataobj)
     voxel_ml = abs(np.linalg.det(nib.load(str(atlas_label)).affine[:3, :3])) / 1000
     assert row["volume_ml_7_cerebellum"] == pytest.approx((labels == 7).sum() * voxel_ml)
@@ -246,17 +276,16 @@ def test_summary_row_of_a_segmented_subject_has_named_structure_volumes(atlas_st
 
 
 def test_rows_left_by_a_stopped_multi_rank_run_are_kept_and_merged(tmp_path):
-    from scripts.workflow.cohort_summary import CohortSummary
-
     out = tmp_path / "out"
     out.mkdir()
     (out / "cohort.rank1.json").write_text(json.dumps({"rank": 1, "pairs": [
         {"pair_id": "b", "status": "registered", "rank": 1, "seconds": 12.5, "mean_dice": 0.8}]}))
-    summary = CohortSummary(out)
-    summary.start(["a", "b", "c"])
-    summary.record("b", "already_complete", out / "b")
-    summary.record("c", "failed", error="moving image 'x' does not exist")
-    document = summary.finalize()
+    pairs = [{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "pair_id": i} for i in ("a", "b", "c")]
+    record = CohortRecord(pairs, out, OUTPUT_NAMES)
+    record.start()  # b's folder does not exist here: start() leaves it to register, as it does a
+    record.record("b", "already_complete", out / "b")
+    record.reject(pairs[2], RegistrationInputError("moving image 'x' does not exist"))
+    document = record.finalize()
     rows = {r["pair_id"]: r for r in document["pairs"]}
     assert rows["b"] == {"pair_id": "b", "status": "already_complete", "rank": 1, "seconds": 12.5, "mean_dice": 0.8}
     assert rows["a"]["status"] == "pending" and rows["c"]["error"].startswith("moving image")
@@ -273,7 +302,8 @@ def test_a_datalist_input_inside_its_pair_folder_under_an_output_name_is_refused
     shutil.copy(subjects[0], trap)
     pairs = [{"moving_image": files["moving_image"], "fixed_image": str(trap), "pair_id": "inside"},
              {"moving_image": files["moving_image"], "fixed_image": subjects[1], "pair_id": "fine"}]
-    screen = PairScreen(pairs)
-    assert run_pairs(pairs, None, tmp_path / "out", screen) == ["fine"]
-    assert "fixed image" in screen.bad[0]["error"] and "is also the output 'warped_image.nii.gz'" in screen.bad[0]["error"]
+    record = cohort_record(pairs, tmp_path / "out")
+    assert run_pairs(pairs, None, tmp_path / "out", record) == ["fine"]
+    assert "fixed image" in record.failed[0]["error"]
+    assert "is also the output 'warped_image.nii.gz'" in record.failed[0]["error"]
     assert trap.read_bytes() == Path(subjects[0]).read_bytes()

@@ -12,8 +12,9 @@ from monai.data import MetaTensor
 
 from scripts.cli import workflow_overrides
 from scripts.io.errors import OutputExistsError, RegistrationInputError
-from scripts.workflow.cohort_rows import markdown_report, worst_pairs
-from scripts.workflow.qc import QC_PNG, SaveQCFigured, checkerboard
+from scripts.io.outputs import QC_PNG
+from scripts.workflow.qc import SaveQCFigured, checkerboard
+from scripts.workflow.reports import markdown_report, worst_pairs
 
 
 def test_checkerboard_alternates_square_tiles_of_the_two_images():

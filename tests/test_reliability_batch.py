@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from reliability_data import DecodeCounter, load_sample, loading_transforms, run_pairs, save, small_pair
+from reliability_data import DecodeCounter, cohort_record, load_sample, loading_transforms, run_pairs, save, small_pair
 
 from scripts.io.errors import BundleUserError, RegistrationInputError, find_user_error
-from scripts.io.screening import FAILED_PAIRS_FILE, PairScreen
+from scripts.io.outputs import FAILED_PAIRS
 from scripts.workflow.cohort_dataset import CohortDataset
+from scripts.workflow.cohort_record import CohortRecord
 
 
 @pytest.fixture()
@@ -31,20 +32,20 @@ def batch(tmp_path):
 
 
 def test_bad_pairs_are_skipped_and_reported_at_the_end(batch, tmp_path):
-    screen = PairScreen(batch)
-    assert not screen.bad  # nothing is read before the run reaches a pair
     out = tmp_path / "out"
-    assert run_pairs(batch, loading_transforms(), out, screen) == ["p0", "p3"]
-    assert [p["pair_id"] for p in screen.bad] == ["p1_truncated", "p2_nan", "p4_missing"]
+    record = cohort_record(batch, out)
+    assert not record.failed  # nothing is read before the run reaches a pair
+    assert run_pairs(batch, loading_transforms(), out, record) == ["p0", "p3"]
+    assert [p["pair_id"] for p in record.failed] == ["p1_truncated", "p2_nan", "p4_missing"]
     with pytest.raises(BundleUserError) as info:
-        screen.report(out)
+        record.report()
     message = str(info.value)
     assert message.startswith("3 of 5 pairs were skipped because of bad inputs")
     assert "the other 2 were registered" in message
     assert "p1_truncated: fixed image" in message and "could not be read" in message and "truncated" in message
     assert "p2_nan: moving image" in message and "contains 1 NaN/Inf voxels" in message
     assert "p4_missing: moving image" in message and "does not exist" in message
-    report = json.loads((out / FAILED_PAIRS_FILE).read_text())
+    report = json.loads((out / FAILED_PAIRS).read_text())
     assert report["total"] == 5 and [r["pair_id"] for r in report["failed"]] == ["p1_truncated", "p2_nan", "p4_missing"]
 
 
@@ -60,14 +61,16 @@ def test_each_file_is_decoded_once_per_pair(batch, tmp_path, monkeypatch):
 def test_single_bad_pair_fails_at_once_and_clean_batch_reports_nothing(batch, tmp_path):
     single = {k: v for k, v in batch[1].items() if k != "pair_id"}  # one pair from the run arguments
     with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps it; the CLI prints the user error inside
-        CohortDataset([single], loading_transforms(), output_dir=tmp_path / "single", output_names=["ddf.nii.gz"])
+        CohortDataset([single], loading_transforms(), CohortRecord([single], tmp_path / "single", ["ddf.nii.gz"]))
     error = find_user_error(info.value)  # raised while the dataset is built: before any engine runs
     assert isinstance(error, RegistrationInputError) and "truncated.nii.gz' could not be read" in str(error)
-    screen = PairScreen(batch[1:2])  # a datalist of one pair: recorded and reported when the run ends
-    assert run_pairs(screen.pairs, loading_transforms(), tmp_path / "one", screen) == []
+    record = cohort_record(batch[1:2], tmp_path / "one")  # a datalist of one pair: recorded, reported at the end
+    assert run_pairs(record.pairs, loading_transforms(), tmp_path / "one", record) == []
     with pytest.raises(BundleUserError, match="1 of 1 pairs were skipped"):
-        screen.report(tmp_path / "one")
-    screen = PairScreen([batch[0], batch[3]])
-    assert run_pairs(screen.pairs, loading_transforms(), tmp_path / "out", screen) == ["p0", "p3"]
-    screen.report(tmp_path / "out")
-    assert not (tmp_path / "out" / FAILED_PAIRS_FILE).exists()
+        record.report()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / FAILED_PAIRS).write_text("{}")  # left by an earlier run with a bad pair
+    record = cohort_record([batch[0], batch[3]], tmp_path / "out")
+    assert run_pairs(record.pairs, loading_transforms(), tmp_path / "out", record) == ["p0", "p3"]
+    record.report()
+    assert not (tmp_path / "out" / FAILED_PAIRS).exists()

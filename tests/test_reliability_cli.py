@@ -18,7 +18,7 @@ from workflow_data import PLAIN_INFERENCE
 
 from scripts.cli import register
 from scripts.io.errors import BundleUserError, RegistrationInputError, find_user_error
-from scripts.io.screening import FAILED_PAIRS_FILE
+from scripts.io.outputs import FAILED_PAIRS
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 NO_WEIGHTS = {"ckpt_path": "/nonexistent/model.pt"}  # run from initialisation, whatever is in bundle/models
@@ -256,13 +256,13 @@ def test_batch_continues_past_bad_pairs_and_reports_them(pair, tmp_path):
     error = find_user_error(info.value)
     assert isinstance(error, BundleUserError), info.value
     message = str(error)
-    assert message.startswith(f"2 of 3 pairs were skipped because of bad inputs (details in {out / FAILED_PAIRS_FILE})")
+    assert message.startswith(f"2 of 3 pairs were skipped because of bad inputs (details in {out / FAILED_PAIRS})")
     assert "bad_truncated: fixed image" in message and "bad_missing: moving image" in message
     assert sorted(p.name for p in (out / "good").iterdir()) == ["affine.mat", "ddf.nii.gz", "jacobian_det.nii.gz",
                                                                 "qc.png", "transform.h5", "warp.nii.gz",
                                                                 "warped_image.nii.gz"]
     assert not (out / "bad_truncated").exists() and not (out / "bad_missing").exists()
-    report = json.loads((out / FAILED_PAIRS_FILE).read_text())
+    report = json.loads((out / FAILED_PAIRS).read_text())
     assert [item["pair_id"] for item in report["failed"]] == ["bad_truncated", "bad_missing"]
 
 

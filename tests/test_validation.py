@@ -15,7 +15,7 @@ from reliability_data import load_sample, save, small_pair
 from scripts.io.errors import RegistrationInputError, find_user_error
 from scripts.io.input_checks import ROLES, fov_overlap_fraction
 from scripts.io.input_transforms import CheckRegistrationContentd, CheckRegistrationHeadersd, LoadRegistrationInputsd
-from scripts.io.datalist_checks import check_datalist
+from scripts.io.datalist import check_datalist
 from scripts.io.checkpoints import load_network_weights
 
 

@@ -272,9 +272,9 @@ def register(
     start = time.time()
     exit_on_user_error(_run_workflow, files, overrides, debug=debug)
     if datalist is not None:  # a cohort: its summary instead of one pair's report
-        from scripts.workflow.cohort_summary import cohort_console_summary
+        from scripts.workflow.reports import cohort_console_summary
         return print(cohort_console_summary(overrides["output_dir"]), flush=True)
-    from scripts.workflow.pair_summary import pair_console_summary
+    from scripts.workflow.reports import pair_console_summary
 
     print(pair_console_summary(overrides["output_dir"], time.time() - start), flush=True)
     if qc_png:

@@ -1,8 +1,8 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Input/output of the bundle: user errors, atomic writes, input checks (headers, voxels, datalists, checkpoints, the
-resolution weights were trained at) and the transforms that check and load a pair once, datalists and the ledger of
-skipped pairs, when a pair's outputs are complete, sharding over
-ranks, the writer of registration outputs and the progress bars of long loops. Imports nothing else from ``scripts``."""
+resolution weights were trained at) and the transforms that check and load a pair once, datalists, every output file
+name and when a pair's outputs are complete, the ranks of a torchrun launch, the writer of registration outputs and the
+progress bars of long loops. Imports nothing else from ``scripts``."""
 
 from .errors import (
     BundleUserError,
@@ -56,10 +56,6 @@ from .input_transforms import (
     CheckRegistrationContentd,
     is_given,
 )
-from .datalist_checks import (
-    ENTRY_LAYOUTS,
-    check_datalist,
-)
 from .checkpoints import (
     latest_checkpoint,
     extract_state_dict,
@@ -86,16 +82,12 @@ from .datalist import (
     PAIR_KEYS,
     MASK_KEYS,
     INPUT_KEYS,
-    check_inputs_are_not_outputs,
-    check_outputs_free,
+    ENTRY_LAYOUTS,
+    check_datalist,
     inference_pairs,
     load_json,
     make_pairs,
     training_pairs,
-)
-from .screening import (
-    FAILED_PAIRS_FILE,
-    PairScreen,
 )
 from .console import (
     WARNINGS_LOGGER,
@@ -116,13 +108,18 @@ from .label_names import (
 from .writer import (
     DEFAULT_OUTPUT_NAMES,
     SaveRegistrationOutputsd,
-    pair_output_dir,
     write_nifti,
 )
-from .completion import (
+from .outputs import (
     IN_PROGRESS_MARKER,
     LABEL_OUTPUTS,
     RUN_OUTPUTS,
+    EVALUATION_OUTPUTS,
+    registration_output_names,
+    transform_file_names,
+    pair_output_dir,
+    check_outputs_free,
+    check_inputs_are_not_outputs,
     expected_pair_outputs,
     pair_output_state,
     pair_outputs_complete,
@@ -131,12 +128,10 @@ from .completion import (
     clear_interrupted_outputs,
 )
 from .sharding import (
-    distributed_context,
-    shard_indices,
+    rank_share,
     rank_device,
     init_distributed,
     close_distributed,
-    gather_to_main,
     check_launch,
 )
 from .progress import Progress, interactive_terminal

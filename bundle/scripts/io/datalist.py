@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Registration pairs for the workflows: from run arguments, from a JSON datalist of pairs, or built from a list of
-images (all ordered pairs, or atlas-to-subject)."""
+images (all ordered pairs, or atlas-to-subject), and the check of a whole datalist before a run starts (every bad entry
+reported in one message, headers only)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.io.atomic import check_outputs_writable
-from scripts.io.datalist_checks import check_datalist
-from scripts.io.errors import OutputExistsError, RegistrationInputError
+from monai.config import KeysCollection
+
+from scripts.io.errors import RegistrationInputError
+from scripts.io.input_checks import header_problem
 
 __all__ = [
     "PAIR_KEYS",
     "MASK_KEYS",
     "INPUT_KEYS",
-    "check_inputs_are_not_outputs",
-    "check_outputs_free",
+    "ENTRY_LAYOUTS",
+    "check_datalist",
     "cli_datalist_overrides",
     "inference_pairs",
     "load_json",
@@ -44,8 +46,10 @@ def load_json(path: str | os.PathLike) -> Any:
         raise RegistrationInputError(f"datalist file not found: {path}; expected a JSON file of pairs.")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RegistrationInputError(f"datalist {path} is not valid JSON ({e}).") from e
+    except (OSError, ValueError) as e:
+        raise RegistrationInputError(
+            f"datalist '{path}' is not valid JSON ({e}); expected a list of entries or a dict of lists."
+        ) from e
 
 
 def _resolve(value: str | None, base_dir: Path | None) -> str | None:
@@ -79,9 +83,9 @@ def _check_pairs(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
     check_datalist(list(pairs), optional_keys=PAIR_KEYS[2:] + MASK_KEYS, source=source)
 
 
-def _subject_pairs(content: Mapping[str, Any], root: Path | None, source: str) -> list[dict[str, Any]]:
-    """Atlas-to-subject pairs of ``{"atlas": {"image", "label"}, "subjects": [...]}``: the atlas is the moving image
-    (and label) of every pair, each subject (a path or ``{"image"[, "label", "id"]}``) a fixed image; ids default to the
+def _subject_entries(content: Mapping[str, Any], source: str) -> list[dict[str, Any]]:
+    """The pair entries of ``{"atlas": {"image", "label"}, "subjects": [...]}``: the atlas is the moving image (and
+    label) of every pair, each subject (a path or ``{"image"[, "label", "id"]}``) a fixed image; ids default to the
     subject file names."""
     atlas = content.get("atlas")
     if not isinstance(atlas, Mapping) or not atlas.get("image"):
@@ -92,18 +96,14 @@ def _subject_pairs(content: Mapping[str, Any], root: Path | None, source: str) -
     subjects = content["subjects"]
     if not isinstance(subjects, list) or not subjects:
         raise RegistrationInputError(f"'subjects' in {source} must be a non-empty list of images.")
-    pairs = []
-    for index, subject in enumerate(subjects):
+    entries = []
+    for subject in subjects:
         subject = {"image": subject} if isinstance(subject, (str, os.PathLike)) else dict(subject or {})
-        entry = {"moving_image": atlas["image"], "moving_label": atlas.get("label"), "moving_mask": atlas.get("mask"),
-                 "fixed_image": subject.get("image"), "fixed_label": subject.get("label"),
-                 "fixed_mask": subject.get("mask")}
-        pair = {k: _resolve(v, root) for k, v in entry.items()}
-        pair = {k: v for k, v in pair.items() if v is not None}
-        stem = _file_stem(pair["fixed_image"]) if pair.get("fixed_image") else ""
-        pair["pair_id"] = _safe_id(subject.get("id") or stem or index)
-        pairs.append(pair)
-    return pairs
+        entries.append({"moving_image": atlas["image"], "moving_label": atlas.get("label"),
+                        "moving_mask": atlas.get("mask"), "fixed_image": subject.get("image"),
+                        "fixed_label": subject.get("label"), "fixed_mask": subject.get("mask"),
+                        "id": subject.get("id") or (_file_stem(subject["image"]) if subject.get("image") else None)})
+    return entries
 
 
 def _check_unique_ids(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
@@ -144,7 +144,7 @@ def inference_pairs(
     ``pair_id`` (their ``id``, the subject's file name, or index + file names): their outputs go into
     ``output_dir/<pair_id>/``. Nothing is read but the datalist itself; ``check=True`` also reports every missing or
     unreadable file at once (headers only) before anything runs, whereas ``check=False`` leaves the checks to
-    ``scripts.io.screening.PairScreen``, which checks each pair when the run reaches it and skips bad ones.
+    ``scripts.workflow.CohortDataset``, which checks each pair when the run reaches it and skips bad ones.
 
     Raises:
         RegistrationInputError: an empty or malformed datalist, duplicate pair ids, (with ``check``) missing files.
@@ -154,24 +154,23 @@ def inference_pairs(
         entries = load_json(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
         root = Path(base_dir) if base_dir else (Path(datalist).parent if isinstance(datalist, (str, os.PathLike)) else None)
         if isinstance(entries, Mapping) and "subjects" in entries:
-            pairs = _subject_pairs(entries, root, source)
-        else:
-            if isinstance(entries, Mapping):
-                entries = entries.get("pairs", entries.get("testing"))
-            if not isinstance(entries, list) or not entries:
-                raise RegistrationInputError(
-                    f"{source} must hold a non-empty list of pairs (or {{'pairs': [...]}}, or {{'atlas': ..., "
-                    "'subjects': [...]}})."
-                )
-            pairs = []
-            for index, entry in enumerate(entries):
-                if not isinstance(entry, Mapping):
-                    raise RegistrationInputError(f"{source}: entry {index} is a {type(entry).__name__}; expected a dict.")
-                pair = {k: _resolve(entry.get(k), root) for k in INPUT_KEYS}
-                pair = {k: v for k, v in pair.items() if v is not None}
-                complete = pair.get("moving_image") and pair.get("fixed_image")
-                pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if complete else str(index)
-                pairs.append(pair)
+            entries = _subject_entries(entries, source)
+        elif isinstance(entries, Mapping):
+            entries = entries.get("pairs", entries.get("testing"))
+        if not isinstance(entries, list) or not entries:
+            raise RegistrationInputError(
+                f"{source} must hold a non-empty list of pairs (or {{'pairs': [...]}}, or {{'atlas': ..., "
+                "'subjects': [...]}})."
+            )
+        pairs = []
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                raise RegistrationInputError(f"{source}: entry {index} is a {type(entry).__name__}; expected a dict.")
+            pair = {k: _resolve(entry.get(k), root) for k in INPUT_KEYS}
+            pair = {k: v for k, v in pair.items() if v is not None}
+            complete = pair.get("moving_image") and pair.get("fixed_image")
+            pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if complete else str(index)
+            pairs.append(pair)
         _check_unique_ids(pairs, source)
     else:
         pair = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label,
@@ -211,41 +210,6 @@ def cli_datalist_overrides(
             "--fixed_label/--moving_mask/--fixed_mask with it."
         )
     return {"datalist": str(Path(os.path.expanduser(str(datalist))).resolve())}
-
-
-def check_outputs_free(
-    pairs: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, names: Sequence[str], overwrite: bool = False
-) -> list[Mapping[str, Any]]:
-    """
-    Fail before any computation if outputs of these pairs already exist and ``overwrite`` is False.
-
-    Returns ``pairs`` unchanged so that it can wrap the datalist in a config expression.
-    """
-    targets = []
-    for pair in pairs:
-        folder = Path(output_dir) / pair["pair_id"] if pair.get("pair_id") else Path(output_dir)
-        check_inputs_are_not_outputs(pair, folder, names)
-        targets += [folder / n for n in names]
-    check_outputs_writable(targets, overwrite)
-    return list(pairs)
-
-
-def check_inputs_are_not_outputs(pair: Mapping[str, Any], folder: str | os.PathLike, names: Sequence[str]) -> None:
-    """Refuse a pair whose input file is one of the files the run writes for it (even with ``overwrite``): e.g. a
-    moving image called ``warped_image.nii.gz`` inside the output folder would be replaced by its own result.
-
-    Raises:
-        OutputExistsError: naming the input, the output and what to do.
-    """
-    outputs = {os.path.realpath(Path(folder) / name): name for name in names}
-    for key in INPUT_KEYS:
-        value = pair.get(key)
-        if value and os.path.realpath(value) in outputs:
-            raise OutputExistsError(
-                f"{key.replace('_', ' ')} '{value}' is also the output '{outputs[os.path.realpath(value)]}' of this run in "
-                f"{folder}; expected inputs outside the files the run writes (it would be overwritten, --overwrite or "
-                "not). Move or rename the input, or choose another output folder."
-            )
 
 
 def make_pairs(
@@ -326,3 +290,89 @@ def training_pairs(
         pairs = [{k: v for k, v in p.items() if k in ("moving_image", "fixed_image")} for p in pairs]
     _check_pairs(pairs, f"'{split}' of {source}")
     return pairs
+
+
+#: accepted entry layouts of a datalist in ``check_datalist(..., keys=None)``: a pair, or one image (training sets
+#: that are paired later, e.g. all ordered pairs or atlas-to-subject).
+ENTRY_LAYOUTS = ((("moving_image", "fixed_image"), ("moving_label", "fixed_label")), (("image",), ("label",)))
+
+
+def check_datalist(
+    datalist: Sequence[Mapping[str, Any]] | Mapping[str, Any] | str | os.PathLike,
+    keys: KeysCollection | None = ("moving_image", "fixed_image"),
+    optional_keys: KeysCollection = ("moving_label", "fixed_label"),
+    base_dir: str | os.PathLike | None = None,
+    source: str | None = None,
+) -> Any:
+    """Check every entry of a datalist before training or a batch starts, and report ALL bad entries in one error.
+
+    Args:
+        datalist: a list of dicts, a dict of such lists (e.g. ``{"training": [...], "validation": [...]}``, a dict
+            entry such as ``"atlas"`` counts as one entry), or a path to a JSON file holding either.
+        keys: keys every entry must have, each naming an existing, readable 3-D NIfTI file. ``None``: each entry is
+            either a pair (``moving_image``, ``fixed_image``, optional labels) or an image (``image``, optional
+            ``label``), as in training datalists.
+        optional_keys: keys that, when present and non-empty, must name such a file too (ignored when keys is None).
+        base_dir: directory that relative paths are resolved against (default: the JSON file's folder, else CWD).
+        source: name used in the message (default: the JSON path or "datalist").
+
+    Returns:
+        The datalist unchanged (the loaded JSON when a path was given), so configs can wrap it in place.
+
+    Raises:
+        RegistrationInputError: listing every bad entry (section, index, key, path, problem).
+    """
+    if isinstance(datalist, (str, os.PathLike)):
+        json_path = Path(datalist)
+        return check_datalist(
+            load_json(json_path), keys, optional_keys, json_path.parent if base_dir is None else base_dir,
+            source or str(json_path),
+        )
+    source = source or "datalist"
+    if keys is None:
+        layouts = [(list(required), list(optional)) for required, optional in ENTRY_LAYOUTS]
+        expected = "a pair (moving_image, fixed_image[, labels]) or an image (image[, label])"
+    else:
+        layouts = [([keys] if isinstance(keys, str) else list(keys),
+                     [optional_keys] if isinstance(optional_keys, str) else list(optional_keys))]
+        expected = f"files for {layouts[0][0]} (and {layouts[0][1]} when given)"
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    sections = datalist.items() if isinstance(datalist, Mapping) else [("", datalist)]
+    problems: list[str] = []
+    total = 0
+    for section, entries in sections:
+        single = isinstance(entries, Mapping)
+        if single:  # e.g. "atlas": {"image": ..., "label": ...}; other dicts (label names, ...) are metadata
+            known = {k for required, optional in layouts for k in required + optional}
+            if not known.intersection(entries):
+                continue
+            entries = [entries]
+        if not isinstance(entries, Sequence) or isinstance(entries, str):
+            continue  # non-list fields (e.g. "name", "labels") are metadata, not entries
+        for index, entry in enumerate(entries):
+            total += 1
+            where = section if single else (f"{section}[{index}]" if section else f"entry {index}")
+            if not isinstance(entry, Mapping):
+                problems.append(f"{where}: expected a dict with {expected}, got {type(entry).__name__}")
+                continue
+            # the layout whose required keys the entry has (the first one when none fits, to name what is missing)
+            required, optional = next((lay for lay in layouts if any(k in entry for k in lay[0] + lay[1])), layouts[0])
+            for key in required + optional:
+                value = entry.get(key)
+                if not value:
+                    if key in required:
+                        problems.append(f"{where}: missing key '{key}'")
+                    continue
+                path = Path(value) if Path(value).is_absolute() else base / value
+                problem = header_problem(path)
+                if problem:
+                    problems.append(f"{where}: {key} '{path}' {problem}")
+    if problems:
+        shown = "\n  ".join(problems)
+        raise RegistrationInputError(
+            f"{source}: {len(problems)} problem(s) in {total} entries; expected every entry to name existing, readable "
+            f"3-D NIfTI {expected}. Fix or remove these entries:\n  {shown}"
+        )
+    return datalist
+
+

@@ -1,11 +1,12 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Spreading the pairs of a datalist over the ranks of a ``torchrun`` launch, and gathering their results on rank 0.
+"""The ranks of a ``torchrun`` launch: joining the process group (``ignite.distributed``), the device of each rank, and
+the share of a cohort's pairs that each rank registers.
 
-The pairs are dealt round-robin over the datalist order (pair ``i`` belongs to rank ``i % world_size``): each pair has
-exactly one owner whatever is already done, no rank needs to talk to another before it starts, uneven counts simply
-give some ranks one pair more, and a run resumed with another number of ranks still does every pair once. The only
-communication is the final gather of small Python objects (the per-pair summary rows), so the process group uses gloo
-on CPU and GPU machines alike (no NCCL initialisation or GPU memory for it) and works across nodes with torchrun's usual
+The pairs still to register are dealt round-robin (pair ``i`` of that list to rank ``i % world_size``,
+``monai.data.partition_dataset`` without padding): each pair has exactly one owner, uneven counts simply give some ranks
+one pair more, and a run resumed with another number of ranks still does every pair once. The only communication is of
+small Python objects (the list of pairs to register, the per-pair summary rows), so the process group uses gloo on CPU
+and GPU machines alike (no NCCL initialisation or GPU memory for it) and works across nodes with torchrun's usual
 rendezvous arguments.
 """
 
@@ -14,44 +15,34 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import torch
-import torch.distributed as dist
+from monai.data import partition_dataset
 
 from scripts.io.errors import RegistrationInputError
 
-__all__ = [
-    "distributed_context",
-    "shard_indices",
-    "rank_device",
-    "init_distributed",
-    "close_distributed",
-    "gather_to_main",
-    "check_launch",
-]
+__all__ = ["rank_share", "rank_device", "init_distributed", "close_distributed", "check_launch"]
 
 logger = logging.getLogger(__name__)
 
 
-def distributed_context() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def rank_share(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """The items that ``rank`` of ``world_size`` owns: ``items[rank::world_size]``.
 
-
-def shard_indices(count: int, rank: int, world_size: int) -> list[int]:
-    """Indices of ``range(count)`` owned by ``rank``: ``rank, rank + world_size, ...`` (uneven counts allowed).
+    ``partition_dataset`` refuses fewer items than ranks (the last pairs of a resumed cohort): then the first ranks get
+    one item each and the others none.
 
     Raises:
-        ValueError: a negative count, ``world_size < 1`` or a rank outside ``[0, world_size)``.
+        ValueError: ``world_size < 1`` or a rank outside ``[0, world_size)``.
     """
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}.")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}.")
-    return list(range(rank, count, world_size))
+    if len(items) < world_size:
+        return list(items[rank : rank + 1])
+    return partition_dataset(list(items), num_partitions=world_size, shuffle=False, even_divisible=False)[rank]
 
 
 def rank_device() -> torch.device:
@@ -76,7 +67,7 @@ def init_distributed(backend: str = "gloo", timeout_minutes: float = 24 * 60) ->
     """Join the process group that torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ... set by it).
 
     Args:
-        backend: ``"gloo"`` (default: the group only gathers Python objects) or ``"nccl"``.
+        backend: ``"gloo"`` (default: the group only exchanges Python objects) or ``"nccl"``.
         timeout_minutes: how long a rank that finished its pairs waits for the slowest one at the final gather (ranks
             of a long cohort may finish hours apart; torch's default of 30 minutes would abort them).
 
@@ -85,28 +76,16 @@ def init_distributed(backend: str = "gloo", timeout_minutes: float = 24 * 60) ->
     """
     if timeout_minutes <= 0:
         raise ValueError(f"timeout_minutes must be > 0, got {timeout_minutes}.")
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=float(timeout_minutes)))
-        rank, world = distributed_context()
-        logger.info("rank %d of %d joined the process group (%s).", rank, world, backend)
+    if not torch.distributed.is_initialized():
+        idist.initialize(backend, timeout=datetime.timedelta(minutes=float(timeout_minutes)))
+        logger.info("rank %d of %d joined the process group (%s).", idist.get_rank(), idist.get_world_size(), backend)
     return True
 
 
 def close_distributed() -> None:
     """Leave the process group (no-op without one)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def gather_to_main(obj: Any) -> list[Any] | None:
-    """Collect one picklable object from every rank: the list (by rank) on rank 0, None elsewhere; ``[obj]`` without a
-    process group. Every rank must call it (a collective)."""
-    rank, world = distributed_context()
-    if world == 1:
-        return [obj]
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        idist.finalize()
 
 
 def check_launch() -> None:
@@ -116,7 +95,7 @@ def check_launch() -> None:
         RegistrationInputError: naming the config to add.
     """
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+    if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RegistrationInputError(
             f"launched as {world} processes (WORLD_SIZE={world}) without a process group: each would register every "
             "pair. Add configs/multi_gpu_inference.json to the config list: --config_file "

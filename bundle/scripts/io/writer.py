@@ -22,6 +22,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.io.atomic import check_outputs_writable, save_nifti
+from scripts.io.outputs import VOLUME_OUTPUTS, pair_output_dir
 
 __all__ = [
     "DEFAULT_OUTPUT_NAMES",
@@ -35,13 +36,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: data key -> file name of the registration outputs.
-DEFAULT_OUTPUT_NAMES = {
-    "warped_image": "warped_image.nii.gz",
-    "pred": "ddf.nii.gz",
-    "warped_label": "warped_label.nii.gz",
-    "jacobian_det": "jacobian_det.nii.gz",
-}
+#: data key -> file name of the registration outputs (declared in ``scripts.io.outputs``).
+DEFAULT_OUTPUT_NAMES = VOLUME_OUTPUTS
 
 #: threads writing one pair's files: two keep both cores of a small machine compressing, more only add memory
 DEFAULT_WRITE_WORKERS = 2
@@ -195,11 +191,6 @@ def nifti_image(
     if vector:
         image.header.set_intent("vector")
     return image
-
-
-def pair_output_dir(output_dir: str | os.PathLike, pair_id: str | None) -> Path:
-    """Folder of one pair's outputs: ``output_dir`` for a single pair, ``output_dir/<pair_id>`` in batch runs."""
-    return Path(output_dir) / pair_id if pair_id else Path(output_dir)
 
 
 class SaveRegistrationOutputsd(MapTransform):

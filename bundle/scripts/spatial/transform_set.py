@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from scripts.io.outputs import AFFINE_MAT, INVERSE_TRANSFORM_H5, INVERSE_WARP, TRANSFORM_H5, WARP, transform_file_names
 from scripts.io.writer import DEFAULT_WRITE_WORKERS, ConcurrentWriter
 
 from .composite import write_itk_composite
@@ -45,21 +46,9 @@ __all__ = [
     "transform_file_names",
 ]
 
-AFFINE_FILE = "affine.mat"
-WARP_FILE = "warp.nii.gz"
-INVERSE_WARP_FILE = "inverse_warp.nii.gz"
-COMPOSITE_FILE = "transform.h5"
-INVERSE_COMPOSITE_FILE = "inverse_transform.h5"
-
-
-def transform_file_names(inverse: bool = False) -> list[str]:
-    """The files :func:`save_transforms` writes for a registration (affine and field given), in writing order.
-
-    ``configs/inference.json`` (``transform_output_names``) lists the same names for the cohort completion checks;
-    a test keeps the two equal.
-    """
-    forward = [AFFINE_FILE, WARP_FILE, COMPOSITE_FILE]
-    return forward + ([INVERSE_WARP_FILE, INVERSE_COMPOSITE_FILE] if inverse else [])
+# the file names are declared once, in scripts.io.outputs (transform_file_names: what save_transforms writes)
+AFFINE_FILE, WARP_FILE, COMPOSITE_FILE = AFFINE_MAT, WARP, TRANSFORM_H5
+INVERSE_WARP_FILE, INVERSE_COMPOSITE_FILE = INVERSE_WARP, INVERSE_TRANSFORM_H5
 
 logger = logging.getLogger(__name__)
 

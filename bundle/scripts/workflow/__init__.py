@@ -1,6 +1,6 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Pieces of the bundle workflows: dictionary transforms on the fixed grid, ignite handlers, metrics and QC figures, and
-cohorts (the streaming, resumable dataset of a datalist run and its summary)."""
+cohorts (the record of a datalist run, the dataset streaming its pairs, the reports)."""
 
 from .grid_transforms import (
     CheckNetworkGridd,
@@ -46,18 +46,15 @@ from .transform_outputs import (
     SaveTransformsd,
     WarpFromSourced,
 )
-from .cohort_rows import (
+from .reports import (
     pair_row,
     structure_volumes,
     markdown_report,
-)
-from .cohort_summary import (
-    CohortSummary,
     cohort_console_summary,
-)
-from .pair_summary import (
-    OUTPUT_FILES,
     pair_console_summary,
+)
+from .cohort_record import (
+    CohortRecord,
 )
 from .cohort_dataset import (
     CohortDataset,
@@ -66,6 +63,5 @@ from .prepare_batch import (
     RegistrationPrepareBatch,
 )
 from .qc import (
-    QC_PNG,
     SaveQCFigured,
 )

@@ -14,7 +14,7 @@ from monai.transforms import MapTransform
 from scripts.io.atomic import check_outputs_writable, write_csv, write_json
 from scripts.io.label_names import label_names_for, read_label_names
 from scripts.io.input_checks import voxel_spacing
-from scripts.io.writer import pair_output_dir
+from scripts.io.outputs import METRICS_CSV, METRICS_JSON, pair_output_dir
 from scripts.workflow.metrics import label_one_hot, registration_metrics
 
 __all__ = ["OneHotLabelsd", "RegistrationMetricsd"]
@@ -122,7 +122,7 @@ class RegistrationMetricsd(MapTransform):
 
     def file_names(self) -> list[str]:
         """Names of the files this transform writes."""
-        return ["metrics.json"] + (["metrics.csv"] if self.write_csv else [])
+        return [METRICS_JSON] + ([METRICS_CSV] if self.write_csv else [])
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -148,9 +148,9 @@ class RegistrationMetricsd(MapTransform):
         if d.get(self.pair_id_key):
             metrics["pair_id"] = d[self.pair_id_key]
         metrics.update(d.get("transform_metrics") or {})  # e.g. the inverse-consistency error (SaveTransformsd)
-        write_json(metrics, folder / "metrics.json", indent=4)
+        write_json(metrics, folder / METRICS_JSON, indent=4)
         if self.write_csv:
-            write_csv(metrics["labels"], folder / "metrics.csv")
+            write_csv(metrics["labels"], folder / METRICS_CSV)
         logger.info(
             "%smean Dice before (identity) %s -> after %.4f; det J <= 0: %s %%",
             f"{d[self.pair_id_key]}: " if d.get(self.pair_id_key) else "",

@@ -7,11 +7,13 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from scripts.io.atomic import check_outputs_writable, write_csv, write_json
+from scripts.io.outputs import SUMMARY_CSV, SUMMARY_JSON
 
 __all__ = ["MetricsSummaryHandler"]
 
@@ -43,7 +45,7 @@ class MetricsSummaryHandler:
 
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
 
     def _reset(self, engine: Any) -> None:
         self.rows = []
@@ -70,23 +72,27 @@ class MetricsSummaryHandler:
         result["dice_per_label"] = {k: float(np.mean(v)) for k, v in per_label.items()}
         return result
 
-    def _write(self, engine: Any) -> None:
+    def write(self, rows: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Write the summary files over ``rows`` (default: the pairs of this run; a cohort run rewrites them over every
+        pair of its datalist, ``scripts.workflow.CohortRecord.finalize``)."""
+        if rows is not None:
+            self.rows = [dict(r) for r in rows]
         if not self.rows:
             logger.info("no pair had labels: no evaluation summary written.")
             return
         folder = Path(self.output_dir)
-        check_outputs_writable([folder / "summary.json", folder / "summary.csv"], self.overwrite)
+        check_outputs_writable([folder / SUMMARY_JSON, folder / SUMMARY_CSV], self.overwrite)
         summary = self.summary()
-        write_json(summary, folder / "summary.json", indent=4)
+        write_json(summary, folder / SUMMARY_JSON, indent=4)
         table = [
             {"pair_id": r.get("pair_id", str(i)), **{name: r.get(name) for name in self.SCALARS}}
             for i, r in enumerate(self.rows)
         ]
-        write_csv(table, folder / "summary.csv")
+        write_csv(table, folder / SUMMARY_CSV)
         logger.info(
             "evaluation of %d pair(s): mean Dice %.4f (identity %s); summary in %s",
             len(self.rows),
             summary["mean_dice"]["mean"],
             f"{summary['mean_dice_identity']['mean']:.4f}" if "mean_dice_identity" in summary else "n/a",
-            folder / "summary.json",
+            folder / SUMMARY_JSON,
         )

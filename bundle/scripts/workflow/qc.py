@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 from monai.transforms import MapTransform
 
-__all__ = ["QC_PNG", "robust_scale", "checkerboard", "qc_figure", "save_qc_png", "qc_png_from_outputs", "SaveQCFigured"]
+from scripts.io.outputs import DDF, JACOBIAN_DET, QC_PNG, WARPED_IMAGE, pair_output_dir
 
-#: the QC figure's file name in a pair's output folder
-QC_PNG = "qc.png"
+__all__ = ["robust_scale", "checkerboard", "qc_figure", "save_qc_png", "qc_png_from_outputs", "SaveQCFigured"]
 
 
 def _as_numpy(array: Any, name: str, ndim: int) -> np.ndarray:
@@ -243,11 +242,11 @@ def qc_png_from_outputs(
         raise ValueError(f"QC figure needs 3-D images, got fixed {fixed.shape} and moving {moving.shape}.")
     if moving.shape != fixed.shape or not np.allclose(moving_nii.affine, fixed_nii.affine, atol=1e-4):
         moving = _resample_to_grid(moving, moving_nii.affine, fixed.shape, fixed_nii.affine)
-    warped = np.squeeze(np.asanyarray(nib.load(str(output_dir / "warped_image.nii.gz")).dataobj)).astype(np.float32)
-    ddf = np.squeeze(np.asanyarray(nib.load(str(output_dir / "ddf.nii.gz")).dataobj)).astype(np.float32)
+    warped = np.squeeze(np.asanyarray(nib.load(str(output_dir / WARPED_IMAGE)).dataobj)).astype(np.float32)
+    ddf = np.squeeze(np.asanyarray(nib.load(str(output_dir / DDF)).dataobj)).astype(np.float32)
     if ddf.ndim == 4 and ddf.shape[-1] == 3 and ddf.shape[0] != 3:
         ddf = np.moveaxis(ddf, -1, 0)  # channel-last NIfTI vector layout
-    det_path = output_dir / "jacobian_det.nii.gz"
+    det_path = output_dir / JACOBIAN_DET
     det = np.squeeze(np.asanyarray(nib.load(str(det_path)).dataobj)).astype(np.float32) if det_path.exists() else None
     return save_qc_png(png_path, fixed, moving, warped, ddf, det, title=title)
 
@@ -297,7 +296,6 @@ class SaveQCFigured(MapTransform):
         if not self.enabled:
             return d
         from scripts.io.atomic import check_outputs_writable
-        from scripts.io.writer import pair_output_dir
 
         pair_id = d.get(self.pair_id_key) or None
         path = pair_output_dir(self.output_dir, pair_id) / self.name

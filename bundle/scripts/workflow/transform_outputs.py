@@ -153,7 +153,7 @@ class SaveTransformsd(MapTransform):
         self.max_workers = max_workers
 
     def file_names(self) -> list[str]:
-        """Names of the files this transform writes (``configs/inference.json``: ``transform_output_names``)."""
+        """Names of the files this transform writes (declared in ``scripts.io.outputs``)."""
         return transform_file_names(self.inverse)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

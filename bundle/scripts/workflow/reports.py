@@ -1,5 +1,6 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""One row per pair of a cohort run, read back from the pair's finished output folder, and the Markdown report.
+"""What a user reads about finished registrations: the console report of one pair, the row of each pair of a cohort
+(read back from the pair's finished output folder), the cohort's Markdown report and its console summary.
 
 A row holds the pair's status, rank and time, the Dice scores of its ``metrics.json`` (pairs with labels), the % of
 voxels with det J <= 0 (from ``metrics.json``, else from ``jacobian_det.nii.gz``) and, when a label map was warped, the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from scripts.workflow.qc import QC_PNG
+from scripts.io.outputs import (
+    COHORT_CSV, COHORT_JSON, COHORT_MD, JACOBIAN_DET, METRICS_JSON, PAIR_OUTPUTS, QC_PNG, WARPED_LABEL,
+)
 
 __all__ = [
     "STATUSES", "pair_row", "read_pair_metrics", "structure_volumes", "table_columns", "worst_pairs", "markdown_report",
+    "cohort_console_summary", "pair_console_summary",
 ]
 
 #: row statuses: registered by this run, found complete from an earlier run, skipped (bad input), not reached yet.
@@ -43,7 +48,7 @@ def _label_name(label: Any, label_names: Mapping[Any, str] | None) -> str:
 
 def read_pair_metrics(folder: str | Path) -> dict[str, Any] | None:
     """The pair's ``metrics.json`` (None when it has none)."""
-    path = Path(folder) / "metrics.json"
+    path = Path(folder) / METRICS_JSON
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -104,11 +109,11 @@ def pair_row(
         if metrics.get(key) is not None:
             row[key] = metrics[key]
     if row.get("percent_non_positive_jacobian") is None:
-        row["percent_non_positive_jacobian"] = _folding_percent(folder / "jacobian_det.nii.gz")
+        row["percent_non_positive_jacobian"] = _folding_percent(folder / JACOBIAN_DET)
     for label in metrics.get("labels", []):
         row[f"dice_{_label_name(label.get('label'), label_names)}"] = label.get("dice")
-    if (folder / "warped_label.nii.gz").is_file():
-        row.update(structure_volumes(folder / "warped_label.nii.gz", label_names))
+    if (folder / WARPED_LABEL).is_file():
+        row.update(structure_volumes(folder / WARPED_LABEL, label_names))
     if (folder / QC_PNG).is_file():
         row["qc_png"] = f"{folder.name}/{QC_PNG}"  # the pair folder is <output_dir>/<pair id>
     return row
@@ -204,3 +209,55 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], run: Mapping[str, Any], q
             first_line = (str(row.get("error") or "").splitlines() or [""])[0].replace("|", "/")
             lines.append(f"| {row['pair_id']} | {first_line} |")
     return "\n".join(lines) + "\n"
+
+
+def cohort_console_summary(output_dir: str | os.PathLike) -> str:
+    """A few lines for the terminal about a finished cohort in ``output_dir`` (its ``cohort.json``)."""
+    folder = Path(output_dir)
+    path = folder / COHORT_JSON
+    if not path.is_file():
+        return f"No cohort summary in {folder}."
+    document = json.loads(path.read_text())
+    counts = document.get("counts", {})
+    lines = [
+        (f"Cohort of {document.get('total', 0)} pair(s) in {folder}: {counts.get('registered', 0)} registered in this "
+         f"run, {counts.get('already_complete', 0)} complete from earlier runs, {counts.get('failed', 0)} failed, "
+         f"{counts.get('pending', 0)} pending."),
+        f"  per pair: {folder / COHORT_CSV}",
+        f"  report:   {folder / COHORT_MD}",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return f"{value:12.4f}" if value is not None else f"{'n/a':>12}"
+
+
+def pair_console_summary(out: str | os.PathLike, seconds: float) -> str:
+    """
+    Human-readable report of one registration.
+
+    Args:
+        out: the pair's output folder.
+        seconds: how long the registration took (wall).
+
+    Returns:
+        the report: the outputs present in ``out``, then (when ``metrics.json`` has labels) one line per label with
+        Dice before (identity) and after, the mean, and the share of voxels with det J <= 0.
+    """
+    folder = Path(out)
+    lines = [f"Registration finished in {seconds:.0f} s. Outputs in {folder}:"]
+    lines += [f"  {name}" for name in PAIR_OUTPUTS if (folder / name).exists()]
+    metrics_file = folder / METRICS_JSON
+    if metrics_file.exists():
+        metrics = json.loads(metrics_file.read_text())
+        lines.append(f"{'label':<20}{'Dice before':>12}{'Dice after':>12}")
+        for row in metrics["labels"]:
+            name = str(row["label"]) if row.get("name") in (None, str(row["label"])) else f"{row['label']} {row['name']}"
+            lines.append(f"{name:<20}{_cell(row.get('dice_identity'))}{_cell(row.get('dice'))}")
+        lines.append(
+            f"{'mean':<20}{metrics.get('mean_dice_identity', float('nan')):12.4f}{metrics['mean_dice']:12.4f}"
+        )
+        if "percent_non_positive_jacobian" in metrics:
+            lines.append(f"voxels with det J <= 0: {metrics['percent_non_positive_jacobian']:.4f} %")
+    return "\n".join(lines)
