@@ -183,7 +183,9 @@ def _displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = N
     return image
 
 
-def lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19) -> np.ndarray:
+def lps_displacement(
+    ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19, itk_order: bool = False
+) -> np.ndarray:
     """
     :func:`scripts.spatial.world.voxel_ddf_to_lps` in float64 slabs of about ``block_voxels`` voxels, stored as float32.
 
@@ -193,20 +195,27 @@ def lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: in
     Args:
         ddf: (3, X, Y, Z) voxel displacement.
         fixed_affine: (4, 4) RAS voxel-to-world matrix of the grid.
+        itk_order: return the vectors in the order of an ITK vector image's pixel buffer, (Z, Y, X, 3) C-contiguous
+            (what ``SimpleITK.GetImageFromArray`` takes without another copy), filled slab by slab, instead of
+            (3, X, Y, Z): a CT-sized field then never exists twice.
 
     Returns:
-        (3, X, Y, Z) float32 displacement in LPS millimetres.
+        (3, X, Y, Z) (or with ``itk_order`` (Z, Y, X, 3)) float32 displacement in LPS millimetres.
 
     Raises:
         ValueError: a non-finite displacement (NaN or inf).
     """
-    out = np.empty(ddf.shape, dtype=np.float32)
+    spatial = tuple(ddf.shape[1:])
+    out = np.empty(spatial[::-1] + (3,) if itk_order else ddf.shape, dtype=np.float32)
     step = max(1, block_voxels // max(1, int(np.prod(ddf.shape[2:]))))
     for start in range(0, ddf.shape[1], step):
         slab = voxel_ddf_to_lps(ddf[:, start : start + step], fixed_affine)
         if not np.isfinite(slab).all():
             raise ValueError("the displacement field has non-finite values (NaN or inf).")
-        out[:, start : start + step] = slab
+        if itk_order:  # slab (3, x, Y, Z) -> out[Z, Y, x, 3]
+            out[:, :, start : start + step, :] = slab.transpose(3, 2, 1, 0)
+        else:
+            out[:, start : start + step] = slab
     return out
 
 
