@@ -219,8 +219,11 @@ def lps_displacement(
     return out
 
 
-def read_itk_displacement(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def read_itk_displacement(path: str | os.PathLike, block_voxels: int = 1 << 19) -> tuple[np.ndarray, np.ndarray]:
     """Read an ITK/ANTs displacement field file (ours or ANTs' ``1Warp.nii.gz`` / ``1InverseWarp.nii.gz``).
+
+    ``block_voxels``: the LPS -> voxel conversion runs in float64 slabs of about this many voxels (the result is the
+    same as converting the whole field at once).
 
     Returns:
         ``(ddf_voxels, affine)``: (3, X, Y, Z) float32 displacement in voxels of the file's grid along its array axes,
@@ -234,7 +237,10 @@ def read_itk_displacement(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
     _check_exists(path, "displacement field file")
     try:
         image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float64)
+        # float32 files (ours, ANTs') are read as they are stored: the conversion below is made in float64 slabs, so a
+        # CT-sized field is never held as whole float64 copies (the values are the same, float32 -> float64 is exact)
+        stored = np.float32 if image.get_data_dtype() == np.float32 else np.float64
+        data = np.asarray(image.dataobj, dtype=stored)
     except Exception as error:  # nibabel raises ImageFileError, EOFError, zlib errors, ... depending on the damage
         raise TransformFileError(
             f"displacement field file '{path}' could not be read ({type(error).__name__}: {error})."
@@ -251,8 +257,13 @@ def read_itk_displacement(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
         )
     if not np.isfinite(data).all():
         raise TransformFileError(f"displacement field file '{path}' has non-finite values (NaN or inf).")
-    displacement = np.moveaxis(data[:, :, :, 0, :], -1, 0)
-    if intent == NIFTI_INTENT_DISPVECT:  # NIfTI displacement vectors are RAS
-        displacement = np.einsum("ij,j...->i...", RAS_LPS_FLIP[:3, :3], displacement)
     affine = np.asarray(image.affine, dtype=np.float64)
-    return lps_to_voxel_ddf(displacement, affine).astype(np.float32), affine
+    ddf = np.empty((3, *data.shape[:3]), dtype=np.float32)
+    # slabs along the last axis, the slowest of a NIfTI array (Fortran order): each is one block of the file's array
+    step = max(1, block_voxels // max(1, int(np.prod(data.shape[:2]))))
+    for start in range(0, data.shape[2], step):  # each vector converted in float64 and rounded to float32 once
+        displacement = np.moveaxis(data[:, :, start : start + step, 0, :], -1, 0).astype(np.float64)
+        if intent == NIFTI_INTENT_DISPVECT:  # NIfTI displacement vectors are RAS
+            displacement = np.einsum("ij,j...->i...", RAS_LPS_FLIP[:3, :3], displacement)
+        ddf[:, :, :, start : start + step] = lps_to_voxel_ddf(displacement, affine)
+    return ddf, affine
