@@ -191,6 +191,37 @@ def postprocessing_peak(shape: tuple[int, int, int]) -> dict:
     return {"shape": list(shape), "rss_with_inputs_mb": round(baseline), "peak_rss_mb": round(status("VmHWM"))}
 
 
+def writers_peak(shape: tuple[int, int, int], work: Path) -> dict:
+    """Peak RSS of writing one pair's files (``SaveTransformsd`` then ``SaveRegistrationOutputsd``, as
+    ``inference.json`` chains them, default workers) on synthetic outputs of ``shape``, in this process (run it in a
+    fresh child): RSS after the outputs exist, ``VmHWM`` after the files are written, and the CPU seconds of writing."""
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    import torch
+    import torch.nn.functional as F
+    from monai.data import MetaTensor
+
+    from scripts.io import SaveRegistrationOutputsd
+    from scripts.workflow import SaveTransformsd
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith(field + ":"))
+
+    generator = torch.Generator().manual_seed(0)
+    affine = torch.diag(torch.tensor([0.7, 0.6, 0.25, 1.0], dtype=torch.float64))
+    field = F.interpolate(torch.randn(1, 3, 6, 6, 5, generator=generator) * 3, size=shape, mode="trilinear")[0]
+    image = torch.rand((1, *shape), generator=generator)
+    data = {"pred": MetaTensor(field, affine=affine), "fixed_image": MetaTensor(image, affine=affine),
+            "warped_image": MetaTensor(image, affine=affine), "jacobian_det": MetaTensor(image + 0.5, affine=affine),
+            "warped_label": MetaTensor((image * 5).to(torch.uint8), affine=affine),
+            "affine_matrix": torch.eye(4, dtype=torch.float64)}
+    baseline, start = status("VmRSS"), time.process_time()
+    data = SaveTransformsd(work, overwrite=True)(data)
+    SaveRegistrationOutputsd(work, overwrite=True)(data)
+    return {"shape": list(shape), "rss_with_inputs_mb": round(baseline), "peak_rss_mb": round(status("VmHWM")),
+            "write_cpu_s": round(time.process_time() - start, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="512,512,400", help="spatial size X,Y,Z of the pair")
@@ -203,15 +234,20 @@ def main() -> None:
     parser.add_argument("--make_only", action="store_true", help=argparse.SUPPRESS)  # the data-building child
     parser.add_argument("--postprocessing_only", action="store_true",
                         help="measure the full-resolution post-processing transforms alone on synthetic data")
+    parser.add_argument("--writers_only", action="store_true",
+                        help="measure writing one pair's files alone (transform files, then the NIfTI outputs)")
     parser.add_argument("register_flags", nargs="*",
                         help="extra register flags after --, e.g. -- --refine_iterations=0")
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
     if len(shape) != 3 or min(shape) < 2:
         raise SystemExit(f"--shape must be three sizes >= 2 like 512,512,400, got {args.shape!r}.")
-    if args.postprocessing_only:  # this small parent starts the measured child
+    if args.postprocessing_only or args.writers_only:  # this small parent starts the measured child
+        name, arguments = (("postprocessing_peak", repr(shape)) if args.postprocessing_only
+                           else ("writers_peak", f"{shape!r}, m['Path']({str(args.work)!r})"))
+        args.work.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-c", f"import runpy, sys; sys.argv = ['x']; m = runpy.run_path({str(__file__)!r}); "
-                   f"print(m['json'].dumps(m['postprocessing_peak']({shape!r})))"]
+                   f"print(m['json'].dumps(m[{name!r}]({arguments})))"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         after = resource.getrusage(resource.RUSAGE_CHILDREN)

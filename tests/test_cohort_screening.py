@@ -62,7 +62,7 @@ def test_an_atlas_shared_by_every_pair_is_decoded_once(atlas_study, tmp_path, mo
     pairs = [{"moving_image": files["moving_image"], "moving_label": files["moving_label"], "fixed_image": s,
               "pair_id": f"s{i}"} for i, s in enumerate(subjects)]
     counter = DecodeCounter(monkeypatch)
-    assert run_pairs(pairs, loading_transforms(), tmp_path / "out") == ["s0", "s1", "s2"]
+    assert run_pairs(pairs, loading_transforms(pairs=pairs), tmp_path / "out") == ["s0", "s1", "s2"]
     assert counter.counts[files["moving_image"]] == 1 and counter.counts[files["moving_label"]] == 1
     assert all(counter.counts[s] == 1 for s in subjects) and len(counter.counts) == 5
 
@@ -76,7 +76,7 @@ def test_a_bad_atlas_fails_every_pair_but_is_decoded_once(atlas_study, tmp_path,
     pairs = [{"moving_image": atlas, "fixed_image": s, "pair_id": f"s{i}"} for i, s in enumerate(subjects)]
     record = cohort_record(pairs, tmp_path / "out")
     counter = DecodeCounter(monkeypatch)
-    assert run_pairs(pairs, loading_transforms(), tmp_path / "out", record) == []
+    assert run_pairs(pairs, loading_transforms(pairs=pairs), tmp_path / "out", record) == []
     assert len(record.failed) == 3 and all("NaN/Inf" in b["error"] for b in record.failed)
     assert counter.counts[atlas] == 1
 

@@ -101,6 +101,40 @@ def test_restore_original_grid_maps_field_components_to_stored_axes():
     assert torch.allclose(rewarped, out["warped"].as_tensor(), atol=1e-5)
 
 
+def test_restore_original_grid_leaves_a_ras_file_grid_as_it_is():
+    """A fixed file stored in RAS: the outputs keep their values and memory (no copy of a CT-sized field), and
+    carry the file's affine and placement codes."""
+    ras = np.diag([0.7, 0.6, 2.5, 1.0])
+    fixed = MetaTensor(torch.rand(1, 12, 10, 8), affine=torch.as_tensor(ras))
+    fixed.meta.update(original_affine=torch.as_tensor(ras), qform_code=1, sform_code=2)
+    ddf, det = torch.randn(3, 12, 10, 8), torch.rand(1, 12, 10, 8)
+    out = RestoreOriginalGridd(keys=["pred", "jacobian_det"], vector_keys=["pred"])(
+        {"pred": MetaTensor(ddf), "jacobian_det": MetaTensor(det), "fixed_image": fixed}
+    )
+    assert out["pred"].data_ptr() == ddf.data_ptr() and out["jacobian_det"].data_ptr() == det.data_ptr()
+    assert torch.equal(out["pred"].as_tensor(), ddf) and np.allclose(np.asarray(out["pred"].affine), ras)
+    assert out["pred"].meta["sform_code"] == 2
+
+
+def test_moving_warp_for_the_figure_only_when_something_reads_it(small_pair):
+    """``warped_moving_scaled`` (the moving image warped on the network-scaled fixed grid) is read by qc.png and the
+    SSIM metric only: with both off, the post-processing makes no full-resolution warp of it."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE_ROOT
+
+    def steps(**overrides):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+        parser.update({"bundle_root": str(BUNDLE_ROOT), **{k: str(v) for k, v in small_pair.items()}, **overrides})
+        return [type(t).__name__ for t in parser.get_parsed_content("postprocessing").transforms]
+
+    assert "WarpByDdfd" in steps() and "WarpByDdfd" in steps(qc=False, metrics_ssim=True)
+    assert "WarpByDdfd" in steps(qc=True, metrics_ssim=False)
+    without = steps(qc=False, metrics_ssim=False)
+    assert "WarpByDdfd" not in without and without == [s for s in steps() if s != "WarpByDdfd"]
+
+
 def test_moving_on_another_grid_is_resampled_onto_fixed_grid(caplog):
     fixed = MetaTensor(torch.zeros(1, 20, 20, 20), affine=torch.eye(4, dtype=torch.float64))
     coarse = np.diag([2.0, 2.0, 2.0, 1.0])

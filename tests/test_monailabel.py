@@ -157,3 +157,21 @@ def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     assert all(torch.equal(before[k], shipped[k]) for k in before)
     after = torch.load(tmp_path / "weights" / "model.pt", weights_only=True)
     assert any(not torch.equal(before[k], after[k]) for k in before), "training did not write weights_dir/model.pt"
+
+
+def test_server_keeps_the_atlas_decoded_between_requests(tmp_path):
+    """The app registers request after request against one atlas: its config keeps the decoded inputs for the next
+    request (``keep_decoded_inputs``), where a one-pair ``register`` run keeps none."""
+    from conftest import BUNDLE_ROOT
+
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(BUNDLE_ROOT)!r})\n"
+        "from lib.registration_infer import load_register_config\n"
+        f"parser = load_register_config({str(BUNDLE_ROOT)!r})\n"
+        "loader = [t for t in parser.get_parsed_content('loading_transforms')\n"
+        "          if type(t).__name__ == 'LoadRegistrationInputsd'][0]\n"
+        "print('RESULT ' + json.dumps({'keep': loader.keep_decoded, 'one_pair': parser.get_parsed_content('pairs')}))\n"
+    )
+    result = _run_in_label_venv(code, tmp_path)
+    assert result["keep"] is True and len(result["one_pair"]) == 1

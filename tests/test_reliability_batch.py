@@ -2,8 +2,10 @@
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from reliability_data import DecodeCounter, cohort_record, load_sample, loading_transforms, run_pairs, save, small_pair
 
 from scripts.io.errors import BundleUserError, RegistrationInputError, find_user_error
@@ -52,10 +54,30 @@ def test_bad_pairs_are_skipped_and_reported_at_the_end(batch, tmp_path):
 def test_each_file_is_decoded_once_per_pair(batch, tmp_path, monkeypatch):
     counter = DecodeCounter(monkeypatch)
     good = [batch[0], {**batch[0], "pair_id": "p0_again"}]
-    run_pairs(good, loading_transforms(), tmp_path / "out")
+    run_pairs(good, loading_transforms(pairs=good), tmp_path / "out")  # the loading of a run of these two pairs
     # four files, one pair after the other under the same keys: each decoded once for the whole run
     assert sorted(counter.counts.values()) == [1, 1, 1, 1]
     assert set(counter.counts) == {batch[0][k] for k in ("moving_image", "fixed_image", "moving_label", "fixed_label")}
+
+
+def test_one_pair_run_keeps_no_decoded_copies(batch, tmp_path, monkeypatch):
+    """A run of one pair has no next pair to hand a kept volume to: the loader keeps none (a CT-sized pair's four
+    float32 copies stayed in memory through the whole registration); label maps keep their file's integer type."""
+    counter = DecodeCounter(monkeypatch)
+    single = {k: v for k, v in batch[0].items() if k != "pair_id"}
+    transforms = loading_transforms(pairs=[single])
+    loader = next(t for t in transforms.transforms if type(t).__name__ == "LoadRegistrationInputsd")
+    assert not loader.keep_decoded
+    item = transforms(dict(single))
+    assert loader._last == {} and sorted(counter.counts.values()) == [1, 1, 1, 1]
+    assert item["moving_label"].dtype == item["fixed_label"].dtype == torch.uint8  # as stored in the files
+    assert item["moving_image"].dtype == torch.float32
+    labels = nib.load(single["fixed_label"])
+    assert labels.get_data_dtype() == np.uint8
+    ras = np.asarray(nib.as_closest_canonical(labels).dataobj)  # the loading reorients to RAS
+    np.testing.assert_array_equal(item["fixed_label"][0].numpy(), ras)
+    kept = loading_transforms(pairs=[single, {**single, "pair_id": "again"}])
+    assert next(t for t in kept.transforms if type(t).__name__ == "LoadRegistrationInputsd").keep_decoded
 
 
 def test_single_bad_pair_fails_at_once_and_clean_batch_reports_nothing(batch, tmp_path):

@@ -147,6 +147,10 @@ def test_displacement_file_bytes_do_not_depend_on_slabs_or_dtype(case, tmp_path)
     whole = voxel_ddf_to_lps(ddf, affine).astype(np.float32)
     slabs = lps_displacement(ddf, affine, block_voxels=7 * ddf.shape[2] * ddf.shape[3])  # 7 slices a slab
     assert slabs.tobytes() == whole.tobytes()
+    # the order of an ITK vector image's buffer (transform.h5 is built from it), filled slab by slab: the same vectors
+    itk = lps_displacement(ddf, affine, block_voxels=7 * ddf.shape[2] * ddf.shape[3], itk_order=True)
+    assert itk.flags.c_contiguous and itk.shape == ddf.shape[:0:-1] + (3,)
+    assert itk.tobytes() == np.ascontiguousarray(whole.transpose(3, 2, 1, 0)).tobytes()
     write_itk_displacement(ddf, affine, tmp_path / "f32.nii.gz")
     write_itk_displacement(torch.as_tensor(ddf.astype(np.float64)), affine, tmp_path / "f64.nii.gz")
     assert (tmp_path / "f32.nii.gz").read_bytes() == (tmp_path / "f64.nii.gz").read_bytes()
@@ -156,6 +160,31 @@ def test_displacement_file_bytes_do_not_depend_on_slabs_or_dtype(case, tmp_path)
     with pytest.raises(ValueError, match="non-finite"):
         write_itk_displacement(ddf, affine, tmp_path / "nan.nii.gz")
     assert not (tmp_path / "nan.nii.gz").exists()
+
+
+def test_displacement_read_in_slabs_equals_the_whole_field_conversion(case, tmp_path):
+    """read_itk_displacement converts float32 files (ours, ANTs') in float64 slabs without a whole float64 copy: the
+    result equals the whole-field float64 conversion bit for bit, for ITK (LPS) and NIfTI (RAS, float64) vectors."""
+    from scripts.spatial.itk_files import NIFTI_INTENT_DISPVECT
+    from scripts.spatial.world import lps_to_voxel_ddf
+
+    affine = case["fixed_affine"].copy()
+    c, s = np.cos(0.3), np.sin(0.3)  # an oblique grid: every voxel component mixes two LPS components
+    affine[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ affine[:3, :3]
+    path = write_itk_displacement(case["ddf"].astype(np.float32), affine, tmp_path / "warp.nii.gz")
+    image = nib.load(str(path))
+    affine = image.affine  # as the header stores it (float32 numbers)
+    stored = np.asarray(image.dataobj, dtype=np.float64)[:, :, :, 0, :]
+    whole = lps_to_voxel_ddf(np.moveaxis(stored, -1, 0), affine).astype(np.float32)
+    plane = stored.shape[0] * stored.shape[1]  # the slabs run along the last axis
+    for block in (1, 7 * plane, 1 << 30):  # one plane, 7 planes (an uneven last slab), the whole field at once
+        field, field_affine = read_itk_displacement(path, block_voxels=block)
+        assert field.dtype == np.float32 and field.tobytes() == whole.tobytes()
+    np.testing.assert_allclose(field_affine, affine)
+    ras = nib.Nifti1Image(stored[:, :, :, None, :] * np.array([-1.0, -1.0, 1.0]), affine)  # float64 RAS vectors
+    ras.header.set_intent(NIFTI_INTENT_DISPVECT)
+    nib.save(ras, str(tmp_path / "ras.nii.gz"))
+    assert read_itk_displacement(tmp_path / "ras.nii.gz", block_voxels=5 * plane)[0].tobytes() == whole.tobytes()
 
 
 def test_composite_files_hold_the_forward_and_inverse_point_maps(case, tmp_path):

@@ -130,3 +130,41 @@ def test_outputs_keep_the_fixed_images_placement_codes(outputs, tmp_path):
         assert np.allclose(nib.load(str(tmp_path / "mni" / name)).affine, AFFINE)
         header = nib.load(str(tmp_path / "plain" / name)).header
         assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1), name
+
+
+def test_large_grids_write_one_file_after_the_other_with_the_same_files(outputs, tmp_path, monkeypatch):
+    """Above ``PARALLEL_WRITE_MAX_VOXELS`` (lowered here to this grid's size - 1) every file of a pair is written in
+    the calling thread, one after the other, whatever ``max_workers`` says; the files equal the concurrent ones."""
+    import threading
+
+    import scripts.io.atomic
+    import scripts.io.writer
+    import scripts.spatial.transform_set as transform_set
+
+    threads = []
+
+    def recorded(write):
+        def wrapper(*args, **kwargs):
+            threads.append(threading.current_thread() is threading.main_thread())
+            return write(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("write_itk_affine", "write_itk_displacement", "write_itk_composite"):
+        monkeypatch.setattr(transform_set, name, recorded(getattr(transform_set, name)))
+    monkeypatch.setattr(scripts.io.writer, "save_nifti", recorded(scripts.io.atomic.save_nifti))
+
+    def write(folder):
+        threads.clear()
+        d = SaveTransformsd(folder, inverse=False, max_workers=2)(outputs)
+        SaveRegistrationOutputsd(folder, max_workers=2)(d)
+        return list(threads)
+
+    assert scripts.io.writer.write_workers(int(np.prod(SHAPE)), 2) == 2
+    concurrent = write(tmp_path / "small")
+    assert len(concurrent) == 7 and not any(concurrent)  # 3 transform files + 4 NIfTI outputs, on writer threads
+    monkeypatch.setattr(scripts.io.writer, "PARALLEL_WRITE_MAX_VOXELS", int(np.prod(SHAPE)) - 1)
+    assert scripts.io.writer.write_workers(int(np.prod(SHAPE)), 2) == 1
+    assert all(write(tmp_path / "large")) and len(threads) == 7  # each in the calling thread
+    small, large = _files(tmp_path / "small"), _files(tmp_path / "large")
+    assert small.keys() == large.keys() and all(small[k] == large[k] for k in small)

@@ -171,23 +171,40 @@ class CheckRegistrationHeadersd(MapTransform):
 class LoadRegistrationInputsd(MapTransform):
     """Decode each given input file into a MetaTensor (MONAI's ``LoadImage`` with nibabel), once per pair.
 
-    The last volume loaded under each key is kept with its file's identity (path, size, modification time): when the
-    next pair names the same file under that key, as a datalist with one atlas does for every pair, a copy of it is
-    returned instead of decoding the file again. Optional keys that are absent or empty are skipped. A file that cannot
-    be decoded (truncated or corrupt) raises a ``RegistrationInputError`` naming it.
+    With ``keep_decoded``, the last volume loaded under each key is kept with its file's identity (path, size,
+    modification time): when the next pair names the same file under that key, as a datalist with one atlas does for
+    every pair, a copy of it is returned instead of decoding the file again. Optional keys that are absent or empty
+    are skipped. A file that cannot be decoded (truncated or corrupt) raises a ``RegistrationInputError`` naming it.
 
     Args:
         keys: data keys holding file paths (moving/fixed image and label keys).
         reader: MONAI image reader (name or instance); the bundle reads NIfTI with ``"NibabelReader"``.
         allow_missing_keys: skip absent keys (labels are optional).
+        label_keys: keys of label maps, decoded in their file's own type (uint8 / int16 label ids stay integers: a
+            quarter or half of the float32 copy every later step would otherwise hold; nearest-neighbour resampling,
+            warping and the metrics keep integer maps as they are). Other keys are decoded as float32.
+        keep_decoded: keep the last volume of each key for the next pair. False for a run of one pair
+            (``configs/inference.json``: ``len(@pairs) > 1``): there is no next pair, and the kept float32 copies of a
+            CT-sized pair (images and labels) would stay in memory through the whole registration, 1.7 GB at
+            512 x 512 x 400.
 
     Attributes:
         decoded: file path -> how many times it was decoded by this transform (a datalist's atlas: 1).
     """
 
-    def __init__(self, keys: KeysCollection, reader: Any = "NibabelReader", allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reader: Any = "NibabelReader",
+        allow_missing_keys: bool = True,
+        label_keys: KeysCollection = ("moving_label", "fixed_label"),
+        keep_decoded: bool = True,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadImage(reader=reader, image_only=True)
+        self.label_loader = LoadImage(reader=reader, image_only=True, dtype=None)
+        self.label_keys = {label_keys} if isinstance(label_keys, str) else set(label_keys)
+        self.keep_decoded = bool(keep_decoded)
         self._last: dict[Hashable, tuple[tuple[str, int, int], Any]] = {}
         self.decoded: dict[str, int] = {}
 
@@ -202,15 +219,16 @@ class LoadRegistrationInputsd(MapTransform):
             if last is not None and last[0] == identity:
                 d[key] = copy.deepcopy(last[1])
                 continue
-            d[key] = self._decode(value, _role(key))
-            self._last[key] = (identity, d[key])
-            d[key] = copy.deepcopy(d[key])  # later transforms may change it in place; the kept copy stays as read
+            d[key] = self._decode(value, _role(key), self.label_loader if key in self.label_keys else self.loader)
+            if self.keep_decoded:
+                self._last[key] = (identity, d[key])
+                d[key] = copy.deepcopy(d[key])  # later transforms may change it in place; the kept copy stays as read
         return d
 
-    def _decode(self, path: str | os.PathLike, role: str) -> Any:
+    def _decode(self, path: str | os.PathLike, role: str, loader: LoadImage) -> Any:
         self.decoded[str(path)] = self.decoded.get(str(path), 0) + 1
         try:
-            return self.loader(str(path))
+            return loader(str(path))
         except Exception as error:  # nibabel/zlib/gzip raise EOFError, OSError, zlib.error ... on damaged files
             cause = error
             while cause.__cause__ is not None:  # MONAI wraps the reader's error (with tracebacks in its text)

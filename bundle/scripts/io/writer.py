@@ -27,11 +27,13 @@ from scripts.io.outputs import VOLUME_OUTPUTS, pair_output_dir
 __all__ = [
     "DEFAULT_OUTPUT_NAMES",
     "DEFAULT_WRITE_WORKERS",
+    "PARALLEL_WRITE_MAX_VOXELS",
     "ConcurrentWriter",
     "SaveRegistrationOutputsd",
     "nifti_image",
     "pair_output_dir",
     "write_nifti",
+    "write_workers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,17 @@ DEFAULT_OUTPUT_NAMES = VOLUME_OUTPUTS
 
 #: threads writing one pair's files: two keep both cores of a small machine compressing, more only add memory
 DEFAULT_WRITE_WORKERS = 2
+
+#: grids of more voxels than this (a 256^3 volume) write their files one after the other: each writer holds its own
+#: encoding copies (``transform.h5`` alone 4 float32 copies of the field while SimpleITK writes it as float64), and
+#: for a CT-sized grid two at once cost gigabytes more than the seconds they save
+PARALLEL_WRITE_MAX_VOXELS = 1 << 24
+
+
+def write_workers(voxels: int, max_workers: int = DEFAULT_WRITE_WORKERS) -> int:
+    """Writer threads for files of a grid of ``voxels`` voxels: ``max_workers``, or 1 above
+    :py:data:`PARALLEL_WRITE_MAX_VOXELS` (the same files, one after the other)."""
+    return max_workers if voxels <= PARALLEL_WRITE_MAX_VOXELS else 1
 
 
 class ConcurrentWriter:
@@ -210,7 +223,7 @@ class SaveRegistrationOutputsd(MapTransform):
             space, 1, when it carries none).
         overwrite: replace existing outputs.
         max_workers: threads writing the files at the same time (:class:`ConcurrentWriter`; 1 writes them one after
-            the other). The files are the same either way.
+            the other; grids above :py:data:`PARALLEL_WRITE_MAX_VOXELS` always do). The files are the same either way.
     """
 
     def __init__(
@@ -242,7 +255,8 @@ class SaveRegistrationOutputsd(MapTransform):
         written = {}
         meta = getattr(d.get(self.reference_key), "meta", None) or {}
         codes = (int(meta.get("qform_code", 1)), int(meta.get("sform_code", 1)))
-        with ConcurrentWriter(self.max_workers) as writer:
+        largest = max((int(np.prod(d[k].shape[1:])) for k in keys), default=0)
+        with ConcurrentWriter(write_workers(largest, self.max_workers)) as writer:
             for key in keys:
                 value = d[key]
                 affine = value.affine if isinstance(value, MetaTensor) else np.eye(4)

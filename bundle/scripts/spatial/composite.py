@@ -45,9 +45,15 @@ def sitk_displacement_transform(ddf_voxels, fixed_affine):
 
     fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
     origin, spacing, direction = itk_geometry(fixed_affine)
-    lps = lps_displacement(as_channel_first(ddf_voxels, dtype=None), fixed_affine)  # float32, as in warp.nii.gz
-    # SimpleITK arrays run (Z, Y, X, component) for an ITK index (i, j, k) = the NIfTI array axes (X, Y, Z)
-    field = sitk.GetImageFromArray(np.ascontiguousarray(lps.transpose(3, 2, 1, 0), dtype=np.float64), isVector=True)
+    # SimpleITK arrays run (Z, Y, X, component) for an ITK index (i, j, k) = the NIfTI array axes (X, Y, Z); the
+    # float32 vectors of warp.nii.gz are made in that order, copied into a float32 image and widened there: ITK's
+    # displacement transform is double only, and float32 -> float64 is exact, so the values are warp.nii.gz's. Peak:
+    # 3 float32 copies of the field while building (the old float64 array + image route held 5), then the float64
+    # image alone.
+    lps = lps_displacement(as_channel_first(ddf_voxels, dtype=None), fixed_affine, itk_order=True)
+    field = sitk.GetImageFromArray(lps, isVector=True)
+    del lps
+    field = sitk.Cast(field, sitk.sitkVectorFloat64)
     field.SetOrigin(origin)
     field.SetSpacing(spacing)
     field.SetDirection(direction)
@@ -74,10 +80,14 @@ def write_itk_composite(
 
     affine = sitk_affine(np.eye(4) if transform_ras is None else transform_ras)
     affine = affine.GetInverse() if inverse else affine
-    parts = [affine]
-    if ddf_voxels is not None:
-        field = sitk_displacement_transform(ddf_voxels, fixed_affine)
-        parts = [field, affine] if inverse else [affine, field]  # the last one is applied to a point first
+    composite = sitk.CompositeTransform(3)
+    # the last transform of the list is applied to a point first; the field is added without a Python name kept on
+    # it, so the composite's copy of it is the only one left (SimpleITK copies a transform it takes into a composite)
+    if ddf_voxels is not None and inverse:
+        composite.AddTransform(sitk_displacement_transform(ddf_voxels, fixed_affine))
+    composite.AddTransform(affine)
+    if ddf_voxels is not None and not inverse:
+        composite.AddTransform(sitk_displacement_transform(ddf_voxels, fixed_affine))
     with atomic_path(path) as tmp:
-        sitk.WriteTransform(sitk.CompositeTransform(parts), str(tmp))
+        sitk.WriteTransform(composite, str(tmp))
     return Path(path)

@@ -183,7 +183,9 @@ def _displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = N
     return image
 
 
-def lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19) -> np.ndarray:
+def lps_displacement(
+    ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19, itk_order: bool = False
+) -> np.ndarray:
     """
     :func:`scripts.spatial.world.voxel_ddf_to_lps` in float64 slabs of about ``block_voxels`` voxels, stored as float32.
 
@@ -193,25 +195,35 @@ def lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: in
     Args:
         ddf: (3, X, Y, Z) voxel displacement.
         fixed_affine: (4, 4) RAS voxel-to-world matrix of the grid.
+        itk_order: return the vectors in the order of an ITK vector image's pixel buffer, (Z, Y, X, 3) C-contiguous
+            (what ``SimpleITK.GetImageFromArray`` takes without another copy), filled slab by slab, instead of
+            (3, X, Y, Z): a CT-sized field then never exists twice.
 
     Returns:
-        (3, X, Y, Z) float32 displacement in LPS millimetres.
+        (3, X, Y, Z) (or with ``itk_order`` (Z, Y, X, 3)) float32 displacement in LPS millimetres.
 
     Raises:
         ValueError: a non-finite displacement (NaN or inf).
     """
-    out = np.empty(ddf.shape, dtype=np.float32)
+    spatial = tuple(ddf.shape[1:])
+    out = np.empty(spatial[::-1] + (3,) if itk_order else ddf.shape, dtype=np.float32)
     step = max(1, block_voxels // max(1, int(np.prod(ddf.shape[2:]))))
     for start in range(0, ddf.shape[1], step):
         slab = voxel_ddf_to_lps(ddf[:, start : start + step], fixed_affine)
         if not np.isfinite(slab).all():
             raise ValueError("the displacement field has non-finite values (NaN or inf).")
-        out[:, start : start + step] = slab
+        if itk_order:  # slab (3, x, Y, Z) -> out[Z, Y, x, 3]
+            out[:, :, start : start + step, :] = slab.transpose(3, 2, 1, 0)
+        else:
+            out[:, start : start + step] = slab
     return out
 
 
-def read_itk_displacement(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def read_itk_displacement(path: str | os.PathLike, block_voxels: int = 1 << 19) -> tuple[np.ndarray, np.ndarray]:
     """Read an ITK/ANTs displacement field file (ours or ANTs' ``1Warp.nii.gz`` / ``1InverseWarp.nii.gz``).
+
+    ``block_voxels``: the LPS -> voxel conversion runs in float64 slabs of about this many voxels (the result is the
+    same as converting the whole field at once).
 
     Returns:
         ``(ddf_voxels, affine)``: (3, X, Y, Z) float32 displacement in voxels of the file's grid along its array axes,
@@ -225,7 +237,10 @@ def read_itk_displacement(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
     _check_exists(path, "displacement field file")
     try:
         image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float64)
+        # float32 files (ours, ANTs') are read as they are stored: the conversion below is made in float64 slabs, so a
+        # CT-sized field is never held as whole float64 copies (the values are the same, float32 -> float64 is exact)
+        stored = np.float32 if image.get_data_dtype() == np.float32 else np.float64
+        data = np.asarray(image.dataobj, dtype=stored)
     except Exception as error:  # nibabel raises ImageFileError, EOFError, zlib errors, ... depending on the damage
         raise TransformFileError(
             f"displacement field file '{path}' could not be read ({type(error).__name__}: {error})."
@@ -242,8 +257,13 @@ def read_itk_displacement(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
         )
     if not np.isfinite(data).all():
         raise TransformFileError(f"displacement field file '{path}' has non-finite values (NaN or inf).")
-    displacement = np.moveaxis(data[:, :, :, 0, :], -1, 0)
-    if intent == NIFTI_INTENT_DISPVECT:  # NIfTI displacement vectors are RAS
-        displacement = np.einsum("ij,j...->i...", RAS_LPS_FLIP[:3, :3], displacement)
     affine = np.asarray(image.affine, dtype=np.float64)
-    return lps_to_voxel_ddf(displacement, affine).astype(np.float32), affine
+    ddf = np.empty((3, *data.shape[:3]), dtype=np.float32)
+    # slabs along the last axis, the slowest of a NIfTI array (Fortran order): each is one block of the file's array
+    step = max(1, block_voxels // max(1, int(np.prod(data.shape[:2]))))
+    for start in range(0, data.shape[2], step):  # each vector converted in float64 and rounded to float32 once
+        displacement = np.moveaxis(data[:, :, start : start + step, 0, :], -1, 0).astype(np.float64)
+        if intent == NIFTI_INTENT_DISPVECT:  # NIfTI displacement vectors are RAS
+            displacement = np.einsum("ij,j...->i...", RAS_LPS_FLIP[:3, :3], displacement)
+        ddf[:, :, :, start : start + step] = lps_to_voxel_ddf(displacement, affine)
+    return ddf, affine

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from scripts.io.outputs import AFFINE_MAT, INVERSE_TRANSFORM_H5, INVERSE_WARP, TRANSFORM_H5, WARP, transform_file_names
-from scripts.io.writer import DEFAULT_WRITE_WORKERS, ConcurrentWriter
+from scripts.io.writer import DEFAULT_WRITE_WORKERS, ConcurrentWriter, write_workers
 
 from .composite import write_itk_composite
 from .inversion import invert_displacement, inverse_warp_field
@@ -84,7 +84,8 @@ def save_transforms(
     """Write a registration's transforms in ITK/ANTs formats (each file atomically).
 
     The files are written on writer threads (:class:`scripts.io.writer.ConcurrentWriter`) while the inverse field,
-    when asked for, is computed in the calling thread; the files are the same as when written one after the other.
+    when asked for, is computed in the calling thread; the files are the same as when written one after the other,
+    as they are for a field of more than :py:data:`scripts.io.writer.PARALLEL_WRITE_MAX_VOXELS` voxels.
 
     Args:
         transform_dir: destination folder (created when missing).
@@ -93,7 +94,7 @@ def save_transforms(
         ddf_voxels: optional bundle ``ddf`` on the fixed grid, (X, Y, Z, 3) or (3, X, Y, Z) -> ``warp.nii.gz``.
         inverse: also write ``inverse_warp.nii.gz`` and ``inverse_transform.h5`` (inversion of ``ddf_voxels``).
         iterations, tolerance: of the inversion (:func:`scripts.spatial.invert_displacement`).
-        max_workers: writer threads (1: every file in turn in the calling thread).
+        max_workers: writer threads (1: every file in turn in the calling thread; 1 for a CT-sized field).
 
     Returns:
         ``{"affine": path, "warp": path, "transform": path, "inverse_warp": path, "inverse_transform": path,
@@ -105,7 +106,8 @@ def save_transforms(
     folder = Path(transform_dir)
     fixed_affine = as_matrix4(fixed_affine, "fixed_affine")
     written: dict = {}
-    with ConcurrentWriter(max_workers) as writer:
+    voxels = 0 if ddf_voxels is None else int(np.prod(tuple(ddf_voxels.shape))) // 3
+    with ConcurrentWriter(write_workers(voxels, max_workers)) as writer:
         if transform_ras is not None:
             written["affine"] = folder / AFFINE_FILE
             writer.submit(written["affine"], write_itk_affine, transform_ras, written["affine"])

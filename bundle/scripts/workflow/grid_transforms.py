@@ -366,7 +366,9 @@ class RestoreOriginalGridd(MapTransform):
                     raise ValueError(f"{key} must have 3 channels to be restored as a displacement, got {array.shape[0]}.")
                 rotation = np.linalg.inv(original[:3, :3]) @ current[:3, :3]
                 rotation = torch.as_tensor(rotation, dtype=array.dtype, device=array.device)
-                array = torch.einsum("ij,j...->i...", rotation, array)
+                # a file stored in RAS needs no mapping: the field stays as it is, not copied (3 volumes of a CT)
+                if not torch.equal(rotation, torch.eye(3, dtype=array.dtype, device=array.device)):
+                    array = torch.einsum("ij,j...->i...", rotation, array)
             d[key] = MetaTensor(array, affine=torch.as_tensor(original), meta=dict(xform))
         return d
 

@@ -121,7 +121,9 @@ def load_register_config(bundle_path: str) -> ConfigParser:
         raise ValueError(f"bundle {bundle_path} lacks the registration config {path}.")
     parser = ConfigParser()
     parser.read_config(path)
-    parser.config.update({"bundle_root": bundle_path})  # type: ignore[union-attr]
+    # a server registers request after request against one atlas: keep its decoded volumes for the next request (a
+    # one-pair run of the config keeps none)
+    parser.config.update({"bundle_root": bundle_path, "keep_decoded_inputs": True})  # type: ignore[union-attr]
     return parser
 
 
