@@ -34,6 +34,7 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     document = {
         "what": "field refinement settings (bench/accuracy/refinement_sweep.py); seg14 Dice, % det J <= 0 in the "
                 "fixed brain, refinement CPU seconds (time.process_time, all threads)",
-        "argv": list(argv) if argv is not None else None,
+        "argv": list(argv) if argv is not None else sys.argv[1:],
         "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
                     "loadavg_1min_at_start": os.getloadavg()[0]},
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
