@@ -41,10 +41,11 @@ def test_loss_has_converged_compares_window_means_relative_to_the_loss():
 
 
 def test_early_stop_ends_a_converged_refinement_and_not_a_hard_one(pair):
-    aligned = torch.cat([pair["fixed"], pair["fixed"]], 1)  # nothing to correct: the loss is flat from the start
+    aligned = torch.cat([pair["fixed"], pair["fixed"]], 1)  # nothing to correct: the start is the optimum
     zero = torch.zeros(1, 3, *aligned.shape[2:])
-    _, info = _refine(aligned, zero, iterations=40, scale=1.0, tolerance=1e-3, tolerance_window=5)
-    assert info["steps"] == 10 and len(info["losses"]) == 10  # the first step where two windows are known
+    _, info = _refine(aligned, zero, iterations=40, learning_rate=0.05, scale=1.0, tolerance=1e-3, tolerance_window=5)
+    assert 10 <= info["steps"] < 40 and len(info["losses"]) == info["steps"]  # two windows known, then flat: stop
+    assert abs(info["losses"][-1] - info["losses"][0]) < 5e-3 * abs(info["losses"][0])  # back near the optimum
     # a real pair from a 3-voxel shift with small steps keeps improving by more than the tolerance for all its steps
     shift = zero.clone()
     shift[:, 1] = 3.0
@@ -57,10 +58,10 @@ def test_early_stop_ends_a_converged_refinement_and_not_a_hard_one(pair):
 def test_early_stop_is_deterministic_and_the_steps_taken_match_a_fixed_count(pair):
     inputs = torch.cat([pair["moving"], pair["fixed"]], 1)
     zero = torch.zeros(1, 3, *inputs.shape[2:])
-    settings = dict(iterations=60, learning_rate=1.0, scale=1.0, tolerance=0.01, tolerance_window=5)
+    settings = dict(iterations=80, learning_rate=1.0, scale=1.0, tolerance=0.01, tolerance_window=5)
     first, info = _refine(inputs, zero, **settings)
     second, again = _refine(inputs, zero, **settings)
-    assert 10 <= info["steps"] < 60 and info["steps"] == again["steps"]
+    assert 10 <= info["steps"] < 80 and info["steps"] == again["steps"]
     assert torch.equal(first, second)
     # stopping early returns the field of a run with that many steps and no tolerance, bit for bit
     fixed_count, _ = _refine(inputs, zero, iterations=info["steps"], learning_rate=1.0, scale=1.0)
