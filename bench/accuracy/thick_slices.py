@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--factor", type=int, default=3, help="slices per thick slab")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--refine", default="0,default",
-                        help="comma-separated refine_iterations to run, 'default' for the config's (50)")
+                        help="comma-separated refine_iterations to run, 'default' for the config's")
     args = parser.parse_args(argv)
     refines = [None if r == "default" else int(r) for r in args.refine.split(",")]
     data, out = Path(args.data), Path(args.out)

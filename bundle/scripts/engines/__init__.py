@@ -20,7 +20,9 @@ from .affine_registration import (
 )
 from .field_refinement import (
     FieldRefinementInferer,
+    loss_has_converged,
     refine_displacement,
+    scale_within_voxel_budget,
 )
 from .foreground_crop_inferer import (
     ForegroundCropInferer,
