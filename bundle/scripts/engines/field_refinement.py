@@ -15,6 +15,7 @@ from scripts.engines.resolution_inferer import ResolutionInferer, resize_displac
 from scripts.io.errors import NonFiniteLossError
 from scripts.io.progress import Progress
 from scripts.layers.sampling import compose_displacements, integrate_velocity, warp_image
+from scripts.spatial.inversion import invert_displacement
 
 __all__ = ["FieldRefinementInferer", "refine_displacement"]
 
@@ -25,7 +26,8 @@ PARAMETERIZATIONS = ("velocity", "displacement")
 
 
 def _check_settings(
-    iterations: int, learning_rate: float, regularization_weight: float, parameterization: str, integration_steps: int
+    iterations: int, learning_rate: float, regularization_weight: float, parameterization: str, integration_steps: int,
+    symmetric: bool = False,
 ) -> None:
     if int(iterations) < 0 or not float(learning_rate) > 0 or float(regularization_weight) < 0:
         raise ValueError(
@@ -36,6 +38,9 @@ def _check_settings(
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")
     if int(integration_steps) < 1:
         raise ValueError(f"integration_steps must be >= 1, got {integration_steps}.")
+    if symmetric and parameterization != "velocity":
+        raise ValueError("a symmetric refinement needs parameterization='velocity' (its inverse is exp(-c)), got "
+                         f"{parameterization!r}.")
 
 
 class _Correction:
@@ -43,16 +48,24 @@ class _Correction:
 
     ``velocity``: ``u ∘ exp(c)`` (scaling and squaring), a diffeomorphism composed after the network's map, so the
     correction cannot fold and the smoothness term acts on ``c``. ``displacement``: ``u + c``, smoothness on the sum.
+    ``symmetric`` (velocity only): the inverse map ``exp(-c) ∘ u^-1`` is kept at hand too, ``u^-1`` inverted once
+    (Newton, ``scripts.spatial.invert_displacement``) since the correction never changes it.
     """
 
-    def __init__(self, base: torch.Tensor, parameterization: str, integration_steps: int) -> None:
+    def __init__(self, base: torch.Tensor, parameterization: str, integration_steps: int, symmetric: bool = False):
         self.base, self.parameterization, self.steps = base, parameterization, int(integration_steps)
         self.field = torch.zeros_like(base, requires_grad=True)
+        self.base_inverse = invert_displacement(base).ddf if symmetric else None
 
     def total(self) -> torch.Tensor:
         if self.parameterization == "velocity":
             return compose_displacements(self.base, self._exp(), "border")
         return self.base + self.field
+
+    def inverse_total(self) -> torch.Tensor:
+        """The displacement of the inverse map ``exp(-c) ∘ u^-1``: it warps the fixed image onto the moving one."""
+        inverse_correction = integrate_velocity(-self.field, self.steps, "zeros")
+        return compose_displacements(inverse_correction, self.base_inverse, "border")
 
     def _exp(self) -> torch.Tensor:
         """exp(c), integrated as the network integrates (zero padding)."""
@@ -82,6 +95,7 @@ def refine_displacement(
     log_interval: int = 0,
     parameterization: str = "velocity",
     integration_steps: int = 4,
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """
     Correct ``ddf`` by a field ``c`` optimised on a grid at ``scale`` of the input (Adam, fixed iteration count, zero
@@ -108,6 +122,10 @@ def refine_displacement(
             the loss replaces these lines (``scripts.io.progress``).
         parameterization: "velocity" or "displacement", see above.
         integration_steps: scaling-and-squaring steps of the velocity (>= 1).
+        symmetric: (velocity only) score both directions, the mean of ``image_loss(warp(m, ddf ∘ exp(c)), f)`` and
+            ``image_loss(warp(f, exp(-c) ∘ ddf^-1), m)``: the forward objective alone is free to squeeze moving tissue
+            that fits nowhere into a few fixed voxels, which the forward Dice hardly sees but the inverse (fixed labels
+            on the moving scan) does; scored both ways, the map is as good in either direction.
 
     Returns:
         (B, 3, D, H, W) refined displacement in voxels of the input grid (float32, no gradient).
@@ -116,7 +134,7 @@ def refine_displacement(
         raise ValueError(f"inputs must be (B, 2, D, H, W) moving + fixed, got {tuple(inputs.shape)}.")
     if ddf.shape != (inputs.shape[0], 3, *inputs.shape[2:]):
         raise ValueError(f"ddf must be (B, 3, D, H, W) on the inputs' grid, got {tuple(ddf.shape)}.")
-    _check_settings(iterations, learning_rate, regularization_weight, parameterization, integration_steps)
+    _check_settings(iterations, learning_rate, regularization_weight, parameterization, integration_steps, symmetric)
     # plain tensors: a MetaTensor (as MONAI engines pass) would make the optimised field a non-leaf
     inputs, ddf = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (inputs, ddf))
     ddf = ddf.detach().float()
@@ -125,12 +143,17 @@ def refine_displacement(
     with torch.enable_grad(), torch.autocast(device_type=inputs.device.type, enabled=False):
         small = ResolutionInferer(network_scale=scale).downsample(inputs.detach().float())
         moving, fixed = small[:, :1], small[:, 1:]
-        correction = _Correction(resize_displacement(ddf, small.shape[2:]), parameterization, integration_steps)
+        base = resize_displacement(ddf, small.shape[2:])
+        correction = _Correction(base, parameterization, integration_steps, symmetric)
         optimizer = torch.optim.Adam([correction.field], lr=learning_rate)
         with Progress(iterations, "field refinement") as bar:
             for step in range(iterations):
                 penalty = regularization_weight * regularization(correction.smoothed())
-                loss = image_loss(warp_image(moving, correction.total()), fixed) + penalty
+                similarity = image_loss(warp_image(moving, correction.total()), fixed)
+                if symmetric:
+                    backward = image_loss(warp_image(fixed, correction.inverse_total()), moving)
+                    similarity = 0.5 * (similarity + backward)
+                loss = similarity + penalty
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"field refinement: loss became {loss.item()} at step {step}.")
                 optimizer.zero_grad(set_to_none=True)
@@ -157,7 +180,7 @@ class FieldRefinementInferer(Inferer):
         base_inferer: inferer producing the (B, 3, D, H, W) displacement, e.g.
             :py:class:`scripts.engines.ResolutionInferer` or :py:class:`scripts.engines.InstanceOptimizationInferer`.
         image_loss, regularization, regularization_weight, iterations, learning_rate, scale, log_interval,
-            parameterization, integration_steps: see :py:func:`refine_displacement`.
+            parameterization, integration_steps, symmetric: see :py:func:`refine_displacement`.
         isotropic: refine on a grid of one voxel size in mm when the inputs carry their spacing (a MetaTensor).
 
     Call:
@@ -177,11 +200,14 @@ class FieldRefinementInferer(Inferer):
         parameterization: str = "velocity",
         integration_steps: int = 4,
         isotropic: bool = True,
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
         if not callable(base_inferer):
             raise ValueError(f"base_inferer must be an inferer (callable), got {type(base_inferer).__name__}.")
-        _check_settings(iterations, learning_rate, regularization_weight, parameterization, integration_steps)
+        _check_settings(
+            iterations, learning_rate, regularization_weight, parameterization, integration_steps, symmetric
+        )
         self.base_inferer = base_inferer
         self.image_loss, self.regularization = image_loss, regularization
         #: the keyword arguments of :py:func:`refine_displacement` after the pair, the field and the two objectives
@@ -193,6 +219,7 @@ class FieldRefinementInferer(Inferer):
             "log_interval": int(log_interval),
             "parameterization": parameterization,
             "integration_steps": int(integration_steps),
+            "symmetric": bool(symmetric),
         }
         #: the refinement grid: ``scale`` of the input, isotropic in mm for inputs that carry their spacing
         self.grid = ResolutionInferer(network_scale=scale, isotropic=isotropic)
