@@ -16,7 +16,7 @@ the moving scan through ``affine.mat`` inverted + ``inverse_warp.nii.gz`` (``scr
   (``det T`` cancels): what an exact inverse of this forward map scores, so ``forward - bound`` is lost by the forward
   map itself, not by its inversion.
 
-    python -m bench.accuracy.inverse_gap --out results.json OUT_DIR:FIXED_SEG:MOVING_SEG [...]
+    PYTHONPATH=bundle:. python -m bench.accuracy.inverse_gap --out results.json OUT_DIR:FIXED_SEG:MOVING_SEG [...]
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ def _inside_weight(coords: torch.Tensor, shape) -> torch.Tensor:
     return sample_at_voxels(ones, coords.view(1, 3, -1, 1, 1), "bilinear", "zeros").view(-1)
 
 
-def diagnose(out_dir: Path, fixed_seg: Path, moving_seg: Path) -> dict:
+def diagnose(out_dir: Path, fixed_seg: Path, moving_seg: Path, causes: bool = True) -> dict:
+    """The figures above for one ``register --inverse`` output folder; ``causes=False``: forward, bound and inverse
+    Dice only."""
     fixed_img, moving_img = nib.load(str(fixed_seg)), nib.load(str(moving_seg))
     fixed_label = np.asarray(fixed_img.dataobj).astype(np.int64)
     moving_label = np.asarray(moving_img.dataobj).astype(np.int64)
@@ -126,6 +128,8 @@ def diagnose(out_dir: Path, fixed_seg: Path, moving_seg: Path) -> dict:
         torch.as_tensor(fixed_label)[None, None], inverse_tx, fixed_grid, moving_grid, "nearest", 0, inverse=True
     )[0, 0].numpy()
     report["inverse"] = _mean_dice(moving_label, as_stored, classes)
+    if not causes:
+        return report
 
     # (a) residual on the fixed grid
     grid_points = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in fixed_grid[0]],
@@ -186,12 +190,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="+", help="OUT_DIR:FIXED_SEG:MOVING_SEG (a register --inverse output folder)")
     parser.add_argument("--out", required=True, help="results JSON (written atomically)")
+    parser.add_argument("--dice_only", action="store_true", help="forward, bound and inverse Dice, not the causes")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     results = []
     for case in args.cases:
         out_dir, fixed_seg, moving_seg = case.split(":")
-        results.append(diagnose(Path(out_dir), Path(fixed_seg), Path(moving_seg)))
+        results.append(diagnose(Path(out_dir), Path(fixed_seg), Path(moving_seg), not args.dice_only))
         print(json.dumps(results[-1], indent=1), flush=True)
     write_json_atomic(results, args.out)
 
