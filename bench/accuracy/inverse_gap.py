@@ -73,7 +73,9 @@ def _pointwise_inverse(ddf: torch.Tensor, points: torch.Tensor, start: torch.Ten
     for _ in range(iterations):
         if active.numel() == 0:
             break
-        new, new_residual, improved = _improve(ddf, jacobian, points[:, active], inverse[:, active], residual[:, active])
+        new, new_residual, improved = _improve(
+            ddf, jacobian, points[:, active], inverse[:, active], residual[:, active]
+        )
         inverse[:, active], residual[:, active] = new, new_residual
         active = active[improved & (new_residual.norm(dim=0) > 1e-3)]
     return inverse, residual

@@ -125,8 +125,9 @@ def refine_displacement(
         symmetric: (velocity only) score both directions, the mean of ``image_loss(warp(m, ddf ∘ exp(c)), f)`` and
             ``image_loss(warp(f, exp(-c) ∘ ddf^-1), m)``: the forward objective alone is free to squeeze moving tissue
             that fits nowhere into a few fixed voxels, which the forward Dice hardly sees but the inverse (fixed labels
-            on the moving scan) does. Scored both ways the inverse's Dice comes closer to the forward's (0.011-0.023 higher
-            on two native pairs, the forward kept; docs/usage.md, "Forward vs inverse Dice"), at about 1.7x the CPU time.
+            on the moving scan) does. Scored both ways the inverse's Dice comes closer to the forward's (0.011-0.023
+            higher on two native pairs, the forward kept; docs/usage.md, "Forward vs inverse Dice"), at about 1.7x the
+            CPU time.
 
     Returns:
         (B, 3, D, H, W) refined displacement in voxels of the input grid (float32, no gradient).
