@@ -124,8 +124,9 @@ def loss_has_converged(losses: Sequence[float], tolerance: float, window: int) -
 class _Correction:
     """The optimised correction ``c`` and how it joins the base field ``u`` (both on one grid, in its voxels).
 
-    ``velocity``: ``u ∘ exp(c)`` (scaling and squaring), a diffeomorphism composed after the network's map, so the
-    correction cannot fold and the smoothness term acts on ``c``. ``displacement``: ``u + c``, smoothness on the sum.
+    ``velocity``: ``u ∘ exp(c)`` (scaling and squaring) composed after the network's map; ``exp(c)`` is a
+    diffeomorphism in the continuum, but a few squaring steps of a discrete field do not guarantee an invertible map:
+    the smoothness term, which acts on ``c``, is what keeps it from folding. ``displacement``: ``u + c``, smoothness on the sum.
     ``symmetric`` (velocity only): the inverse map ``exp(-c) ∘ u^-1`` is kept at hand too, ``u^-1`` inverted once
     (Newton, ``scripts.spatial.invert_displacement``) since the correction never changes it.
     """
@@ -186,7 +187,8 @@ def refine_displacement(
 
     ``parameterization="velocity"`` (default): ``c`` is a stationary velocity and the result is ``ddf ∘ exp(c)``
     (the moving image is warped by the network's field, then by the diffeomorphism ``exp(c)``), minimising
-    ``image_loss(warp(m, ddf ∘ exp(c)), f) + w * regularization(c)``; the correction adds no folding of its own.
+    ``image_loss(warp(m, ddf ∘ exp(c)), f) + w * regularization(c)``; with the smoothness term the correction
+    adds next to no folding (docs/usage.md gives the measured figures; without it, it folds).
     ``"displacement"``: the result is ``ddf + c``, minimising ``image_loss(warp(m, ddf + c), f) + w *
     regularization(ddf + c)``. The network's field keeps its full-resolution detail; the correction adds what the
     network (trained on other scans) missed on this pair.
