@@ -157,26 +157,38 @@ def run_register(pair: dict, out_dir: Path, log_path: Path, extra: list[str], sa
             "metrics": {k: metrics[k] for k in metrics if not isinstance(metrics[k], (dict, list))}}
 
 
+def _own_status_mb(field: str) -> float:
+    """``field`` (e.g. ``VmRSS``, ``VmHWM``) of this process's ``/proc/self/status``, in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith(field + ":"))
+
+
+def _synthetic_outputs(shape: tuple[int, int, int]):
+    """Seeded synthetic data of spatial ``shape`` for the in-process measurements: the grid's (4, 4) affine (0.7 x 0.6
+    x 0.25 mm), a smooth (3, X, Y, Z) displacement of a few voxels and a (1, X, Y, Z) image in [0, 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    affine = torch.diag(torch.tensor([0.7, 0.6, 0.25, 1.0], dtype=torch.float64))
+    field = F.interpolate(torch.randn(1, 3, 6, 6, 5, generator=generator) * 3, size=shape, mode="trilinear")[0]
+    image = torch.rand((1, *shape), generator=generator)
+    return affine, field, image
+
+
 def postprocessing_peak(shape: tuple[int, int, int]) -> dict:
     """Peak RSS of the full-resolution post-processing alone (``WarpByDdfd``, ``JacobianDeterminantd``,
     ``WarpFromSourced`` as ``inference.json`` chains them), on synthetic data of ``shape``, in this process (run it in a
     fresh child): RSS after the inputs exist, and ``VmHWM`` after the transforms."""
     sys.path.insert(0, str(BUNDLE_ROOT))
     import torch
-    import torch.nn.functional as F
     from monai.data import MetaTensor
 
     from scripts.layers import Warp
     from scripts.workflow import JacobianDeterminantd, WarpByDdfd, WarpFromSourced
 
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith(field + ":"))
-
-    generator = torch.Generator().manual_seed(0)
-    affine = torch.diag(torch.tensor([0.7, 0.6, 0.25, 1.0], dtype=torch.float64))
-    field = F.interpolate(torch.randn(1, 3, 6, 6, 5, generator=generator) * 3, size=shape, mode="trilinear")[0]
-    image = torch.rand((1, *shape), generator=generator)
+    status = _own_status_mb
+    affine, field, image = _synthetic_outputs(shape)
     label = (image * 5).to(torch.uint8)
     matrix = torch.eye(4, dtype=torch.float64)
     matrix[:3, 3] = torch.tensor([1.5, -2.0, 0.5])
@@ -197,20 +209,13 @@ def writers_peak(shape: tuple[int, int, int], work: Path) -> dict:
     fresh child): RSS after the outputs exist, ``VmHWM`` after the files are written, and the CPU seconds of writing."""
     sys.path.insert(0, str(BUNDLE_ROOT))
     import torch
-    import torch.nn.functional as F
     from monai.data import MetaTensor
 
     from scripts.io import SaveRegistrationOutputsd
     from scripts.workflow import SaveTransformsd
 
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith(field + ":"))
-
-    generator = torch.Generator().manual_seed(0)
-    affine = torch.diag(torch.tensor([0.7, 0.6, 0.25, 1.0], dtype=torch.float64))
-    field = F.interpolate(torch.randn(1, 3, 6, 6, 5, generator=generator) * 3, size=shape, mode="trilinear")[0]
-    image = torch.rand((1, *shape), generator=generator)
+    status = _own_status_mb
+    affine, field, image = _synthetic_outputs(shape)
     data = {"pred": MetaTensor(field, affine=affine), "fixed_image": MetaTensor(image, affine=affine),
             "warped_image": MetaTensor(image, affine=affine), "jacobian_det": MetaTensor(image + 0.5, affine=affine),
             "warped_label": MetaTensor((image * 5).to(torch.uint8), affine=affine),
