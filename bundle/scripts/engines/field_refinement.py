@@ -143,12 +143,11 @@ class _Correction:
 
     def inverse_total(self) -> torch.Tensor:
         """The displacement of the inverse map ``exp(-c) ∘ u^-1``: it warps the fixed image onto the moving one."""
-        inverse_correction = integrate_velocity(-self.field, self.steps, "zeros")
-        return compose_displacements(inverse_correction, self.base_inverse, "border")
+        return compose_displacements(self._exp(inverse=True), self.base_inverse, "border")
 
-    def _exp(self) -> torch.Tensor:
-        """exp(c), integrated as the network integrates (zero padding)."""
-        return integrate_velocity(self.field, self.steps, "zeros")
+    def _exp(self, inverse: bool = False) -> torch.Tensor:
+        """exp(c), or exp(-c) with ``inverse``, integrated as the network integrates (zero padding)."""
+        return integrate_velocity(-self.field if inverse else self.field, self.steps, "zeros")
 
     def smoothed(self) -> torch.Tensor:
         """The field the smoothness term is taken of."""
