@@ -24,10 +24,16 @@ import torch
 
 from scripts.io.errors import OutputExistsError
 
+#: ISA-L deflate level of the ``.nii.gz`` files the bundle writes (0-3): 1 compresses like nibabel's default zlib
+#: level 1 (a smooth 256^3 displacement field: 167.1 vs 167.8 MB) in a tenth of the time; higher levels are slower and
+#: save a few percent at most on float fields.
+NIFTI_GZIP_LEVEL = 1
+
 __all__ = [
     "OutputExistsError",
     "temporary_path",
     "atomic_path",
+    "NIFTI_GZIP_LEVEL",
     "save_nifti",
     "save_torch",
     "write_text",
@@ -86,11 +92,26 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
 
 
 def save_nifti(image: Any, path: str | os.PathLike) -> Path:
-    """Save a nibabel image atomically (format from the suffix, e.g. ``.nii.gz``)."""
+    """Save a nibabel image atomically (format from the suffix, e.g. ``.nii.gz``); every NIfTI the bundle writes
+    goes through here.
+
+    A ``.nii.gz`` is compressed with ISA-L's deflate (``python-isal``) at :data:`NIFTI_GZIP_LEVEL` instead of zlib:
+    the same standard gzip stream that nibabel, ITK / SimpleITK / ANTs and FSL read, about the same size as nibabel's
+    own level-1 zlib output, written about ten times faster (compressing the displacement fields was most of a run's
+    writing time). The data bytes inside are exactly what ``nib.save`` writes; the gzip header carries no file name and
+    no time stamp, so an equal image gives an equal file.
+    """
     import nibabel as nib
+    from isal import igzip
 
     with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
+        if tmp.name.endswith(".gz") and isinstance(image, nib.Nifti1Image):  # single-file NIfTI-1 / NIfTI-2
+            with open(tmp, "wb") as raw, igzip.IGzipFile(
+                filename="", mode="wb", compresslevel=NIFTI_GZIP_LEVEL, fileobj=raw, mtime=0
+            ) as stream:
+                image.to_file_map({"image": nib.FileHolder(fileobj=stream)})
+        else:
+            nib.save(image, str(tmp))
     return Path(path)
 
 

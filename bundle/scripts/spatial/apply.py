@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from scripts.io.atomic import atomic_path
+from scripts.io.atomic import save_nifti
 from scripts.io.errors import RegistrationInputError
 from scripts.io.input_checks import describe_grid, same_grid
 from scripts.layers.intensity import background_per_key, resolve_background
@@ -233,6 +233,5 @@ def apply_transforms(
     out = out[..., 0] if out.shape[-1] == 1 and len(source.shape) == 3 else out
     result = _output_image(out, reference, reference_affine)
     if out_path is not None:
-        with atomic_path(out_path) as tmp:
-            nib.save(result, str(tmp))
+        save_nifti(result, out_path)
     return result

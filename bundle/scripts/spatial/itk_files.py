@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.io.atomic import atomic_path
+from scripts.io.atomic import atomic_path, save_nifti
 from scripts.io.errors import RegistrationInputError
 
 from .world import (
@@ -151,10 +151,7 @@ def write_itk_displacement(
         ``path``. The file is (X, Y, Z, 1, 3) float32, intent 1007, LPS millimetres, readable by ``sitk.ReadImage`` /
         ``sitk.DisplacementFieldTransform`` and ``ants.image_read`` / ``ants.apply_transforms``.
     """
-    image = _displacement_image(ddf_voxels, fixed_affine, channel_first)
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-    return Path(path)
+    return save_nifti(_displacement_image(ddf_voxels, fixed_affine, channel_first), path)
 
 
 def _displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = None) -> nib.Nifti1Image:
