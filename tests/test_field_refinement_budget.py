@@ -119,3 +119,22 @@ def test_config_wires_the_stop_and_the_budget_into_the_refinement():
     assert refinement.settings["tolerance"] == 0.002 and refinement.settings["max_voxels"] == 123_456
     assert refinement.settings["tolerance_window"] == parser.get_parsed_content("refinement_tolerance_window")
     assert refinement.settings["iterations"] == parser.get_parsed_content("refine_iterations")
+
+
+def test_inferer_reports_its_run_through_refine_and_keeps_no_state(pair):
+    """``refine`` returns the call's field and what the refinement did (the voxel budget's grid, the steps of the early
+    stop); calling the inferer gives the same field, and nothing of a run stays on the object."""
+    inputs = torch.cat([pair["moving"], pair["fixed"]], 1)
+    zero_field = lambda x, network: torch.zeros(x.shape[0], 3, *x.shape[2:])  # noqa: E731
+    inferer = FieldRefinementInferer(
+        zero_field, LocalNCCLoss(5), GradientLoss(), iterations=12, learning_rate=0.5, scale=1.0,
+        tolerance=1e-3, tolerance_window=3, max_voxels=20_000,
+    )
+    before = dict(vars(inferer))
+    refined, info = inferer.refine(inputs, None)
+    assert vars(inferer).keys() == before.keys()
+    voxels = info["grid"][0] * info["grid"][1] * info["grid"][2]
+    assert voxels <= 20_000 < inputs[0, 0].numel() and max(info["scale"]) < 1.0  # the budget lowered the grid
+    assert 1 <= info["steps"] <= 12 and len(info["losses"]) == info["steps"]
+    assert refined.shape == (1, 3, *inputs.shape[2:]) and refined.abs().max() > 0
+    torch.testing.assert_close(inferer(inputs, None), refined)

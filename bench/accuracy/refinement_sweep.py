@@ -20,8 +20,9 @@ NCC) and ``key=value`` for ``scale`` (default 0.5), ``tolerance`` and ``window``
 10 steps), ``max_voxels`` (the grid's voxel budget, default 0 = none) and ``steps`` (squaring steps, default 4). The
 first setting above is the refinement of configs/inference.json before early stopping and the budget existed.
 
-The refinement runs as ``register`` runs it: :py:class:`scripts.engines.ForegroundCropInferer` around
-:py:class:`scripts.engines.FieldRefinementInferer`, on the pair scaled by the pipeline's own
+The refinement runs as ``register`` runs it: :py:class:`scripts.engines.FieldRefinementInferer` on the pair's
+foreground box (``foreground_box`` / ``crop_to_box`` / ``extend_from_box``, what
+:py:class:`scripts.engines.ForegroundCropInferer` does around it; its ``refine`` also returns the steps and losses), on the pair scaled by the pipeline's own
 :py:class:`scripts.workflow.ScaleRegistrationIntensityd`. The moving scan and labels are taken onto the fixed grid
 through the run's ``affine.mat`` (bundle ``apply``), the refinement starts from the run's ``ddf.nii.gz``; labels are
 warped with nearest-neighbour sampling. CPU seconds are ``time.process_time`` around the refinement (all the
@@ -46,7 +47,7 @@ import torch
 
 from bench.accuracy.io import write_json_atomic
 from bench.accuracy.scoring import dice_per_class, jacobian_stats
-from scripts.engines import FieldRefinementInferer, ForegroundCropInferer, foreground_box
+from scripts.engines import FieldRefinementInferer, crop_to_box, extend_from_box, foreground_box
 from scripts.layers.jacobian import jacobian_determinant
 from scripts.layers.warp import warp_image
 from scripts.losses import GradientLoss, LocalNCCLoss
@@ -93,13 +94,12 @@ class Setting:
                                  f"{', '.join(k + '=VALUE' for k in OPTIONS)}.")
         return cls(text, parameterization, int(iterations), float(learning_rate), float(weight), int(kernel), **options)
 
-    def inferer(self, base) -> ForegroundCropInferer:
-        refinement = FieldRefinementInferer(
+    def refinement(self, base) -> FieldRefinementInferer:
+        return FieldRefinementInferer(
             base, LocalNCCLoss(self.kernel, squared=self.squared), GradientLoss(), self.weight, self.iterations,
             self.learning_rate, self.scale, parameterization=self.parameterization, integration_steps=self.steps,
             tolerance=self.tolerance, tolerance_window=self.window, max_voxels=self.max_voxels,
         )
-        return ForegroundCropInferer(refinement, margin=CROP_MARGIN)
 
 
 class _GivenField:
@@ -207,11 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{moving} -> {fixed}: plain Dice {plain['dice']:.4f}, det J <= 0 {plain['fold_pct']:.3f} %", flush=True)
         for setting in settings:
             box = foreground_box(pair["inputs"], margin=CROP_MARGIN)
-            inferer = setting.inferer(_GivenField(pair["ddf"], box))
+            refinement = setting.refinement(_GivenField(pair["ddf"], box))
             start = time.process_time()
-            field = inferer(pair["inputs"], None)
+            refined, run_info = refinement.refine(crop_to_box(pair["inputs"], box), None)
+            field = extend_from_box(refined, box, pair["inputs"].shape[2:])
             cpu_s = time.process_time() - start
-            run_info = inferer.base_inferer.last_run
             row = {"pair": f"{moving}_to_{fixed}", "setting": setting.text, **_score(pair, field), "cpu_s": cpu_s,
                    "steps": run_info["steps"], "grid": list(run_info["grid"]),
                    "box": [b.stop - b.start for b in box], "losses": [round(v, 6) for v in run_info["losses"]]}

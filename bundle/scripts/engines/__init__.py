@@ -26,5 +26,7 @@ from .field_refinement import (
 )
 from .foreground_crop_inferer import (
     ForegroundCropInferer,
+    crop_to_box,
+    extend_from_box,
     foreground_box,
 )

@@ -305,12 +305,9 @@ class FieldRefinementInferer(Inferer):
             isotropic).
         isotropic: refine on a grid of one voxel size in mm when the inputs carry their spacing (a MetaTensor).
 
-    Attributes:
-        last_run: after a call, what its refinement did: ``grid``, ``scale``, ``steps`` and ``losses`` (see
-            :py:func:`refine_displacement`'s ``return_info``); None before the first call.
-
     Call:
-        inputs: (B, 2, D, H, W) moving + fixed; network: passed to ``base_inferer``. Returns (B, 3, D, H, W).
+        inputs: (B, 2, D, H, W) moving + fixed; network: passed to ``base_inferer``. Returns (B, 3, D, H, W);
+        :py:meth:`refine` returns what the refinement did as well.
     """
 
     def __init__(
@@ -354,14 +351,17 @@ class FieldRefinementInferer(Inferer):
             "max_voxels": int(max_voxels),
             "symmetric": bool(symmetric),
         }
-        self.last_run: dict[str, Any] | None = None
         #: the refinement grid: ``scale`` of the input, isotropic in mm for inputs that carry their spacing
         self.grid = ResolutionInferer(network_scale=scale, isotropic=isotropic)
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.refine(inputs, network, *args, **kwargs)[0]
+
+    def refine(
+        self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The call's (B, 3, D, H, W) displacement and what its refinement did: ``grid``, ``scale``, ``steps`` and
+        ``losses`` (:py:func:`refine_displacement`'s ``return_info``), e.g. for a settings sweep."""
         ddf = self.base_inferer(inputs, network, *args, **kwargs)
         settings = dict(self.settings, scale=self.grid.scale_for(inputs))
-        refined, self.last_run = refine_displacement(
-            inputs, ddf, self.image_loss, self.regularization, return_info=True, **settings
-        )
-        return refined
+        return refine_displacement(inputs, ddf, self.image_loss, self.regularization, return_info=True, **settings)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-__all__ = ["ForegroundCropInferer", "foreground_box"]
+__all__ = ["ForegroundCropInferer", "crop_to_box", "extend_from_box", "foreground_box"]
 
 
 def _check_box_settings(margin: int, min_size: int) -> None:
@@ -93,12 +93,11 @@ class ForegroundCropInferer(Inferer):
         box = foreground_box(plain, self.margin, self.threshold, self.min_size)
         if all(b.stop - b.start == s for b, s in zip(box, plain.shape[2:])):
             return self.base_inferer(inputs, network, *args, **kwargs)
-        ddf = self.base_inferer(_crop(inputs, box), network, *args, **kwargs)
-        ddf = ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf
-        return F.pad(ddf, _padding(box, plain.shape[2:]), mode="replicate")
+        ddf = self.base_inferer(crop_to_box(inputs, box), network, *args, **kwargs)
+        return extend_from_box(ddf, box, plain.shape[2:])
 
 
-def _crop(inputs: torch.Tensor, box: Sequence[slice]) -> torch.Tensor:
+def crop_to_box(inputs: torch.Tensor, box: Sequence[slice]) -> torch.Tensor:
     """(B, C, D, H, W) -> the box, contiguous; a MetaTensor's affine (4, 4) or (B, 4, 4) moves its origin to the box's
     first voxel (the spacing, which the inferers read, is kept)."""
     plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
@@ -109,6 +108,13 @@ def _crop(inputs: torch.Tensor, box: Sequence[slice]) -> torch.Tensor:
     start = torch.tensor([float(b.start) for b in box], dtype=affine.dtype, device=affine.device)
     affine[..., :3, 3] = affine[..., :3, 3] + affine[..., :3, :3] @ start
     return MetaTensor(crop, affine=affine)
+
+
+def extend_from_box(ddf: torch.Tensor, box: Sequence[slice], shape: Sequence[int]) -> torch.Tensor:
+    """A (B, 3, d, h, w) displacement found on ``box`` -> (B, 3, *shape) on the whole grid, its border values repeated
+    outside the box (a plain tensor)."""
+    ddf = ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf
+    return F.pad(ddf, _padding(box, shape), mode="replicate")
 
 
 def _padding(box: Sequence[slice], shape: Sequence[int]) -> list[int]:
