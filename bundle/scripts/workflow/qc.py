@@ -27,7 +27,7 @@ from monai.transforms import MapTransform
 
 from scripts.io.outputs import DDF, JACOBIAN_DET, QC_PNG, WARPED_IMAGE, pair_output_dir
 
-__all__ = ["robust_scale", "checkerboard", "qc_figure", "save_qc_png", "qc_png_from_outputs", "SaveQCFigured"]
+__all__ = ["RANGE_SAMPLE_VOXELS", "robust_range", "robust_scale", "checkerboard", "qc_figure", "save_qc_png", "qc_png_from_outputs", "SaveQCFigured"]
 
 
 def _as_numpy(array: Any, name: str, ndim: int) -> np.ndarray:
@@ -39,10 +39,28 @@ def _as_numpy(array: Any, name: str, ndim: int) -> np.ndarray:
     return array
 
 
-def robust_scale(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
-    """Scale to [0, 1] between the ``lower``/``upper`` percentiles of the non-zero voxels (all voxels if none)."""
-    values = image[image != 0] if np.any(image != 0) else image.ravel()
+#: a volume's display range is read from at most about this many of its voxels, on a regular stride: sorting all 16
+#: million voxels of a 256^3 scan for two percentiles took most of the figure's time, and on a scan the percentiles of
+#: a 1-in-8 or 1-in-27 lattice differ from the whole volume's by a small fraction of the range (grey levels of a figure)
+RANGE_SAMPLE_VOXELS = 1 << 20
+
+
+def robust_range(volume: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> tuple[float, float]:
+    """The ``lower``/``upper`` percentiles of the non-zero voxels of ``volume`` (all voxels if none), read on a regular
+    lattice of at most about :data:`RANGE_SAMPLE_VOXELS` voxels (every voxel of a smaller volume)."""
+    stride = max(1, int(np.ceil((volume.size / RANGE_SAMPLE_VOXELS) ** (1.0 / volume.ndim))))
+    sample = volume[(slice(None, None, stride),) * volume.ndim]
+    values = sample[sample != 0] if np.any(sample != 0) else sample.ravel()
     lo, hi = np.percentile(values, [lower, upper])
+    return float(lo), float(hi)
+
+
+def robust_scale(
+    image: np.ndarray, lower: float = 1.0, upper: float = 99.0, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Scale to [0, 1] between ``value_range`` (default: :func:`robust_range` of ``image``), clipped; a slice is scaled
+    with its volume's range."""
+    lo, hi = robust_range(image, lower, upper) if value_range is None else value_range
     if hi <= lo:
         return np.zeros_like(image, dtype=np.float32)
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
@@ -121,9 +139,10 @@ def qc_figure(
     if not 0 <= index < fixed.shape[axis]:
         raise ValueError(f"slice index {index} outside [0, {fixed.shape[axis]}) along axis {axis}.")
 
-    f, m, w = (robust_scale(v) for v in (fixed, moving, warped))
+    # each scan in the grey levels of its own volume, computed on the displayed slice only
+    f2, m2, w2 = (robust_scale(_slice(v, axis, index), value_range=robust_range(v)) for v in (fixed, moving, warped))
     in_plane = [a for a in range(3) if a != axis]
-    f2, m2, w2, det2 = (_slice(v, axis, index) for v in (f, m, w, det))
+    det2 = _slice(det, axis, index)
     u = [np.take(ddf[a], index, axis=axis) for a in in_plane]  # (n0, n1) each, NOT transposed
     folded_pct = 100.0 * float((det <= 0).sum()) / det.size
 
