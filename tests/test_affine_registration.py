@@ -228,3 +228,23 @@ def test_bad_inputs_raise():
         reg(image, image, np.zeros((4, 4)), eye)
     with pytest.raises(ValueError, match="constant"):
         reg(torch.zeros(1, 1, 8, 8, 8), image, eye, eye)
+
+
+@pytest.mark.parametrize("spacing", [2.0, 3.1, 7.0])
+def test_pyramid_level_equals_grid_sample(spacing):
+    """A pyramid level is sampled one axis at a time (three 1-D linear interpolations): the same values as
+    ``grid_sample`` at the level's points, on an anisotropic, oblique grid whose level grid has fractional offsets and
+    steps and reaches past the image (border padding)."""
+    from scripts.engines.affine_registration import _index_points, _resample_level
+    from scripts.layers.sampling import grid_sample_matrix, sample_points
+
+    generator = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 1, 23, 17, 12, generator=generator, dtype=torch.float32)
+    affine = torch.as_tensor(_rotation(2, 20.0, (4.0, -3.0, 7.0)) @ np.diag([1.3, 0.9, 2.2, 1.0]))
+    # done_mm = blur_mm: no blur, so the comparison is of the sampling alone
+    values, level_affine = _resample_level(image, affine, spacing, 1.0, 1.0)
+    index_to_voxel = torch.linalg.inv(affine) @ level_affine
+    assert torch.allclose(index_to_voxel[:3, :3], torch.diag(index_to_voxel.diagonal()[:3]))  # the image's axes
+    voxels = _index_points(values.shape[2:], index_to_voxel).reshape(1, -1, 3)
+    expected = sample_points(image, voxels, grid_sample_matrix(image.shape[2:])[None], padding_mode="border")
+    torch.testing.assert_close(values.reshape(1, 1, -1), expected, rtol=0, atol=1e-6)
