@@ -121,6 +121,20 @@ def test_deterministic_and_batched(pair):
     assert reg.last_report["items"][0]["final_loss"] == pair["rigid_report"]["final_loss"]
 
 
+def test_early_stop_ends_levels_once_the_loss_flattens(pair):
+    """With an early stop, a level ends once its windowed mean loss stops improving by the tolerance: fewer steps on
+    the levels where that happens, each level at least two windows long, and a result close to the full run's. Without
+    one (the default), every level runs its planned steps."""
+    assert [level["steps"] for level in pair["affine_report"]["levels"]] == list(FAST["iterations"])
+    reg = AffineRegistration(transform="affine", **FAST, tolerance=1e-3, tolerance_window=5)
+    early = reg(pair["moving"], pair["fixed"], pair["moving_affine"], pair["fixed_affine"])
+    steps = [level["steps"] for level in reg.last_report["levels"]]
+    assert all(10 <= taken <= planned for taken, planned in zip(steps, FAST["iterations"]))
+    assert sum(steps) < sum(FAST["iterations"])
+    assert reg.last_report["final_loss"] < reg.last_report["initial_loss"]
+    assert _rms_mm(pair["points"], early[0].numpy(), pair["affine"][0].numpy()) < 1.0
+
+
 def test_mutual_information_handles_inverted_contrast(pair):
     """With the brain's contrast inverted (a second contrast), similarity='mi' still recovers a header rotation, which
     NCC cannot (it would need a negative correlation)."""
@@ -211,7 +225,8 @@ def test_degenerate_results_raise(pair):
      ({"levels_mm": (4.0, -2.0)}, "levels_mm"), ({"levels_mm": ()}, "levels_mm"),
      ({"iterations": (10, 10)}, "iterations"), ({"iterations": (10, -1, 5)}, "iterations"),
      ({"learning_rate": 0.0}, "learning_rate"), ({"search_iterations": -1}, "search_iterations"),
-     ({"lncc_kernel": 4}, "lncc_kernel"), ({"mi_bins": 2}, "mi_bins")],
+     ({"lncc_kernel": 4}, "lncc_kernel"), ({"mi_bins": 2}, "mi_bins"), ({"tolerance": -0.01}, "tolerance"),
+     ({"tolerance": float("nan")}, "tolerance"), ({"tolerance_window": 0}, "tolerance_window")],
 )
 def test_bad_arguments_raise(kwargs, word):
     with pytest.raises(ValueError, match=f"^{word} must be"):

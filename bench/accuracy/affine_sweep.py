@@ -122,7 +122,8 @@ def affine_row(setting: Setting, moving: dict, fixed: dict) -> dict:
     scores = score_labels(fixed["label"], moving["label"], warped.round().to(torch.int16).numpy())
     return {
         "cpu_s": cpu_s, "dice": scores["dice_mean"], "final_loss": report["final_loss"],
-        "steps": [level["steps"] for level in report["levels"]], "matrix": matrix.tolist(),
+        "steps": [level["steps"] for level in report["levels"]], "points": [lv["points"] for lv in report["levels"]],
+        "matrix": matrix.tolist(),
     }
 
 

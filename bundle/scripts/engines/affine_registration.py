@@ -177,7 +177,8 @@ class AffineRegistration(torch.nn.Module):
     ``background`` clipped to it first), or clipped to ``intensity_window`` and scaled linearly.
     ``last_report`` (after ``forward``): losses (lower is better) at the finest level for the centre-of-mass start
     (``initial_loss``), T = identity (``identity_loss``) and the result (``final_loss``), batch means; per item
-    under ``"items"`` with ``candidate_losses`` and ``levels``.
+    under ``"items"`` with ``candidate_losses`` and ``levels`` (per level its planned ``iterations``, the ``steps``
+    taken, its fixed ``points`` and its start/end losses).
 
     Args:
         transform: ``"rigid"`` (rotation about the fixed centre of mass + translation) or ``"affine"`` (12 parameters).
@@ -202,7 +203,7 @@ class AffineRegistration(torch.nn.Module):
     """
 
     def __init__(self, transform: str = "affine", levels_mm: Sequence[float] = (6.0, 4.0, 2.0),
-                 iterations: Sequence[int] = (100, 60, 30), learning_rate: float = 0.02, similarity: str = "ncc",
+                 iterations: Sequence[int] = (50, 30, 15), learning_rate: float = 0.02, similarity: str = "ncc",
                  init: str = "moments", search_iterations: int = 20, lncc_kernel: int = 5, mi_bins: int = 32,
                  intensity_window: Sequence[float] | None = None, background: float | str = AUTO_BACKGROUND,
                  tolerance: float = 0.0, tolerance_window: int = 10):
@@ -354,8 +355,8 @@ class AffineRegistration(torch.nn.Module):
                 lr = self.learning_rate * spacing / self.levels_mm[0]
                 params, taken = self._optimize(params, frame, level, steps, lr, bar, self.tolerance)
                 end = self._score(self._matrix(params, frame), level)
-                report_levels.append({"spacing_mm": spacing, "iterations": steps, "steps": taken, "start_loss": start,
-                                      "end_loss": end})
+                report_levels.append({"spacing_mm": spacing, "iterations": steps, "steps": taken,
+                                      "points": level["world"].shape[1], "start_loss": start, "end_loss": end})
         matrix, eye = self._matrix(params.double(), frame), torch.eye(4, dtype=torch.float64, device=a_m.device)
         losses = {key: self._score(m, levels[-1]) for key, m in
                   (("initial_loss", com_matrix), ("identity_loss", eye), ("final_loss", matrix))}
