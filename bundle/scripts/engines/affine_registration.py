@@ -203,7 +203,7 @@ class AffineRegistration(torch.nn.Module):
     """
 
     def __init__(self, transform: str = "affine", levels_mm: Sequence[float] = (6.0, 4.0, 2.0),
-                 iterations: Sequence[int] = (50, 30, 15), learning_rate: float = 0.02, similarity: str = "ncc",
+                 iterations: Sequence[int] = (100, 60, 30), learning_rate: float = 0.02, similarity: str = "ncc",
                  init: str = "moments", search_iterations: int = 20, lncc_kernel: int = 5, mi_bins: int = 32,
                  intensity_window: Sequence[float] | None = None, background: float | str = AUTO_BACKGROUND,
                  tolerance: float = 0.0, tolerance_window: int = 10):
