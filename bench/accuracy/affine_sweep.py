@@ -11,7 +11,7 @@ Each pair ``M:F`` reads ``DATA/M_t1.nii.gz`` and ``DATA/M_seg14.nii.gz`` (and th
 other image names). Each setting is ``LEVELS:ITERATIONS`` (spacings in mm and Adam steps per level, coarse to fine,
 ``-`` between levels) followed by optional ``key=value`` fields: ``tolerance`` and ``window`` (the early stop, default
 0 = off and 10 steps) and ``search`` (the start search's steps per rotation, default 20). ``6-4-2:100-60-30`` is the
-stage of configs/inference.json before this sweep.
+stage of configs/inference.json (kept after this sweep: docs/benchmarks.md, "The affine stage tuned for time").
 
 The affine stage: :py:class:`scripts.engines.AffineRegistration` with the settings of configs/inference.json otherwise,
 on the two scans reoriented to RAS (as the pipeline's ``Orientationd``; the stage works in world coordinates, so the
