@@ -112,6 +112,9 @@ def _interpolate_axis(image: torch.Tensor, positions: torch.Tensor, axis: int) -
     float64, clamped to the image (``grid_sample``'s border padding, ``align_corners=True``); (1, C, ..., n, ...)."""
     size, dim = image.shape[2 + axis], 2 + axis
     positions = positions.clamp(0, size - 1)
+    own = torch.arange(size, dtype=positions.dtype, device=positions.device)
+    if len(positions) == size and torch.equal(positions, own):
+        return image  # the level grid is the image's own along this axis (a 1 mm scan's 1 mm level): nothing to do
     lower = positions.floor().clamp(max=max(size - 2, 0)).long()
     weight = (positions - lower).to(image.dtype).view([-1 if d == dim else 1 for d in range(image.ndim)])
     upper = (lower + 1).clamp(max=size - 1)
