@@ -121,6 +121,20 @@ def test_deterministic_and_batched(pair):
     assert reg.last_report["items"][0]["final_loss"] == pair["rigid_report"]["final_loss"]
 
 
+def test_early_stop_ends_levels_once_the_loss_flattens(pair):
+    """With an early stop, a level ends once its windowed mean loss stops improving by the tolerance: fewer steps on
+    the levels where that happens, each level at least two windows long, and a result close to the full run's. Without
+    one (the default), every level runs its planned steps."""
+    assert [level["steps"] for level in pair["affine_report"]["levels"]] == list(FAST["iterations"])
+    reg = AffineRegistration(transform="affine", **FAST, tolerance=1e-3, tolerance_window=5)
+    early = reg(pair["moving"], pair["fixed"], pair["moving_affine"], pair["fixed_affine"])
+    steps = [level["steps"] for level in reg.last_report["levels"]]
+    assert all(10 <= taken <= planned for taken, planned in zip(steps, FAST["iterations"]))
+    assert sum(steps) < sum(FAST["iterations"])
+    assert reg.last_report["final_loss"] < reg.last_report["initial_loss"]
+    assert _rms_mm(pair["points"], early[0].numpy(), pair["affine"][0].numpy()) < 1.0
+
+
 def test_mutual_information_handles_inverted_contrast(pair):
     """With the brain's contrast inverted (a second contrast), similarity='mi' still recovers a header rotation, which
     NCC cannot (it would need a negative correlation)."""
@@ -211,7 +225,8 @@ def test_degenerate_results_raise(pair):
      ({"levels_mm": (4.0, -2.0)}, "levels_mm"), ({"levels_mm": ()}, "levels_mm"),
      ({"iterations": (10, 10)}, "iterations"), ({"iterations": (10, -1, 5)}, "iterations"),
      ({"learning_rate": 0.0}, "learning_rate"), ({"search_iterations": -1}, "search_iterations"),
-     ({"lncc_kernel": 4}, "lncc_kernel"), ({"mi_bins": 2}, "mi_bins")],
+     ({"lncc_kernel": 4}, "lncc_kernel"), ({"mi_bins": 2}, "mi_bins"), ({"tolerance": -0.01}, "tolerance"),
+     ({"tolerance": float("nan")}, "tolerance"), ({"tolerance_window": 0}, "tolerance_window")],
 )
 def test_bad_arguments_raise(kwargs, word):
     with pytest.raises(ValueError, match=f"^{word} must be"):
@@ -228,3 +243,23 @@ def test_bad_inputs_raise():
         reg(image, image, np.zeros((4, 4)), eye)
     with pytest.raises(ValueError, match="constant"):
         reg(torch.zeros(1, 1, 8, 8, 8), image, eye, eye)
+
+
+@pytest.mark.parametrize("spacing", [2.0, 2.2, 3.1, 7.0])
+def test_pyramid_level_equals_grid_sample(spacing):
+    """A pyramid level is sampled one axis at a time (three 1-D linear interpolations): the same values as
+    ``grid_sample`` at the level's points, on an anisotropic, oblique grid whose level grid has fractional offsets and
+    steps and reaches past the image (border padding); at 2.2 mm it is the image's own grid along the last axis."""
+    from scripts.engines.affine_registration import _index_points, _resample_level
+    from scripts.layers.sampling import grid_sample_matrix, sample_points
+
+    generator = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 1, 23, 17, 12, generator=generator, dtype=torch.float32)
+    affine = torch.as_tensor(_rotation(2, 20.0, (4.0, -3.0, 7.0)) @ np.diag([1.3, 0.9, 2.2, 1.0]))
+    # done_mm = blur_mm: no blur, so the comparison is of the sampling alone
+    values, level_affine = _resample_level(image, affine, spacing, 1.0, 1.0)
+    index_to_voxel = torch.linalg.inv(affine) @ level_affine
+    assert torch.allclose(index_to_voxel[:3, :3], torch.diag(index_to_voxel.diagonal()[:3]))  # the image's axes
+    voxels = _index_points(values.shape[2:], index_to_voxel).reshape(1, -1, 3)
+    expected = sample_points(image, voxels, grid_sample_matrix(image.shape[2:])[None], padding_mode="border")
+    torch.testing.assert_close(values.reshape(1, 1, -1), expected, rtol=0, atol=1e-6)

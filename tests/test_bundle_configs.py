@@ -94,3 +94,13 @@ def test_one_inferer_id_runs_the_stages_the_flags_switch(in_bundle_root, overrid
     assert parser.get_parsed_content("alignment_transforms")  # the affine stage is on by default
     parser["affine_transform"] = "none"
     assert parser.get_parsed_content("alignment_transforms") == [] and parser.get_parsed_content("min_fov_overlap") == 0.1
+
+
+def test_affine_stage_settings_come_from_their_ids(in_bundle_root):
+    """The affine stage's levels, steps and early stop are read from their config ids (what a run overrides)."""
+    parser = _parser("inference.json")
+    parser["affine_levels_mm"], parser["affine_iterations"] = [8.0, 5.0], [40, 20]
+    parser["affine_tolerance"], parser["affine_tolerance_window"] = 2e-5, 7
+    registration = parser.get_parsed_content("affine_registration")
+    assert registration.levels_mm == (8.0, 5.0) and registration.iterations == (40, 20)
+    assert registration.tolerance == 2e-5 and registration.tolerance_window == 7

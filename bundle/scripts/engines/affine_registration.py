@@ -10,15 +10,15 @@ moving-space world point it should sample (ITK/ANTs convention): ``resampled(x) 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from itertools import product
 
 import torch
 import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
-from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
 
+from scripts.engines.field_refinement import loss_has_converged
 from scripts.io.progress import Progress
 from scripts.layers.intensity import AUTO_BACKGROUND, check_background, check_intensity_window, resolve_background
 from scripts.layers.intensity import window_intensity
@@ -61,20 +61,43 @@ def check_affine_result(matrix, min_scale: float = 0.5, max_scale: float = 2.0) 
     return matrix
 
 
-def _gaussian_blur(image: torch.Tensor, sigma: Sequence[float], max_voxels: int = 4 * SLAB_VOXELS):
-    """MONAI's ``GaussianFilter(3, sigma)`` of ``image`` (1, C, X, Y, Z), one slab at a time along the axis of the
-    smallest sigma, each slab with its kernel's reach (MONAI truncates at 4 sigma) of neighbouring data either side.
+def _blur_axis(image: torch.Tensor, kernel: Sequence[float], axis: int) -> torch.Tensor:
+    """Convolve ``image`` (1, C, X, Y, Z) along spatial ``axis`` (0-2) with an odd, centred 1-D ``kernel``, zeros
+    outside the image (as MONAI's ``separable_filtering``): a weighted sum of the ``len(kernel)`` shifted copies.
 
-    On CPU the filter's convolutions hold roughly one copy of their input per kernel tap: blurring a whole
-    512 x 512 x 400 CT (0.2 mm slices, 37 taps along them) took about 9 GB. Slabs give the same values up to float
-    rounding (the convolution may sum in another order for another shape; differences ~1e-8 on [0, 1] images)."""
-    blur = GaussianFilter(3, list(sigma)).to(image.device)
+    The same values as the convolution up to float rounding, at a fraction of its CPU time: a depthwise ``conv3d``
+    with a (k, 1, 1) kernel runs on PyTorch's slow generic path on CPU (1.3 s for a 155 x 205 x 166 brain with
+    9 taps, one thread), while k fused multiply-adds over the volume take 0.03 s."""
+    reach, size, dim = len(kernel) // 2, image.shape[2 + axis], 2 + axis
+    pad = [0, 0] * 3
+    pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = reach
+    padded = F.pad(image, pad)
+    out = padded.narrow(dim, 0, size) * kernel[0]
+    for shift in range(1, len(kernel)):
+        out.add_(padded.narrow(dim, shift, size), alpha=kernel[shift])
+    return out
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: Sequence[float], max_voxels: int = 4 * SLAB_VOXELS):
+    """MONAI's ``GaussianFilter(3, sigma)`` of ``image`` (1, C, X, Y, Z) (its ``gaussian_1d`` kernels, "erf",
+    truncated at 4 sigma, zeros outside), one axis at a time by :func:`_blur_axis`, and one slab at a time along the
+    axis of the smallest sigma, each slab with its kernel's reach of neighbouring data either side.
+
+    Slabs bound the memory on large volumes (each axis holds a padded copy and the output: about 3 copies of a slab);
+    they give the same values up to float rounding (differences ~1e-7 on [0, 1] images)."""
+    kernels = [gaussian_1d(torch.tensor(float(s)), truncated=4.0, approx="erf").tolist() for s in sigma]
+
+    def blur(part: torch.Tensor) -> torch.Tensor:
+        for axis, kernel in enumerate(kernels):
+            part = _blur_axis(part, kernel, axis)
+        return part
+
     axis = 2 + min(range(3), key=lambda i: sigma[i])
     size, plane = image.shape[axis], image[0, 0].numel() // max(image.shape[axis], 1)
     depth = max(max_voxels // max(plane, 1), 1)
     if depth >= size:
         return blur(image)
-    reach = math.ceil(4.0 * sigma[axis - 2]) + 1
+    reach = len(kernels[axis - 2]) // 2
     out = torch.empty_like(image)
     for start in range(0, size, depth):
         stop = min(start + depth, size)
@@ -84,22 +107,41 @@ def _gaussian_blur(image: torch.Tensor, sigma: Sequence[float], max_voxels: int 
     return out
 
 
+def _interpolate_axis(image: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
+    """Linear interpolation of ``image`` (1, C, X, Y, Z) along spatial ``axis`` (0-2) at voxel ``positions`` (n,)
+    float64, clamped to the image (``grid_sample``'s border padding, ``align_corners=True``); (1, C, ..., n, ...)."""
+    size, dim = image.shape[2 + axis], 2 + axis
+    positions = positions.clamp(0, size - 1)
+    own = torch.arange(size, dtype=positions.dtype, device=positions.device)
+    if len(positions) == size and torch.equal(positions, own):
+        return image  # the level grid is the image's own along this axis (a 1 mm scan's 1 mm level): nothing to do
+    lower = positions.floor().clamp(max=max(size - 2, 0)).long()
+    weight = (positions - lower).to(image.dtype).view([-1 if d == dim else 1 for d in range(image.ndim)])
+    upper = (lower + 1).clamp(max=size - 1)
+    below = image.index_select(dim, lower)
+    return below + weight * (image.index_select(dim, upper) - below)
+
+
 def _resample_level(image: torch.Tensor, affine: torch.Tensor, spacing: float, blur_mm: float, done_mm):
     """Blur ``image`` (1, 1, X, Y, Z) to a Gaussian sigma of ``blur_mm`` (it has ``done_mm`` already, per axis) and
     sample it on an isotropic grid of ``spacing`` mm along its own axes, centred on and covering its field of view.
 
+    The level grid's axes are the image's, so trilinear sampling is three 1-D linear interpolations, one axis at a
+    time (:func:`_interpolate_axis`): the values of ``grid_sample`` at every grid point up to float rounding, without
+    a coordinate per point (the moving image's finest level has as many points as the image).
+
     Returns (values (1, 1, n0, n1, n2), the level's voxel-to-world affine (4, 4) float64)."""
     voxel_mm = affine[:3, :3].norm(dim=0)
     sigma = (blur_mm**2 - torch.as_tensor(done_mm, device=affine.device) ** 2).clamp_min(0.0).sqrt() / voxel_mm
-    smooth = image if sigma.max() < 0.2 else _gaussian_blur(image, sigma.clamp_min(0.05).tolist())
+    values = image if sigma.max() < 0.2 else _gaussian_blur(image, sigma.clamp_min(0.05).tolist())
     shape = torch.tensor(image.shape[2:], dtype=torch.float64, device=image.device)
     n, step = (shape * voxel_mm / spacing).round().clamp_min(2), spacing / voxel_mm
     index_to_voxel = torch.eye(4, dtype=torch.float64, device=image.device)
     index_to_voxel[:3, :3], index_to_voxel[:3, 3] = torch.diag(step), (shape - 1) / 2 - step * (n - 1) / 2
-    n = [int(k) for k in n.tolist()]
-    voxels = _index_points(n, index_to_voxel).reshape(1, -1, 3)
-    values = sample_points(smooth, voxels, grid_sample_matrix(image.shape[2:], image.device)[None], padding_mode="border")
-    return values.reshape(1, 1, *n), affine @ index_to_voxel
+    for axis in range(3):
+        index = torch.arange(int(n[axis]), dtype=torch.float64, device=image.device)
+        values = _interpolate_axis(values, index_to_voxel[axis, 3] + step[axis] * index, axis)
+    return values, affine @ index_to_voxel
 
 
 def _pyramid_images(image: torch.Tensor, affine: torch.Tensor, levels_mm: Sequence[float], oversample: int) -> dict:
@@ -128,7 +170,7 @@ def _rotation_candidates(cov_fixed: torch.Tensor, cov_moving: torch.Tensor) -> l
 
 class AffineRegistration(torch.nn.Module):
     """
-    Multi-resolution rigid/affine registration in world space with Adam (fixed iteration counts, no randomness).
+    Multi-resolution rigid/affine registration in world space with Adam (no randomness).
 
     Per level the fixed image is blurred (Gaussian sigma = spacing / 2) and resampled on an isotropic grid of that
     spacing along its own axes covering its field of view; the moving image, blurred alike on a grid twice as fine,
@@ -137,12 +179,15 @@ class AffineRegistration(torch.nn.Module):
     ``background`` clipped to it first), or clipped to ``intensity_window`` and scaled linearly.
     ``last_report`` (after ``forward``): losses (lower is better) at the finest level for the centre-of-mass start
     (``initial_loss``), T = identity (``identity_loss``) and the result (``final_loss``), batch means; per item
-    under ``"items"`` with ``candidate_losses`` and ``levels``.
+    under ``"items"`` with ``candidate_losses`` and ``levels`` (per level its planned ``iterations``, the ``steps``
+    taken, its fixed ``points`` and its start/end losses).
 
     Args:
         transform: ``"rigid"`` (rotation about the fixed centre of mass + translation) or ``"affine"`` (12 parameters).
         levels_mm: grid spacings, coarse to fine. iterations: Adam steps per level (learning rate decays linearly to
-            10 % within a level). learning_rate: at the first level, times spacing / first spacing after it;
+            10 % within a level), at most: see ``tolerance``. Halving them (50, 30, 15) kept the Dice of brain pairs
+            but lowered a whole head's (docs/benchmarks.md, "The affine stage tuned for time").
+        learning_rate: at the first level, times spacing / first spacing after it;
             rotations and the linear part are in radians / unitless, translations in units of the fixed image's
             radius of gyration, so one step moves the brain surface by about ``learning_rate`` * radius mm.
         similarity: ``"ncc"`` global NCC (one contrast), ``"lncc"`` MONAI's local NCC (``lncc_kernel`` grid voxels),
@@ -153,12 +198,19 @@ class AffineRegistration(torch.nn.Module):
         intensity_window: ``(low, high)`` raw values scaled to [0, 1] instead of percentiles (e.g. (-1000, 1000) for
             CT in HU), or None. background: the raw background, ``"auto"`` (each image's minimum) or a number (-1024
             for CT); see :mod:`scripts.layers.intensity`.
+        tolerance: early stop within each level: end it once the mean loss of the last ``tolerance_window`` steps
+            improved on the window before by less than this fraction of its magnitude
+            (:py:func:`scripts.engines.loss_has_converged`, as the field refinement); 0 runs every step. The NCC loss
+            is near -1 at the coarse levels, so useful values are small (1e-5: the mean loss moved by 0.001 %).
+            The start search always runs its ``search_iterations`` (its candidates are compared after equal work).
+        tolerance_window: steps per window of the early stop (>= 1).
     """
 
     def __init__(self, transform: str = "affine", levels_mm: Sequence[float] = (6.0, 4.0, 2.0),
                  iterations: Sequence[int] = (100, 60, 30), learning_rate: float = 0.02, similarity: str = "ncc",
                  init: str = "moments", search_iterations: int = 20, lncc_kernel: int = 5, mi_bins: int = 32,
-                 intensity_window: Sequence[float] | None = None, background: float | str = AUTO_BACKGROUND):
+                 intensity_window: Sequence[float] | None = None, background: float | str = AUTO_BACKGROUND,
+                 tolerance: float = 0.0, tolerance_window: int = 10):
         super().__init__()
         self.intensity_window, self.background = check_intensity_window(intensity_window), check_background(background)
         levels_mm, iterations = tuple(float(v) for v in levels_mm), tuple(int(v) for v in iterations)
@@ -172,11 +224,14 @@ class AffineRegistration(torch.nn.Module):
              f"one count >= 0 per level ({len(levels_mm)} levels)"),
             ("learning_rate", not learning_rate > 0, "> 0"), ("search_iterations", search_iterations < 0, ">= 0"),
             ("lncc_kernel", lncc_kernel < 3 or lncc_kernel % 2 == 0, "odd and >= 3"), ("mi_bins", mi_bins < 4, ">= 4"),
+            ("tolerance", not tolerance >= 0, ">= 0 (0: no early stop)"),
+            ("tolerance_window", tolerance_window < 1, ">= 1"),
         ):
             if bad:
                 raise ValueError(f"{name} must be {need}, got {locals()[name]!r}")
         self.transform, self.levels_mm, self.iterations, self.init = transform, levels_mm, iterations, init
         self.learning_rate, self.search_iterations, self.similarity = learning_rate, search_iterations, similarity
+        self.tolerance, self.tolerance_window = float(tolerance), int(tolerance_window)
         self.loss_fn = {"ncc": None, "lncc": LocalNormalizedCrossCorrelationLoss(3, kernel_size=lncc_kernel),
                         "mi": GlobalMutualInformationLoss(num_bins=mi_bins)}[similarity]
         self.last_report: dict = {}
@@ -224,19 +279,25 @@ class AffineRegistration(torch.nn.Module):
         return float(self._level_loss(matrix, level))
 
     def _optimize(self, params: torch.Tensor, frame: dict, level: dict, steps: int, lr: float,
-                  progress: Progress | None = None) -> torch.Tensor:
-        """``steps`` Adam steps with a linearly decaying learning rate (to 10 %); returns the new parameters."""
+                  progress: Progress | None = None, tolerance: float = 0.0) -> tuple[torch.Tensor, int]:
+        """Up to ``steps`` Adam steps with a linearly decaying learning rate (to 10 % at ``steps``), ending early by
+        :py:func:`loss_has_converged` (``tolerance``, ``self.tolerance_window``); returns (new parameters, steps)."""
         params = params.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([params], lr=lr)
+        opt, losses = torch.optim.Adam([params], lr=lr), []
         for k in range(steps):
             opt.param_groups[0]["lr"] = lr * (1.0 - 0.9 * k / steps)
             opt.zero_grad(set_to_none=True)
             loss = self._level_loss(self._matrix(params, frame), level)
             loss.backward()
             opt.step()
+            losses.append(float(loss.detach()))
             if progress is not None and progress.active:
-                progress.update(1, loss=float(loss.detach()))
-        return params.detach()
+                progress.update(1, loss=losses[-1])
+            if loss_has_converged(losses, tolerance, self.tolerance_window):
+                if progress is not None and progress.active:
+                    progress.update(steps - k - 1)  # the bar counts the level's planned steps
+                break
+        return params.detach(), len(losses)
 
     def scaled_intensity(self, image: torch.Tensor) -> tuple[torch.Tensor, float]:
         """A (1, 1, X, Y, Z) raw image -> (its intensities on the stage's [0, 1] scale, its background on that scale:
@@ -280,7 +341,7 @@ class AffineRegistration(torch.nn.Module):
         best, scores = None, []
         for rotation in rotations:
             trial = dict(frame, rotation=rotation)
-            p = self._optimize(params, trial, level, self.search_iterations, self.learning_rate, progress)
+            p, _ = self._optimize(params, trial, level, self.search_iterations, self.learning_rate, progress)
             scores.append(self._score(self._matrix(p, trial), level))
             best = (p, trial) if best is None or scores[-1] < min(scores[:-1]) else best
         return *best, scores
@@ -297,9 +358,10 @@ class AffineRegistration(torch.nn.Module):
             for spacing, steps, level in zip(self.levels_mm, self.iterations, levels):
                 start = self._score(self._matrix(params, frame), level)
                 lr = self.learning_rate * spacing / self.levels_mm[0]
-                params = self._optimize(params, frame, level, steps, lr, bar)
+                params, taken = self._optimize(params, frame, level, steps, lr, bar, self.tolerance)
                 end = self._score(self._matrix(params, frame), level)
-                report_levels.append({"spacing_mm": spacing, "iterations": steps, "start_loss": start, "end_loss": end})
+                report_levels.append({"spacing_mm": spacing, "iterations": steps, "steps": taken,
+                                      "points": level["world"].shape[1], "start_loss": start, "end_loss": end})
         matrix, eye = self._matrix(params.double(), frame), torch.eye(4, dtype=torch.float64, device=a_m.device)
         losses = {key: self._score(m, levels[-1]) for key, m in
                   (("initial_loss", com_matrix), ("identity_loss", eye), ("final_loss", matrix))}
