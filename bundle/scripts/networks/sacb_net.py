@@ -208,9 +208,14 @@ class SACBNet(nn.Module):
         if stacked:
             both = self.refine(torch.cat([fixed, moving], dim=0))
             moving, fixed = both[1:], both[:1]
+            del both
         else:
             moving, fixed = self.refine(moving), self.refine(fixed)
-        residual = self._float32(self.flow_out(self.fuse(torch.cat([fixed, moving], dim=1))))
+        # The full-resolution features go into the concatenation and are released with it: named tensors would stay
+        # alive through the whole fuse head (16 channels of the largest grid, ~1 GB on a 256 x 256 x 267 CT grid).
+        pair = [fixed, moving]
+        del fixed, moving
+        residual = self._float32(self.flow_out(self.fuse(torch.cat([pair.pop(0), pair.pop(0)], dim=1))))
         field = field + residual if self.diffeomorphic else compose_displacements(field, residual, "zeros")
 
         depth, height, width = spatial[0], spatial[1], spatial[2]
