@@ -289,8 +289,8 @@ def main() -> None:
         raise SystemExit(f"the source scan folder {args.source_dir} is missing (needs /work/shared/data).")
     if not pair_file.is_file():  # built in its own child, so this process stays small
         subprocess.run([sys.executable, __file__, "--shape", args.shape, "--work", str(args.work), "--amplitude_mm",
-                        str(args.amplitude_mm), "--source_dir", str(args.source_dir), "--spacing_mm", args.spacing_mm, "--out", str(args.out),
-                        "--make_only"], check=True)
+                        str(args.amplitude_mm), "--source_dir", str(args.source_dir), "--spacing_mm", args.spacing_mm,
+                        "--out", str(args.out), "--make_only"], check=True)
     pair = json.loads(pair_file.read_text())
     result = run_register(pair, args.work / "out", args.work / "rss_log.json", args.register_flags, args.sample_s)
     import torch  # only for the version, after the measured run

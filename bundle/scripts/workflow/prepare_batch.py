@@ -90,7 +90,9 @@ class SharedPairPrepareBatch(PrepareBatch):
         channel_keys: the batch keys of its channels, in order (moving, then fixed).
     """
 
-    def __init__(self, image_key: str = "image", channel_keys: tuple[str, ...] = ("moving_image", "fixed_image")) -> None:
+    def __init__(
+        self, image_key: str = "image", channel_keys: tuple[str, ...] = ("moving_image", "fixed_image")
+    ) -> None:
         self.image_key, self.channel_keys = image_key, tuple(channel_keys)
 
     def __call__(
@@ -106,9 +108,10 @@ class SharedPairPrepareBatch(PrepareBatch):
         pair = source.to(device=device, non_blocking=non_blocking, **kwargs)
         if pair.data_ptr() != source.data_ptr() or pair.ndim != 5 or pair.shape[1] != len(self.channel_keys):
             return pair, None
+        plain = pair.as_tensor() if isinstance(pair, MetaTensor) else pair
         for channel, key in enumerate(self.channel_keys):
             image = batchdata.get(key)
-            view = pair.as_tensor()[:, channel : channel + 1] if isinstance(pair, MetaTensor) else pair[:, channel : channel + 1]
+            view = plain[:, channel : channel + 1]
             if isinstance(image, MetaTensor) and image.shape == view.shape and image.dtype == view.dtype and bool(
                 torch.equal(image.as_tensor(), view)
             ):
