@@ -123,43 +123,6 @@ def test_resample_moving_in_slabs_equals_one_piece(sample_pair_small):
                 assert slabs.dtype == volume.dtype and torch.equal(slabs, one_piece.detach())
 
 
-def test_points_sampled_in_chunks_equal_one_piece_and_keep_the_gradient_whole(sample_pair_small):
-    """``sample_points`` maps and samples a long point list a chunk at a time when no gradient is recorded (the affine
-    stage's pyramid levels, float64 world points): the same values as one piece; with a gradient it stays one piece
-    and differentiable."""
-    from scripts.layers.sampling import grid_sample_matrix, sample_points
-
-    image = sample_pair_small["moving"]
-    generator = torch.Generator().manual_seed(5)
-    extent = torch.tensor(image.shape[2:], dtype=torch.float64)
-    points = (torch.rand(1, 20011, 3, generator=generator, dtype=torch.float64) * 1.1 - 0.05) * (extent - 1)
-    to_grid = (grid_sample_matrix(image.shape[2:]) @ torch.as_tensor(rotation_matrix_voxels(extent)))[None]
-    for padding_mode, padding_value in (("border", 0.0), ("zeros", -0.5)):
-        whole = sample_points(image, points, to_grid, padding_mode=padding_mode, padding_value=padding_value,
-                              max_points=10**9)
-        for max_points in (997, 20010):  # uneven chunks, the last one a single point
-            chunked = sample_points(image, points, to_grid, padding_mode=padding_mode, padding_value=padding_value,
-                                    max_points=max_points)
-            assert torch.equal(chunked, whole)
-        one_by_one = sample_points(image, points[:, :50], to_grid, padding_mode=padding_mode,
-                                   padding_value=padding_value, max_points=1)
-        assert torch.equal(one_by_one, whole[..., :50])
-    matrix = to_grid.clone().requires_grad_()
-    sampled = sample_points(image, points, matrix, max_points=997)
-    sampled.sum().backward()
-    assert matrix.grad is not None and torch.isfinite(matrix.grad).all() and matrix.grad.abs().sum() > 0
-
-
-def rotation_matrix_voxels(extent: torch.Tensor) -> np.ndarray:
-    """(4, 4) voxel -> voxel map: a 10-degree rotation about the grid's centre (points leave the grid near corners)."""
-    angle = np.deg2rad(10.0)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    centre = (extent.numpy() - 1) / 2
-    matrix = np.eye(4)
-    matrix[:3, :3], matrix[:3, 3] = rotation, centre - rotation @ centre
-    return matrix
-
-
 def test_affine_pyramid_blur_in_slabs_equals_monai_gaussian_filter(sample_pair_small):
     """The affine stage blurs full-resolution images slab by slab (MONAI's filter holds a copy per kernel tap):
     the same image up to float rounding, with a long kernel across the slabs' axis and a short one along it."""

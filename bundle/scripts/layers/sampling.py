@@ -302,14 +302,10 @@ def grid_sample_matrix(shape, device: torch.device | str | None = None) -> torch
 
 def sample_points(
     image: torch.Tensor, points: torch.Tensor, to_grid: torch.Tensor, mode: str = "bilinear",
-    padding_mode: str = "zeros", padding_value: float = 0.0, max_points: int = SLAB_VOXELS,
+    padding_mode: str = "zeros", padding_value: float = 0.0,
 ) -> torch.Tensor:
     """
     Sample ``image`` at points mapped by a matrix that already ends in :func:`grid_sample_matrix`.
-
-    Without a gradient to keep, the points are mapped and sampled ``max_points`` at a time (each point alone: the same
-    values as in one piece): a whole list holds several mapped copies of itself, float64 for float64 points (the
-    affine stage's 1 mm pyramid level of a 384 x 384 x 400 mm CT is 59 M points, 1.4 GB per copy).
 
     Args:
         image: (B, C, X, Y, Z) floating volume.
@@ -318,29 +314,10 @@ def sample_points(
             ``grid_sample_matrix(image.shape[2:]) @ inv(image_affine)`` for world points; applied in the points'
             dtype (float32 points keep the affine stage's gradient cheap).
         mode, padding_mode, padding_value: as :func:`sample_at_voxels`.
-        max_points: points mapped at a time when no gradient is recorded.
 
     Returns:
         (B, C, N) samples.
     """
-    recording = torch.is_grad_enabled() and (image.requires_grad or points.requires_grad or to_grid.requires_grad)
-    count = int(points.shape[1])
-    if recording or count <= max_points:
-        return _sample_mapped_points(image, points, to_grid, mode, padding_mode, padding_value)
-    out = image.new_empty((image.shape[0], image.shape[1], count))
-    for start in range(0, count, max(int(max_points), 1)):
-        chunk = points[:, start : start + max_points]
-        out[..., start : start + chunk.shape[1]] = _sample_mapped_points(
-            image, chunk, to_grid, mode, padding_mode, padding_value
-        )
-    return out
-
-
-def _sample_mapped_points(
-    image: torch.Tensor, points: torch.Tensor, to_grid: torch.Tensor, mode: str, padding_mode: str,
-    padding_value: float,
-) -> torch.Tensor:
-    """:func:`sample_points` of all ``points`` (B, N, 3) in one piece: (B, C, N)."""
     grid = apply_matrix(to_grid, points.transpose(1, 2)).transpose(1, 2)
     grid = grid.to(image.dtype)[:, :, None, None]
     return _padded_grid_sample(image, grid, mode, padding_mode, padding_value)[..., 0, 0]
