@@ -4,9 +4,16 @@
 Wall time, CPU time and peak memory of ``register`` on a CT-sized pair (default 512 x 512 x 400 voxels).
 
 The pair is synthetic but made from a real scan: the abdominal CT of ``/work/shared/data/abdomen_ct_mr_totalseg``
-(122 x 101 x 30 at 3 mm) upsampled onto ``--shape`` over the same field of view (fixed image), and the same scan
-sampled through a known smooth deformation (moving image: a translation plus sine waves of a few mm). Its
+(122 x 101 x 30 at 3 mm) resampled onto ``--shape`` so that its field of view fills the grid (fixed image), and the
+same scan sampled through a known smooth deformation (moving image: a translation plus sine waves of a few mm). Its
 TotalSegmentator labels go along (nearest), so ``metrics.json`` shows whether the run still registers.
+
+The grid's voxel size is ``--spacing_mm``, by default 0.75 x 0.75 x 1.0 mm, what a 512 x 512 x 400 chest-abdomen CT
+has: the scan is stretched to fill that grid (4.4x along its 90 mm axis), so the foreground fills the field of view as
+in a real CT and the network and refinement grids, which ``register`` picks from the voxel size (isotropic in mm),
+have the size they would have on a real CT. ``--spacing_mm fov`` keeps the scan's own field of view instead (the
+rows measured before 2026-12-07 17:00; at 512 x 512 x 400 that is 0.72 x 0.59 x 0.23 mm, and the isotropic network
+grid at 0.44 mm is then ~9x the size of a real CT's).
 
 ``register`` runs with default settings plus the CT flags (``--intensity_window=-1000,1000 --background=-1024``,
 the documented CT handling) in a child process started from this small parent, through a tiny launcher that
@@ -86,8 +93,12 @@ runpy.run_module("scripts.cli", run_name="__main__")
 """
 
 
-def make_pair(work: Path, shape: tuple[int, int, int], amplitude_mm: float, source_dir: Path = SOURCE_DIR) -> dict:
-    """Write fixed/moving CT and labels of spatial ``shape`` into ``work``; returns their paths and grid."""
+def make_pair(
+    work: Path, shape: tuple[int, int, int], amplitude_mm: float, source_dir: Path = SOURCE_DIR,
+    spacing_mm: tuple[float, float, float] | None = (0.75, 0.75, 1.0),
+) -> dict:
+    """Write fixed/moving CT and labels of spatial ``shape`` and voxel size ``spacing_mm`` (None: the source's field of
+    view over ``shape``) into ``work``; returns their paths and grid."""
     import nibabel as nib
     import numpy as np
     import torch
@@ -99,10 +110,11 @@ def make_pair(work: Path, shape: tuple[int, int, int], amplitude_mm: float, sour
     labels = np.asarray(seg.dataobj).astype(np.float32)
     src_shape = np.array(small.shape)
     # same field of view (first and last voxel centres kept), finer voxels
-    step = (src_shape - 1) / (np.array(shape) - 1)
+    step = (src_shape - 1) / (np.array(shape) - 1)  # source voxels per grid voxel: the source fills the grid
+    source_spacing = np.linalg.norm(ct.affine[:3, :3], axis=0)
+    spacing_mm = source_spacing * step if spacing_mm is None else np.array(spacing_mm, dtype=np.float64)
     affine = ct.affine.copy()
-    affine[:3, :3] = ct.affine[:3, :3] * step[None, :]
-    spacing_mm = np.abs(np.diag(ct.affine)[:3]) * step
+    affine[:3, :3] = ct.affine[:3, :3] / source_spacing[None, :] * spacing_mm[None, :]
     volumes = {name: torch.from_numpy(a)[None, None] for name, a in (("image", small), ("label", labels))}
     out = {name: np.empty(shape, dtype=np.int16 if name.endswith("image") else np.uint8)
            for name in ("fixed_image", "fixed_label", "moving_image", "moving_label")}
@@ -117,7 +129,8 @@ def make_pair(work: Path, shape: tuple[int, int, int], amplitude_mm: float, sour
         for moved, prefix in ((False, "fixed"), (True, "moving")):
             coords = [c * s for c, s in zip((i, j, k), step)]  # source voxel indices
             if moved:
-                coords = [c + d / sp for c, d, sp in zip(coords, shift_mm, np.abs(np.diag(ct.affine)[:3]))]
+                # mm on the grid -> grid voxels -> source voxels
+                coords = [c + d / sp * st for c, d, sp, st in zip(coords, shift_mm, spacing_mm, step)]
             grid = torch.stack([2 * c / (n - 1) - 1 for c, n in zip(coords, src_shape)][::-1], dim=-1)[None]
             for name, mode in (("image", "bilinear"), ("label", "nearest")):
                 pad = -1024.0 if name == "image" else 0.0
@@ -233,6 +246,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for the pair and the outputs (not the repo)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file of the results")
     parser.add_argument("--amplitude_mm", type=float, default=4.0, help="amplitude of the synthetic deformation")
+    parser.add_argument("--spacing_mm", default="0.75,0.75,1.0",
+                        help="voxel size X,Y,Z of the pair, or 'fov' for the source scan's field of view over --shape")
     parser.add_argument("--sample_s", type=float, default=0.25, help="RSS sampling period of the launcher")
     parser.add_argument("--source_dir", type=Path, default=SOURCE_DIR, help="folder of ct_img / ct_seg_total.nii.gz")
     parser.add_argument("--label", default="", help="free text stored with the results (e.g. 'before')")
@@ -247,6 +262,9 @@ def main() -> None:
     shape = tuple(int(s) for s in args.shape.split(","))
     if len(shape) != 3 or min(shape) < 2:
         raise SystemExit(f"--shape must be three sizes >= 2 like 512,512,400, got {args.shape!r}.")
+    spacing = None if args.spacing_mm == "fov" else tuple(float(s) for s in args.spacing_mm.split(","))
+    if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+        raise SystemExit(f"--spacing_mm must be three sizes > 0 like 0.75,0.75,1.0 or 'fov', got {args.spacing_mm!r}.")
     if args.postprocessing_only or args.writers_only:  # this small parent starts the measured child
         name, arguments = (("postprocessing_peak", repr(shape)) if args.postprocessing_only
                            else ("writers_peak", f"{shape!r}, m['Path']({str(args.work)!r})"))
@@ -262,17 +280,17 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1))
         print(json.dumps(result))
         return
-    pair_file = args.work / f"pair_{'x'.join(map(str, shape))}.json"
+    pair_file = args.work / f"pair_{'x'.join(map(str, shape))}_{args.spacing_mm.replace(',', 'x')}.json"
     if args.make_only:
         args.work.mkdir(parents=True, exist_ok=True)
-        pair_file.write_text(json.dumps(make_pair(args.work, shape, args.amplitude_mm, args.source_dir)))
+        pair_file.write_text(json.dumps(make_pair(args.work, shape, args.amplitude_mm, args.source_dir, spacing)))
         return
     if not args.source_dir.is_dir():
         raise SystemExit(f"the source scan folder {args.source_dir} is missing (needs /work/shared/data).")
     if not pair_file.is_file():  # built in its own child, so this process stays small
         subprocess.run([sys.executable, __file__, "--shape", args.shape, "--work", str(args.work), "--amplitude_mm",
-                        str(args.amplitude_mm), "--source_dir", str(args.source_dir), "--out", str(args.out),
-                        "--make_only"], check=True)
+                        str(args.amplitude_mm), "--source_dir", str(args.source_dir), "--spacing_mm", args.spacing_mm,
+                        "--out", str(args.out), "--make_only"], check=True)
     pair = json.loads(pair_file.read_text())
     result = run_register(pair, args.work / "out", args.work / "rss_log.json", args.register_flags, args.sample_s)
     import torch  # only for the version, after the measured run

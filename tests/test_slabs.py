@@ -138,3 +138,25 @@ def test_affine_pyramid_blur_in_slabs_equals_monai_gaussian_filter(sample_pair_s
         torch.testing.assert_close(_gaussian_blur(image, sigma, max_voxels), whole, rtol=0, atol=1e-6)
     # the context matters: a slab blurred without its neighbours differs
     assert not torch.allclose(GaussianFilter(3, sigma)(image[:, :, :10]), whole[:, :, :10], atol=1e-4)
+
+
+def test_refinement_correction_joins_a_full_resolution_field_in_slabs_bit_for_bit():
+    """The refinement's last step, ``ddf ∘ exp(c)`` on the full-resolution grid, is composed slab by slab (two slabs at
+    the default size here) and equals :func:`compose_displacements` of the whole grid bit for bit; the in-place
+    scaling of :func:`resize_displacement` equals the out-of-place one."""
+    from scripts.engines.field_refinement import _Correction
+    from scripts.engines.resolution_inferer import resize_displacement
+    from scripts.layers.sampling import compose_displacements
+
+    shape = (136, 136, 136)  # 2.5 M voxels: more than one SLAB_VOXELS slab
+    assert len(slab_ranges(list(shape))) > 1
+    ddf = _smooth_field(shape, 4.0, seed=3)
+    correction = _Correction(torch.zeros(1, 3, 34, 34, 34), "velocity", 4)
+    with torch.no_grad():
+        correction.field.copy_(_smooth_field((34, 34, 34), 2.0, seed=4))
+        joined = correction.apply_to(ddf)
+        velocity_exp = correction._exp()
+        inner = torch.nn.functional.interpolate(velocity_exp, size=shape, mode="trilinear", align_corners=True)
+        inner = inner * torch.tensor([135 / 33] * 3).view(1, 3, 1, 1, 1)
+        assert torch.equal(resize_displacement(velocity_exp, shape), inner)
+        assert torch.equal(joined, compose_displacements(ddf, inner, "border"))

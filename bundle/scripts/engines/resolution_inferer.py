@@ -125,9 +125,14 @@ def resize_displacement(ddf: torch.Tensor, spatial_shape: Sequence[int]) -> torc
     source = [int(s) for s in ddf.shape[2:]]
     if source == target:
         return ddf
-    factors = [(t - 1) / (s - 1) if s > 1 else 1.0 for s, t in zip(source, target)]
+    factors = torch.tensor([(t - 1) / (s - 1) if s > 1 else 1.0 for s, t in zip(source, target)], dtype=ddf.dtype,
+                           device=ddf.device).view(1, 3, 1, 1, 1)
     resized = F.interpolate(ddf, size=target, mode="trilinear", align_corners=True)
-    return resized * torch.tensor(factors, dtype=ddf.dtype, device=ddf.device).view(1, 3, 1, 1, 1)
+    if resized.requires_grad:
+        return resized * factors
+    # in place where no gradient is recorded: the target is often the full-resolution grid (a CT's 10**8 voxels),
+    # where a second (B, 3, D, H, W) copy is 1.3 GB; the same products either way
+    return resized.mul_(factors)
 
 
 def network_fields(

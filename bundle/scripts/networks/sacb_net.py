@@ -179,6 +179,7 @@ class SACBNet(nn.Module):
         else:
             moving_features = self._encode(padded[:, 0:1])
             fixed_features = self._encode(padded[:, 1:2])
+        del padded  # the encoders' input (two volumes of the network grid) is not read again
 
         # field: the displacement so far (plain) or the velocity so far (diffeomorphic); transform: the displacement
         # the next level's moving features are warped with (the field itself, or its integral exp(field)).
@@ -208,9 +209,14 @@ class SACBNet(nn.Module):
         if stacked:
             both = self.refine(torch.cat([fixed, moving], dim=0))
             moving, fixed = both[1:], both[:1]
-        else:
-            moving, fixed = self.refine(moving), self.refine(fixed)
-        residual = self._float32(self.flow_out(self.fuse(torch.cat([fixed, moving], dim=1))))
+        else:  # one statement each: the warped moving features are released before the fixed ones are refined
+            moving = self.refine(moving)
+            fixed = self.refine(fixed)
+        # The full-resolution features go into the concatenation and are released with it: named tensors would stay
+        # alive through the whole fuse head (16 channels of the largest grid, ~1 GB on a 256 x 256 x 267 CT grid).
+        pair = [fixed, moving]
+        del fixed, moving
+        residual = self._float32(self.flow_out(self.fuse(torch.cat([pair.pop(0), pair.pop(0)], dim=1))))
         field = field + residual if self.diffeomorphic else compose_displacements(field, residual, "zeros")
 
         depth, height, width = spatial[0], spatial[1], spatial[2]

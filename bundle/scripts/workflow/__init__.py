@@ -61,6 +61,7 @@ from .cohort_dataset import (
 )
 from .prepare_batch import (
     RegistrationPrepareBatch,
+    SharedPairPrepareBatch,
 )
 from .qc import (
     SaveQCFigured,

@@ -1,5 +1,6 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""The training batch -> the network input and the registration loss's target, the labels passed by name."""
+"""Engine batches -> network inputs: the training batch with the registration loss's target (labels passed by name),
+and the inference batch whose two scaled images become views of the network input instead of copies beside it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 
 from scripts.losses.registration_loss import registration_target
 
-__all__ = ["RegistrationPrepareBatch"]
+__all__ = ["RegistrationPrepareBatch", "SharedPairPrepareBatch"]
 
 
 class RegistrationPrepareBatch(PrepareBatch):
@@ -65,3 +67,55 @@ class RegistrationPrepareBatch(PrepareBatch):
             batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs) for key in (self.image_key, *self.label_keys)
         ]
         return pair, registration_target(pair, *labels)
+
+
+class SharedPairPrepareBatch(PrepareBatch):
+    """
+    ``prepare_batch`` of the inference ``SupervisedEvaluator``: the network input ``image`` (B, 2, D, H, W), and the
+    batch's intensity-scaled ``moving_image`` and ``fixed_image`` (B, 1, D, H, W) replaced by views of its channels.
+
+    Why: ``ConcatItemsd`` copies the two scaled images into ``image`` and the collated batch keeps all three until the
+    iteration ends (MONAI merges the batch into the post-processing dict), so the pair was stored twice through the
+    network, the refinement and every writer: two full-resolution volumes (0.84 GB on a 512 x 512 x 400 CT). The views
+    hold the same values (a channel of ``image`` is its source image, cast to float32 as the scaled images already
+    are), and each keeps its own metadata (file name, affine, applied operations). The network input is returned as
+    MONAI's default ``prepare_batch`` returns it (no target).
+
+    A key is replaced only where sharing changes nothing: the input stays where it is (``device`` is its own device;
+    moving it would put a copy on the device and the post-processing on it), and the key holds a MetaTensor equal to
+    its channel of ``image`` (same shape, dtype and values); any other key is left as it is.
+
+    Args:
+        image_key: batch key of the (B, 2, D, H, W) network input.
+        channel_keys: the batch keys of its channels, in order (moving, then fixed).
+    """
+
+    def __init__(
+        self, image_key: str = "image", channel_keys: tuple[str, ...] = ("moving_image", "fixed_image")
+    ) -> None:
+        self.image_key, self.channel_keys = image_key, tuple(channel_keys)
+
+    def __call__(
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if not isinstance(batchdata, Mapping) or not isinstance(batchdata.get(self.image_key), torch.Tensor):
+            raise ValueError(f"expected the collated batch dictionary with the network input under '{self.image_key}'.")
+        source = batchdata[self.image_key]
+        pair = source.to(device=device, non_blocking=non_blocking, **kwargs)
+        if pair.data_ptr() != source.data_ptr() or pair.ndim != 5 or pair.shape[1] != len(self.channel_keys):
+            return pair, None
+        plain = pair.as_tensor() if isinstance(pair, MetaTensor) else pair
+        for channel, key in enumerate(self.channel_keys):
+            image = batchdata.get(key)
+            view = plain[:, channel : channel + 1]
+            if isinstance(image, MetaTensor) and image.shape == view.shape and image.dtype == view.dtype and bool(
+                torch.equal(image.as_tensor(), view)
+            ):
+                shared = MetaTensor(view)
+                shared.copy_meta_from(image)
+                batchdata[key] = shared
+        return pair, None
