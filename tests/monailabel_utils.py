@@ -10,9 +10,14 @@ from typing import Optional
 
 import numpy as np
 from conftest import REPO_ROOT
+from cohort_data import SMALL_NETWORK
+from ecosystem_utils import save_seeded_weights
 from reliability_data import load_sample, save
 
-__all__ = ["APP_DIR", "LABEL_PYTHON", "LABEL_VENV", "MODEL", "fast_affine_stage", "label_venv_missing", "write_pair"]
+__all__ = [
+    "APP_DIR", "LABEL_PYTHON", "LABEL_VENV", "MODEL", "fast_affine_stage", "label_venv_missing", "small_network",
+    "write_pair",
+]
 
 LABEL_VENV = Path(os.environ.get("SACB_LABEL_VENV", REPO_ROOT / ".venv-label"))
 LABEL_PYTHON = LABEL_VENV / "bin" / "python"
@@ -50,3 +55,14 @@ def fast_affine_stage(bundle: Path) -> None:
     config = json.loads(path.read_text())
     config.update(affine_levels_mm=[8.0, 4.0], affine_iterations=[60, 30])
     path.write_text(json.dumps(config, indent=4))
+
+
+def small_network(bundle: Path) -> None:
+    """The bundle copy's network_def made small (``cohort_data.SMALL_NETWORK``) with seeded weights of that size in its
+    models/model.pt: for tests of the app's task plumbing (pairs, where the weights go), not of the network's quality;
+    one training epoch of the shipped-size network is most of such a test's time."""
+    path = bundle / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    config["network_def"] = {**config["network_def"], **SMALL_NETWORK}
+    path.write_text(json.dumps(config, indent=4))
+    save_seeded_weights(bundle / "models" / "model.pt", bundle)

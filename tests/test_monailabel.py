@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 from ecosystem_utils import bundle_copy_with_weights, run_checked
-from monailabel_utils import APP_DIR, LABEL_PYTHON, MODEL, fast_affine_stage, label_venv_missing, write_pair
+from monailabel_utils import (APP_DIR, LABEL_PYTHON, MODEL, fast_affine_stage, label_venv_missing, small_network,
+                              write_pair)
 from spatial_cases import mean_dice, rotation_ras
 
 from scripts.layers import resample_moving
@@ -125,6 +126,7 @@ def test_affine_stage_brings_the_atlas_from_its_own_scanner_space(infer_run):
 
 def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     bundle = bundle_copy_with_weights(tmp_path)
+    small_network(bundle)  # the task's plumbing under test, not the network: one epoch of a small one
     before = torch.load(bundle / "models" / "model.pt", weights_only=True)
     pair = write_pair(tmp_path / "data", factor=8)  # 20x24x20: one epoch in seconds
     studies = tmp_path / "studies"
