@@ -65,6 +65,15 @@ def infer_run(tmp_path_factory):
         f"info = app.info()['models'][{MODEL!r}]\n"
         f"result = app.infer({{'model': {MODEL!r}, 'image': 'mni152', 'device': 'cpu'}})\n"
         "out = {'info': info, 'label': result['label'], 'params': result['params']}\n"
+        # the config the app registers with (test_server_keeps_the_atlas_decoded_between_requests), read in the same
+        # process: one start of the venv's interpreter less
+        "import sys\n"
+        f"sys.path.insert(0, {str(bundle)!r})\n"
+        "from lib.registration_infer import load_register_config\n"
+        f"parser = load_register_config({str(bundle)!r})\n"
+        "loader = [t for t in parser.get_parsed_content('loading_transforms')\n"
+        "          if type(t).__name__ == 'LoadRegistrationInputsd'][0]\n"
+        "out['register_config'] = {'keep': loader.keep_decoded, 'one_pair': parser.get_parsed_content('pairs')}\n"
         "print('RESULT ' + json.dumps(out, default=str))\n"
     )
     app_result = _run_in_label_venv(code, work)
@@ -161,19 +170,9 @@ def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before), "training did not write weights_dir/model.pt"
 
 
-def test_server_keeps_the_atlas_decoded_between_requests(tmp_path):
+def test_server_keeps_the_atlas_decoded_between_requests(infer_run):
     """The app registers request after request against one atlas: its config keeps the decoded inputs for the next
     request (``keep_decoded_inputs``), where a one-pair ``register`` run keeps none."""
-    from conftest import BUNDLE_ROOT
-
-    code = (
-        "import json, sys\n"
-        f"sys.path.insert(0, {str(BUNDLE_ROOT)!r})\n"
-        "from lib.registration_infer import load_register_config\n"
-        f"parser = load_register_config({str(BUNDLE_ROOT)!r})\n"
-        "loader = [t for t in parser.get_parsed_content('loading_transforms')\n"
-        "          if type(t).__name__ == 'LoadRegistrationInputsd'][0]\n"
-        "print('RESULT ' + json.dumps({'keep': loader.keep_decoded, 'one_pair': parser.get_parsed_content('pairs')}))\n"
-    )
-    result = _run_in_label_venv(code, tmp_path)
-    assert result["keep"] is True and len(result["one_pair"]) == 1
+    _, result, _ = infer_run
+    config = result["register_config"]  # load_register_config of the app's bundle, in the Label venv
+    assert config["keep"] is True and len(config["one_pair"]) == 1
