@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ecosystem_utils import bundle_copy_with_weights, run_checked
+from ecosystem_utils import ATLAS_MOVE, bundle_copy_with_weights, run_checked
 from monailabel_utils import (APP_DIR, LABEL_PYTHON, MODEL, fast_affine_stage, label_venv_missing, small_network,
                               write_pair)
-from spatial_cases import mean_dice, rotation_ras
+from spatial_cases import mean_dice
 
 from scripts.layers import resample_moving
 from scripts.spatial import read_itk_affine
 
 pytestmark = [pytest.mark.label, pytest.mark.slow]
-
-#: fixed world point -> atlas world point: the atlas header moved by 10 + 4 degrees about the brain centre and ~17 mm
-ATLAS_MOVE = rotation_ras((0.0, -20.0, 10.0), degrees_z=10.0, degrees_x=-4.0, translation=(12.0, -10.0, 8.0))
 
 if label_venv_missing():
     pytest.skip(label_venv_missing(), allow_module_level=True)
@@ -46,13 +42,14 @@ def _run_in_label_venv(code: str, cwd: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def infer_run(tmp_path_factory):
+def infer_run(tmp_path_factory, moved_pair_registration):
     """App-level inference (MONAILabelApp.infer on a study id) and the CLI's default ``register`` on the same 4 mm
-    pair, the atlas in its own scanner space (``ATLAS_MOVE``)."""
+    pair, the atlas in its own scanner space (``ATLAS_MOVE``); the CLI's run is the session's
+    ``moved_pair_registration`` (a bundle copy configured as this one), shared with the Deploy tests."""
     work = tmp_path_factory.mktemp("label_infer")
     bundle = bundle_copy_with_weights(work)
     fast_affine_stage(bundle)
-    pair = write_pair(work / "data", factor=4, atlas_move=ATLAS_MOVE)
+    pair = moved_pair_registration["pair"]
     studies = work / "studies"
     studies.mkdir()
     shutil.copy(pair["fixed_image"], studies / "mni152.nii.gz")
@@ -77,14 +74,7 @@ def infer_run(tmp_path_factory):
         "print('RESULT ' + json.dumps(out, default=str))\n"
     )
     app_result = _run_in_label_venv(code, work)
-    reference = work / "cli_out"
-    run_checked(
-        [sys.executable, "-m", "scripts.cli", "register", "--fixed", pair["fixed_image"], "--moving",
-         pair["moving_image"], "--moving_label", pair["moving_label"], "--fixed_label", pair["fixed_label"],
-         "--out", str(reference), "--device", "cpu"],
-        cwd=bundle,
-    )
-    return pair, app_result, reference
+    return pair, app_result, moved_pair_registration["out"]
 
 
 def test_app_exposes_registration_model(infer_run):
