@@ -93,3 +93,12 @@ def native_registration(tmp_path_factory):
     from workflow_data import register_native_sample_pair
 
     return register_native_sample_pair(tmp_path_factory.mktemp("native"))
+
+
+@pytest.fixture(scope="session")
+def moved_pair_registration(tmp_path_factory):
+    """One ``register`` (defaults) of the 4 mm pair with the atlas in its own scanner space
+    (``ecosystem_utils.register_moved_pair``), the reference of both the MONAI Label and the MONAI Deploy app tests."""
+    from ecosystem_utils import register_moved_pair
+
+    return register_moved_pair(tmp_path_factory.mktemp("moved_pair"))

@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -27,9 +26,9 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT, REPO_ROOT, SAMPLE_DATA
 from dicom_series import segmentation_label_map, write_mr_series
-from ecosystem_utils import bundle_copy_with_weights, run_bundle_command, run_checked
-from reliability_data import load_sample, save
-from spatial_cases import mean_dice, rotation_ras
+from ecosystem_utils import ATLAS_MOVE, bundle_copy_with_weights, fast_affine_stage, run_bundle_command, run_checked
+from reliability_data import save
+from spatial_cases import mean_dice
 
 from scripts.layers import resample_moving
 from scripts.spatial import read_itk_affine
@@ -46,22 +45,13 @@ INPUT_FILES = {
 }
 OUTPUTS = ("ddf.nii.gz", "warped_image.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "warp.nii.gz")
 #: fixed world point -> moving world point: the moving header moved by 10 + 4 degrees about the brain centre and ~17 mm
-MOVE = rotation_ras((0.0, -20.0, 10.0), degrees_z=10.0, degrees_x=-4.0, translation=(12.0, -10.0, 8.0))
+MOVE = ATLAS_MOVE
 
 if not DEPLOY_PYTHON.is_file():
     pytest.skip(
         f"MONAI Deploy venv not found at {DEPLOY_PYTHON.parent.parent}: run integrations/deploy/setup_env.sh",
         allow_module_level=True,
     )
-
-
-def _fast_affine_stage(bundle: Path) -> None:
-    """The affine stage at 8 and 4 mm only (not 6, 4, 2 mm) for the 4 mm pair, in the bundle copy's inference.json,
-    which the export (and so the app) and the CLI both read: a fifth of the time, the same stages."""
-    path = bundle / "configs" / "inference.json"
-    config = json.loads(path.read_text())
-    config.update(affine_levels_mm=[8.0, 4.0], affine_iterations=[60, 30])
-    path.write_text(json.dumps(config, indent=4))
 
 
 def _run_app(model_ts: Path, inputs: Path, out: Path, bundle: Path, check: bool = True, **env: str):
@@ -77,17 +67,17 @@ def _run_app(model_ts: Path, inputs: Path, out: Path, bundle: Path, check: bool 
 
 
 @pytest.fixture(scope="module")
-def deployed_run(tmp_path_factory):
+def deployed_run(tmp_path_factory, moved_pair_registration):
     """Export the TorchScript with the default pipeline's configs, run the Deploy app and the CLI's default register
-    on the real pair (4 mm, 40x48x40), the moving scan in its own scanner space (``MOVE``)."""
+    on the real pair (4 mm, 40x48x40), the moving scan in its own scanner space (``MOVE``); the CLI's run is the
+    session's ``moved_pair_registration`` (a bundle copy configured as this one), shared with the MONAI Label tests."""
     work = tmp_path_factory.mktemp("deploy")
     bundle = bundle_copy_with_weights(work)
-    _fast_affine_stage(bundle)
+    fast_affine_stage(bundle)
     inputs = work / "in"
     inputs.mkdir()
-    for key, name in INPUT_FILES.items():
-        data, affine = load_sample(key, factor=4)
-        save(inputs / name, data, MOVE @ affine if key.startswith("moving") else affine)
+    for key, name in INPUT_FILES.items():  # the app reads these names (the same voxels and headers as the CLI's pair)
+        (inputs / name).write_bytes(Path(moved_pair_registration["pair"][key]).read_bytes())
     model_ts = work / "model.ts"
     run_bundle_command(
         ["ckpt_export", "--net_id", "network_def", "--filepath", str(model_ts), "--ckpt_file", "models/model.pt",
@@ -96,16 +86,7 @@ def deployed_run(tmp_path_factory):
     )
     app_out = work / "app_out"
     app_run = _run_app(model_ts, inputs, app_out, bundle)
-
-    reference_out = work / "cli_out"
-    paths = {key: str(inputs / name) for key, name in INPUT_FILES.items()}
-    run_checked(
-        [sys.executable, "-m", "scripts.cli", "register", "--fixed", paths["fixed_image"], "--moving",
-         paths["moving_image"], "--moving_label", paths["moving_label"], "--fixed_label", paths["fixed_label"],
-         "--out", str(reference_out), "--device", "cpu"],
-        cwd=bundle,
-    )
-    return inputs, app_out, reference_out, app_run.stdout + app_run.stderr
+    return inputs, app_out, moved_pair_registration["out"], app_run.stdout + app_run.stderr
 
 
 def test_app_ran_the_bundle_operator(deployed_run):

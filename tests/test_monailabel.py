@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ecosystem_utils import bundle_copy_with_weights, run_checked
-from monailabel_utils import APP_DIR, LABEL_PYTHON, MODEL, fast_affine_stage, label_venv_missing, write_pair
-from spatial_cases import mean_dice, rotation_ras
+from ecosystem_utils import ATLAS_MOVE, bundle_copy_with_weights, run_checked
+from monailabel_utils import (APP_DIR, LABEL_PYTHON, MODEL, fast_affine_stage, label_venv_missing, small_network,
+                              write_pair)
+from spatial_cases import mean_dice
 
 from scripts.layers import resample_moving
 from scripts.spatial import read_itk_affine
 
 pytestmark = [pytest.mark.label, pytest.mark.slow]
-
-#: fixed world point -> atlas world point: the atlas header moved by 10 + 4 degrees about the brain centre and ~17 mm
-ATLAS_MOVE = rotation_ras((0.0, -20.0, 10.0), degrees_z=10.0, degrees_x=-4.0, translation=(12.0, -10.0, 8.0))
 
 if label_venv_missing():
     pytest.skip(label_venv_missing(), allow_module_level=True)
@@ -45,13 +42,14 @@ def _run_in_label_venv(code: str, cwd: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def infer_run(tmp_path_factory):
+def infer_run(tmp_path_factory, moved_pair_registration):
     """App-level inference (MONAILabelApp.infer on a study id) and the CLI's default ``register`` on the same 4 mm
-    pair, the atlas in its own scanner space (``ATLAS_MOVE``)."""
+    pair, the atlas in its own scanner space (``ATLAS_MOVE``); the CLI's run is the session's
+    ``moved_pair_registration`` (a bundle copy configured as this one), shared with the Deploy tests."""
     work = tmp_path_factory.mktemp("label_infer")
     bundle = bundle_copy_with_weights(work)
     fast_affine_stage(bundle)
-    pair = write_pair(work / "data", factor=4, atlas_move=ATLAS_MOVE)
+    pair = moved_pair_registration["pair"]
     studies = work / "studies"
     studies.mkdir()
     shutil.copy(pair["fixed_image"], studies / "mni152.nii.gz")
@@ -64,17 +62,19 @@ def infer_run(tmp_path_factory):
         f"info = app.info()['models'][{MODEL!r}]\n"
         f"result = app.infer({{'model': {MODEL!r}, 'image': 'mni152', 'device': 'cpu'}})\n"
         "out = {'info': info, 'label': result['label'], 'params': result['params']}\n"
+        # the config the app registers with (test_server_keeps_the_atlas_decoded_between_requests), read in the same
+        # process: one start of the venv's interpreter less
+        "import sys\n"
+        f"sys.path.insert(0, {str(bundle)!r})\n"
+        "from lib.registration_infer import load_register_config\n"
+        f"parser = load_register_config({str(bundle)!r})\n"
+        "loader = [t for t in parser.get_parsed_content('loading_transforms')\n"
+        "          if type(t).__name__ == 'LoadRegistrationInputsd'][0]\n"
+        "out['register_config'] = {'keep': loader.keep_decoded, 'one_pair': parser.get_parsed_content('pairs')}\n"
         "print('RESULT ' + json.dumps(out, default=str))\n"
     )
     app_result = _run_in_label_venv(code, work)
-    reference = work / "cli_out"
-    run_checked(
-        [sys.executable, "-m", "scripts.cli", "register", "--fixed", pair["fixed_image"], "--moving",
-         pair["moving_image"], "--moving_label", pair["moving_label"], "--fixed_label", pair["fixed_label"],
-         "--out", str(reference), "--device", "cpu"],
-        cwd=bundle,
-    )
-    return pair, app_result, reference
+    return pair, app_result, moved_pair_registration["out"]
 
 
 def test_app_exposes_registration_model(infer_run):
@@ -125,6 +125,7 @@ def test_affine_stage_brings_the_atlas_from_its_own_scanner_space(infer_run):
 
 def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     bundle = bundle_copy_with_weights(tmp_path)
+    small_network(bundle)  # the task's plumbing under test, not the network: one epoch of a small one
     before = torch.load(bundle / "models" / "model.pt", weights_only=True)
     pair = write_pair(tmp_path / "data", factor=8)  # 20x24x20: one epoch in seconds
     studies = tmp_path / "studies"
@@ -159,19 +160,9 @@ def test_train_task_trains_on_pairs_of_labelled_studies(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before), "training did not write weights_dir/model.pt"
 
 
-def test_server_keeps_the_atlas_decoded_between_requests(tmp_path):
+def test_server_keeps_the_atlas_decoded_between_requests(infer_run):
     """The app registers request after request against one atlas: its config keeps the decoded inputs for the next
     request (``keep_decoded_inputs``), where a one-pair ``register`` run keeps none."""
-    from conftest import BUNDLE_ROOT
-
-    code = (
-        "import json, sys\n"
-        f"sys.path.insert(0, {str(BUNDLE_ROOT)!r})\n"
-        "from lib.registration_infer import load_register_config\n"
-        f"parser = load_register_config({str(BUNDLE_ROOT)!r})\n"
-        "loader = [t for t in parser.get_parsed_content('loading_transforms')\n"
-        "          if type(t).__name__ == 'LoadRegistrationInputsd'][0]\n"
-        "print('RESULT ' + json.dumps({'keep': loader.keep_decoded, 'one_pair': parser.get_parsed_content('pairs')}))\n"
-    )
-    result = _run_in_label_venv(code, tmp_path)
-    assert result["keep"] is True and len(result["one_pair"]) == 1
+    _, result, _ = infer_run
+    config = result["register_config"]  # load_register_config of the app's bundle, in the Label venv
+    assert config["keep"] is True and len(config["one_pair"]) == 1

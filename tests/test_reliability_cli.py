@@ -173,7 +173,9 @@ def test_cli_refuses_to_overwrite_and_overwrites_when_asked(pair, tmp_path, caps
     out = tmp_path / "out"
     out.mkdir()
     (out / "warped_image.nii.gz").write_bytes(b"earlier result")
-    args = {"fixed": pair["fixed_image"], "moving": pair["moving_image"], "out": str(out), "iterations": 0}
+    # the network's forward pass alone (PLAIN_INFERENCE): refusing and replacing outputs does not depend on the stages
+    args = {"fixed": pair["fixed_image"], "moving": pair["moving_image"], "out": str(out), "iterations": 0,
+            "affine": "none", "refine_iterations": 0}
     with pytest.raises(SystemExit) as info:
         register(**args)
     err = capsys.readouterr().err
@@ -191,7 +193,9 @@ def test_cli_accepts_4d_single_volume_and_resamples_other_grids(pair, tmp_path, 
     volume, affine = load_sample("moving_image", factor=2)
     one_volume = _bad(tmp_path, "moving_4d.nii.gz", volume[..., None], affine)  # 80x96x80x1, 2 mm: another grid
     out = tmp_path / "out"
-    register(fixed=pair["fixed_image"], moving=one_volume, out=str(out), iterations=0)
+    # the default affine stage takes the moving scan from its own grid; the field refinement after the network works
+    # on the fixed grid only, so it is left out
+    register(fixed=pair["fixed_image"], moving=one_volume, out=str(out), iterations=0, refine_iterations=0)
     err = "".join(capsys.readouterr())  # the log goes to stdout (configs/logging.conf)
     assert "moving_4d.nii.gz' (80x96x80 voxels of 2x2x2 mm, LAS, origin" in err
     assert "resampling it onto the fixed grid" in err
