@@ -31,8 +31,7 @@ rewritten atomically after every row; a rerun skips the (pair, setting, kind) ro
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import json
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from bench.accuracy.io import write_json_atomic
+from bench.accuracy.runner import machine_info
 from bench.accuracy.scoring import read_labels, score_labels
 from scripts.engines import AffineRegistration
 from scripts.layers import resample_moving
@@ -189,14 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     finals = [Setting.parse(s) for s in args.final]
     document = {"rows": []}
     if args.json and Path(args.json).exists():
-        document = __import__("json").loads(Path(args.json).read_text())
+        document = json.loads(Path(args.json).read_text())
     document.update({
         "what": "affine stage settings (bench/accuracy/affine_sweep.py): the stage's CPU seconds (time.process_time) "
                 "and steps, seg14 Dice of the affine alone (kind affine) and of the whole pipeline (kind final)",
-        "argv": list(argv) if argv is not None else sys.argv[1:],
-        "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
-                    "loadavg_1min_at_start": os.getloadavg()[0]},
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(args.threads, list(argv) if argv is not None else sys.argv[1:]),
     })
     rows = document["rows"]
     done = {(r["pair"], r["setting"], r["kind"]) for r in rows}

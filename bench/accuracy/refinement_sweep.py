@@ -32,8 +32,6 @@ process's threads; the machine is shared, so wall time would measure the neighbo
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -46,6 +44,7 @@ import numpy as np
 import torch
 
 from bench.accuracy.io import write_json_atomic
+from bench.accuracy.runner import machine_info
 from bench.accuracy.scoring import dice_per_class, jacobian_stats
 from scripts.engines import FieldRefinementInferer, crop_to_box, extend_from_box, foreground_box
 from scripts.layers.jacobian import jacobian_determinant
@@ -192,10 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     document = {
         "what": "field refinement settings (bench/accuracy/refinement_sweep.py); seg14 Dice, % det J <= 0 in the "
                 "fixed brain, refinement CPU seconds (time.process_time, all threads)",
-        "argv": list(argv) if argv is not None else sys.argv[1:],
-        "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
-                    "loadavg_1min_at_start": os.getloadavg()[0]},
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(args.threads, list(argv) if argv is not None else sys.argv[1:]),
         "rows": [],
     }
     rows = document["rows"]
