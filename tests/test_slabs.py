@@ -142,7 +142,8 @@ def test_affine_pyramid_blur_in_slabs_equals_monai_gaussian_filter(sample_pair_s
 
 def test_refinement_correction_joins_a_full_resolution_field_in_slabs_bit_for_bit():
     """The refinement's last step, ``ddf ∘ exp(c)`` on the full-resolution grid, is composed slab by slab (two slabs at
-    the default size here) and equals :func:`compose_displacements` of the whole grid bit for bit; the in-place
+    the default size here, :func:`compose_displacements_in_slabs`) and equals :func:`compose_displacements` of the
+    whole grid bit for bit; the in-place
     scaling of :func:`resize_displacement` equals the out-of-place one."""
     from scripts.engines.field_refinement import _Correction
     from scripts.engines.resolution_inferer import resize_displacement

@@ -14,7 +14,12 @@ from monai.inferers import Inferer
 from scripts.engines.resolution_inferer import ResolutionInferer, _per_axis, network_grid_size, resize_displacement
 from scripts.io.errors import NonFiniteLossError
 from scripts.io.progress import Progress
-from scripts.layers.sampling import compose_displacements, integrate_velocity, warp_image, warp_image_in_slabs
+from scripts.layers.sampling import (
+    compose_displacements,
+    compose_displacements_in_slabs,
+    integrate_velocity,
+    warp_image,
+)
 from scripts.spatial.inversion import invert_displacement
 
 __all__ = ["FieldRefinementInferer", "loss_has_converged", "refine_displacement", "scale_within_voxel_budget"]
@@ -156,14 +161,12 @@ class _Correction:
     def apply_to(self, ddf: torch.Tensor) -> torch.Tensor:
         """The correction, brought to ``ddf``'s grid, joined to ``ddf`` (no gradient).
 
-        ``ddf``'s grid is the full-resolution one (the whole foreground box of a CT: 10**8 voxels), so the composition
-        ``inner + ddf(p + inner(p))`` (:func:`compose_displacements`) samples ``ddf`` one slab at a time
-        (:func:`warp_image_in_slabs`, the same values bit for bit) and adds ``inner`` in place: three full-resolution
+        ``ddf``'s grid is the full-resolution one (the whole foreground box of a CT: 10**8 voxels), so it is composed
+        slab by slab (:func:`compose_displacements_in_slabs`, the same values bit for bit): three full-resolution
         fields beside ``ddf`` instead of the six coordinate-map temporaries of a whole-grid warp on top."""
         with torch.no_grad():
             if self.parameterization == "velocity":
-                inner = resize_displacement(self._exp(), ddf.shape[2:])
-                return warp_image_in_slabs(ddf, inner, "bilinear", "border").add_(inner)
+                return compose_displacements_in_slabs(ddf, resize_displacement(self._exp(), ddf.shape[2:]), "border")
             return ddf + resize_displacement(self.field.detach(), ddf.shape[2:])
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "apply_matrix",
     "batch_matrices",
     "compose_displacements",
+    "compose_displacements_in_slabs",
     "grid_sample_matrix",
     "integrate_velocity",
     "resample_moving",
@@ -233,6 +234,28 @@ def compose_displacements(outer: torch.Tensor, inner: torch.Tensor, padding_mode
             f"need two (B, 3, D, H, W) displacements of one shape, got {list(outer.shape)} and {list(inner.shape)}."
         )
     return inner + warp_image(outer, inner, "bilinear", padding_mode)
+
+
+def compose_displacements_in_slabs(
+    outer: torch.Tensor, inner: torch.Tensor, padding_mode: str, max_voxels: int = SLAB_VOXELS
+) -> torch.Tensor:
+    """
+    :func:`compose_displacements` with ``outer`` sampled one slab at a time (:func:`warp_image_in_slabs`) and ``inner``
+    added in place: the same values bit for bit, without the whole-grid coordinate map; for full-resolution fields
+    (no gradient), e.g. the refinement's correction joined to a CT-sized displacement.
+
+    Args:
+        outer, inner, padding_mode: as :func:`compose_displacements`.
+        max_voxels: field voxels per slab.
+
+    Returns:
+        (B, 3, X, Y, Z) composed displacement in voxels.
+    """
+    if outer.shape != inner.shape or outer.dim() != 5 or outer.shape[1] != 3:
+        raise ValueError(
+            f"need two (B, 3, D, H, W) displacements of one shape, got {list(outer.shape)} and {list(inner.shape)}."
+        )
+    return warp_image_in_slabs(outer, inner, "bilinear", padding_mode, max_voxels).add_(inner)
 
 
 def integrate_velocity(velocity: torch.Tensor, steps: int, padding_mode: str) -> torch.Tensor:
