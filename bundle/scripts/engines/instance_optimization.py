@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from scripts.engines.resolution_inferer import ResolutionInferer, network_fields
+from scripts.engines.resolution_inferer import ResolutionInferer
 from scripts.io.errors import NonFiniteLossError
 from scripts.io.progress import Progress
 from scripts.losses.registration_loss import RegistrationLoss, registration_target
@@ -56,6 +56,8 @@ class InstanceOptimizationInferer(ResolutionInferer):
         antialias: smooth before downsampling.
         isotropic: a network grid of one voxel size in mm for thick-slice inputs (see
             :py:class:`scripts.engines.resolution_inferer.ResolutionInferer`).
+        symmetric, integration_steps: predict the inverse-consistent field of the network run both ways (after the
+            optimisation, which trains the one way); see :py:class:`scripts.engines.resolution_inferer.ResolutionInferer`.
         log_interval: log the loss every this many iterations (0: only first and last); on an interactive terminal
             a progress bar with the loss replaces these lines (``scripts.io.progress``).
         frozen_prefixes: parameter-name prefixes kept fixed during the optimisation (e.g. ``["encoder.0"]``: the
@@ -78,8 +80,11 @@ class InstanceOptimizationInferer(ResolutionInferer):
         log_interval: int = 10,
         frozen_prefixes: Sequence[str] = (),
         isotropic: bool = True,
+        symmetric: bool = False,
+        integration_steps: int = 7,
     ) -> None:
-        super().__init__(network_scale=network_scale, antialias=antialias, isotropic=isotropic)
+        super().__init__(network_scale=network_scale, antialias=antialias, isotropic=isotropic, symmetric=symmetric,
+                         integration_steps=integration_steps)
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}.")
         if learning_rate <= 0:
@@ -185,7 +190,7 @@ class InstanceOptimizationInferer(ResolutionInferer):
         pair = self.downsample(inputs).detach()
         self.optimize(network, pair)  # the loss per step is logged; call optimize() itself to get it as a list
         with torch.no_grad():
-            ddf, velocity = network_fields(network, pair, *args, **kwargs)
+            ddf, velocity = self.predict(network, pair, *args, **kwargs)
         return self.to_input_grid(network, ddf, velocity, inputs.shape[2:])
 
 
