@@ -28,7 +28,7 @@ from workflow_data import PLAIN_INFERENCE, run_bundle_workflow, write_small_pair
 from scripts.io import RegistrationInputError, check_state_dict, install_weights, label_names_for, read_label_names
 from scripts.io.devices import available_devices, resolve_device
 from scripts.networks import SACBNet
-from scripts.workflow.metric_transforms import RegistrationMetricsd
+from scripts.workflow.metrics import RegistrationMetricsd
 
 SMALL_NETWORK = {"_target_": "scripts.networks.SACBNet", "base_channels": 2, "kmeans_iterations": 3}
 SHIPPED_NAMES = {"1": "thalamus", "2": "caudate", "3": "putamen", "4": "pallidum", "5": "hippocampus",
