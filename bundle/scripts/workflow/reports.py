@@ -28,6 +28,7 @@ from scripts.io.outputs import (
     COHORT_CSV, COHORT_JSON, COHORT_MD, JACOBIAN_DET, METRICS_JSON, PAIR_OUTPUTS, QC_PNG, SUMMARY_CSV, SUMMARY_JSON,
     WARPED_LABEL,
 )
+from scripts.workflow.metrics import jacobian_statistics
 
 __all__ = [
     "STATUSES", "pair_row", "read_pair_metrics", "structure_volumes", "table_columns", "worst_pairs", "markdown_report",
@@ -71,13 +72,6 @@ def structure_volumes(label_file: str | Path, label_names: Mapping[Any, str] | N
     return {f"volume_ml_{_label_name(int(i), label_names)}": float(c) * voxel_ml for i, c in zip(ids, counts)}
 
 
-def _folding_percent(jacobian_file: Path) -> float | None:
-    if not jacobian_file.is_file():
-        return None
-    det = np.asarray(nib.load(str(jacobian_file)).dataobj)
-    return float((det <= 0).mean() * 100.0)
-
-
 def pair_row(
     pair_id: str,
     status: str,
@@ -108,8 +102,10 @@ def pair_row(
     for key in ("mean_dice", "mean_dice_identity", "percent_non_positive_jacobian"):
         if metrics.get(key) is not None:
             row[key] = metrics[key]
-    if row.get("percent_non_positive_jacobian") is None:
-        row["percent_non_positive_jacobian"] = _folding_percent(folder / JACOBIAN_DET)
+    if row.get("percent_non_positive_jacobian") is None and (folder / JACOBIAN_DET).is_file():  # from its det J map
+        det = np.asarray(nib.load(str(folder / JACOBIAN_DET)).dataobj)
+        row["percent_non_positive_jacobian"] = jacobian_statistics(det)["percent_non_positive_jacobian"]
+    row.setdefault("percent_non_positive_jacobian", None)
     for label in metrics.get("labels", []):
         row[f"dice_{_label_name(label.get('label'), label_names)}"] = label.get("dice")
     if (folder / WARPED_LABEL).is_file():
