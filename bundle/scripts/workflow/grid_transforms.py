@@ -21,11 +21,7 @@ from scripts.io.input_checks import same_grid
 from scripts.io.weights_info import check_network_spacing
 
 __all__ = [
-    "CheckNetworkGridd",
-    "DownsampleToNetworkGridd",
-    "ResampleToFixedGridd",
-    "WarpByDdfd",
-    "JacobianDeterminantd",
+    "CheckNetworkGridd", "DownsampleToNetworkGridd", "ResampleToFixedGridd", "WarpByDdfd", "JacobianDeterminantd",
     "RestoreOriginalGridd",
 ]
 

@@ -35,14 +35,11 @@ class ScaleRegistrationIntensityd(MapTransform):
     """
     Scale each image of a pair to [0, 1] for the network, the refinement and the foreground box.
 
-    Without ``window`` (MRI): MONAI's ``ScaleIntensityRangePercentiles`` (``percentiles`` -> 0 and 1, clipped), as
-    before. A numeric ``background`` first clips the values below it (scanner padding of -2048 or -3024 HU is
-    background, not darker than air, and must not set the lower percentile). An image with values below
-    ``CT_HINT_BELOW`` gets a log line suggesting a window: percentiles of a CT depend on how much air and padding the
-    field of view holds.
-
-    With ``window`` ``(low, high)`` (CT, e.g. (-1000, 1000) HU as uniGradICON): MONAI's ``ScaleIntensityRange``, values
-    clipped to the window and scaled linearly (low -> 0, high -> 1), the same mapping for every scan. Air and padding
+    Without ``window`` (MRI): MONAI's ``ScaleIntensityRangePercentiles`` (``percentiles`` -> 0 and 1, clipped); a
+    numeric ``background`` first clips the values below it (scanner padding of -2048 HU must not set the lower
+    percentile), and an image with values below ``CT_HINT_BELOW`` gets a log line suggesting a window (percentiles of
+    a CT depend on how much air and padding the field of view holds). With ``window`` ``(low, high)`` (CT, e.g.
+    (-1000, 1000) HU): MONAI's ``ScaleIntensityRange``, clipped, the same mapping for every scan; air and padding
     become 0, the background the network's zero padding assumes.
 
     Args:

@@ -25,15 +25,8 @@ from scripts.io.label_names import label_names_for, read_label_names
 from scripts.io.outputs import METRICS_CSV, METRICS_JSON, pair_output_dir
 
 __all__ = [
-    "OneHotLabelsd",
-    "RegistrationMetricsd",
-    "dice_per_label",
-    "hd95_per_label",
-    "jacobian_statistics",
-    "label_indices",
-    "label_one_hot",
-    "present_labels",
-    "registration_metrics",
+    "OneHotLabelsd", "RegistrationMetricsd", "dice_per_label", "hd95_per_label", "jacobian_statistics", "label_indices",
+    "label_one_hot", "present_labels", "registration_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,36 +144,19 @@ def _dice_for_ids(pred_index: torch.Tensor, reference_index: torch.Tensor, label
 
 def dice_per_label(pred: torch.Tensor, reference: torch.Tensor, label_ids: Sequence[int]) -> list[float]:
     """
-    Dice of each label id between two (1, D, H, W) label maps; NaN where the label is absent from both maps.
-
-    Counted in one pass (a confusion count of the two maps, no one-hot); equal to MONAI's
+    Dice of each id of ``label_ids`` (in its order) between two (1, D, H, W) label maps on one grid, e.g. the warped
+    moving and the fixed label (int or float; floats are rounded); NaN where the label is absent from both maps.
+    Counted in one pass (a confusion count, no one-hot); equal to MONAI's
     ``compute_dice(label_one_hot(pred), label_one_hot(reference), include_background=True, ignore_empty=False)``.
-
-    Args:
-        pred: (1, D, H, W) label map, e.g. the warped moving label (int or float; float values are rounded).
-        reference: (1, D, H, W) label map on the same grid, e.g. the fixed label.
-        label_ids: ids to evaluate, one value each in this order.
-
-    Returns:
-        one float per id of ``label_ids``.
     """
     return _dice_for_ids(label_indices(pred, label_ids), label_indices(reference, label_ids), label_ids)
 
 
 def _label_boxes(index_maps: Sequence[torch.Tensor], num_ids: int, shape: Sequence[int], margin: int) -> list:
     """
-    Per id, the bounding box of the id in any of the maps (their union), grown by ``margin`` voxels.
-
-    One ``scipy.ndimage.find_objects`` pass per map instead of a boolean mask of the whole grid per id.
-
-    Args:
-        index_maps: (D * H * W,) :func:`label_indices` maps of one grid.
-        num_ids: number of distinct ids K (indices 1..K).
-        shape: (D, H, W) of the grid.
-        margin: voxels added on every side, clipped at the grid's edge.
-
-    Returns:
-        K entries in sorted-id order: a tuple of 3 slices, or None for an id in none of the maps.
+    Per id 1..K of the (D * H * W,) :func:`label_indices` maps of a grid of ``shape`` (D, H, W): the union of its
+    bounding boxes in the maps grown by ``margin`` voxels (clipped at the grid's edge), a tuple of 3 slices, or None
+    for an id in none of the maps. One ``scipy.ndimage.find_objects`` pass per map, not a mask of the grid per id.
     """
     from scipy.ndimage import find_objects
 
