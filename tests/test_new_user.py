@@ -244,10 +244,10 @@ def test_checkpoint_hint_names_the_setting_that_changes_the_weights():
 
 
 def test_cli_routes_library_deprecation_warnings_to_the_log(monkeypatch, caplog):
-    from scripts.cli import _route_warnings
+    from scripts.io.console import route_warnings  # what scripts.cli's register and main call first
 
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
-    _route_warnings(debug=False)
+    route_warnings(debug=False)
     with caplog.at_level(logging.DEBUG, logger="py.warnings"), warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.warn("a default changed", FutureWarning)
