@@ -129,15 +129,9 @@ class CohortRecord:
     # -- 1. which pairs to register
 
     def start(self) -> list[dict[str, Any]]:
-        """Begin the run; every rank calls it before any pair runs (a collective with a process group).
-
-        Returns:
-            the pairs this rank registers: its share of the datalist's pairs still to register (decided on rank 0), in
-            datalist order; the single pair of the run arguments as it is (nothing recorded for it).
-
-        Raises:
-            RegistrationInputError: a torchrun launch without a process group (``scripts.io.sharding.check_launch``).
-        """
+        """Begin the run; every rank calls it before any pair runs (a collective with a process group). Returns this
+        rank's share of the pairs still to register (decided on rank 0), in datalist order, or the single pair of the
+        run arguments as it is; a torchrun launch without a process group raises RegistrationInputError."""
         check_launch()
         if not self.datalist:
             return [dict(p) for p in self.pairs]
@@ -223,12 +217,8 @@ class CohortRecord:
         self._running[pair_id] = time.perf_counter() if since is None else since
 
     def finished(self, pair_id: str) -> dict[str, Any]:
-        """The engine wrote the pair's outputs: check them, remove the mark and record the row.
-
-        Raises:
-            ValueError: a file of ``output_names`` that the run should write for the pair is missing (a configuration
-                error: no pair would ever count as complete).
-        """
+        """The engine wrote the pair's outputs: check them, remove the mark and record the row. A missing file of
+        ``output_names`` raises ValueError (a configuration error: no pair would ever count as complete)."""
         pair, folder = self._by_id[pair_id], pair_output_dir(self.output_dir, pair_id)
         expected = expected_pair_outputs(pair, self.output_names)
         missing = [n for n in expected if n not in pair_output_state(folder, expected)[1]]
@@ -259,12 +249,9 @@ class CohortRecord:
         error: str | None = None,
         write: bool = True,
     ) -> dict[str, Any]:
-        """Add (or replace) the row of one pair and, with ``write``, rewrite this process's summary file.
-
-        A pair found ``already_complete`` keeps the row of the run that registered it (time, rank, scores) when there
-        is one; otherwise its row is read from its folder, the label names from the pair's label maps (fixed first)
-        when the run has none.
-        """
+        """Add (or replace) the row of one pair and, with ``write``, rewrite this process's summary file. A pair found
+        ``already_complete`` keeps the row of the run that registered it when there is one; otherwise its row is read
+        from its folder, the label names from the pair's label maps (fixed first) when the run has none."""
         earlier = self.previous.get(pair_id)
         if status == "already_complete" and earlier and earlier.get("status") in _DONE:
             row = {**earlier, "status": status}
@@ -316,12 +303,9 @@ class CohortRecord:
                        self.output_dir / COHORT_RANK_JSON.format(self.rank))
 
     def finalize(self) -> dict[str, Any] | None:
-        """End the run: gather every rank's rows and skipped pairs; rank 0 writes the merged ``cohort.json``,
-        ``cohort.csv``, ``cohort.md`` (and the evaluation summary). Every rank must call it.
-
-        Returns:
-            the merged ``cohort.json`` content on rank 0, None elsewhere or when no datalist was run.
-        """
+        """End the run (every rank): gather every rank's rows and skipped pairs; rank 0 writes the merged
+        ``cohort.json``, ``cohort.csv``, ``cohort.md`` (and the evaluation summary) and returns the ``cohort.json``
+        content, the others (or a run without datalist) None."""
         if not self.active:
             return None
         self.active = False
@@ -356,13 +340,9 @@ class CohortRecord:
     # -- 4. the skipped pairs
 
     def report(self) -> None:
-        """Call when the run ends: write ``failed_pairs.json`` and raise when pairs were skipped (a stale
-        ``failed_pairs.json`` of an earlier datalist run is removed when none were). Only rank 0 of a multi-rank run
-        reports (for every rank, after :meth:`finalize`); another rank writes, removes and raises nothing.
-
-        Raises:
-            BundleUserError: listing every skipped pair and why (the good pairs' outputs are already written).
-        """
+        """Call when the run ends: write ``failed_pairs.json`` and raise one BundleUserError listing every skipped pair
+        and why (a stale ``failed_pairs.json`` is removed when none were). Only rank 0 of a multi-rank run reports, for
+        every rank, after :meth:`finalize`; another rank writes, removes and raises nothing."""
         reports = self._reports if self._reports is not None else idist.get_rank() == 0
         if not reports or not self.datalist:
             return

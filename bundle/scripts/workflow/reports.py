@@ -3,11 +3,9 @@
 (read back from the pair's finished output folder), the cohort's Markdown report and its console summary, and the
 evaluation summary over many pairs (:class:`MetricsSummaryHandler`).
 
-A row holds the pair's status, rank and time, the Dice scores of its ``metrics.json`` (pairs with labels), the % of
-voxels with det J <= 0 (from ``metrics.json``, else from ``jacobian_det.nii.gz``) and, when a label map was warped, the
-volume of every structure of ``warped_label.nii.gz`` in millilitres (atlas-based segmentation of a subject), and the
-pair's QC figure (``qc_png``, relative to the run's output folder) when the run wrote one. The report shows the QC
-figures of the worst pairs, the ones to look at first.
+A row holds the pair's status, rank and time, the Dice scores of its ``metrics.json``, the % of voxels with det J <= 0
+and, when a label map was warped, the volume of every structure of ``warped_label.nii.gz`` in mL (atlas-based
+segmentation of a subject), and its QC figure. The report shows the QC figures of the worst pairs first.
 """
 
 from __future__ import annotations
@@ -154,14 +152,9 @@ def worst_pairs(rows: Sequence[Mapping[str, Any]], count: int = 5) -> list[Mappi
 
 
 def markdown_report(rows: Sequence[Mapping[str, Any]], run: Mapping[str, Any], qc_figures: int = 5) -> str:
-    """A short Markdown report of a cohort: counts, time and throughput, Dice, folding, volumes, the QC figures of the
-    ``qc_figures`` worst pairs (:func:`worst_pairs`, linked relative to the report), failed pairs.
-
-    Args:
-        rows: one row per pair (:func:`pair_row`), in datalist order.
-        run: ``{"world_size", "wall_seconds", "registered_this_run"}`` of the run that wrote it.
-        qc_figures: how many pairs' QC figures the report shows.
-    """
+    """A short Markdown report of a cohort from its rows (:func:`pair_row`, datalist order) and the ``run``'s
+    ``{"world_size", "wall_seconds", "registered_this_run"}``: counts, time and throughput, Dice, folding, volumes, the
+    QC figures of the ``qc_figures`` worst pairs (:func:`worst_pairs`, linked relative to the report), failed pairs."""
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     lines = ["# Cohort summary", "", f"- pairs: {len(rows)} — " + ", ".join(f"{s.replace('_', ' ')} {n}" for s, n in counts.items())]
     wall, done = run.get("wall_seconds"), run.get("registered_this_run", counts["registered"])
@@ -252,14 +245,10 @@ def pair_console_summary(out: str | os.PathLike, seconds: float) -> str:
 
 class MetricsSummaryHandler:
     """
-    Ignite handler that gathers the per-pair ``metrics`` of an evaluation run (set by :py:class:`RegistrationMetricsd`)
-    and, when the run completes, writes ``summary.json`` (mean and standard deviation over pairs of each metric, and
-    the mean Dice per label) and ``summary.csv`` (one row per pair) into ``output_dir``, atomically.
-
-    Args:
-        output_dir: folder of the summary files.
-        overwrite: replace existing summary files.
-        metrics_key: key of the per-pair metrics in the engine output.
+    Ignite handler that gathers the per-pair ``metrics`` (``metrics_key`` of the engine output, set by
+    :py:class:`RegistrationMetricsd`) of an evaluation run and, when it completes, writes ``summary.json`` (mean and
+    standard deviation over pairs of each metric, mean Dice per label) and ``summary.csv`` (one row per pair) into
+    ``output_dir``, atomically (``overwrite``: replace existing ones).
     """
 
     SCALARS = ("mean_dice_identity", "mean_dice", "mean_hd95", "percent_non_positive_jacobian", "ssim")
