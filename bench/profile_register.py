@@ -54,7 +54,7 @@ STAGES: dict[str, list[tuple[str, str, str]]] = {
         ("scripts.io.input_transforms", "CheckRegistrationContentd", "__call__"),
         ("monai.transforms", "EnsureChannelFirstd", "__call__"),
         ("monai.transforms", "Orientationd", "__call__"),
-        ("scripts.workflow.masks", "MaskImagesd", "__call__"),
+        ("scripts.workflow.intensity", "MaskImagesd", "__call__"),
     ],
     "affine": [("scripts.workflow.alignment", "AffineAlignd", "__call__")],
     "resample": [
@@ -75,7 +75,7 @@ STAGES: dict[str, list[tuple[str, str, str]]] = {
         ("scripts.io.writer", "ConcurrentWriter", "wait"),
         ("scripts.workflow.qc", "SaveQCFigured", "__call__"),
     ],
-    "metrics": [("scripts.workflow.metric_transforms", "RegistrationMetricsd", "__call__")],
+    "metrics": [("scripts.workflow.metrics", "RegistrationMetricsd", "__call__")],
 }
 
 

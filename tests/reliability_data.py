@@ -58,7 +58,7 @@ def loading_transforms(**overrides):
 
 def cohort_record(pairs, output_dir: Path):
     """The ``CohortRecord`` of a run over ``pairs`` whose only output is ``warped_image.nii.gz`` (see run_pairs)."""
-    from scripts.workflow.cohort_record import CohortRecord
+    from scripts.workflow.cohort import CohortRecord
 
     return CohortRecord(pairs, output_dir, ["warped_image.nii.gz"])
 
@@ -70,7 +70,7 @@ def run_pairs(pairs, transform, output_dir: Path, record=None):
     Returns:
         the ids of the pairs that were loaded, in order.
     """
-    from scripts.workflow.cohort_dataset import CohortDataset
+    from scripts.workflow.cohort import CohortDataset
 
     record = record if record is not None else cohort_record(pairs, output_dir)
     loaded = []

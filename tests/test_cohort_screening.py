@@ -27,8 +27,7 @@ from scripts.io.outputs import (
 from scripts.io.datalist import cli_datalist_overrides, inference_pairs
 from scripts.io.errors import RegistrationInputError
 from scripts.io.sharding import check_launch, rank_share
-from scripts.workflow.cohort_dataset import CohortDataset
-from scripts.workflow.cohort_record import CohortRecord
+from scripts.workflow.cohort import CohortDataset, CohortRecord
 
 OUTPUT_NAMES = ["warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat",
                 "metrics.json", "metrics.csv", "summary.json", "summary.csv"]
@@ -157,11 +156,11 @@ def _finalize_as_rank(rank, tmp_path, monkeypatch, other_failed):
     multi_gpu_inference.json): the process group stubbed (rank 0 decides which pairs run, the gather gives both ranks'
     parts), then the report after the group was closed, so that ``idist.get_rank()`` says 0 on every rank by then."""
     from scripts.io.errors import BundleUserError
-    from scripts.workflow import cohort_record
+    from scripts.workflow import cohort
 
     pairs = [{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "pair_id": f"p{i}"} for i in range(4)]
-    record = cohort_record.CohortRecord(pairs, tmp_path, ["warped_image.nii.gz"])
-    group = cohort_record.idist
+    record = cohort.CohortRecord(pairs, tmp_path, ["warped_image.nii.gz"])
+    group = cohort.idist
     monkeypatch.setattr(group, "get_rank", lambda: rank)
     monkeypatch.setattr(group, "get_world_size", lambda: 2)
     monkeypatch.setattr(group, "broadcast", lambda todo, src, safe_mode: todo if rank == 0 else "[0, 1, 2, 3]")
@@ -182,13 +181,13 @@ def _finalize_as_rank(rank, tmp_path, monkeypatch, other_failed):
 def test_a_resumed_cohort_deals_only_the_unfinished_pairs_to_the_ranks(tmp_path, monkeypatch):
     """Rank 0 leaves the complete pairs out before the ranks split the rest: both of rank 0's pairs of a round-robin
     over all four are done, and each rank still gets one of the two left (the same list reaches both ranks)."""
-    from scripts.workflow import cohort_record
+    from scripts.workflow import cohort
 
     pairs = [{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz", "pair_id": f"p{i}"} for i in range(4)]
     for done in ("p0", "p2"):
         (tmp_path / done).mkdir()
         (tmp_path / done / "warped_image.nii.gz").write_bytes(b"from an earlier run")
-    group, sent = cohort_record.idist, []
+    group, sent = cohort.idist, []
     monkeypatch.setattr(group, "get_world_size", lambda: 2)
     shares = {}
     for rank in (0, 1):  # rank 0 first: what it broadcasts is what rank 1 receives

@@ -21,7 +21,7 @@ from scripts.losses import GradientLoss, LocalNCCLoss, RegistrationLoss, registr
 from scripts.networks import SACBNet
 from scripts.workflow import RegistrationPrepareBatch
 from scripts.workflow.grid_transforms import DownsampleToNetworkGridd
-from scripts.workflow.metric_transforms import OneHotLabelsd
+from scripts.workflow.metrics import OneHotLabelsd
 
 LABEL_IDS = list(range(1, 9))
 

@@ -18,7 +18,7 @@ from scipy import ndimage
 from scripts.cli import register
 from scripts.io.errors import RegistrationInputError
 from scripts.io.input_transforms import CheckRegistrationContentd, CheckRegistrationHeadersd
-from scripts.workflow.masks import MaskImagesd
+from scripts.workflow.intensity import MaskImagesd
 
 
 def test_mask_sets_the_background_outside_and_leaves_unmasked_images_alone():

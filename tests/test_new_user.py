@@ -28,7 +28,7 @@ from workflow_data import PLAIN_INFERENCE, run_bundle_workflow, write_small_pair
 from scripts.io import RegistrationInputError, check_state_dict, install_weights, label_names_for, read_label_names
 from scripts.io.devices import available_devices, resolve_device
 from scripts.networks import SACBNet
-from scripts.workflow.metric_transforms import RegistrationMetricsd
+from scripts.workflow.metrics import RegistrationMetricsd
 
 SMALL_NETWORK = {"_target_": "scripts.networks.SACBNet", "base_channels": 2, "kmeans_iterations": 3}
 SHIPPED_NAMES = {"1": "thalamus", "2": "caudate", "3": "putamen", "4": "pallidum", "5": "hippocampus",
@@ -244,10 +244,10 @@ def test_checkpoint_hint_names_the_setting_that_changes_the_weights():
 
 
 def test_cli_routes_library_deprecation_warnings_to_the_log(monkeypatch, caplog):
-    from scripts.cli import _route_warnings
+    from scripts.io.console import route_warnings  # what scripts.cli's register and main call first
 
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
-    _route_warnings(debug=False)
+    route_warnings(debug=False)
     with caplog.at_level(logging.DEBUG, logger="py.warnings"), warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.warn("a default changed", FutureWarning)

@@ -10,8 +10,7 @@ from reliability_data import DecodeCounter, cohort_record, load_sample, loading_
 
 from scripts.io.errors import BundleUserError, RegistrationInputError, find_user_error
 from scripts.io.outputs import FAILED_PAIRS
-from scripts.workflow.cohort_dataset import CohortDataset
-from scripts.workflow.cohort_record import CohortRecord
+from scripts.workflow.cohort import CohortDataset, CohortRecord
 
 
 @pytest.fixture()

@@ -14,11 +14,12 @@ From the bundle root::
 from __future__ import annotations
 
 import contextlib
-import logging
+import inspect
 import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 if __package__ in (None, ""):  # run as a file (python bundle/scripts/cli.py): make ``scripts`` importable
@@ -40,11 +41,7 @@ def _absolute(path: str | os.PathLike | None) -> str | None:
 
 def _switch(value: Any, flag: str) -> bool:
     """An on/off flag as typed (fire passes ``--qc false`` as the string "false"): a bool, 0/1, or true/false, yes/no,
-    on/off in any case.
-
-    Raises:
-        RegistrationInputError: any other value.
-    """
+    on/off in any case; any other value: RegistrationInputError."""
     if isinstance(value, bool) or value in (0, 1):
         return bool(value)
     words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -55,107 +52,81 @@ def _switch(value: Any, flag: str) -> bool:
     raise RegistrationInputError(f"{flag} must be true or false, got {value!r}.")
 
 
-def _checked_weights(weights: str) -> str:
-    """The absolute path of ``--weights``; a missing file stops the run (the configs would otherwise skip loading)."""
-    path = _absolute(weights)
-    if not os.path.isfile(path):
-        from scripts.io.errors import RegistrationInputError
-
-        raise RegistrationInputError(f"--weights {weights}: no such file; expected a state dict written by training.")
-    return path
-
-
-def workflow_overrides(
-    fixed: str,
-    moving: str,
-    out: str,
-    moving_label: str | None = None,
-    fixed_label: str | None = None,
-    iterations: int | None = None,
-    overwrite: bool = False,
-    network_scale: float | None = None,
-    learning_rate: float | None = None,
-    regularization_weight: float | None = None,
-    device: str | None = None,
-    affine: str = "affine",
-    affine_only: bool = False,
-    inverse: bool = False,
-    label_names: str | None = None,
-    datalist: str | None = None,
-    refine_iterations: int | None = None,
-    weights: str | None = None,
-    amp: bool | None = None,
-    moving_mask: str | None = None,
-    fixed_mask: str | None = None,
-    intensity_window: Any = None,
-    background: Any = None,
-    qc: Any = True,
-) -> tuple[list[str], dict[str, Any]]:
+def workflow_overrides(fixed: str, moving: str, out: str, **flags: Any) -> tuple[list[str], dict[str, Any]]:
     """
     The config files and run overrides that :py:func:`register` hands to ``ConfigWorkflow`` (also what the equivalent
-    ``python -m monai.bundle run`` command would pass). The device and the label names are checked here, before
-    anything runs (a device this machine lacks or an unreadable names file: RegistrationInputError, nothing written).
+    ``python -m monai.bundle run`` command would pass).
+
+    ``flags`` are :py:func:`register`'s, by name; one not given has register's default, except ``iterations`` (not
+    given: the config's ``instance_optimization_iterations``). They are checked here, before anything runs: a bad
+    value, a device this machine lacks, a missing weights file or an unreadable names file raise RegistrationInputError
+    (a ValueError the CLI shows without traceback) and nothing is written.
 
     Returns:
         (config file list, {config id: value}).
     """
-    for flag, value in (("--iterations", iterations), ("--refine_iterations", refine_iterations)):
+    from scripts.io.errors import RegistrationInputError
+
+    defaults = {name: p.default for name, p in inspect.signature(register).parameters.items()}
+    unknown = set(flags) - set(defaults)
+    if unknown:
+        raise TypeError(f"workflow_overrides() got {sorted(unknown)}; expected register's flags by name.")
+    f = SimpleNamespace(**{**defaults, "iterations": None, **flags})
+    for flag, value in (("--iterations", f.iterations), ("--refine_iterations", f.refine_iterations)):
         if value is not None and int(value) < 0:
-            from scripts.io.errors import RegistrationInputError  # a ValueError the CLI shows without traceback
-
             raise RegistrationInputError(f"{flag} must be >= 0, got {value}.")
-    if affine not in AFFINE_CHOICES or (affine_only and affine == "none"):
-        from scripts.io.errors import RegistrationInputError
-
+    if f.affine not in AFFINE_CHOICES or (f.affine_only and f.affine == "none"):
         raise RegistrationInputError(
-            f"--affine must be one of {', '.join(AFFINE_CHOICES)} ('none' only without --affine_only), got {affine!r}."
+            f"--affine must be one of {', '.join(AFFINE_CHOICES)} ('none' only without --affine_only), got {f.affine!r}."
         )
     files = [str(CONFIG_DIR / "inference.json")]  # the whole pipeline; its stages are switched by the overrides below
     overrides: dict[str, Any] = {
         "bundle_root": str(BUNDLE_ROOT),
         "fixed_image": _absolute(fixed),
         "moving_image": _absolute(moving),
-        "moving_label": _absolute(moving_label),
-        "fixed_label": _absolute(fixed_label),
-        "moving_mask": _absolute(moving_mask),
-        "fixed_mask": _absolute(fixed_mask),
+        "moving_label": _absolute(f.moving_label),
+        "fixed_label": _absolute(f.fixed_label),
+        "moving_mask": _absolute(f.moving_mask),
+        "fixed_mask": _absolute(f.fixed_mask),
         "output_dir": _absolute(out),
-        "overwrite": bool(overwrite),
-        "write_inverse": bool(inverse),
-        "qc": _switch(qc, "--qc"),
+        "overwrite": bool(f.overwrite),
+        "write_inverse": bool(f.inverse),
+        "qc": _switch(f.qc, "--qc"),
     }
     from scripts.io.datalist import cli_datalist_overrides  # --datalist: every pair, resumably (usage.md, "Cohorts")
-    overrides.update(cli_datalist_overrides(datalist, fixed, moving, out,
-                                            (moving_label, fixed_label, moving_mask, fixed_mask)))
-    overrides["affine_transform"] = affine
-    overrides["affine_only"] = bool(affine_only)
-    if iterations is not None:
-        overrides["instance_optimization_iterations"] = int(iterations)
-    if refine_iterations is not None:
-        overrides["refine_iterations"] = int(refine_iterations)
-    if weights:
-        overrides["ckpt_path"] = _checked_weights(weights)
-    if amp is not None:  # default: the configs' "amp" (off; measured on a GPU in docs/benchmarks.md)
-        overrides["amp"] = bool(amp)
+
+    optional_files = (f.moving_label, f.fixed_label, f.moving_mask, f.fixed_mask)
+    overrides.update(cli_datalist_overrides(f.datalist, fixed, moving, out, optional_files))
+    overrides["affine_transform"] = f.affine
+    overrides["affine_only"] = bool(f.affine_only)
+    if f.iterations is not None:
+        overrides["instance_optimization_iterations"] = int(f.iterations)
+    if f.refine_iterations is not None:
+        overrides["refine_iterations"] = int(f.refine_iterations)
+    if f.weights:
+        path = _absolute(f.weights)
+        if not os.path.isfile(path):  # the configs would otherwise skip loading
+            raise RegistrationInputError(f"--weights {f.weights}: no such file; expected a state dict written by training.")
+        overrides["ckpt_path"] = path
+    if f.amp is not None:  # default: the configs' "amp" (off; measured on a GPU in docs/benchmarks.md)
+        overrides["amp"] = bool(f.amp)
     from scripts.workflow.intensity import intensity_overrides  # checked now: a bad window stops before any work
 
-    overrides.update(intensity_overrides(intensity_window, background))
-    if network_scale is not None:
-        overrides["network_scale"] = float(network_scale)
-    if learning_rate is not None:
-        overrides["optimization_learning_rate"] = float(learning_rate)
-    if regularization_weight is not None:
-        overrides["regularization_weight"] = float(regularization_weight)
-    if device is not None:
+    overrides.update(intensity_overrides(f.intensity_window, f.background))
+    for flag, config_id in (("network_scale", "network_scale"), ("learning_rate", "optimization_learning_rate"),
+                            ("regularization_weight", "regularization_weight")):
+        if getattr(f, flag) is not None:
+            overrides[config_id] = float(getattr(f, flag))
+    if f.device is not None:
         from scripts.io.devices import resolve_device
 
         # checked against this machine now; only a validated name ('cpu', 'cuda', 'cuda:N') reaches the expression
-        overrides["device"] = f"$scripts.io.resolve_device('{resolve_device(device)}')"
-    if label_names:
+        overrides["device"] = f"$scripts.io.resolve_device('{resolve_device(f.device)}')"
+    if f.label_names:
         from scripts.io.label_names import read_label_names
 
         # read now: a bad file fails before the registration, and the config gets the {id: name} mapping itself
-        overrides["label_names"] = read_label_names(_absolute(label_names))
+        overrides["label_names"] = read_label_names(_absolute(f.label_names))
     return files, overrides
 
 
@@ -257,14 +228,12 @@ def register(
         background: value outside the moving field of view in raw units: "auto" (default: each image's minimum) or
             a number, e.g. --background=-1024 for CT (values below it count as background too).
     """
+    flags = {name: value for name, value in locals().items() if name not in ("fixed", "moving", "out", "debug")}
+    from scripts.io.console import route_warnings
     from scripts.io.errors import exit_on_user_error
 
-    _route_warnings(debug)
-    files, overrides = exit_on_user_error(
-        workflow_overrides, fixed, moving, out, moving_label, fixed_label, iterations, overwrite, network_scale,
-        learning_rate, regularization_weight, device, affine, affine_only, inverse, label_names, datalist,
-        refine_iterations, weights, amp, moving_mask, fixed_mask, intensity_window, background, qc, debug=debug,
-    )
+    route_warnings(debug)  # warnings to the log, library deprecation notices at DEBUG level
+    files, overrides = exit_on_user_error(workflow_overrides, fixed, moving, out, **flags, debug=debug)
     if qc_png:  # refused before the run, not after it: the figure is written once the registration is done
         from scripts.io.atomic import check_outputs_writable
 
@@ -351,16 +320,11 @@ def apply(
     print(f"wrote {exit_on_user_error(run, debug=debug)}", flush=True)
 
 
-def _route_warnings(debug: bool = False) -> None:
-    """Warnings to the log, library deprecation notices at DEBUG level (see :py:func:`scripts.io.console.route_warnings`)."""
-    from scripts.io.console import route_warnings
-
-    route_warnings(debug)
-
-
 def main() -> None:
     """Entry point: ``register`` and ``demo`` commands (fire)."""
-    _route_warnings()  # library deprecation warnings go to the log at DEBUG level, not to the terminal
+    from scripts.io.console import route_warnings
+
+    route_warnings()  # library deprecation warnings go to the log at DEBUG level, not to the terminal
     fire.Fire({"register": register, "apply": apply, "demo": demo})
 
 

@@ -2,67 +2,21 @@
 """Pieces of the bundle workflows: dictionary transforms on the fixed grid, ignite handlers, metrics and QC figures, and
 cohorts (the record of a datalist run, the dataset streaming its pairs, the reports)."""
 
+from .alignment import AFFINE_MATRIX_KEY, AffineAlignd
+from .cohort import CohortDataset, CohortRecord
 from .grid_transforms import (
-    CheckNetworkGridd,
-    DownsampleToNetworkGridd,
-    ResampleToFixedGridd,
+    CheckNetworkGridd, DownsampleToNetworkGridd, JacobianDeterminantd, ResampleToFixedGridd, RestoreOriginalGridd,
     WarpByDdfd,
-    JacobianDeterminantd,
-    RestoreOriginalGridd,
 )
-from .intensity import (
-    ScaleRegistrationIntensityd,
-)
-from .handlers import (
-    NonFiniteLossError,
-    NonFiniteLossGuard,
-    AtomicCheckpointSaver,
-    all_finite,
-    loss_from_output,
-)
+from .handlers import AtomicCheckpointSaver, NonFiniteLossError, NonFiniteLossGuard, all_finite, loss_from_output
+from .intensity import MaskImagesd, ScaleRegistrationIntensityd
 from .metrics import (
-    dice_per_label,
-    hd95_per_label,
-    label_one_hot,
-    present_labels,
+    OneHotLabelsd, RegistrationMetricsd, dice_per_label, hd95_per_label, label_one_hot, present_labels,
     registration_metrics,
 )
-from .metric_transforms import (
-    OneHotLabelsd,
-    RegistrationMetricsd,
-)
-from .metrics_summary import (
-    MetricsSummaryHandler,
-)
-from .masks import (
-    MaskImagesd,
-)
-from .alignment import (
-    AFFINE_MATRIX_KEY,
-    AffineAlignd,
-)
-from .transform_outputs import (
-    TRANSFORM_METRICS_KEY,
-    SaveTransformsd,
-    WarpFromSourced,
-)
+from .prepare_batch import RegistrationPrepareBatch, SharedPairPrepareBatch
+from .qc import SaveQCFigured
 from .reports import (
-    pair_row,
-    structure_volumes,
-    markdown_report,
-    cohort_console_summary,
-    pair_console_summary,
+    MetricsSummaryHandler, cohort_console_summary, markdown_report, pair_console_summary, pair_row, structure_volumes,
 )
-from .cohort_record import (
-    CohortRecord,
-)
-from .cohort_dataset import (
-    CohortDataset,
-)
-from .prepare_batch import (
-    RegistrationPrepareBatch,
-    SharedPairPrepareBatch,
-)
-from .qc import (
-    SaveQCFigured,
-)
+from .transform_outputs import TRANSFORM_METRICS_KEY, SaveTransformsd, WarpFromSourced

@@ -36,7 +36,7 @@ def _volume(image: Any, key: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _subsampled(image: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, Y, Z) image -> every k-th voxel per axis (at most ``OVERLAP_POINTS`` voxels) and that grid's affine."""
+    """(X, Y, Z) image -> every k-th voxel per axis (at most ``OVERLAP_POINTS``) and that grid's (4, 4) affine."""
     step = max(1, int(np.ceil((image.numel() / OVERLAP_POINTS) ** (1 / 3))))
     return image[::step, ::step, ::step], affine @ torch.diag(affine.new_tensor([step, step, step, 1.0]))
 
@@ -71,9 +71,8 @@ def foreground_overlap(
 ) -> float:
     """
     Share of the fixed image's foreground that the moving image's foreground covers once their intensity centres of
-    mass coincide (the affine stage's starting point), in [0, 1]. Foreground = above ``threshold`` of an image's
-    intensities scaled from its minimum (0) to the 99th percentile of the voxels above it (1). Large images are read
-    at every k-th voxel (at most ``OVERLAP_POINTS``); 0 when either has no foreground there.
+    mass coincide (the affine stage's starting point), in [0, 1]; 0 when either has no foreground. Foreground: above
+    ``threshold`` of the intensities scaled from the minimum (0) to the 99th percentile of the voxels above it (1).
 
     Args:
         moving, fixed: (X, Y, Z) intensities on their own grids. moving_affine, fixed_affine: (4, 4) voxel-to-world.
@@ -100,14 +99,12 @@ def foreground_overlap(
 
 class AffineAlignd(MapTransform):
     """
-    Run the affine (or rigid) stage on a loaded pair and store its world matrix under ``matrix_key``.
+    Run the affine (or rigid) stage on a loaded pair and store its world matrix under ``matrix_key`` (the identity
+    without a ``registration``, ``affine_transform: none``), for :py:class:`scripts.workflow.ResampleToFixedGridd`.
 
-    Place after ``LoadImaged``/``Orientationd`` and before :py:class:`scripts.workflow.ResampleToFixedGridd`, which then
-    resamples the moving image and label through the matrix. Without a ``registration`` (``affine_transform: none``) the
-    matrix is the identity (inputs already aligned in world space). Before the optimisation, a pair whose foregrounds do
-    not overlap after centring (:py:func:`foreground_overlap` below ``min_overlap``: other anatomy, a blank or tiny
-    volume) is refused; after it, a result that is worse than the centre-of-mass start, or degenerate (det <= 0,
-    scaling outside [0.5, 2]). Each is one message (:py:class:`RegistrationInputError`) instead of a silent bad result.
+    Refused with one :py:class:`RegistrationInputError` instead of a silent bad result: before the optimisation, a pair
+    whose foregrounds overlap less than ``min_overlap`` after centring (other anatomy, a blank or tiny volume); after
+    it, a result worse than the centre-of-mass start, or degenerate (det <= 0, scaling outside [0.5, 2]).
 
     Args:
         keys: ``(moving image key, fixed image key)``, channel-first MetaTensors (first channel used).
@@ -115,8 +112,8 @@ class AffineAlignd(MapTransform):
         device: where the optimisation runs (default: where the images are).
         matrix_key: output key of the (4, 4) float64 matrix.
         tolerance: how much worse than the start (in loss units) the result may end before it is refused.
-        min_overlap: least share of the fixed foreground the centred moving foreground must cover, in [0, 1]; 0 skips
-            the check. Real brain pairs (MICCAI 2012, FreeSurfer, OASIS, MNI atlases, across datasets) have 0.5-1.
+        min_overlap: least share (:py:func:`foreground_overlap`) in [0, 1]; 0 skips the check. Real brain pairs
+            (MICCAI 2012, FreeSurfer, OASIS, MNI atlases, across datasets) have 0.5-1.
         foreground_threshold: foreground threshold of :py:func:`foreground_overlap`, in [0, 1).
     """
 
@@ -168,7 +165,6 @@ class AffineAlignd(MapTransform):
         return moving.meta.get("filename_or_obj", self.keys[0]) if isinstance(moving, MetaTensor) else self.keys[0]
 
     def _check_overlap(self, moving, moving_affine, fixed, fixed_affine, d: Mapping[Hashable, Any]) -> None:
-        """Refuse a pair whose centred foregrounds overlap less than ``min_overlap`` (before any optimisation)."""
         if self.min_overlap <= 0.0:
             return
         centre = self.registration.init != "identity"  # the stage's own start: centres of mass, or the identity

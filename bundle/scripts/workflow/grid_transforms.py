@@ -21,11 +21,7 @@ from scripts.io.input_checks import same_grid
 from scripts.io.weights_info import check_network_spacing
 
 __all__ = [
-    "CheckNetworkGridd",
-    "DownsampleToNetworkGridd",
-    "ResampleToFixedGridd",
-    "WarpByDdfd",
-    "JacobianDeterminantd",
+    "CheckNetworkGridd", "DownsampleToNetworkGridd", "ResampleToFixedGridd", "WarpByDdfd", "JacobianDeterminantd",
     "RestoreOriginalGridd",
 ]
 
@@ -41,21 +37,17 @@ def _affine(image: torch.Tensor) -> np.ndarray:
 
 class ResampleToFixedGridd(MapTransform):
     """
-    Resample the moving image (and its label) onto the fixed image's voxel grid when the grids differ.
-
-    Inputs are assumed affinely pre-aligned in world coordinates; this only changes how the moving volume is sampled
-    (its world position is kept), so a moving image stored in another orientation, size or spacing lands on the same
-    voxels as the fixed image. A log line says when and why resampling happened. Where the moving field of view does
-    not reach, an image gets its background (raw units: 0 HU would be soft tissue in a CT), a label map 0.
+    Resample the moving image (and its label) onto the fixed image's voxel grid through the affine stage's world matrix
+    T (fixed point -> moving point, RAS mm: ``out(p) = moving(inv(A_m) T A_f p)``), or, without one, where the grids
+    differ (a log line says so; the world position is kept). Where the moving field of view does not reach, an image
+    gets its background (raw units: 0 HU would be soft tissue in a CT), a label map 0.
 
     Args:
-        keys: keys to resample (e.g. ``["moving_image", "moving_label"]``).
+        keys: keys to resample (e.g. ``["moving_image", "moving_label"]``), each (C, X, Y, Z).
         fixed_key: key of the fixed image whose grid is the target.
         mode: interpolation per key, e.g. ``["bilinear", "nearest"]`` (nearest for label maps).
         atol: affine tolerance in mm under which two grids are treated as equal.
-        matrix_key: data key of the affine stage's world matrix T (fixed point -> moving point, RAS mm; see
-            :py:class:`scripts.workflow.AffineAlignd`); when present and not the identity, the moving volumes are
-            resampled through it (``out(p) = moving(inv(A_m) T A_f p)``).
+        matrix_key: data key of T (:py:class:`scripts.workflow.AffineAlignd`); absent or the identity: none.
         fixed_space_keys: keys already in the fixed image's space (e.g. ``fixed_label``): never moved by the matrix.
         background: value outside the moving field of view, per key or one for all: ``"auto"`` (the volume's minimum)
             or a number (e.g. -1024 for CT). None: ``"auto"`` for ``"bilinear"`` keys, 0 for ``"nearest"`` (labels).
@@ -95,13 +87,8 @@ class ResampleToFixedGridd(MapTransform):
                 continue
             if same_grid(d[key].shape[1:], _affine(d[key]), fixed.shape[1:], _affine(fixed), self.atol):
                 continue
-            logger.info(
-                "resampling %s (shape %s) onto the fixed image grid (shape %s) with %s interpolation: grids differ",
-                key,
-                tuple(d[key].shape[1:]),
-                tuple(fixed.shape[1:]),
-                mode,
-            )
+            logger.info("resampling %s (shape %s) onto the fixed image grid (shape %s) with %s interpolation: grids "
+                        "differ", key, tuple(d[key].shape[1:]), tuple(fixed.shape[1:]), mode)
             d[key] = _resample_through(d[key], fixed, np.eye(4), mode, background)  # one world space: identity
         return d
 
@@ -119,14 +106,9 @@ def _resample_through(moving: torch.Tensor, fixed: torch.Tensor, matrix, mode: s
 
 class CheckNetworkGridd(MapTransform):
     """
-    Say which grid the network will work on for this pair, and warn when it is far from the grid of the weights.
-
-    The inferers pick the network (and refinement) grid from the fixed grid's voxel spacing
-    (:py:meth:`scripts.engines.ResolutionInferer.scale_for`): ``network_scale`` of the finest axis, thick-slice axes
-    upsampled to the same voxel size in mm. For an anisotropic fixed image a log line gives that grid; when its voxel
-    size differs from the trained one (``trained_spacing``, :py:func:`scripts.io.trained_network_spacing`) by more
-    than :py:data:`scripts.io.MAX_NETWORK_SPACING_RATIO` either way, a warning names the image and the scale that
-    would match (:py:func:`scripts.io.check_network_spacing`). The data pass through unchanged.
+    Log the grid the network will work on for an anisotropic fixed image (the inferers' choice,
+    :py:meth:`scripts.engines.ResolutionInferer.scale_for`), and warn when its voxel size is far from the trained one
+    (:py:func:`scripts.io.check_network_spacing`). The data pass through unchanged.
 
     Args:
         keys: the fixed image key (one), a MetaTensor on the grid the network input will have.
@@ -158,32 +140,21 @@ class CheckNetworkGridd(MapTransform):
         network = [s / k for s, k in zip(spacing, scale)]
         source = fixed.meta.get("filename_or_obj", self.keys[0])
         if list(scale) != list(self.grid.network_scale):
-            logger.info(
-                "fixed image '%s' has voxels of %s mm: the network works on a grid of %s mm voxels (network scale %s "
-                "per axis: thick-slice axes upsampled; the refinement's grid alike); every output stays on the fixed "
-                "grid",
-                source,
-                " x ".join(f"{v:.3g}" for v in spacing),
-                " x ".join(f"{v:.3g}" for v in network),
-                " x ".join(f"{v:.3g}" for v in scale),
-            )
+            mm = [" x ".join(f"{v:.3g}" for v in values) for values in (spacing, network, scale)]
+            logger.info("fixed image '%s' has voxels of %s mm: the network works on a grid of %s mm voxels (network "
+                        "scale %s per axis: thick-slice axes upsampled; the refinement's grid alike); every output "
+                        "stays on the fixed grid", source, *mm)
         check_network_spacing(network, self.trained_spacing, spacing, source)
         return d
 
 
 class DownsampleToNetworkGridd(MapTransform):
     """
-    Resize images to the grid :py:class:`scripts.engines.resolution_inferer.ResolutionInferer` gives the network at ``network_scale``,
-    with the same anti-aliasing and interpolation, so a model trained on these images sees at inference exactly the
-    kind of input it was trained on (e.g. train at ``network_scale=0.5`` on CPU, infer with the same value).
-
-    Label maps (``mode="nearest"``) are sampled at the network grid's voxel centres, which sit on the input grid at
-    ``j * (N - 1) / (n - 1)`` (the align-corners mapping of the images), so labels and images stay in register.
-
-    Images of one pair must share a grid (run after :py:class:`ResampleToFixedGridd`). A MetaTensor of anisotropic
-    voxels goes to the isotropic network grid the inferer gives it (thick-slice axes upsampled, see
-    :py:func:`scripts.engines.resolution_inferer.isotropic_network_scale`). Spatial metadata is dropped: the output is
-    a plain tensor meant for training, where only voxels matter.
+    Resize training volumes to the grid the inferer (:py:class:`scripts.engines.ResolutionInferer`) gives the network at
+    ``network_scale``, with the same anti-aliasing and interpolation, so a model sees in training exactly the kind of
+    input it gets at inference. Label maps (``mode="nearest"``) are sampled at the network grid's voxel centres,
+    ``j * (N - 1) / (n - 1)`` on the input grid (the images' align-corners mapping), so labels and images stay in
+    register. Run after :py:class:`ResampleToFixedGridd` (one grid per pair); the output is a plain tensor.
 
     Args:
         keys: volumes, each (C, D, H, W).
@@ -235,16 +206,14 @@ class DownsampleToNetworkGridd(MapTransform):
 
 class WarpByDdfd(MapTransform):
     """
-    Warp channel-first volumes of one sample by the sample's displacement field: ``out(p) = image(p + ddf(p))``.
-
-    Used in postprocessing, after decollation, so tensors have no batch dimension; integer label maps keep their dtype
-    when ``warp`` uses nearest sampling.
+    Warp channel-first volumes of one decollated sample by its displacement field: ``out(p) = image(p + ddf(p))``;
+    integer label maps keep their dtype when ``warp`` samples nearest.
 
     Args:
         keys: volumes to warp, each (C, D, H, W).
         warp: callable ``warp(image (B, C, D, H, W), ddf (B, 3, D, H, W))`` such as ``scripts.layers.warp.Warp``;
-            one with an ``in_slabs`` method (``Warp``) is run through it: the same values, one slab of the field at
-            a time (full-resolution outputs of a CT would otherwise hold gigabytes of coordinates).
+            its ``in_slabs`` method when it has one (the same values, one slab of the field at a time: a CT's
+            full-resolution output would otherwise hold gigabytes of coordinates).
         ddf_key: key of the (3, D, H, W) displacement in voxels.
         output_keys: where to store the results, one per key (default: ``"warped_" + key``).
         reference_key: key whose affine/meta the outputs carry (the fixed image).
@@ -267,6 +236,7 @@ class WarpByDdfd(MapTransform):
         if len(self.output_keys) != len(self.keys):
             raise ValueError(f"output_keys needs one entry per key ({len(self.keys)}), got {output_keys!r}.")
         self.reference_key = reference_key
+        self._warp = getattr(warp, "in_slabs", warp)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -279,11 +249,8 @@ class WarpByDdfd(MapTransform):
             if tuple(image.shape[1:]) != tuple(ddf.shape[1:]):
                 raise ValueError(f"{key} has spatial shape {tuple(image.shape[1:])}, the ddf {tuple(ddf.shape[1:])}.")
             source = image.to(ddf.device)
-            floating = source.is_floating_point()
-            # a full-resolution output: one slab at a time when the warp can (scripts.layers.Warp), same values
-            warp = getattr(self.warp, "in_slabs", self.warp)
-            warped = warp(source[None].float() if not floating else source[None], ddf[None])[0]
-            warped = warped.to(image.dtype) if not floating else warped
+            warped = self._warp(source[None] if source.is_floating_point() else source[None].float(), ddf[None])[0]
+            warped = warped if source.is_floating_point() else warped.to(image.dtype)
             d[out_key] = _like(warped, reference if reference is not None else d[key])
         return d
 
@@ -317,13 +284,10 @@ class JacobianDeterminantd(MapTransform):
 
 class RestoreOriginalGridd(MapTransform):
     """
-    Bring outputs computed on the reoriented fixed grid back onto the fixed image's grid as stored on disk.
-
-    Loading reorients volumes (``Orientationd``), which only flips and permutes array axes. This transform applies the
-    inverse flips/permutations, so every output voxel lines up with the fixed file's voxel and carries its original
-    affine. For displacement fields (``vector_keys``) the vector components are mapped too: with ``A`` the reoriented and
-    ``A0`` the original affine, a shift ``u`` in reoriented voxels is ``inv(A0[:3, :3]) @ A[:3, :3] @ u`` in original
-    voxels, so channel i of the written field is the shift along array axis i of the file.
+    Bring outputs on the reoriented fixed grid (``Orientationd`` flips and permutes axes) back onto the fixed file's own
+    grid and affine. Displacement fields (``vector_keys``) get their components mapped too: with ``A`` the reoriented
+    and ``A0`` the original affine, a shift ``u`` in reoriented voxels is ``inv(A0[:3, :3]) @ A[:3, :3] @ u`` in the
+    file's voxels, so channel i of the written field is the shift along array axis i of the file.
 
     Args:
         keys: keys to restore, each a channel-first MetaTensor on the reoriented fixed grid.

@@ -1,13 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Ignite handlers that keep training results safe: a NaN/Inf-loss guard and an atomic, never-NaN checkpoint saver.
-
-- :class:`NonFiniteLossGuard` stops training with one clear message as soon as the loss is NaN/Inf, instead of letting
-  the run continue for hours and overwrite good checkpoints with NaN weights.
-- :class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` with two fixes: files are written to a temporary name and
-  renamed (MONAI writes in place, so a ``kill -9`` during a save leaves a truncated ``.pt``), and an older checkpoint is
-  only deleted after its replacement is complete (ignite deletes it first). It also refuses to write weights that are
-  not finite, so the last good checkpoint survives a diverged run.
-"""
+"""Ignite handlers that keep training results safe: :class:`NonFiniteLossGuard` stops training with one clear message
+as soon as the loss is NaN/Inf (instead of hours of NaN weights overwriting good checkpoints), and
+:class:`AtomicCheckpointSaver` never leaves a truncated or NaN checkpoint behind."""
 
 from __future__ import annotations
 
@@ -53,11 +47,9 @@ def all_finite(obj: Any) -> bool:
 
 
 class NonFiniteLossGuard:
-    """Stop training with a clear message at the first iteration whose loss is NaN or Inf.
-
-    Raises :class:`NonFiniteLossError` from ``ITERATION_COMPLETED``. The optimiser step of that iteration has already
-    made the weights NaN, so nothing must be saved afterwards: :class:`AtomicCheckpointSaver` refuses non-finite weights
-    and the checkpoint of the last completed epoch stays the newest one.
+    """Raise :class:`NonFiniteLossError` at the first ``ITERATION_COMPLETED`` whose loss is NaN or Inf. Its optimiser
+    step has made the weights NaN already: :class:`AtomicCheckpointSaver` refuses them, so the checkpoint of the last
+    completed epoch stays the newest one.
 
     Args:
         output_transform: maps ``engine.state.output`` to the loss (default :func:`loss_from_output`).
@@ -138,9 +130,10 @@ class _AtomicSaveHandler(BaseSaveHandler):
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """``monai.handlers.CheckpointSaver`` (same arguments) that writes atomically, deletes old files only after the new
-    one is complete, never writes non-finite weights, and applies ``n_saved`` to the numbered checkpoints already on
-    disk from before a restart too."""
+    """``monai.handlers.CheckpointSaver`` (same arguments) that writes atomically (``scripts.io.atomic.save_torch``: a
+    ``kill -9`` during a save leaves no truncated ``.pt``), deletes an old file only after its replacement is complete
+    (ignite deletes it first), never writes non-finite weights, and applies ``n_saved`` to the numbered checkpoints
+    already on disk from before a restart too."""
 
     def __init__(self, save_dir: str, save_dict: dict, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(save_dir=save_dir, save_dict=save_dict, name=name, **kwargs)

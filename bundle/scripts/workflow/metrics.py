@@ -1,6 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """Registration quality metrics of one pair: per-label Dice (counted; equal to MONAI's ``compute_dice``), HD95
-(MONAI, per label on its bounding box), folding and SDlogJ of the Jacobian determinant, and SSIM.
+(MONAI, per label on its bounding box), folding and SDlogJ of the Jacobian determinant, and SSIM; and the dictionary
+transforms that use them: one-hot labels for MONAI's metric handlers, the per-pair ``metrics.json``.
 
 These are the metrics of the bundle's own evaluation and of the accuracy benchmark (``bench/accuracy``), which scores
 every method through them."""
@@ -9,21 +10,23 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+import os
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.metrics import SSIMMetric, compute_hausdorff_distance
+from monai.transforms import MapTransform
+
+from scripts.io.atomic import check_outputs_writable, write_csv, write_json
+from scripts.io.input_checks import voxel_spacing
+from scripts.io.label_names import label_names_for, read_label_names
+from scripts.io.outputs import METRICS_CSV, METRICS_JSON, pair_output_dir
 
 __all__ = [
-    "dice_per_label",
-    "hd95_per_label",
-    "jacobian_statistics",
-    "label_indices",
-    "label_one_hot",
-    "present_labels",
-    "registration_metrics",
+    "OneHotLabelsd", "RegistrationMetricsd", "dice_per_label", "hd95_per_label", "jacobian_statistics", "label_indices",
+    "label_one_hot", "present_labels", "registration_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,68 +119,44 @@ def label_indices(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor
     return torch.where(ids[position] == values, position + 1, 0)
 
 
-def _dice_from_indices(pred_index: torch.Tensor, reference_index: torch.Tensor, num_ids: int) -> torch.Tensor:
+def _dice_for_ids(pred_index: torch.Tensor, reference_index: torch.Tensor, label_ids: Sequence[int]) -> list[float]:
     """
-    Dice of every id from one confusion count of two :func:`label_indices` maps.
+    Dice of each id of ``label_ids`` (in its order, with its repeats) from one confusion count of two maps.
 
     Args:
-        pred_index, reference_index: (N,) int64 indices in [0, num_ids].
-        num_ids: number of distinct ids K.
+        pred_index, reference_index: (N,) :func:`label_indices` maps, int64 in [0, K] for K distinct ids.
+        label_ids: the ids the maps were indexed with.
 
     Returns:
-        (K,) float32 Dice of the ids in sorted order; NaN where an id is absent from both maps.
+        one float per id; NaN where an id is absent from both maps.
     """
     if pred_index.shape != reference_index.shape:
         raise ValueError(f"label maps differ in shape: {tuple(pred_index.shape)} vs {tuple(reference_index.shape)}.")
-    bins = num_ids + 1
+    distinct = sorted({int(i) for i in label_ids})
+    bins = len(distinct) + 1
     confusion = torch.bincount(pred_index * bins + reference_index, minlength=bins * bins).reshape(bins, bins)
     intersection = torch.diagonal(confusion)[1:]
     denominator = confusion.sum(dim=1)[1:] + confusion.sum(dim=0)[1:]
     # float32 like MONAI's compute_dice on one-hot floats: exact counts, one correctly rounded division, same bits
-    dice = (2 * intersection).float() / denominator.float()
-    return torch.where(denominator > 0, dice, torch.tensor(float("nan")))
-
-
-def _dice_for_ids(pred_index: torch.Tensor, reference_index: torch.Tensor, label_ids: Sequence[int]) -> list[float]:
-    """Per-id Dice in the order (and with the repeats) of ``label_ids``."""
-    distinct = sorted({int(i) for i in label_ids})
-    dice = _dice_from_indices(pred_index, reference_index, len(distinct))
-    position = {label_id: n for n, label_id in enumerate(distinct)}
-    return [float(dice[position[int(i)]]) for i in label_ids]
+    dice = torch.where(denominator > 0, (2 * intersection).float() / denominator.float(), torch.tensor(float("nan")))
+    return [float(dice[distinct.index(int(i))]) for i in label_ids]
 
 
 def dice_per_label(pred: torch.Tensor, reference: torch.Tensor, label_ids: Sequence[int]) -> list[float]:
     """
-    Dice of each label id between two (1, D, H, W) label maps; NaN where the label is absent from both maps.
-
-    Counted in one pass (a confusion count of the two maps, no one-hot); equal to MONAI's
+    Dice of each id of ``label_ids`` (in its order) between two (1, D, H, W) label maps on one grid, e.g. the warped
+    moving and the fixed label (int or float; floats are rounded); NaN where the label is absent from both maps.
+    Counted in one pass (a confusion count, no one-hot); equal to MONAI's
     ``compute_dice(label_one_hot(pred), label_one_hot(reference), include_background=True, ignore_empty=False)``.
-
-    Args:
-        pred: (1, D, H, W) label map, e.g. the warped moving label (int or float; float values are rounded).
-        reference: (1, D, H, W) label map on the same grid, e.g. the fixed label.
-        label_ids: ids to evaluate, one value each in this order.
-
-    Returns:
-        one float per id of ``label_ids``.
     """
     return _dice_for_ids(label_indices(pred, label_ids), label_indices(reference, label_ids), label_ids)
 
 
 def _label_boxes(index_maps: Sequence[torch.Tensor], num_ids: int, shape: Sequence[int], margin: int) -> list:
     """
-    Per id, the bounding box of the id in any of the maps (their union), grown by ``margin`` voxels.
-
-    One ``scipy.ndimage.find_objects`` pass per map instead of a boolean mask of the whole grid per id.
-
-    Args:
-        index_maps: (D * H * W,) :func:`label_indices` maps of one grid.
-        num_ids: number of distinct ids K (indices 1..K).
-        shape: (D, H, W) of the grid.
-        margin: voxels added on every side, clipped at the grid's edge.
-
-    Returns:
-        K entries in sorted-id order: a tuple of 3 slices, or None for an id in none of the maps.
+    Per id 1..K of the (D * H * W,) :func:`label_indices` maps of a grid of ``shape`` (D, H, W): the union of its
+    bounding boxes in the maps grown by ``margin`` voxels (clipped at the grid's edge), a tuple of 3 slices, or None
+    for an id in none of the maps. One ``scipy.ndimage.find_objects`` pass per map, not a mask of the grid per id.
     """
     from scipy.ndimage import find_objects
 
@@ -238,6 +217,7 @@ def hd95_per_label(
     else:
         boxes = _label_boxes((pred_index, reference_index), len(distinct), shape, crop_margin)
     pred_grid, reference_grid = pred_index.reshape(shape), reference_index.reshape(shape)
+    spacing_list = [float(v) for v in spacing] if spacing is not None else None
     distance = {}
     for k, (label_id, box) in enumerate(zip(distinct, boxes), start=1):
         p = (pred_grid[box] == k)[None, None] if box is not None else None
@@ -245,7 +225,6 @@ def hd95_per_label(
         if box is None or not p.any() or not r.any():
             distance[label_id] = float("nan")
             continue
-        spacing_list = [float(v) for v in spacing] if spacing is not None else None
         hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing_list)
         distance[label_id] = float(hd.item())
     return [distance[int(i)] for i in label_ids]
@@ -349,3 +328,143 @@ def registration_metrics(
         result["ssim"] = float(metric(torch.as_tensor(warped_image)[None].float(), torch.as_tensor(fixed_image)[None].float()).mean())
     result["labels"] = rows
     return result
+
+
+class OneHotLabelsd(MapTransform):
+    """
+    One-hot encode label maps over a fixed list of label ids (one channel per id, no background channel), e.g. for
+    MONAI's ``MeanDice`` handler during validation.
+
+    Args:
+        keys: (1, D, H, W) label maps.
+        label_ids: ids to encode.
+        output_keys: result keys (default ``key + "_onehot"``).
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] | str,
+        label_ids: Sequence[int],
+        output_keys: Sequence[str] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not label_ids:
+            raise ValueError("label_ids must list at least one label id.")
+        self.label_ids = [int(i) for i in label_ids]
+        self.output_keys = list(output_keys) if output_keys is not None else [f"{k}_onehot" for k in self.keys]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = label_one_hot(d[key], self.label_ids)[0]
+        return d
+
+
+def _source_file(image: Any) -> str | None:
+    """The file a loaded MetaTensor was read from (None for a plain tensor)."""
+    meta = getattr(image, "meta", None) or {}
+    name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+    return str(name) if isinstance(name, (str, os.PathLike)) and str(name) else None
+
+
+def _spacing_of(image: torch.Tensor) -> list[float] | None:
+    """Voxel size (mm) of a MetaTensor's grid, None for a plain tensor."""
+    if not isinstance(image, MetaTensor):
+        return None
+    return [float(v) for v in voxel_spacing(image.affine)]
+
+
+class RegistrationMetricsd(MapTransform):
+    """
+    Compute :py:func:`registration_metrics` for one pair and write ``metrics.json`` (and ``metrics.csv``) atomically.
+
+    Does nothing for pairs without a fixed label. The result is also stored under ``metrics`` in the data dict and
+    logged as one line with the mean Dice before (identity) and after registration.
+
+    Args:
+        output_dir: root output folder (pairs with a ``pair_id`` get a sub-folder).
+        fixed_label_key, warped_label_key, moving_label_key: label map keys on the fixed grid.
+        jacobian_key: Jacobian determinant key (optional in the data).
+        warped_image_key, fixed_image_key: [0, 1] intensity images for SSIM.
+        label_ids: ids to evaluate (None: ids present in the label maps).
+        label_names: id -> name mapping or a lookup-table file (see :py:mod:`scripts.io.label_names`), used for every
+            pair. None: each pair's names come from its label maps' own lookup tables (``X.tsv`` beside
+            ``X.nii.gz``), else labels are named by their numbers.
+        name_source_keys: keys whose MetaTensor ``filename_or_obj`` names a label file whose table is looked up, in
+            order (the fixed label first; copies made before loading keep the name where later steps drop it).
+        hd95: add per-label HD95; ssim: add SSIM; write_csv: also write the per-label ``metrics.csv``.
+        overwrite: replace existing metric files.
+        pair_id_key: key of the pair's sub-folder name.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        fixed_label_key: str = "fixed_label",
+        warped_label_key: str = "warped_label",
+        moving_label_key: str = "moving_label",
+        jacobian_key: str = "jacobian_det",
+        warped_image_key: str = "warped_moving_scaled",
+        fixed_image_key: str = "fixed_image",
+        label_ids: Sequence[int] | None = None,
+        label_names: Mapping[Any, str] | str | os.PathLike | None = None,
+        hd95: bool = False,
+        ssim: bool = False,
+        write_csv: bool = False,
+        overwrite: bool = False,
+        pair_id_key: str = "pair_id",
+        name_source_keys: Sequence[str] = ("fixed_label", "moving_label", "moving_label_source"),
+    ) -> None:
+        super().__init__([fixed_label_key], allow_missing_keys=True)
+        self.output_dir = output_dir
+        self.fixed_label_key, self.warped_label_key, self.moving_label_key = fixed_label_key, warped_label_key, moving_label_key
+        self.jacobian_key, self.warped_image_key, self.fixed_image_key = jacobian_key, warped_image_key, fixed_image_key
+        self.label_ids = list(label_ids) if label_ids else None
+        self.label_names = read_label_names(label_names) if label_names else None
+        self.hd95, self.ssim, self.write_csv = hd95, ssim, write_csv
+        self.overwrite = overwrite
+        self.pair_id_key = pair_id_key
+        self.name_source_keys = list(name_source_keys)
+
+    def file_names(self) -> list[str]:
+        """Names of the files this transform writes."""
+        return [METRICS_JSON] + ([METRICS_CSV] if self.write_csv else [])
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if d.get(self.fixed_label_key) is None:
+            return d
+        if d.get(self.warped_label_key) is None:
+            raise ValueError(f"a fixed label was given but no moving label to warp ({self.warped_label_key} missing).")
+        folder = pair_output_dir(self.output_dir, d.get(self.pair_id_key))
+        check_outputs_writable([folder / n for n in self.file_names()], self.overwrite)
+        metrics = registration_metrics(
+            fixed_label=d[self.fixed_label_key],
+            warped_label=d[self.warped_label_key],
+            moving_label=d.get(self.moving_label_key),
+            label_ids=self.label_ids,
+            label_names=self.label_names or label_names_for(None, *[_source_file(d.get(k)) for k in self.name_source_keys]),
+            jacobian_det=d.get(self.jacobian_key),
+            warped_image=d.get(self.warped_image_key),
+            fixed_image=d.get(self.fixed_image_key),
+            spacing=_spacing_of(d[self.fixed_label_key]),
+            hd95=self.hd95,
+            ssim=self.ssim,
+        )
+        if d.get(self.pair_id_key):
+            metrics["pair_id"] = d[self.pair_id_key]
+        metrics.update(d.get("transform_metrics") or {})  # e.g. the inverse-consistency error (SaveTransformsd)
+        write_json(metrics, folder / METRICS_JSON, indent=4)
+        if self.write_csv:
+            write_csv(metrics["labels"], folder / METRICS_CSV)
+        logger.info(
+            "%smean Dice before (identity) %s -> after %.4f; det J <= 0: %s %%",
+            f"{d[self.pair_id_key]}: " if d.get(self.pair_id_key) else "",
+            f"{metrics['mean_dice_identity']:.4f}" if "mean_dice_identity" in metrics else "n/a",
+            metrics["mean_dice"],
+            f"{metrics['percent_non_positive_jacobian']:.4f}" if "percent_non_positive_jacobian" in metrics else "n/a",
+        )
+        d["metrics"] = metrics
+        return d

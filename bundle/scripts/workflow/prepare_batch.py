@@ -18,11 +18,9 @@ __all__ = ["RegistrationPrepareBatch", "SharedPairPrepareBatch"]
 
 class RegistrationPrepareBatch(PrepareBatch):
     """
-    ``prepare_batch`` of MONAI's ``SupervisedTrainer`` for registration: ``(inputs, targets)`` with ``inputs`` the
-    image pair the network sees and ``targets`` the dictionary :py:class:`scripts.losses.RegistrationLoss` reads by name
-    (:func:`scripts.losses.registration_target`): the moving and the fixed image of that pair and, for the weakly
-    supervised term, the one-hot labels of both images. Nothing is packed into extra channels of a tensor, and no
-    placeholder ``label`` is needed in the batch.
+    ``prepare_batch`` of MONAI's ``SupervisedTrainer`` for registration: ``(pair, target)``, ``target`` the dictionary
+    :py:class:`scripts.losses.RegistrationLoss` reads by name (:func:`scripts.losses.registration_target`): the two
+    images of the pair and, for the weakly supervised term, the one-hot labels of both (no extra channels packed).
 
     Args:
         image_key: batch key of the (B, 2, D, H, W) pair, channel 0 moving, 1 fixed (``network_input_transforms``).
@@ -71,19 +69,14 @@ class RegistrationPrepareBatch(PrepareBatch):
 
 class SharedPairPrepareBatch(PrepareBatch):
     """
-    ``prepare_batch`` of the inference ``SupervisedEvaluator``: the network input ``image`` (B, 2, D, H, W), and the
-    batch's intensity-scaled ``moving_image`` and ``fixed_image`` (B, 1, D, H, W) replaced by views of its channels.
+    ``prepare_batch`` of the inference ``SupervisedEvaluator``: ``(image, None)`` as MONAI's default, with the batch's
+    scaled ``moving_image`` and ``fixed_image`` (B, 1, D, H, W) replaced by views of the channels of ``image``
+    (B, 2, D, H, W), each keeping its own metadata.
 
-    Why: ``ConcatItemsd`` copies the two scaled images into ``image`` and the collated batch keeps all three until the
-    iteration ends (MONAI merges the batch into the post-processing dict), so the pair was stored twice through the
-    network, the refinement and every writer: two full-resolution volumes (0.84 GB on a 512 x 512 x 400 CT). The views
-    hold the same values (a channel of ``image`` is its source image, cast to float32 as the scaled images already
-    are), and each keeps its own metadata (file name, affine, applied operations). The network input is returned as
-    MONAI's default ``prepare_batch`` returns it (no target).
-
-    A key is replaced only where sharing changes nothing: the input stays where it is (``device`` is its own device;
-    moving it would put a copy on the device and the post-processing on it), and the key holds a MetaTensor equal to
-    its channel of ``image`` (same shape, dtype and values); any other key is left as it is.
+    Why: ``ConcatItemsd`` copies the two images into ``image`` and the batch keeps all three until the iteration ends,
+    so the pair was stored twice through the network, the refinement and every writer (0.84 GB on a 512 x 512 x 400
+    CT). A key is replaced only where sharing changes nothing: the input stays on its own device (moved, the copy would
+    take the post-processing with it), and the key holds a MetaTensor equal to its channel (shape, dtype, values).
 
     Args:
         image_key: batch key of the (B, 2, D, H, W) network input.

@@ -1,17 +1,17 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
 """What a user reads about finished registrations: the console report of one pair, the row of each pair of a cohort
-(read back from the pair's finished output folder), the cohort's Markdown report and its console summary.
+(read back from the pair's finished output folder), the cohort's Markdown report and its console summary, and the
+evaluation summary over many pairs (:class:`MetricsSummaryHandler`).
 
-A row holds the pair's status, rank and time, the Dice scores of its ``metrics.json`` (pairs with labels), the % of
-voxels with det J <= 0 (from ``metrics.json``, else from ``jacobian_det.nii.gz``) and, when a label map was warped, the
-volume of every structure of ``warped_label.nii.gz`` in millilitres (atlas-based segmentation of a subject), and the
-pair's QC figure (``qc_png``, relative to the run's output folder) when the run wrote one. The report shows the QC
-figures of the worst pairs, the ones to look at first.
+A row holds the pair's status, rank and time, the Dice scores of its ``metrics.json``, the % of voxels with det J <= 0
+and, when a label map was warped, the volume of every structure of ``warped_label.nii.gz`` in mL (atlas-based
+segmentation of a subject), and its QC figure. The report shows the QC figures of the worst pairs first.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -21,14 +21,19 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from scripts.io.atomic import check_outputs_writable, write_csv, write_json
 from scripts.io.outputs import (
-    COHORT_CSV, COHORT_JSON, COHORT_MD, JACOBIAN_DET, METRICS_JSON, PAIR_OUTPUTS, QC_PNG, WARPED_LABEL,
+    COHORT_CSV, COHORT_JSON, COHORT_MD, JACOBIAN_DET, METRICS_JSON, PAIR_OUTPUTS, QC_PNG, SUMMARY_CSV, SUMMARY_JSON,
+    WARPED_LABEL,
 )
+from scripts.workflow.metrics import jacobian_statistics
 
 __all__ = [
     "STATUSES", "pair_row", "read_pair_metrics", "structure_volumes", "table_columns", "worst_pairs", "markdown_report",
-    "cohort_console_summary", "pair_console_summary",
+    "cohort_console_summary", "pair_console_summary", "MetricsSummaryHandler",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: row statuses: registered by this run, found complete from an earlier run, skipped (bad input), not reached yet.
 STATUSES = ("registered", "already_complete", "failed", "pending")
@@ -65,13 +70,6 @@ def structure_volumes(label_file: str | Path, label_names: Mapping[Any, str] | N
     return {f"volume_ml_{_label_name(int(i), label_names)}": float(c) * voxel_ml for i, c in zip(ids, counts)}
 
 
-def _folding_percent(jacobian_file: Path) -> float | None:
-    if not jacobian_file.is_file():
-        return None
-    det = np.asarray(nib.load(str(jacobian_file)).dataobj)
-    return float((det <= 0).mean() * 100.0)
-
-
 def pair_row(
     pair_id: str,
     status: str,
@@ -81,16 +79,10 @@ def pair_row(
     rank: int | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
-    """The summary row of one pair; with a ``folder`` of finished outputs its metrics and volumes are read from it.
-
-    Args:
-        pair_id: the pair's id (its output sub-folder).
-        status: one of :data:`STATUSES`.
-        folder: the pair's output folder (read for ``registered``/``already_complete``).
-        label_names: label id -> name, for column names.
-        seconds: wall time of the pair in this run (load, check, register, write).
-        rank: rank that registered it.
-        error: why a failed pair was skipped.
+    """The summary row of one pair (``status``: one of :data:`STATUSES`; ``seconds``: its wall time in this run, load,
+    check, register, write; ``rank``: the rank that registered it; ``error``: why a failed pair was skipped). With the
+    pair's ``folder`` of finished outputs, its metrics and volumes are read from it, ``label_names`` (id -> name) naming
+    their columns.
 
     Raises:
         ValueError: an unknown status.
@@ -108,8 +100,10 @@ def pair_row(
     for key in ("mean_dice", "mean_dice_identity", "percent_non_positive_jacobian"):
         if metrics.get(key) is not None:
             row[key] = metrics[key]
-    if row.get("percent_non_positive_jacobian") is None:
-        row["percent_non_positive_jacobian"] = _folding_percent(folder / JACOBIAN_DET)
+    if row.get("percent_non_positive_jacobian") is None and (folder / JACOBIAN_DET).is_file():  # from its det J map
+        det = np.asarray(nib.load(str(folder / JACOBIAN_DET)).dataobj)
+        row["percent_non_positive_jacobian"] = jacobian_statistics(det)["percent_non_positive_jacobian"]
+    row.setdefault("percent_non_positive_jacobian", None)
     for label in metrics.get("labels", []):
         row[f"dice_{_label_name(label.get('label'), label_names)}"] = label.get("dice")
     if (folder / WARPED_LABEL).is_file():
@@ -158,14 +152,9 @@ def worst_pairs(rows: Sequence[Mapping[str, Any]], count: int = 5) -> list[Mappi
 
 
 def markdown_report(rows: Sequence[Mapping[str, Any]], run: Mapping[str, Any], qc_figures: int = 5) -> str:
-    """A short Markdown report of a cohort: counts, time and throughput, Dice, folding, volumes, the QC figures of the
-    ``qc_figures`` worst pairs (:func:`worst_pairs`, linked relative to the report), failed pairs.
-
-    Args:
-        rows: one row per pair (:func:`pair_row`), in datalist order.
-        run: ``{"world_size", "wall_seconds", "registered_this_run"}`` of the run that wrote it.
-        qc_figures: how many pairs' QC figures the report shows.
-    """
+    """A short Markdown report of a cohort from its rows (:func:`pair_row`, datalist order) and the ``run``'s
+    ``{"world_size", "wall_seconds", "registered_this_run"}``: counts, time and throughput, Dice, folding, volumes, the
+    QC figures of the ``qc_figures`` worst pairs (:func:`worst_pairs`, linked relative to the report), failed pairs."""
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     lines = ["# Cohort summary", "", f"- pairs: {len(rows)} — " + ", ".join(f"{s.replace('_', ' ')} {n}" for s, n in counts.items())]
     wall, done = run.get("wall_seconds"), run.get("registered_this_run", counts["registered"])
@@ -234,23 +223,14 @@ def _cell(value: float | None) -> str:
 
 
 def pair_console_summary(out: str | os.PathLike, seconds: float) -> str:
-    """
-    Human-readable report of one registration.
-
-    Args:
-        out: the pair's output folder.
-        seconds: how long the registration took (wall).
-
-    Returns:
-        the report: the outputs present in ``out``, then (when ``metrics.json`` has labels) one line per label with
-        Dice before (identity) and after, the mean, and the share of voxels with det J <= 0.
-    """
+    """The terminal report of one registration that took ``seconds``: the outputs present in the folder ``out``, then
+    (when ``metrics.json`` has labels) Dice before (identity) and after per label, the mean, and the share of voxels
+    with det J <= 0."""
     folder = Path(out)
     lines = [f"Registration finished in {seconds:.0f} s. Outputs in {folder}:"]
     lines += [f"  {name}" for name in PAIR_OUTPUTS if (folder / name).exists()]
-    metrics_file = folder / METRICS_JSON
-    if metrics_file.exists():
-        metrics = json.loads(metrics_file.read_text())
+    metrics = read_pair_metrics(folder)
+    if metrics:
         lines.append(f"{'label':<20}{'Dice before':>12}{'Dice after':>12}")
         for row in metrics["labels"]:
             name = str(row["label"]) if row.get("name") in (None, str(row["label"])) else f"{row['label']} {row['name']}"
@@ -261,3 +241,76 @@ def pair_console_summary(out: str | os.PathLike, seconds: float) -> str:
         if "percent_non_positive_jacobian" in metrics:
             lines.append(f"voxels with det J <= 0: {metrics['percent_non_positive_jacobian']:.4f} %")
     return "\n".join(lines)
+
+
+class MetricsSummaryHandler:
+    """
+    Ignite handler that gathers the per-pair ``metrics`` (``metrics_key`` of the engine output, set by
+    :py:class:`RegistrationMetricsd`) of an evaluation run and, when it completes, writes ``summary.json`` (mean and
+    standard deviation over pairs of each metric, mean Dice per label) and ``summary.csv`` (one row per pair) into
+    ``output_dir``, atomically (``overwrite``: replace existing ones).
+    """
+
+    SCALARS = ("mean_dice_identity", "mean_dice", "mean_hd95", "percent_non_positive_jacobian", "ssim")
+
+    def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False, metrics_key: str = "metrics") -> None:
+        self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.metrics_key = metrics_key
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.write())
+
+    def _reset(self, engine: Any) -> None:
+        self.rows = []
+
+    def _collect(self, engine: Any) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for output in outputs:
+            metrics = output.get(self.metrics_key) if isinstance(output, Mapping) else None
+            if metrics:
+                self.rows.append(metrics)
+
+    def summary(self) -> dict[str, Any]:
+        """Mean/std over pairs of the scalar metrics and mean Dice per label id."""
+        result: dict[str, Any] = {"num_pairs": len(self.rows)}
+        for name in self.SCALARS:
+            stats = _mean_std([r.get(name) for r in self.rows])
+            if stats:
+                result[name] = {"mean": stats[0], "std": stats[1]}
+        per_label: dict[str, list[float]] = {}
+        for r in self.rows:
+            for row in r["labels"]:
+                per_label.setdefault(str(row["label"]), []).append(row.get("dice"))
+        result["dice_per_label"] = {k: stats[0] for k, v in per_label.items() if (stats := _mean_std(v))}
+        return result
+
+    def write(self, rows: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Write the summary files over ``rows`` (default: the pairs of this run; a cohort run rewrites them over every
+        pair of its datalist, ``scripts.workflow.CohortRecord.finalize``)."""
+        if rows is not None:
+            self.rows = [dict(r) for r in rows]
+        if not self.rows:
+            logger.info("no pair had labels: no evaluation summary written.")
+            return
+        folder = Path(self.output_dir)
+        check_outputs_writable([folder / SUMMARY_JSON, folder / SUMMARY_CSV], self.overwrite)
+        summary = self.summary()
+        write_json(summary, folder / SUMMARY_JSON, indent=4)
+        table = [
+            {"pair_id": r.get("pair_id", str(i)), **{name: r.get(name) for name in self.SCALARS}}
+            for i, r in enumerate(self.rows)
+        ]
+        write_csv(table, folder / SUMMARY_CSV)
+        logger.info(
+            "evaluation of %d pair(s): mean Dice %.4f (identity %s); summary in %s",
+            len(self.rows),
+            summary["mean_dice"]["mean"],
+            f"{summary['mean_dice_identity']['mean']:.4f}" if "mean_dice_identity" in summary else "n/a",
+            folder / SUMMARY_JSON,
+        )

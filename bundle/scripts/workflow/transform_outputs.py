@@ -1,13 +1,8 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""The registration as transforms other tools read, and the warped moving volumes made through exactly those transforms.
-
-- :class:`WarpFromSourced` resamples the moving image and label from their own grids onto the fixed file's grid in one
-  interpolation, through the affine stage and the displacement field: the point map of ``affine.mat`` + ``warp.nii.gz``
-  (``x -> T(x + u(x))``), computed by the same function as ``scripts.spatial.apply_transforms``, so
-  ``cli apply`` and ``antsApplyTransforms -t warp.nii.gz -t affine.mat`` reproduce ``warped_image`` / ``warped_label``.
-- :class:`SaveTransformsd` writes ``affine.mat`` (ITK, LPS), ``warp.nii.gz`` (ITK/ANTs displacement, LPS mm, fixed
-  grid), both in one ITK composite file ``transform.h5``, and optionally ``inverse_warp.nii.gz`` and
-  ``inverse_transform.h5``, atomically, and stores the inverse-consistency error for ``metrics.json``.
+"""The registration as transforms other tools read (:class:`SaveTransformsd`), and the warped moving volumes made
+through exactly those transforms (:class:`WarpFromSourced`: the point map of ``affine.mat`` + ``warp.nii.gz``,
+``x -> T(x + u(x))``, by the same function as ``scripts.spatial.apply_transforms``), so ``cli apply`` and
+``antsApplyTransforms -t warp.nii.gz -t affine.mat`` reproduce ``warped_image`` / ``warped_label``.
 """
 
 from __future__ import annotations
@@ -52,11 +47,9 @@ class WarpFromSourced(MapTransform):
     """
     Warp moving-space volumes from their own grids onto the fixed grid: ``out(p) = src(inv(A_src) T A_f (p + ddf(p)))``.
 
-    Run after :py:class:`scripts.workflow.RestoreOriginalGridd`, so ``ddf`` and the reference are on the fixed file's own
-    grid (``A_f`` = its affine). The sources are the moving image/label as loaded, before any resampling
-    (``keep_source_transforms`` in ``inference.json``), so each voxel is interpolated once. Where the map leaves a
-    source's field of view the output holds its background (an image's minimum or a given value, e.g. -1024 HU: never
-    0 HU, which is soft tissue), label maps 0.
+    Run after :py:class:`scripts.workflow.RestoreOriginalGridd` (``ddf`` and the reference on the fixed file's grid,
+    ``A_f`` its affine), on the moving image/label as loaded (``keep_source_transforms`` in ``inference.json``), so each
+    voxel is interpolated once. Outside a source's field of view: its background (never 0 HU, soft tissue), labels 0.
 
     Args:
         keys: source keys, e.g. ``["moving_source", "moving_label_source"]``, channel-first MetaTensors.
@@ -115,13 +108,11 @@ class WarpFromSourced(MapTransform):
 
 class SaveTransformsd(MapTransform):
     """
-    Write the registration as ITK/ANTs transform files into the pair's output folder (atomically).
-
-    ``affine.mat`` holds the affine stage (identity when there was none), ``warp.nii.gz`` the displacement field in LPS
-    mm on the fixed grid, ``transform.h5`` both as one ITK CompositeTransform; with ``inverse`` also
-    ``inverse_warp.nii.gz`` (Newton inversion, see :py:func:`scripts.spatial.invert_displacement`) and
-    ``inverse_transform.h5``, and the inverse-consistency error is stored under ``TRANSFORM_METRICS_KEY`` for
-    ``metrics.json``. ANTs: ``antsApplyTransforms -r F -i M -t warp.nii.gz -t affine.mat`` (or ``-t transform.h5``).
+    Write the registration as ITK/ANTs transform files into the pair's output folder, atomically: ``affine.mat`` (the
+    affine stage, ITK LPS; identity without one), ``warp.nii.gz`` (displacement in LPS mm on the fixed grid),
+    ``transform.h5`` (both as one ITK CompositeTransform); with ``inverse`` also ``inverse_warp.nii.gz``
+    (:py:func:`scripts.spatial.invert_displacement`) and ``inverse_transform.h5``, and the inverse-consistency error
+    under ``TRANSFORM_METRICS_KEY`` for ``metrics.json``.
 
     Args:
         output_dir: root output folder (pairs with a ``pair_id`` get a sub-folder).

@@ -1,27 +1,28 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""The record of a cohort run (a datalist registered pair after pair, possibly on many ranks, possibly resumed).
+"""A cohort run: a datalist registered pair after pair, possibly on many ranks, possibly resumed.
 
 :class:`CohortRecord` is the one place that knows what became of each pair:
 
-1. :meth:`CohortRecord.start` (every rank, before the dataset is built): rank 0 looks at every pair's output folder
-   (``scripts.io.outputs``): a complete pair is left out unless ``overwrite`` (row ``already_complete``, keeping the row
-   of the run that registered it), outputs from elsewhere make the pair fail (they are never replaced without
-   ``overwrite``), the leftovers of an interrupted run are removed. Every rank gets the same list of pairs still to
-   register (``ignite.distributed.broadcast``) and takes its round-robin share of it (``scripts.io.sharding.rank_share``,
-   ``monai.data.partition_dataset``): the data of its ``scripts.workflow.CohortDataset``.
-2. As an ignite handler of the evaluator it marks a pair's folder in progress when its iteration starts and, when the
-   iteration has written the outputs, checks that they are complete, removes the mark and records the pair's row with
-   its wall time. A pair whose inputs are bad is recorded by the dataset with :meth:`CohortRecord.reject`.
-3. Rows are rewritten atomically as pairs finish: ``cohort.json`` (run facts, counts, every pair's row, ``pending`` for
-   pairs not reached yet) and ``cohort.csv`` in a single-process run, ``cohort.rank<r>.json`` on each rank of a
-   ``torchrun`` launch. :meth:`CohortRecord.finalize` gathers every rank's rows and skipped pairs
-   (``ignite.distributed.all_gather``); rank 0 writes the merged ``cohort.json``/``cohort.csv``, the report
-   ``cohort.md`` and, for an evaluation run, ``summary.json``/``summary.csv`` over every pair of the datalist.
+1. :meth:`CohortRecord.start` (every rank, before the dataset is built): rank 0 looks at every pair's output folder: a
+   complete pair is left out unless ``overwrite`` (row ``already_complete``, keeping the row of the run that registered
+   it), outputs from elsewhere make the pair fail, the leftovers of an interrupted run are removed. Every rank gets the
+   same list of pairs still to register (``idist.broadcast``) and takes its round-robin share of it
+   (``scripts.io.sharding.rank_share``): the data of its :class:`CohortDataset`.
+2. As an ignite handler of the evaluator it marks a pair's folder in progress when its iteration starts and, once the
+   outputs are written, checks them, removes the mark and records the pair's row with its wall time.
+3. Rows are rewritten atomically as pairs finish: ``cohort.json`` and ``cohort.csv`` in a single-process run,
+   ``cohort.rank<r>.json`` on each rank of a ``torchrun`` launch. :meth:`CohortRecord.finalize` gathers every rank's
+   rows (``idist.all_gather``); rank 0 writes the merged ``cohort.json``/``cohort.csv``, ``cohort.md`` and, for an
+   evaluation run, ``summary.json``/``summary.csv`` over every pair of the datalist.
 4. :meth:`CohortRecord.report` (last: it raises) writes ``failed_pairs.json`` on rank 0 and raises one error listing
-   the skipped pairs, so the command exits non-zero. Whether this rank reports is fixed at the gather, not read from the
-   process group: the configs close the group before the report, and a closed group makes every rank look like rank 0.
+   the skipped pairs. Whether this rank reports is fixed at the gather, not read from the process group: the configs
+   close the group before the report, and a closed group makes every rank look like rank 0.
 
-A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) is not recorded: it writes no cohort files.
+:class:`CohortDataset` is an iterable dataset over this rank's share, so nothing is read before the first pair runs and
+memory does not grow with the datalist; a pair whose inputs are bad is handed to :meth:`CohortRecord.reject` and
+skipped. A single pair given by ``moving_image``/``fixed_image`` (no ``pair_id``) is not recorded (no cohort files): it
+is prepared when the dataset is built, so bad inputs or existing outputs stop the run with one message before the
+engine starts.
 """
 
 from __future__ import annotations
@@ -30,27 +31,30 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
+from torch.utils.data import IterableDataset, get_worker_info
 
 from scripts.io.atomic import write_csv, write_json, write_text
-from scripts.io.errors import BundleUserError, OutputExistsError
+from scripts.io.errors import BundleUserError, OutputExistsError, find_user_error
 from scripts.io.label_names import label_names_for
 from scripts.io.sharding import check_launch, rank_share
 from scripts.io.outputs import (
     COHORT_CSV, COHORT_JSON, COHORT_MD, COHORT_RANK_JSON, COMPLETE, FAILED_PAIRS, FOREIGN, INTERRUPTED,
     check_inputs_are_not_outputs, clear_in_progress, clear_interrupted_outputs, expected_pair_outputs,
-    mark_in_progress, pair_output_dir, pair_output_state,
+    check_outputs_free, mark_in_progress, pair_output_dir, pair_output_state,
 )
-from scripts.workflow.metrics_summary import MetricsSummaryHandler
-from scripts.workflow.reports import STATUSES, markdown_report, pair_row, read_pair_metrics, table_columns
+from scripts.io.progress import Progress
+from scripts.workflow.reports import (
+    STATUSES, MetricsSummaryHandler, markdown_report, pair_row, read_pair_metrics, table_columns,
+)
 
-__all__ = ["CohortRecord"]
+__all__ = ["CohortDataset", "CohortRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +129,9 @@ class CohortRecord:
     # -- 1. which pairs to register
 
     def start(self) -> list[dict[str, Any]]:
-        """Begin the run; every rank calls it before any pair runs (a collective with a process group).
-
-        Returns:
-            the pairs this rank registers: its share of the datalist's pairs still to register (decided on rank 0), in
-            datalist order; the single pair of the run arguments as it is (nothing recorded for it).
-
-        Raises:
-            RegistrationInputError: a torchrun launch without a process group (``scripts.io.sharding.check_launch``).
-        """
+        """Begin the run; every rank calls it before any pair runs (a collective with a process group). Returns this
+        rank's share of the pairs still to register (decided on rank 0), in datalist order, or the single pair of the
+        run arguments as it is; a torchrun launch without a process group raises RegistrationInputError."""
         check_launch()
         if not self.datalist:
             return [dict(p) for p in self.pairs]
@@ -219,12 +217,8 @@ class CohortRecord:
         self._running[pair_id] = time.perf_counter() if since is None else since
 
     def finished(self, pair_id: str) -> dict[str, Any]:
-        """The engine wrote the pair's outputs: check them, remove the mark and record the row.
-
-        Raises:
-            ValueError: a file of ``output_names`` that the run should write for the pair is missing (a configuration
-                error: no pair would ever count as complete).
-        """
+        """The engine wrote the pair's outputs: check them, remove the mark and record the row. A missing file of
+        ``output_names`` raises ValueError (a configuration error: no pair would ever count as complete)."""
         pair, folder = self._by_id[pair_id], pair_output_dir(self.output_dir, pair_id)
         expected = expected_pair_outputs(pair, self.output_names)
         missing = [n for n in expected if n not in pair_output_state(folder, expected)[1]]
@@ -255,12 +249,9 @@ class CohortRecord:
         error: str | None = None,
         write: bool = True,
     ) -> dict[str, Any]:
-        """Add (or replace) the row of one pair and, with ``write``, rewrite this process's summary file.
-
-        A pair found ``already_complete`` keeps the row of the run that registered it (time, rank, scores) when there
-        is one; otherwise its row is read from its folder, the label names from the pair's label maps (fixed first)
-        when the run has none.
-        """
+        """Add (or replace) the row of one pair and, with ``write``, rewrite this process's summary file. A pair found
+        ``already_complete`` keeps the row of the run that registered it when there is one; otherwise its row is read
+        from its folder, the label names from the pair's label maps (fixed first) when the run has none."""
         earlier = self.previous.get(pair_id)
         if status == "already_complete" and earlier and earlier.get("status") in _DONE:
             row = {**earlier, "status": status}
@@ -312,12 +303,9 @@ class CohortRecord:
                        self.output_dir / COHORT_RANK_JSON.format(self.rank))
 
     def finalize(self) -> dict[str, Any] | None:
-        """End the run: gather every rank's rows and skipped pairs; rank 0 writes the merged ``cohort.json``,
-        ``cohort.csv``, ``cohort.md`` (and the evaluation summary). Every rank must call it.
-
-        Returns:
-            the merged ``cohort.json`` content on rank 0, None elsewhere or when no datalist was run.
-        """
+        """End the run (every rank): gather every rank's rows and skipped pairs; rank 0 writes the merged
+        ``cohort.json``, ``cohort.csv``, ``cohort.md`` (and the evaluation summary) and returns the ``cohort.json``
+        content, the others (or a run without datalist) None."""
         if not self.active:
             return None
         self.active = False
@@ -352,13 +340,9 @@ class CohortRecord:
     # -- 4. the skipped pairs
 
     def report(self) -> None:
-        """Call when the run ends: write ``failed_pairs.json`` and raise when pairs were skipped (a stale
-        ``failed_pairs.json`` of an earlier datalist run is removed when none were). Only rank 0 of a multi-rank run
-        reports (for every rank, after :meth:`finalize`); another rank writes, removes and raises nothing.
-
-        Raises:
-            BundleUserError: listing every skipped pair and why (the good pairs' outputs are already written).
-        """
+        """Call when the run ends: write ``failed_pairs.json`` and raise one BundleUserError listing every skipped pair
+        and why (a stale ``failed_pairs.json`` is removed when none were). Only rank 0 of a multi-rank run reports, for
+        every rank, after :meth:`finalize`; another rank writes, removes and raises nothing."""
         reports = self._reports if self._reports is not None else idist.get_rank() == 0
         if not reports or not self.datalist:
             return
@@ -374,3 +358,63 @@ class CohortRecord:
             f"{len(self.failed)} of {total} pairs were skipped because of bad inputs (details in {written}); the other "
             f"{total - len(self.failed)} were registered. Fix these and run them again:\n  {lines}"
         )
+
+
+class CohortDataset(IterableDataset):
+    """The pairs this rank registers, checked and loaded one at a time (module docstring).
+
+    Args:
+        data: the pairs (``CohortRecord.start()``).
+        transform: applied to each pair dict (the config's ``preprocessing``: checks and loads it).
+        record: the run's record: its output folder, output names and ``overwrite``; it gets the pairs with bad inputs.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping[str, Any]],
+        transform: Callable[[dict[str, Any]], Any] | None,
+        record: CohortRecord,
+    ) -> None:
+        super().__init__()
+        self.data = [dict(p) for p in data]
+        self.transform = transform
+        self.record = record
+        self._first_item: Any = None
+        if self._single_pair:
+            # one pair: prepared now, so bad inputs or outputs stop the run with one message before the engine starts
+            # (an error inside the engine would be logged with its traceback by the engine's handlers)
+            check_outputs_free(self.data, record.output_dir, record.output_names, record.overwrite)
+            self._first_item = self._transformed(self.data[0])
+
+    @property
+    def _single_pair(self) -> bool:
+        return len(self.data) == 1 and not self.data[0].get("pair_id")
+
+    def __iter__(self) -> Iterator[Any]:
+        if get_worker_info() is not None:
+            raise ValueError(
+                "CohortDataset must run in the main process (dataloader num_workers=0): its record marks each pair "
+                "while the engine writes its outputs."
+            )
+        if self._single_pair:
+            item, self._first_item = self._first_item, None  # a second run prepares the pair again
+            yield item if item is not None else self._transformed(self.data[0])
+            return
+        # a bar over this rank's pairs on an interactive terminal; each pair's own stages draw theirs below it
+        with Progress(len(self.data), "cohort", unit="pair") as bar:
+            for position, pair in enumerate(self.data):
+                logger.info("registering pair %s (%d of %d on rank %d).", pair["pair_id"], position + 1,
+                            len(self.data), self.record.rank)
+                try:
+                    item = self._transformed(pair)
+                except Exception as error:
+                    user_error = find_user_error(error)
+                    if user_error is None:
+                        raise
+                    self.record.reject(pair, user_error)  # bad inputs: recorded and skipped
+                else:
+                    yield item
+                bar.update(1)
+
+    def _transformed(self, pair: Mapping[str, Any]) -> Any:
+        return self.transform(pair) if self.transform is not None else dict(pair)
