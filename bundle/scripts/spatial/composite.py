@@ -78,7 +78,8 @@ def write_itk_composite(
         ``path``.
 
     Raises:
-        ValueError: a sheared fixed grid (ITK cannot represent it) or a non-finite displacement; nothing is written.
+        ValueError: a sheared fixed grid (ITK cannot represent it) or a non-finite displacement; ``path`` is left as it
+            was (the temporary file is removed).
     """
     import h5py
 
