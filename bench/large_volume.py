@@ -240,6 +240,48 @@ def writers_peak(shape: tuple[int, int, int], work: Path) -> dict:
             "write_cpu_s": round(time.process_time() - start, 1)}
 
 
+def _reset_peak() -> None:
+    """Set this process's ``VmHWM`` back to its current RSS (Linux >= 4.0), so a stage's peak excludes its inputs'
+    construction."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def qc_and_metrics_peak(shape: tuple[int, int, int], work: Path) -> dict:
+    """Peak RSS of the QC figure (``save_qc_png``, as ``SaveQCFigured`` calls it) and of the metrics
+    (``registration_metrics``: Dice after / before, % det J <= 0, as ``RegistrationMetricsd``) alone, each above the
+    RSS with its inputs in memory, on synthetic data of ``shape`` (label maps of 80 ids, uint8), in this process (run
+    it in a fresh child); also the metrics' values, which must not depend on how they are counted."""
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    import torch
+    from monai.data import MetaTensor
+
+    from scripts.workflow.metrics import registration_metrics
+    from scripts.workflow.qc import save_qc_png
+
+    status = _own_status_mb
+    affine, field, image = _synthetic_outputs(shape)
+    det = 1.0 + 0.5 * field[:1]
+    result = {"shape": list(shape)}
+    moving, warped = image[0].flip(0), image[0].flip(1)
+    _reset_peak()
+    baseline, start = status("VmRSS"), time.process_time()
+    save_qc_png(work / "qc.png", image[0], moving, warped, field, det[0], title="synthetic")
+    result["qc"] = {"peak_above_inputs_mb": round(status("VmHWM") - baseline),
+                    "cpu_s": round(time.process_time() - start, 1)}
+    labels = [MetaTensor((field[:1] * 8 + 40).clamp(0, 79).to(torch.uint8).roll(shift, 1), affine=affine)
+              for shift in (0, 2, 5)]
+    del image, moving, warped
+    _reset_peak()
+    baseline, start = status("VmRSS"), time.process_time()
+    metrics = registration_metrics(labels[0], labels[1], labels[2], jacobian_det=det)
+    result["metrics"] = {"peak_above_inputs_mb": round(status("VmHWM") - baseline),
+                         "cpu_s": round(time.process_time() - start, 1),
+                         **{k: metrics[k] for k in ("mean_dice", "mean_dice_identity",
+                                                    "percent_non_positive_jacobian")}}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="512,512,400", help="spatial size X,Y,Z of the pair")
@@ -256,6 +298,8 @@ def main() -> None:
                         help="measure the full-resolution post-processing transforms alone on synthetic data")
     parser.add_argument("--writers_only", action="store_true",
                         help="measure writing one pair's files alone (transform files, then the NIfTI outputs)")
+    parser.add_argument("--qc_metrics_only", action="store_true",
+                        help="measure the QC figure and the metrics alone (each above its inputs) on synthetic data")
     parser.add_argument("register_flags", nargs="*",
                         help="extra register flags after --, e.g. -- --refine_iterations=0")
     args = parser.parse_args()
@@ -265,9 +309,10 @@ def main() -> None:
     spacing = None if args.spacing_mm == "fov" else tuple(float(s) for s in args.spacing_mm.split(","))
     if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
         raise SystemExit(f"--spacing_mm must be three sizes > 0 like 0.75,0.75,1.0 or 'fov', got {args.spacing_mm!r}.")
-    if args.postprocessing_only or args.writers_only:  # this small parent starts the measured child
+    if args.postprocessing_only or args.writers_only or args.qc_metrics_only:  # this parent starts the measured child
+        work = f"{shape!r}, m['Path']({str(args.work)!r})"
         name, arguments = (("postprocessing_peak", repr(shape)) if args.postprocessing_only
-                           else ("writers_peak", f"{shape!r}, m['Path']({str(args.work)!r})"))
+                           else ("writers_peak", work) if args.writers_only else ("qc_and_metrics_peak", work))
         args.work.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-c", f"import runpy, sys; sys.argv = ['x']; m = runpy.run_path({str(__file__)!r}); "
                    f"print(m['json'].dumps(m[{name!r}]({arguments})))"]

@@ -20,8 +20,10 @@ from scripts.workflow.metrics import (
     dice_per_label,
     hd95_per_label,
     jacobian_statistics,
+    label_confusions,
     label_indices,
     label_one_hot,
+    percent_non_positive,
     present_labels,
     registration_metrics,
 )
@@ -96,6 +98,34 @@ def test_dice_rejects_bad_inputs():
         dice_per_label(label[0], label[0], [1])
     with pytest.raises(ValueError, match="empty"):
         dice_per_label(label, label, [])
+
+
+def test_confusions_counted_in_chunks_equal_one_whole_map_count(sample_labels):
+    """A CT-sized map is compared a chunk at a time: even chunks, uneven ones and the whole map give the counts of one
+    bincount over whole-map indices, for several maps against one reference."""
+    moving, fixed = sample_labels
+    warped = torch.roll(moving, shifts=2, dims=2).float()
+    ids = [3, 1, 2, 5, 4, 6, 7, 8, 9]
+    bins = len(set(ids)) + 1
+    reference_index = label_indices(fixed, ids)
+    whole = [torch.bincount(label_indices(m, ids) * bins + reference_index, minlength=bins * bins).reshape(bins, bins)
+             for m in (warped, moving)]
+    for chunk in (96 * 80 * 8, 100_003, 1 << 30):  # 10 even chunks, 7 uneven ones, the whole map
+        counts = label_confusions(fixed, [warped, moving], ids, chunk_voxels=chunk)
+        assert all(torch.equal(c, w) for c, w in zip(counts, whole)), chunk
+    with pytest.raises(ValueError, match="chunk_voxels"):
+        label_confusions(fixed, [moving], ids, chunk_voxels=0)
+
+
+def test_percent_non_positive_in_chunks_is_the_whole_array_mean():
+    det = np.random.default_rng(0).normal(1.0, 1.0, size=(1, 17, 13, 11)).astype(np.float32)
+    det[0, 0, 0, :3] = [0.0, -0.0, np.nan]  # zeros count as folded, NaN does not (as det <= 0 says)
+    expected = 100.0 * float((det.astype(np.float64) <= 0).mean())
+    for chunk in (1, 1000, 1 << 30):
+        assert percent_non_positive(det, chunk_voxels=chunk) == expected
+    assert percent_non_positive(torch.from_numpy(det)) == expected
+    with pytest.raises(ValueError, match="empty"):
+        percent_non_positive(np.zeros((1, 0, 2, 2)))
 
 
 def test_present_labels_counts_like_unique(sample_labels):

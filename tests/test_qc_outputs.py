@@ -119,3 +119,24 @@ def test_display_range_is_read_on_a_lattice_of_large_volumes_only():
     assert abs(lo - exact_lo) < 0.01 * (exact_hi - exact_lo) and abs(hi - exact_hi) < 0.01 * (exact_hi - exact_lo)
     scaled = robust_scale(large[:, :, 60], value_range=(lo, hi))  # a slice in its volume's grey levels
     assert scaled.min() == 0.0 and scaled.max() == 1.0 and scaled.dtype == np.float32
+
+
+def test_det_histogram_counted_in_chunks_is_what_hist_counts_on_the_clipped_volume():
+    """The det J panel's bars: the counts and edges matplotlib's ``hist`` gets from the whole clipped volume (its
+    range from the finite clipped values), counted a chunk at a time for any chunk size."""
+    from matplotlib.figure import Figure
+
+    from scripts.workflow.qc import clipped_histogram
+
+    rng = np.random.default_rng(3)
+    det = rng.normal(1.0, 1.5, size=(23, 19, 17)).astype(np.float32)  # beyond [-1, 3] on both sides
+    det[0, 0, :3] = [np.nan, 3.0, -1.0]  # NaN left out; the clip bounds themselves are values
+    clipped = np.clip(det.ravel(), -1.0, 3.0)
+    expected, expected_edges, _ = Figure().subplots().hist(clipped, bins=120)
+    for chunk in (1000, 4097, 1 << 30):
+        counts, edges = clipped_histogram(det, -1.0, 3.0, bins=120, chunk_voxels=chunk)
+        assert counts.dtype == np.int64 and np.array_equal(counts, expected) and np.array_equal(edges, expected_edges)
+    narrow = np.full((4, 4, 4), 1.5, np.float32)
+    narrow[0, 0, 0] = 1.25  # all inside the clip range: edges from the values' own range
+    counts, edges = clipped_histogram(narrow, -1.0, 3.0, bins=4)
+    assert counts.tolist() == [1, 0, 0, 63] and edges[0] == 1.25 and edges[-1] == 1.5

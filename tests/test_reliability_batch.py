@@ -95,3 +95,32 @@ def test_single_bad_pair_fails_at_once_and_clean_batch_reports_nothing(batch, tm
     assert run_pairs(record.pairs, loading_transforms(), tmp_path / "out", record) == ["p0", "p3"]
     record.report()
     assert not (tmp_path / "out" / FAILED_PAIRS).exists()
+
+
+def test_the_dataset_keeps_no_prepared_pair_while_the_engine_holds_its_batch(tmp_path):
+    """The loader collates a copy of each prepared pair (``torch.stack``); the prepared pair itself must be gone by
+    then, not held by the suspended dataset until the next pair is asked for (a second copy of every volume through
+    the whole registration), for the single pair of the run arguments and for a datalist's pairs alike."""
+    import gc
+    import weakref
+
+    from monai.data import DataLoader
+
+    prepared = []
+
+    def prepare(pair):
+        volume = torch.zeros(1, 4, 4, 4)
+        prepared.append(weakref.ref(volume))
+        return {**pair, "image": volume}
+
+    single = {"moving_image": "moving.nii.gz", "fixed_image": "fixed.nii.gz"}
+    pairs = [{**single, "pair_id": f"p{i}"} for i in range(2)]
+    for data, folder in (([single], "one"), (pairs, "many")):
+        record = CohortRecord(data, tmp_path / folder, ["ddf.nii.gz"])
+        prepared.clear()
+        batches = iter(DataLoader(CohortDataset(record.start(), prepare, record), batch_size=1, num_workers=0))
+        for count in range(1, len(data) + 1):
+            batch = next(batches)  # held, as the engine holds it through the iteration
+            gc.collect()
+            assert len(prepared) == count and prepared[-1]() is None, f"{folder}: the prepared pair is still alive"
+            assert batch["image"].shape == (1, 1, 4, 4, 4)

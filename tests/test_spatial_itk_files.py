@@ -135,7 +135,7 @@ def test_displacement_layouts_write_the_same_file(case, tmp_path):
 def test_displacement_file_bytes_do_not_depend_on_slabs_or_dtype(case, tmp_path):
     """warp.nii.gz is converted to LPS in float64 slabs: the bytes equal a whole-field float64 conversion, for float32
     (kept without a float64 copy) and float64 input alike; a non-finite value in any slab is refused."""
-    from scripts.spatial.itk_files import lps_displacement
+    from scripts.spatial.itk_files import lps_displacement, lps_displacement_itk_blocks
     from scripts.spatial.world import voxel_ddf_to_lps
 
     ddf = case["ddf"].astype(np.float32)
@@ -147,10 +147,10 @@ def test_displacement_file_bytes_do_not_depend_on_slabs_or_dtype(case, tmp_path)
     whole = voxel_ddf_to_lps(ddf, affine).astype(np.float32)
     slabs = lps_displacement(ddf, affine, block_voxels=7 * ddf.shape[2] * ddf.shape[3])  # 7 slices a slab
     assert slabs.tobytes() == whole.tobytes()
-    # the order of an ITK vector image's buffer (transform.h5 is built from it), filled slab by slab: the same vectors
-    itk = lps_displacement(ddf, affine, block_voxels=7 * ddf.shape[2] * ddf.shape[3], itk_order=True)
-    assert itk.flags.c_contiguous and itk.shape == ddf.shape[:0:-1] + (3,)
-    assert itk.tobytes() == np.ascontiguousarray(whole.transpose(3, 2, 1, 0)).tobytes()
+    # the order of an ITK vector image's buffer (transform.h5 is written from it), block by block: the same vectors
+    blocks = list(lps_displacement_itk_blocks(ddf, affine, block_voxels=7 * ddf.shape[1] * ddf.shape[2]))
+    assert len(blocks) > 1 and all(b.flags.c_contiguous and b.dtype == np.float32 for b in blocks)
+    assert b"".join(b.tobytes() for b in blocks) == np.ascontiguousarray(whole.transpose(3, 2, 1, 0)).tobytes()
     write_itk_displacement(ddf, affine, tmp_path / "f32.nii.gz")
     write_itk_displacement(torch.as_tensor(ddf.astype(np.float64)), affine, tmp_path / "f64.nii.gz")
     assert (tmp_path / "f32.nii.gz").read_bytes() == (tmp_path / "f64.nii.gz").read_bytes()

@@ -19,7 +19,7 @@ Sits above ``scripts.io`` and ``scripts.layers`` and below ``scripts.engines``; 
 from __future__ import annotations
 
 from .apply import INTERPOLATIONS, apply_transforms, resample_with_transforms, voxel_point_map
-from .composite import sitk_displacement_transform, write_itk_composite
+from .composite import write_itk_composite
 from .inversion import (
     InverseField,
     inverse_consistency_error,
@@ -88,7 +88,6 @@ __all__ = [
     "resample_with_transforms",
     "save_transforms",
     "sitk_affine",
-    "sitk_displacement_transform",
     "transform_file_names",
     "voxel_ddf_to_lps",
     "voxel_point_map",

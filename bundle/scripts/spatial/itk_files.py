@@ -19,6 +19,7 @@ A file written by ANTs itself (``0GenericAffine.mat``, ``1Warp.nii.gz``) reads t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -180,9 +181,7 @@ def _displacement_image(ddf_voxels, fixed_affine, channel_first: bool | None = N
     return image
 
 
-def lps_displacement(
-    ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19, itk_order: bool = False
-) -> np.ndarray:
+def lps_displacement(ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19) -> np.ndarray:
     """
     :func:`scripts.spatial.world.voxel_ddf_to_lps` in float64 slabs of about ``block_voxels`` voxels, stored as float32.
 
@@ -192,28 +191,54 @@ def lps_displacement(
     Args:
         ddf: (3, X, Y, Z) voxel displacement.
         fixed_affine: (4, 4) RAS voxel-to-world matrix of the grid.
-        itk_order: return the vectors in the order of an ITK vector image's pixel buffer, (Z, Y, X, 3) C-contiguous
-            (what ``SimpleITK.GetImageFromArray`` takes without another copy), filled slab by slab, instead of
-            (3, X, Y, Z): a CT-sized field then never exists twice.
 
     Returns:
-        (3, X, Y, Z) (or with ``itk_order`` (Z, Y, X, 3)) float32 displacement in LPS millimetres.
+        (3, X, Y, Z) float32 displacement in LPS millimetres.
 
     Raises:
         ValueError: a non-finite displacement (NaN or inf).
     """
-    spatial = tuple(ddf.shape[1:])
-    out = np.empty(spatial[::-1] + (3,) if itk_order else ddf.shape, dtype=np.float32)
+    out = np.empty(ddf.shape, dtype=np.float32)
     step = max(1, block_voxels // max(1, int(np.prod(ddf.shape[2:]))))
     for start in range(0, ddf.shape[1], step):
-        slab = voxel_ddf_to_lps(ddf[:, start : start + step], fixed_affine)
-        if not np.isfinite(slab).all():
-            raise ValueError("the displacement field has non-finite values (NaN or inf).")
-        if itk_order:  # slab (3, x, Y, Z) -> out[Z, Y, x, 3]
-            out[:, :, start : start + step, :] = slab.transpose(3, 2, 1, 0)
-        else:
-            out[:, start : start + step] = slab
+        out[:, start : start + step] = _finite_lps(ddf[:, start : start + step], fixed_affine)
     return out
+
+
+def lps_displacement_itk_blocks(
+    ddf: np.ndarray, fixed_affine: np.ndarray, block_voxels: int = 1 << 19
+) -> Iterator[np.ndarray]:
+    """
+    The float32 vectors of :func:`lps_displacement` in the order of an ITK vector image's pixel buffer, block by block.
+
+    ITK stores a vector image with ``x`` fastest, then ``y``, then ``z``, the three components of a voxel together: the
+    buffer is the C-order (Z, Y, X, 3) array. Blocks of whole ``z`` planes are consecutive runs of that buffer, so a
+    writer can put them one after the other (``transform.h5``'s field) without the whole buffer ever existing. The
+    vectors are those of :func:`lps_displacement` (the same float64 product per voxel, rounded to float32 once).
+
+    Args:
+        ddf: (3, X, Y, Z) voxel displacement (any float dtype; a float32 field is not copied whole).
+        fixed_affine: (4, 4) RAS voxel-to-world matrix of the grid.
+        block_voxels: about how many voxels a block holds (at least one ``z`` plane).
+
+    Yields:
+        C-contiguous float32 (z, Y, X, 3) blocks, ``z`` planes in order; concatenated along axis 0: the whole buffer.
+
+    Raises:
+        ValueError: a non-finite displacement (NaN or inf), raised at the block that holds it.
+    """
+    step = max(1, block_voxels // max(1, int(np.prod(ddf.shape[1:3]))))
+    for start in range(0, ddf.shape[3], step):
+        lps = _finite_lps(ddf[:, :, :, start : start + step], fixed_affine)  # (3, X, Y, z)
+        yield np.ascontiguousarray(lps.transpose(3, 2, 1, 0), dtype=np.float32)
+
+
+def _finite_lps(ddf: np.ndarray, fixed_affine: np.ndarray) -> np.ndarray:
+    """:func:`scripts.spatial.world.voxel_ddf_to_lps` of a slab (float64), refusing NaN and inf."""
+    lps = voxel_ddf_to_lps(ddf, fixed_affine)
+    if not np.isfinite(lps).all():
+        raise ValueError("the displacement field has non-finite values (NaN or inf).")
+    return lps
 
 
 def read_itk_displacement(path: str | os.PathLike, block_voxels: int = 1 << 19) -> tuple[np.ndarray, np.ndarray]:

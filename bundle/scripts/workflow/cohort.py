@@ -396,9 +396,11 @@ class CohortDataset(IterableDataset):
                 "CohortDataset must run in the main process (dataloader num_workers=0): its record marks each pair "
                 "while the engine writes its outputs."
             )
+        # Each pair is yielded without a name bound to it here: a suspended generator keeps its locals, and the pair
+        # as prepared would then stay alive beside the batch the loader collates from it (a copy of every volume)
+        # until the engine asks for the next pair, i.e. through the whole registration: 2.4 GB for a CT-sized pair.
         if self._single_pair:
-            item, self._first_item = self._first_item, None  # a second run prepares the pair again
-            yield item if item is not None else self._transformed(self.data[0])
+            yield self._take_first()
             return
         # a bar over this rank's pairs on an interactive terminal; each pair's own stages draw theirs below it
         with Progress(len(self.data), "cohort", unit="pair") as bar:
@@ -406,15 +408,20 @@ class CohortDataset(IterableDataset):
                 logger.info("registering pair %s (%d of %d on rank %d).", pair["pair_id"], position + 1,
                             len(self.data), self.record.rank)
                 try:
-                    item = self._transformed(pair)
+                    loaded = [self._transformed(pair)]
                 except Exception as error:
                     user_error = find_user_error(error)
                     if user_error is None:
                         raise
                     self.record.reject(pair, user_error)  # bad inputs: recorded and skipped
                 else:
-                    yield item
+                    yield loaded.pop()  # handed over, not kept (see above)
                 bar.update(1)
+
+    def _take_first(self) -> Any:
+        """The single pair, prepared when the dataset was built, and forgotten here (a second run prepares it again)."""
+        item, self._first_item = self._first_item, None
+        return item if item is not None else self._transformed(self.data[0])
 
     def _transformed(self, pair: Mapping[str, Any]) -> Any:
         return self.transform(pair) if self.transform is not None else dict(pair)
