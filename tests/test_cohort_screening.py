@@ -26,7 +26,7 @@ from scripts.io.outputs import (
 )
 from scripts.io.datalist import cli_datalist_overrides, inference_pairs
 from scripts.io.errors import RegistrationInputError
-from scripts.io.sharding import check_launch, rank_share
+from scripts.io.devices import check_launch, rank_share
 from scripts.workflow.cohort_dataset import CohortDataset
 from scripts.workflow.cohort_record import CohortRecord
 

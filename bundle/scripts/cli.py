@@ -352,8 +352,8 @@ def apply(
 
 
 def _route_warnings(debug: bool = False) -> None:
-    """Warnings to the log, library deprecation notices at DEBUG level (see :py:func:`scripts.io.console.route_warnings`)."""
-    from scripts.io.console import route_warnings
+    """Warnings to the log, library deprecation notices at DEBUG level (see :py:func:`scripts.io.errors.route_warnings`)."""
+    from scripts.io.errors import route_warnings
 
     route_warnings(debug)
 

@@ -7,7 +7,7 @@
    (``scripts.io.outputs``): a complete pair is left out unless ``overwrite`` (row ``already_complete``, keeping the row
    of the run that registered it), outputs from elsewhere make the pair fail (they are never replaced without
    ``overwrite``), the leftovers of an interrupted run are removed. Every rank gets the same list of pairs still to
-   register (``ignite.distributed.broadcast``) and takes its round-robin share of it (``scripts.io.sharding.rank_share``,
+   register (``ignite.distributed.broadcast``) and takes its round-robin share of it (``scripts.io.devices.rank_share``,
    ``monai.data.partition_dataset``): the data of its ``scripts.workflow.CohortDataset``.
 2. As an ignite handler of the evaluator it marks a pair's folder in progress when its iteration starts and, when the
    iteration has written the outputs, checks that they are complete, removes the mark and records the pair's row with
@@ -41,7 +41,7 @@ from ignite.engine import Engine, Events
 from scripts.io.atomic import write_csv, write_json, write_text
 from scripts.io.errors import BundleUserError, OutputExistsError
 from scripts.io.label_names import label_names_for
-from scripts.io.sharding import check_launch, rank_share
+from scripts.io.devices import check_launch, rank_share
 from scripts.io.outputs import (
     COHORT_CSV, COHORT_JSON, COHORT_MD, COHORT_RANK_JSON, COMPLETE, FAILED_PAIRS, FOREIGN, INTERRUPTED,
     check_inputs_are_not_outputs, clear_in_progress, clear_interrupted_outputs, expected_pair_outputs,
@@ -132,7 +132,7 @@ class CohortRecord:
             datalist order; the single pair of the run arguments as it is (nothing recorded for it).
 
         Raises:
-            RegistrationInputError: a torchrun launch without a process group (``scripts.io.sharding.check_launch``).
+            RegistrationInputError: a torchrun launch without a process group (``scripts.io.devices.check_launch``).
         """
         check_launch()
         if not self.datalist:

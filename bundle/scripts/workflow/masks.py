@@ -17,7 +17,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from scripts.io.input_transforms import is_given
+from scripts.io.input_checks import is_given
 
 __all__ = ["MaskImagesd"]
 
