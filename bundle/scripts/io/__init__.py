@@ -15,13 +15,13 @@ from .atomic import (
 )
 from .input_checks import (
     MAX_SPACING_RATIO, MIN_SPATIAL_SIZE, MIN_FOV_OVERLAP, HEADER_ATOL, NIFTI_HINT, ROLES, voxel_spacing, describe_grid,
-    same_grid, is_given, check_file_exists, stored_shape_problem, header_problem, read_header, check_spatial_dims,
-    check_affine, check_qform_sform, check_not_sheared, check_spacing, check_min_size, check_label_grid,
-    fov_overlap_fraction, compare_pair_grids, check_finite, check_not_constant, check_label_values, check_mask_values,
+    same_grid, is_given, check_file_exists, stored_shape_problem, header_problem, read_header, check_qform_sform,
+    check_grid, check_label_grid,
+    fov_overlap_fraction, compare_pair_grids, check_voxels,
     CheckRegistrationHeadersd, LoadRegistrationInputsd, CheckRegistrationContentd,
 )
 from .weights import (
-    latest_checkpoint, extract_state_dict, check_state_dict, read_checkpoint_state, check_checkpoint,
+    latest_checkpoint, check_state_dict, read_checkpoint_state, check_checkpoint,
     load_network_weights, install_weights, NETWORK_SCALE_KEY, SPACING_KEY, MAX_NETWORK_SPACING_RATIO,
     weights_info_path, write_weights_info, read_trained_network_scale, read_trained_spacing, training_spacing,
     trained_network_spacing, check_network_scale, check_network_spacing,

@@ -36,7 +36,8 @@ def _stem_and_suffix(name: str) -> tuple[str, str]:
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
-    """A unique hidden name beside ``path`` that keeps its suffixes: ``out/ddf.nii.gz`` -> ``out/.ddf.tmp-3f9a1c2b.nii.gz``."""
+    """A unique hidden name beside ``path`` that keeps its suffixes, where the atomic writers write first:
+    ``out/ddf.nii.gz`` -> ``out/.ddf.tmp-3f9a1c2b.nii.gz``."""
     path = Path(path)
     stem, suffix = _stem_and_suffix(path.name)
     return path.with_name(f".{stem}.tmp-{secrets.token_hex(4)}{suffix}")

@@ -110,12 +110,10 @@ def inference_pairs(
     (atlas-based segmentation). Relative paths are taken from ``base_dir`` (default: the datalist's folder). Each pair
     gets a unique folder-safe ``pair_id`` (its ``id``, the subject's file name, or index + file names).
 
-    Nothing is read but the datalist itself; ``check=True`` also reports every missing or unreadable file at once
-    (headers only) before anything runs, whereas ``check=False`` leaves the checks to ``scripts.workflow.CohortDataset``,
-    which checks each pair when the run reaches it and skips bad ones.
-
-    Raises:
-        RegistrationInputError: an empty or malformed datalist, duplicate pair ids, (with ``check``) missing files.
+    Nothing is read but the datalist; ``check=True`` reports every missing or unreadable file at once (headers only)
+    before anything runs, ``check=False`` leaves the checks to ``scripts.workflow.CohortDataset``, which checks each
+    pair when the run reaches it and skips bad ones. RegistrationInputError: an empty or malformed datalist, duplicate
+    pair ids, (with ``check``) missing files.
     """
     if not datalist:
         given = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label,
@@ -163,11 +161,8 @@ def cli_datalist_overrides(
     labels: Sequence[str | None] = (),
 ) -> dict[str, Any]:
     """The run override for ``register --datalist D`` (``{"datalist": absolute path}``; ``{}`` without one), after
-    checking that the command names either one pair (``--fixed`` and ``--moving``) or a datalist, and an ``--out``.
-
-    Raises:
-        RegistrationInputError: neither or both given, labels or masks with a datalist, or no output folder.
-    """
+    checking that the command names either one pair (``--fixed`` and ``--moving``, no labels or masks with a datalist)
+    or a datalist, and an ``--out``."""
     if not out:
         raise RegistrationInputError("--out is required: the output folder (created if missing).")
     if datalist is None:
@@ -188,16 +183,10 @@ def make_pairs(
     images: Sequence[Mapping[str, Any]], mode: str = "all_pairs", atlas: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """
-    Registration pairs from a list of images ``{"image": path[, "label": path]}``.
-
-    Args:
-        images: the images.
-        mode: ``"all_pairs"``: every ordered pair (i, j), i != j (LPBA40, abdomen CT); ``"atlas"``: ``atlas`` is the
-            moving image of every pair and each entry is a fixed image (IXI atlas-to-subject).
-        atlas: ``{"image": path[, "label": path]}``, required for ``mode="atlas"``.
-
-    Returns:
-        pair dicts with ``moving_image``, ``fixed_image`` and, where available, ``moving_label``/``fixed_label``.
+    Pair dicts (``moving_image``, ``fixed_image`` and the labels where available) from a list of images
+    ``{"image": path[, "label": path]}``. ``mode`` ``"all_pairs"``: every ordered pair (i, j), i != j (LPBA40, abdomen
+    CT); ``"atlas"``: ``atlas`` (``{"image"[, "label"]}``) is the moving image of every pair and each entry a fixed
+    image (IXI atlas-to-subject).
     """
 
     def pair(moving: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
@@ -224,18 +213,12 @@ def training_pairs(
     with_labels: bool = True,
 ) -> list[dict[str, Any]]:
     """
-    Pairs of one split of a training datalist, every missing file reported at once before training starts.
+    Pairs of the ``split`` list of a training datalist, every missing file reported at once before training starts.
 
     The datalist (a JSON file or its content) holds ``{"atlas": {"image", "label"}, "training": [...], "validation":
-    [...]}``; a split is a list of images ``{"image"[, "label"]}`` paired by :py:func:`make_pairs`, or already a list
-    of pairs (``moving_image``/``fixed_image`` entries, used as given).
-
-    Args:
-        datalist: path to the JSON file, or its content.
-        split: key of the list to use ("training", "validation", ...).
-        mode: "all_pairs" or "atlas" (see :py:func:`make_pairs`); ignored for lists of pairs.
-        base_dir: folder of relative paths (default: the datalist file's folder).
-        with_labels: keep label entries (False for unsupervised training, so labels are not loaded).
+    [...]}``; a split is a list of images ``{"image"[, "label"]}`` paired by :py:func:`make_pairs` in ``mode``, or
+    already a list of pairs (``moving_image``/``fixed_image`` entries, used as given). Relative paths are taken from
+    ``base_dir`` (default: the datalist file's folder); ``with_labels=False`` (unsupervised training) drops the labels.
     """
     content, source, root = _open(datalist, base_dir)
     if not isinstance(content, Mapping) or split not in content:

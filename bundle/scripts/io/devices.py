@@ -51,18 +51,10 @@ def check_device_name(name: object) -> str:
 
 
 def resolve_device(name: object = "auto") -> torch.device:
-    """
-    The ``torch.device`` for a user's device string, after checking that this machine has it.
-
-    Args:
-        name: "auto" or None (CUDA when available, else CPU), "cpu", "cuda" (the current GPU) or "cuda:N",
-            or a ``torch.device``.
-
-    Raises:
-        RegistrationInputError: a malformed name, or a CUDA device this machine does not have; the message names what
-        was asked and what exists (e.g. ``device 'cuda' was requested, but CUDA is not available on this machine
-        (torch 2.13.0+cpu, a CPU-only build); available: cpu``).
-    """
+    """The ``torch.device`` for a user's device string ("auto" or None: CUDA when available, else CPU; "cpu"; "cuda",
+    the current GPU; "cuda:N"; or a ``torch.device``), after checking that this machine has it: RegistrationInputError
+    naming what was asked and what exists (``device 'cuda' was requested, but CUDA is not available on this machine
+    (torch 2.13.0+cpu, a CPU-only build); available: cpu``)."""
     text = "auto" if name is None else check_device_name(name)
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,16 +103,10 @@ def rank_device() -> torch.device:
 
 
 def init_distributed(backend: str = "gloo", timeout_minutes: float = 24 * 60) -> bool:
-    """Join the process group that torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ... set by it).
-
-    Args:
-        backend: ``"gloo"`` (default: the group only exchanges Python objects) or ``"nccl"``.
-        timeout_minutes: how long a rank that finished its pairs waits for the slowest one at the final gather (ranks
-            of a long cohort may finish hours apart; torch's default of 30 minutes would abort them).
-
-    Returns:
-        True (so that configs can use it in an ``initialize`` expression).
-    """
+    """Join the process group that torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ... set by it) with
+    ``backend`` (gloo: the group only exchanges Python objects); True, for a config's ``initialize`` expression.
+    ``timeout_minutes``: how long a rank that finished its pairs waits for the slowest one at the final gather (ranks
+    of a long cohort may finish hours apart; torch's default of 30 minutes would abort them)."""
     if timeout_minutes <= 0:
         raise ValueError(f"timeout_minutes must be > 0, got {timeout_minutes}.")
     if not torch.distributed.is_initialized():

@@ -135,26 +135,6 @@ def read_header(path: str | os.PathLike, role: str = "image") -> nib.spatialimag
         ) from error
 
 
-def check_spatial_dims(shape: Sequence[int], source: Any, role: str = "image") -> tuple[int, int, int]:
-    """The 3-D spatial shape of a stored volume (a 4-D volume with exactly one time point/channel is accepted)."""
-    shape = tuple(int(s) for s in shape)
-    problem = stored_shape_problem(shape)
-    if problem:
-        raise RegistrationInputError(f"{role} '{source}' {problem}.")
-    return shape[0], shape[1], shape[2]
-
-
-def check_affine(affine: np.ndarray, source: Any, role: str = "image") -> np.ndarray:
-    """Raise unless the voxel-to-world affine is finite and invertible (its voxels have a size and a place)."""
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise RegistrationInputError(
-            f"{role} '{source}' has an invalid voxel-to-world affine (not finite or singular); expected a header with "
-            "valid voxel sizes and orientation (qform/sform). Fix the header."
-        )
-    return affine
-
-
 def _matrix_text(matrix: np.ndarray) -> str:
     return "[" + "; ".join(" ".join(f"{v:.4g}" for v in row) for row in np.asarray(matrix)[:3]) + "]"
 
@@ -186,43 +166,57 @@ def check_qform_sform(header: nib.Nifti1Header, source: Any, role: str = "image"
         )
 
 
-def check_not_sheared(affine: np.ndarray, source: Any, role: str = "image", atol: float = HEADER_ATOL) -> None:
-    """Raise when the voxel axes are not perpendicular in world space (a sheared grid, e.g. a gantry-tilted CT): ITK
-    images have an orthonormal direction matrix, so no ITK/ANTs transform or resampling can describe such a grid."""
+def check_grid(
+    shape: Sequence[int],
+    affine: np.ndarray,
+    source: Any,
+    role: str = "image",
+    max_spacing_ratio: float | None = MAX_SPACING_RATIO,
+    min_size: int | None = MIN_SPATIAL_SIZE,
+    header: Any = None,
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Check the voxel grid of one input (RegistrationInputError naming ``source``, a ``role``) and return its 3-D
+    spatial shape and its affine as float64.
+
+    The stored ``shape`` must be 3-D (a 4-D volume with one time point/channel is accepted); the ``affine`` finite,
+    invertible and not sheared (ITK images have orthonormal direction matrices: no ITK/ANTs transform or resampling can
+    describe a sheared grid, as a gantry-tilted CT has) and agreed on by the qform and sform of a file's ``header``.
+    ``max_spacing_ratio`` and ``min_size`` are the policy of the module docstring (None: not checked, as for labels).
+    """
+    shape = tuple(int(s) for s in shape)
+    problem = stored_shape_problem(shape)
+    if problem:
+        raise RegistrationInputError(f"{role} '{source}' {problem}.")
     affine = np.asarray(affine, dtype=np.float64)
-    directions = affine[:3, :3] / voxel_spacing(affine)
-    skew = float(np.abs(directions.T @ directions - np.eye(3)).max())
-    if skew > atol:
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise RegistrationInputError(
+            f"{role} '{source}' has an invalid voxel-to-world affine (not finite or singular); expected a header with "
+            "valid voxel sizes and orientation (qform/sform). Fix the header."
+        )
+    check_qform_sform(header, source, role)
+    spacing = voxel_spacing(affine)
+    skew = float(np.abs((affine[:3, :3] / spacing).T @ (affine[:3, :3] / spacing) - np.eye(3)).max())
+    if skew > HEADER_ATOL:
         raise RegistrationInputError(
             f"{role} '{source}' has a sheared voxel grid (axes {np.degrees(np.arcsin(min(1.0, skew))):.2g} degrees "
             f"from perpendicular; affine {_matrix_text(affine)}); expected perpendicular voxel axes, as ITK/ANTs "
             "transforms require. This is typical of a CT with gantry tilt: convert it with tilt correction (dcm2niix "
             "does by default) or resample it onto a non-sheared grid first."
         )
-
-
-def check_spacing(affine: np.ndarray, source: Any, role: str = "image", max_ratio: float = MAX_SPACING_RATIO) -> None:
-    """Raise when the largest voxel spacing exceeds ``max_ratio`` times the smallest (see the module docstring)."""
-    spacing = voxel_spacing(affine)
     ratio = float(spacing.max() / spacing.min())
-    if ratio > max_ratio:
+    if max_spacing_ratio is not None and ratio > max_spacing_ratio:
         raise RegistrationInputError(
             f"{role} '{source}' has extremely anisotropic voxels ({' x '.join(f'{s:.3g}' for s in spacing)} mm, ratio "
-            f"{ratio:.1f}); expected a largest/smallest spacing ratio <= {max_ratio:g}. Resample it to near-isotropic "
-            "voxels first (or raise max_spacing_ratio if you accept the risk)."
+            f"{ratio:.1f}); expected a largest/smallest spacing ratio <= {max_spacing_ratio:g}. Resample it to "
+            "near-isotropic voxels first (or raise max_spacing_ratio if you accept the risk)."
         )
-
-
-def check_min_size(
-    spatial_shape: Sequence[int], source: Any, role: str = "image", min_size: int = MIN_SPATIAL_SIZE
-) -> None:
-    """Raise when an axis is shorter than ``min_size`` voxels (the network's coarsest level is 1/16 resolution)."""
-    if min(int(s) for s in spatial_shape) < min_size:
+    if min_size is not None and min(shape[:3]) < min_size:
         raise RegistrationInputError(
-            f"{role} '{source}' is too small for the network ({'x'.join(str(int(s)) for s in spatial_shape)} voxels); "
-            f"expected at least {min_size} voxels along every axis (the encoder pools 4 times, so its coarsest level "
-            "works at 1/16 resolution). Use the full volume, not a crop or a thumbnail."
+            f"{role} '{source}' is too small for the network ({'x'.join(str(s) for s in shape[:3])} voxels); expected "
+            f"at least {min_size} voxels along every axis (the encoder pools 4 times, so its coarsest level works at "
+            "1/16 resolution). Use the full volume, not a crop or a thumbnail."
         )
+    return (shape[0], shape[1], shape[2]), affine
 
 
 def check_label_grid(
@@ -287,8 +281,14 @@ def compare_pair_grids(
 # --- content checks, on the decoded voxels
 
 
-def check_finite(array: np.ndarray | torch.Tensor, source: Any, role: str = "image") -> None:
-    """Raise when any voxel is NaN or +-Inf (they spread through every convolution and make the output NaN)."""
+def check_voxels(array: np.ndarray | torch.Tensor, source: Any, role: str = "image", kind: str = "image") -> None:
+    """
+    The checks that need the voxels of an input (RegistrationInputError naming ``source``, a ``role``).
+
+    Every ``kind`` must be finite (NaN/Inf spread through every convolution and make the output NaN); an ``"image"``
+    must not be constant (nothing to align, and intensity scaling would divide by 0); a ``"label"`` map must hold
+    integer label ids (it is warped by nearest neighbour); a ``"mask"`` must mark at least one voxel (values > 0).
+    """
     values = torch.as_tensor(array)
     bad = int((~torch.isfinite(values)).sum()) if values.is_floating_point() else 0
     if bad:
@@ -296,38 +296,19 @@ def check_finite(array: np.ndarray | torch.Tensor, source: Any, role: str = "ima
             f"{role} '{source}' contains {bad} NaN/Inf voxels ({100.0 * bad / values.numel():.3g} % of "
             f"{values.numel()}); expected finite values everywhere. Replace them (e.g. by 0) before registering."
         )
-
-
-def check_not_constant(array: np.ndarray | torch.Tensor, source: Any, role: str = "image") -> None:
-    """Raise when every voxel has the same value: there is nothing to align (and intensity scaling would divide by 0)."""
-    values = torch.as_tensor(array)
-    if values.numel() and bool((values == values.reshape(-1)[0]).all()):
+    if kind == "image" and values.numel() and bool((values == values.reshape(-1)[0]).all()):
         raise RegistrationInputError(
             f"{role} '{source}' is constant (every voxel = {values.reshape(-1)[0].item():g}); expected an image with "
             "contrast. Check that the right file was given (not an empty mask or a blank export)."
         )
-
-
-def check_label_values(array: np.ndarray | torch.Tensor, source: Any, role: str = "label map") -> None:
-    """Raise unless every voxel of a label map is a finite integer value (a label map is warped by nearest neighbour)."""
-    values = torch.as_tensor(array)
-    if not values.is_floating_point():
-        return
-    check_finite(values, source, role)
-    fractional = values != torch.round(values)
-    if fractional.any():
+    fractional = values != torch.round(values) if kind == "label" and values.is_floating_point() else None
+    if fractional is not None and fractional.any():
         raise RegistrationInputError(
             f"{role} '{source}' is not integer-valued ({int(fractional.sum())} voxels such as "
             f"{values[fractional].reshape(-1)[0].item():g}); expected a label map with integer label ids. Did you "
             "pass an intensity image (or a resampled, interpolated label map)?"
         )
-
-
-def check_mask_values(array: np.ndarray | torch.Tensor, source: Any, role: str = "mask") -> None:
-    """Raise unless a mask is finite and marks at least one voxel (values > 0 are inside)."""
-    values = torch.as_tensor(array)
-    check_finite(values, source, role)
-    if not bool((values > 0).any()):
+    if kind == "mask" and not bool((values > 0).any()):
         raise RegistrationInputError(
             f"{role} '{source}' is empty (no voxel > 0); expected a mask of the region to register (e.g. the brain), "
             "values > 0 inside. Check that the right file was given."
@@ -428,23 +409,17 @@ class CheckRegistrationHeadersd(MapTransform):
 
     def _grid(self, value: Any, role: str, label: bool) -> tuple[tuple[int, int, int], np.ndarray]:
         """(spatial shape, affine) of one input from its header (file) or its array and metadata (loaded volume)."""
-        source = _source(value)
+        source, header = _source(value), None
         if isinstance(value, (str, os.PathLike)):
             image = read_header(value, role)
-            shape = check_spatial_dims(image.shape, source, role)
-            affine = check_affine(image.affine, source, role)
-            check_qform_sform(image.header, source, role)
+            shape, affine, header = image.shape, image.affine, image.header
         else:
             array = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-            shape = check_spatial_dims(tuple(array.shape[1:]) if array.ndim == 4 else tuple(array.shape), source, role)
+            shape = tuple(array.shape[1:]) if array.ndim == 4 else tuple(array.shape)
             affine = getattr(value, "affine", None)  # a MetaTensor's meta["affine"]; identity when it carries none
             affine = np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
-            affine = check_affine(affine, source, role)
-        check_not_sheared(affine, source, role)
-        if not label:
-            check_spacing(affine, source, role, self.max_spacing_ratio)
-            check_min_size(shape, source, role, self.min_size)
-        return shape, affine
+        limits = (None, None) if label else (self.max_spacing_ratio, self.min_size)
+        return check_grid(shape, affine, source, role, *limits, header=header)
 
 
 class LoadRegistrationInputsd(MapTransform):
@@ -514,17 +489,8 @@ class LoadRegistrationInputsd(MapTransform):
 
 
 class CheckRegistrationContentd(MapTransform):
-    """The checks that need the voxels, on loaded (channel-first) volumes; the data dict passes through unchanged.
-
-    Images: finite everywhere, not constant. Label maps: finite integer label ids. Masks: finite, not empty. Absent or
-    empty keys are skipped.
-
-    Args:
-        keys: intensity image keys.
-        label_keys: label map keys.
-        allow_missing_keys: skip absent keys (labels and masks are optional).
-        mask_keys: mask keys.
-    """
+    """:func:`check_voxels` of the loaded (channel-first) images under ``keys``, label maps under ``label_keys`` and
+    masks under ``mask_keys``; absent or empty keys are skipped. The data dict passes through unchanged."""
 
     def __init__(
         self,
@@ -545,12 +511,6 @@ class CheckRegistrationContentd(MapTransform):
                 continue
             if isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"CheckRegistrationContentd needs loaded volumes; data['{key}'] is the path {value}.")
-            source, role = _source(value, key), _role(key)
-            if key in self.label_keys:
-                check_label_values(value, source, role)
-            elif key in self.mask_keys:
-                check_mask_values(value, source, role)
-            else:
-                check_finite(value, source, role)
-                check_not_constant(value, source, role)
+            kind = "label" if key in self.label_keys else "mask" if key in self.mask_keys else "image"
+            check_voxels(value, _source(value, key), _role(key), kind)
         return d

@@ -117,7 +117,8 @@ def label_names_for(
     label_names: Mapping[Any, Any] | str | os.PathLike | None, *label_paths: str | os.PathLike | None
 ) -> dict[str, str] | None:
     """The names to report for a pair: ``label_names`` when given (a mapping or a file), else the lookup table of the
-    first of ``label_paths`` (the pair's label maps, fixed first) that has one, else None (labels keep their numbers)."""
+    first of ``label_paths`` (the pair's label maps, fixed first) that has one, else None (labels keep their
+    numbers)."""
     if label_names:
         return read_label_names(label_names)
     for path in label_paths:

@@ -68,22 +68,6 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     return str(max(candidates, key=rank))
 
 
-def extract_state_dict(checkpoint: Any) -> Mapping[str, torch.Tensor]:
-    """The network weights inside a loaded checkpoint: a plain state dict, or one under ``model``/``network``/
-    ``state_dict`` (MONAI CheckpointSaver and common trainers); a ``module.`` prefix from DataParallel is removed."""
-    if isinstance(checkpoint, Mapping):
-        key = next((k for k in ("model", "network", "state_dict") if isinstance(checkpoint.get(k), Mapping)), None)
-        checkpoint = checkpoint if key is None else checkpoint[key]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise RegistrationInputError(
-            "checkpoint does not hold a state dict of tensors; expected a file written by torch.save(model.state_dict())"
-            " or by the bundle's training (key 'model')."
-        )
-    if checkpoint and all(k.startswith("module.") for k in checkpoint):
-        checkpoint = {k[len("module.") :]: v for k, v in checkpoint.items()}
-    return checkpoint
-
-
 def check_state_dict(
     expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: Any, show: int = 5
 ) -> None:
@@ -119,8 +103,9 @@ def check_state_dict(
 def read_checkpoint_state(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> Mapping[str, torch.Tensor]:
-    """The network state dict in a checkpoint file (:func:`extract_state_dict`); RegistrationInputError when the file
-    is missing, unreadable/truncated, or holds no state dict of tensors."""
+    """The network weights in a checkpoint file: a plain state dict, or one under ``model``/``network``/``state_dict``
+    (MONAI CheckpointSaver and common trainers), without the ``module.`` prefix of DataParallel. RegistrationInputError
+    when the file is missing, unreadable/truncated, or holds no state dict of tensors."""
     path = check_file_exists(path, "checkpoint")
     try:
         checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
@@ -129,10 +114,17 @@ def read_checkpoint_state(
             f"checkpoint '{path}' could not be read ({type(error).__name__}: {str(error).splitlines()[0]}); expected a "
             "PyTorch file saved with torch.save. The file may be truncated (interrupted copy or save)."
         ) from error
-    try:
-        return extract_state_dict(checkpoint)
-    except RegistrationInputError as error:
-        raise RegistrationInputError(f"checkpoint '{path}': {error}") from error
+    if isinstance(checkpoint, Mapping):
+        key = next((k for k in ("model", "network", "state_dict") if isinstance(checkpoint.get(k), Mapping)), None)
+        checkpoint = checkpoint if key is None else checkpoint[key]
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise RegistrationInputError(
+            f"checkpoint '{path}': checkpoint does not hold a state dict of tensors; expected a file written by "
+            "torch.save(model.state_dict()) or by the bundle's training (key 'model')."
+        )
+    if checkpoint and all(k.startswith("module.") for k in checkpoint):
+        checkpoint = {k[len("module.") :]: v for k, v in checkpoint.items()}
+    return checkpoint
 
 
 def check_checkpoint(network: torch.nn.Module, path: str | os.PathLike | None) -> None:
@@ -160,25 +152,15 @@ def install_weights(
     source: str | os.PathLike, target: str | os.PathLike, network: torch.nn.Module | None = None
 ) -> str:
     """
-    Copy a training run's best model over the bundle's weights: the explicit step that replaces ``models/model.pt``
-    (training itself only writes into its run folder).
+    Copy a training run's best model (``source``, e.g. ``runs/train/model.pt``) over the bundle's weights (``target``,
+    e.g. ``models/model.pt``): the explicit step that replaces them, as training only writes into its run folder.
+    Returns ``target`` as a string.
 
-    The file is checked first (readable, a state dict, and fitting ``network`` when given), then copied atomically, so
-    ``target`` is always either the old or the complete new file. The weights' record follows them: the target's is
-    removed just before its weights are replaced, and the source's (checked first) is then copied beside them. A source
-    without a record leaves the target without one (logged), never with the record of the weights it replaced.
-
-    Args:
-        source: the run's ``model.pt`` (e.g. ``runs/train/model.pt``).
-        target: the weights to replace (e.g. ``models/model.pt``).
-        network: the network the weights must load into (``network_def``), or None to skip that check.
-
-    Returns:
-        ``target`` as a string.
-
-    Raises:
-        RegistrationInputError: ``source`` is missing (no validation ran yet), unreadable or does not fit ``network``,
-            or its record is unreadable or invalid.
+    The source is checked first (readable, a state dict, fitting ``network`` when given, a valid record), so a missing
+    (no validation ran yet) or bad one raises RegistrationInputError before anything is replaced; it is then copied
+    atomically. The record follows the weights: the target's is removed just before its weights are replaced, and the
+    source's is then copied beside them. A source without a record leaves the target without one (logged), never with
+    the record of the weights it replaced.
     """
     state = read_checkpoint_state(source)
     if network is not None:
@@ -226,19 +208,10 @@ def _triplet(value: Any, upper: float | None = 1.0) -> tuple[float, float, float
 
 
 def write_weights_info(weights_path: str | os.PathLike, network_scale: float | Sequence[float], **extra: Any) -> Path:
-    """
-    Write (atomically) the record of the weights at ``weights_path``: ``{"network_scale": network_scale, **extra}``.
-    The weights need not exist yet (training writes the record when it starts, its best model later).
-
-    Args:
-        weights_path: the weights the record describes, e.g. ``runs/train/model.pt``.
-        network_scale: the resolution they were trained at, relative to the image: a number or one per axis, in (0, 1].
-        extra: further JSON-serialisable entries, e.g. ``spacing_mm``: the training images' voxel spacing (a positive
-            number or 3; None, unknown for volumes given in memory, writes no entry).
-
-    Returns:
-        the record's path (:func:`weights_info_path`).
-    """
+    """Write (atomically) and return the record ``{"network_scale": network_scale, **extra}`` of the weights at
+    ``weights_path``, which need not exist yet (training writes the record when it starts, its best model later).
+    ``network_scale`` is a number or one per axis in (0, 1]; ``extra`` may give ``spacing_mm``, the training images'
+    voxel spacing (a positive number or 3; None, unknown for volumes given in memory, writes no entry)."""
     if _triplet(network_scale) is None:
         raise ValueError(f"network_scale must be {_IN_UNIT_RANGE}, got {network_scale!r}.")
     if extra.get(SPACING_KEY) is not None and _triplet(extra[SPACING_KEY], upper=None) is None:
@@ -287,19 +260,13 @@ def read_trained_spacing(weights_path: str | os.PathLike) -> tuple[float, float,
     return _record_entry(weights_path, SPACING_KEY, None, expected)
 
 
-def training_spacing(pairs: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("moving_image", "fixed_image")) -> float | None:
-    """
-    The voxel size of a training set, for its record (``spacing_mm``): the median over its distinct image files of each
-    file's finest voxel spacing (mm), from the headers. The finest axis is the one the network grid follows
-    (:py:func:`scripts.engines.resolution_inferer.isotropic_network_scale`).
-
-    Args:
-        pairs: training pairs, e.g. ``scripts.io.training_pairs(...)``.
-        keys: the image entries of a pair; entries that are not file paths (volumes given in memory) are skipped.
-
-    Returns:
-        the spacing in mm, or None when no entry is a file path.
-    """
+def training_spacing(
+    pairs: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("moving_image", "fixed_image")
+) -> float | None:
+    """The voxel size (mm) of a training set's ``pairs``, for its record (``spacing_mm``): the median over the distinct
+    image files under ``keys`` of each file's finest voxel spacing, from the headers (the finest axis is the one the
+    network grid follows, :py:func:`scripts.engines.resolution_inferer.isotropic_network_scale`). None when no entry
+    is a file path (volumes given in memory)."""
     paths = sorted({str(pair[key]) for pair in pairs for key in keys if isinstance(pair.get(key), (str, os.PathLike))})
     if not paths:
         return None
@@ -328,19 +295,13 @@ def _scale_text(scale: Sequence[float]) -> str:
 
 def check_network_scale(network_scale: float | Sequence[float], weights_path: str | os.PathLike | None) -> bool:
     """
-    Log one warning when inference runs at another ``network_scale`` (per axis, by more than 1e-6) than the weights
-    were trained at (their record). For a workflow's ``initialize`` step, next to :func:`check_checkpoint`.
+    Log one warning, and return False, when inference runs at another ``network_scale`` (per axis, by more than 1e-6)
+    than the weights at ``weights_path`` (``ckpt_path``; None, empty or missing: nothing to check) were trained at.
+    For a workflow's ``initialize`` step, next to :func:`check_checkpoint`.
 
     A record that also gives ``spacing_mm`` is not compared here: what matters is the voxel size the network sees,
     which depends on each pair's spacing too (3 mm scans at 1.5 show it what 1 mm scans at 0.5 did), and is checked
     per pair instead (:func:`check_network_spacing`).
-
-    Args:
-        network_scale: the inference ``network_scale`` (a positive number or one per axis).
-        weights_path: the weights inference loads (``ckpt_path``); None, empty or a missing file: nothing to check.
-
-    Returns:
-        False when it warned, else True.
     """
     if not weights_path or not os.path.isfile(weights_path):
         return True
@@ -378,19 +339,11 @@ def check_network_spacing(
     max_ratio: float = MAX_NETWORK_SPACING_RATIO,
 ) -> bool:
     """
-    Warn (naming the image) when the network grid of a pair is much coarser or finer than the grid the weights were
-    trained on: the network then sees structures at another size in voxels than in training, which usually gives a
-    worse field without any error.
-
-    Args:
-        network_spacing: the voxel size (mm per axis) of the pair's network grid (``spacing / scale`` per axis).
-        trained_spacing: the trained one (:func:`trained_network_spacing`); None: nothing known, nothing checked.
-        image_spacing: the fixed image's voxel spacing (mm per axis), for the message and the suggested scale.
-        source: the fixed image (its path), for the message.
-        max_ratio: largest accepted ratio between the two sizes, either way (compared on the finest axes).
-
-    Returns:
-        False when it warned, else True.
+    Warn, naming the fixed image ``source``, and return False when the network grid of a pair (``network_spacing``, mm
+    per axis: ``spacing / scale``) is more than ``max_ratio`` times coarser or finer, on the finest axes, than the grid
+    the weights were trained on (``trained_spacing``, :func:`trained_network_spacing`; None: nothing is checked): the
+    network then sees structures at another size in voxels than in training, which usually gives a worse field without
+    any error. ``image_spacing``, the fixed image's, gives the message the scale to use instead.
     """
     if trained_spacing is None:
         return True

@@ -1,8 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Atomic, non-overwriting NIfTI/JSON/CSV output of the registration workflows.
-
-A pair's output files are independent of each other, so they are written on a few threads (:class:`ConcurrentWriter`):
-most of the time goes into zlib compression and file IO, which release the GIL.
+"""The writer of a pair's volumes (``SaveRegistrationOutputsd``): atomic NIfTI files that never replace earlier results
+unless asked. A pair's output files are independent of each other, so they are written on a few threads
+(:class:`ConcurrentWriter`): most of the time goes into compression and file IO, which release the GIL.
 """
 
 from __future__ import annotations
