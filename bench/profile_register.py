@@ -49,9 +49,9 @@ BUNDLE = REPO / "bundle"
 # Stage -> (module, class, method) whose calls make up the stage.
 STAGES: dict[str, list[tuple[str, str, str]]] = {
     "read": [
-        ("scripts.io.input_transforms", "CheckRegistrationHeadersd", "__call__"),
-        ("scripts.io.input_transforms", "LoadRegistrationInputsd", "__call__"),
-        ("scripts.io.input_transforms", "CheckRegistrationContentd", "__call__"),
+        ("scripts.io.input_checks", "CheckRegistrationHeadersd", "__call__"),
+        ("scripts.io.input_checks", "LoadRegistrationInputsd", "__call__"),
+        ("scripts.io.input_checks", "CheckRegistrationContentd", "__call__"),
         ("monai.transforms", "EnsureChannelFirstd", "__call__"),
         ("monai.transforms", "Orientationd", "__call__"),
         ("scripts.workflow.intensity", "MaskImagesd", "__call__"),

@@ -26,7 +26,7 @@ from scripts.io.outputs import (
 )
 from scripts.io.datalist import cli_datalist_overrides, inference_pairs
 from scripts.io.errors import RegistrationInputError
-from scripts.io.sharding import check_launch, rank_share
+from scripts.io.devices import check_launch, rank_share
 from scripts.workflow.cohort import CohortDataset, CohortRecord
 
 OUTPUT_NAMES = ["warped_image.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz", "affine.mat",

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from scripts.cli import register
 from scripts.io.errors import RegistrationInputError
-from scripts.io.input_transforms import CheckRegistrationContentd, CheckRegistrationHeadersd
+from scripts.io.input_checks import CheckRegistrationContentd, CheckRegistrationHeadersd
 from scripts.workflow.intensity import MaskImagesd
 
 

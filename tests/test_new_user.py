@@ -244,7 +244,7 @@ def test_checkpoint_hint_names_the_setting_that_changes_the_weights():
 
 
 def test_cli_routes_library_deprecation_warnings_to_the_log(monkeypatch, caplog):
-    from scripts.io.console import route_warnings  # what scripts.cli's register and main call first
+    from scripts.io.errors import route_warnings  # what scripts.cli's register and main call first
 
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
     route_warnings(debug=False)

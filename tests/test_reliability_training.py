@@ -18,7 +18,7 @@ from reliability_data import small_pair
 from scripts.io.errors import find_user_error
 from scripts.workflow.handlers import NonFiniteLossError
 from scripts.networks.sacb_net import SACBNet
-from scripts.io.checkpoints import load_network_weights
+from scripts.io.weights import load_network_weights
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 ITERATIONS_PER_EPOCH = 1  # one training pair

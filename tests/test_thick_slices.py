@@ -150,7 +150,7 @@ def test_weights_record_gives_the_trained_network_voxel(tmp_path):
 
 
 def test_a_pair_far_from_the_trained_voxel_is_warned_about_with_the_scale_that_matches(caplog):
-    with caplog.at_level(logging.WARNING, logger="scripts.io.weights_info"):
+    with caplog.at_level(logging.WARNING, logger="scripts.io.weights"):
         assert check_network_spacing((2.0, 2.0, 2.0), (2.0,) * 3, (1.0, 1.0, 3.0), "thick.nii.gz")  # isotropic grid
         assert check_network_spacing((1.8,) * 3, (2.0,) * 3, (0.9, 0.9, 3.0), "a.nii.gz")
         assert check_network_spacing((6.0,) * 3, None, (3.0,) * 3, "unknown.nii.gz")  # nothing known

@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Events
 from workflow_data import run_bundle_workflow, write_small_pair
 
-from scripts.io.checkpoints import latest_checkpoint
+from scripts.io.weights import latest_checkpoint
 from scripts.io.datalist import make_pairs, training_pairs
 from scripts.networks.sacb_net import SACBNet
 

@@ -13,10 +13,15 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from reliability_data import load_sample, save, small_pair
 
 from scripts.io.errors import RegistrationInputError, find_user_error
-from scripts.io.input_checks import ROLES, fov_overlap_fraction
-from scripts.io.input_transforms import CheckRegistrationContentd, CheckRegistrationHeadersd, LoadRegistrationInputsd
+from scripts.io.input_checks import (
+    ROLES,
+    CheckRegistrationContentd,
+    CheckRegistrationHeadersd,
+    LoadRegistrationInputsd,
+    fov_overlap_fraction,
+)
 from scripts.io.datalist import check_datalist
-from scripts.io.checkpoints import load_network_weights
+from scripts.io.weights import load_network_weights
 
 
 @pytest.fixture()
@@ -37,7 +42,7 @@ def _validate(d):
 def _resamples(d, caplog):
     """Whether the checked pair is on two grids (the header check says it resamples the moving image)."""
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="scripts.io.input_transforms"):
+    with caplog.at_level(logging.INFO, logger="scripts.io.input_checks"):
         _validate(d)
     return "resampling it onto the fixed grid" in caplog.text
 
@@ -275,7 +280,7 @@ def test_sacbnet_checkpoint_from_another_architecture(tmp_path):
     from monai.networks.nets import LocalNet
 
     from scripts.networks.sacb_net import SACBNet
-    from scripts.io.checkpoints import check_checkpoint
+    from scripts.io.weights import check_checkpoint
 
     network = SACBNet(base_channels=4)
     check_checkpoint(network, None)  # no checkpoint configured: nothing to check

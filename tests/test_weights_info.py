@@ -1,4 +1,4 @@
-"""The record of the resolution weights were trained at (``model.pt`` -> ``model.json``, ``scripts.io.weights_info``):
+"""The record of the resolution weights were trained at (``model.pt`` -> ``model.json``, ``scripts.io.weights``):
 training writes it, install_weights carries it with the weights, inference warns when it runs at another scale."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scripts.io import (
 )
 from scripts.networks import SACBNet
 
-LOGGER = "scripts.io.weights_info"
+LOGGER = "scripts.io.weights"
 
 
 @pytest.fixture

@@ -229,8 +229,7 @@ def register(
             a number, e.g. --background=-1024 for CT (values below it count as background too).
     """
     flags = {name: value for name, value in locals().items() if name not in ("fixed", "moving", "out", "debug")}
-    from scripts.io.console import route_warnings
-    from scripts.io.errors import exit_on_user_error
+    from scripts.io.errors import exit_on_user_error, route_warnings
 
     route_warnings(debug)  # warnings to the log, library deprecation notices at DEBUG level
     files, overrides = exit_on_user_error(workflow_overrides, fixed, moving, out, **flags, debug=debug)
@@ -322,7 +321,7 @@ def apply(
 
 def main() -> None:
     """Entry point: ``register`` and ``demo`` commands (fire)."""
-    from scripts.io.console import route_warnings
+    from scripts.io.errors import route_warnings
 
     route_warnings()  # library deprecation warnings go to the log at DEBUG level, not to the terminal
     fire.Fire({"register": register, "apply": apply, "demo": demo})

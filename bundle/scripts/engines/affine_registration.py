@@ -23,7 +23,7 @@ from scripts.io.progress import Progress
 from scripts.layers.intensity import AUTO_BACKGROUND, check_background, check_intensity_window, resolve_background
 from scripts.layers.intensity import window_intensity
 # resample_moving is imported from here by scripts.workflow.alignment; it lives in the sampling module
-from scripts.layers.sampling import SLAB_VOXELS, batch_matrices, grid_sample_matrix, resample_moving, sample_points
+from scripts.layers.sampling import SLAB_VOXELS, batch_matrices, grid_sample_matrix, sample_points
 
 __all__ = ["AffineRegistration", "check_affine_result", "normalize_intensity"]
 

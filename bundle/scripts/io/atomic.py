@@ -29,30 +29,24 @@ from scripts.io.errors import OutputExistsError
 #: save a few percent at most on float fields.
 NIFTI_GZIP_LEVEL = 1
 
-__all__ = [
-    "OutputExistsError",
-    "temporary_path",
-    "atomic_path",
-    "NIFTI_GZIP_LEVEL",
-    "save_nifti",
-    "save_torch",
-    "write_text",
-    "json_safe",
-    "write_json",
-    "write_csv",
-    "check_outputs_writable",
-]
+def _stem_and_suffix(name: str) -> tuple[str, str]:
+    """``ddf.nii.gz`` -> ``("ddf", ".nii.gz")``: the suffixes writers such as nibabel pick the format from."""
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+    return (name[: len(name) - len(suffix)] if suffix else name), suffix
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
-    """A unique hidden name beside ``path`` that keeps its suffixes (writers such as nibabel pick the format from them).
-
-    Example: ``out/ddf.nii.gz`` -> ``out/.ddf.tmp-3f9a1c2b.nii.gz``.
-    """
+    """A unique hidden name beside ``path`` that keeps its suffixes, where the atomic writers write first:
+    ``out/ddf.nii.gz`` -> ``out/.ddf.tmp-3f9a1c2b.nii.gz``."""
     path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    stem, suffix = _stem_and_suffix(path.name)
     return path.with_name(f".{stem}.tmp-{secrets.token_hex(4)}{suffix}")
+
+
+def temporary_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files that interrupted atomic writes of ``path`` left beside it (:func:`temporary_path`)."""
+    stem, suffix = _stem_and_suffix(Path(path).name)
+    return list(Path(path).parent.glob(f".{stem}.tmp-*{suffix}"))
 
 
 def _fsync(path: Path) -> None:

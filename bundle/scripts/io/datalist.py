@@ -18,29 +18,19 @@ from monai.config import KeysCollection
 from scripts.io.errors import RegistrationInputError
 from scripts.io.input_checks import header_problem
 
-__all__ = [
-    "PAIR_KEYS",
-    "MASK_KEYS",
-    "INPUT_KEYS",
-    "ENTRY_LAYOUTS",
-    "check_datalist",
-    "cli_datalist_overrides",
-    "inference_pairs",
-    "load_json",
-    "make_pairs",
-    "training_pairs",
-]
-
 #: keys of a registration pair; images are required, labels optional.
 PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
 #: optional region masks of an inference pair (e.g. brain masks of whole-head scans): the registration looks inside them
 MASK_KEYS = ("moving_mask", "fixed_mask")
 #: every file key an inference pair may name
 INPUT_KEYS = PAIR_KEYS + MASK_KEYS
+#: accepted entry layouts of a datalist in ``check_datalist(..., keys=None)``: a pair, or one image (training sets
+#: that are paired later, e.g. all ordered pairs or atlas-to-subject).
+ENTRY_LAYOUTS = ((("moving_image", "fixed_image"), ("moving_label", "fixed_label")), (("image",), ("label",)))
 
 
 def load_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, naming the file in the error if it is missing or malformed."""
+    """Read a JSON datalist, naming the file in the error if it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
         raise RegistrationInputError(f"datalist file not found: {path}; expected a JSON file of pairs.")
@@ -52,13 +42,23 @@ def load_json(path: str | os.PathLike) -> Any:
         ) from e
 
 
+def _open(datalist: Any, base_dir: str | os.PathLike | None) -> tuple[Any, str, Path | None]:
+    """(content, name for messages, folder of relative paths) of a datalist file or of its content given inline."""
+    if isinstance(datalist, (str, os.PathLike)):
+        return load_json(datalist), str(datalist), Path(base_dir) if base_dir else Path(datalist).parent
+    return datalist, "the datalist", Path(base_dir) if base_dir else None
+
+
 def _resolve(value: str | None, base_dir: Path | None) -> str | None:
     if value is None or value == "":
         return None
     path = Path(os.path.expanduser(str(value)))
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    return str(path)
+    return str(base_dir / path if not path.is_absolute() and base_dir is not None else path)
+
+
+def _resolved(entry: Mapping[str, Any], keys: Sequence[str], base_dir: Path | None) -> dict[str, str]:
+    """The given file entries of ``keys``, relative paths taken from ``base_dir``."""
+    return {k: _resolve(entry[k], base_dir) for k in keys if entry.get(k)}
 
 
 def _file_stem(path: str | os.PathLike) -> str:
@@ -66,27 +66,10 @@ def _file_stem(path: str | os.PathLike) -> str:
     return re.sub(r"(\.nii(\.gz)?|\.mgz|\.nrrd)$", "", Path(path).name)
 
 
-def _safe_id(raw: Any) -> str:
-    """Folder-safe form of an id: runs of other characters than letters, digits, ``.``, ``_``, ``-`` become ``_``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(raw))
-
-
-def _pair_id(pair: Mapping[str, Any], index: int) -> str:
-    """Folder-safe id of a pair: the entry's ``id`` or ``<index>_<moving>_to_<fixed>``."""
-    if pair.get("id"):
-        return _safe_id(pair["id"])
-    return _safe_id(f"{index:04d}_{_file_stem(pair['moving_image'])}_to_{_file_stem(pair['fixed_image'])}")
-
-
-def _check_pairs(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
-    """Raise one error listing every pair entry that lacks an image or names a missing/unreadable file."""
-    check_datalist(list(pairs), optional_keys=PAIR_KEYS[2:] + MASK_KEYS, source=source)
-
-
 def _subject_entries(content: Mapping[str, Any], source: str) -> list[dict[str, Any]]:
-    """The pair entries of ``{"atlas": {"image", "label"}, "subjects": [...]}``: the atlas is the moving image (and
-    label) of every pair, each subject (a path or ``{"image"[, "label", "id"]}``) a fixed image; ids default to the
-    subject file names."""
+    """The pair entries of ``{"atlas": {"image", "label", "mask"}, "subjects": [...]}``: the atlas is the moving side of
+    every pair, each subject (a path or ``{"image"[, "label", "mask", "id"]}``) a fixed side, its id by default its
+    file name."""
     atlas = content.get("atlas")
     if not isinstance(atlas, Mapping) or not atlas.get("image"):
         raise RegistrationInputError(
@@ -106,22 +89,6 @@ def _subject_entries(content: Mapping[str, Any], source: str) -> list[dict[str, 
     return entries
 
 
-def _check_unique_ids(pairs: Sequence[Mapping[str, Any]], source: str) -> None:
-    """Two pairs with one id would write into one folder (and the second would be taken as done): refuse them."""
-    seen: dict[str, int] = {}
-    clashes = []
-    for index, pair in enumerate(pairs):
-        pair_id = pair.get("pair_id")
-        if pair_id in seen:
-            clashes.append(f"entries {seen[pair_id]} and {index} are both '{pair_id}'")
-        seen.setdefault(pair_id, index)
-    if clashes:
-        raise RegistrationInputError(
-            f"{source}: {len(clashes)} duplicate pair id(s) ({'; '.join(clashes[:5])}); expected one id per pair "
-            "(each pair writes into output_dir/<id>/). Give the entries distinct 'id' values."
-        )
-
-
 def inference_pairs(
     moving_image: str | None = None,
     fixed_image: str | None = None,
@@ -134,52 +101,55 @@ def inference_pairs(
     fixed_mask: str | None = None,
 ) -> list[dict[str, Any]]:
     """
-    The pairs an inference/evaluation run processes.
+    The pairs an inference/evaluation run processes: one pair from the run arguments (its outputs go straight into
+    ``output_dir``), or every pair of a datalist, whose outputs go into ``output_dir/<pair_id>/``.
 
-    Either one pair from the run arguments (outputs go straight into ``output_dir``), or every pair of a datalist:
-    a JSON file (or list) of ``{"moving_image", "fixed_image"[, "moving_label", "fixed_label", "moving_mask",
-    "fixed_mask", "id"]}`` entries, a dict with such a list under ``"pairs"``, or an atlas and its subjects, ``{"atlas":
-    {"image", "label", "mask"}, "subjects": [path or {"image"[, "label", "mask", "id"]}, ...]}`` (atlas-based segmentation: the atlas is the moving image of every
-    pair). Relative paths are taken from ``base_dir`` (default: the datalist's folder). Datalist pairs get a unique
-    ``pair_id`` (their ``id``, the subject's file name, or index + file names): their outputs go into
-    ``output_dir/<pair_id>/``. Nothing is read but the datalist itself; ``check=True`` also reports every missing or
-    unreadable file at once (headers only) before anything runs, whereas ``check=False`` leaves the checks to
-    ``scripts.workflow.CohortDataset``, which checks each pair when the run reaches it and skips bad ones.
+    A datalist is a JSON file (or its content) holding a list of ``{"moving_image", "fixed_image"[, "moving_label",
+    "fixed_label", "moving_mask", "fixed_mask", "id"]}`` entries, such a list under ``"pairs"``, or an atlas and its
+    subjects, ``{"atlas": {"image", "label", "mask"}, "subjects": [path or {"image"[, "label", "mask", "id"]}, ...]}``
+    (atlas-based segmentation). Relative paths are taken from ``base_dir`` (default: the datalist's folder). Each pair
+    gets a unique folder-safe ``pair_id`` (its ``id``, the subject's file name, or index + file names).
 
-    Raises:
-        RegistrationInputError: an empty or malformed datalist, duplicate pair ids, (with ``check``) missing files.
+    Nothing is read but the datalist; ``check=True`` reports every missing or unreadable file at once (headers only)
+    before anything runs, ``check=False`` leaves the checks to ``scripts.workflow.CohortDataset``, which checks each
+    pair when the run reaches it and skips bad ones. RegistrationInputError: an empty or malformed datalist, duplicate
+    pair ids, (with ``check``) missing files.
     """
-    if datalist:
-        source = str(datalist) if isinstance(datalist, (str, os.PathLike)) else "the datalist"
-        entries = load_json(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
-        root = Path(base_dir) if base_dir else (Path(datalist).parent if isinstance(datalist, (str, os.PathLike)) else None)
-        if isinstance(entries, Mapping) and "subjects" in entries:
-            entries = _subject_entries(entries, source)
-        elif isinstance(entries, Mapping):
-            entries = entries.get("pairs", entries.get("testing"))
+    if not datalist:
+        given = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label,
+                 "fixed_label": fixed_label, "moving_mask": moving_mask, "fixed_mask": fixed_mask}
+        pairs = [{**_resolved(given, INPUT_KEYS, Path(base_dir) if base_dir else None), "pair_id": ""}]
+        source = "the run arguments (--moving_image/--fixed_image)"
+    else:
+        entries, source, root = _open(datalist, base_dir)
+        if isinstance(entries, Mapping):
+            subjects = "subjects" in entries
+            entries = _subject_entries(entries, source) if subjects else entries.get("pairs", entries.get("testing"))
         if not isinstance(entries, list) or not entries:
             raise RegistrationInputError(
                 f"{source} must hold a non-empty list of pairs (or {{'pairs': [...]}}, or {{'atlas': ..., "
                 "'subjects': [...]}})."
             )
-        pairs = []
+        pairs, first_entry, clashes = [], {}, []
         for index, entry in enumerate(entries):
             if not isinstance(entry, Mapping):
                 raise RegistrationInputError(f"{source}: entry {index} is a {type(entry).__name__}; expected a dict.")
-            pair = {k: _resolve(entry.get(k), root) for k in INPUT_KEYS}
-            pair = {k: v for k, v in pair.items() if v is not None}
-            complete = pair.get("moving_image") and pair.get("fixed_image")
-            pair["pair_id"] = _pair_id({**pair, "id": entry.get("id")}, index) if complete else str(index)
-            pairs.append(pair)
-        _check_unique_ids(pairs, source)
-    else:
-        pair = {"moving_image": moving_image, "fixed_image": fixed_image, "moving_label": moving_label,
-                "fixed_label": fixed_label, "moving_mask": moving_mask, "fixed_mask": fixed_mask}
-        pairs = [{k: _resolve(v, Path(base_dir) if base_dir else None) for k, v in pair.items() if v}]
-        pairs[0]["pair_id"] = ""
-        source = "the run arguments (--moving_image/--fixed_image)"
+            pair = _resolved(entry, INPUT_KEYS, root)
+            pair_id = str(index)
+            if pair.get("moving_image") and pair.get("fixed_image"):
+                moving, fixed = _file_stem(pair["moving_image"]), _file_stem(pair["fixed_image"])
+                pair_id = re.sub(r"[^A-Za-z0-9._-]+", "_", str(entry.get("id") or f"{index:04d}_{moving}_to_{fixed}"))
+            if pair_id in first_entry:  # two pairs would write into one folder (and the second be taken as done)
+                clashes.append(f"entries {first_entry[pair_id]} and {index} are both '{pair_id}'")
+            first_entry.setdefault(pair_id, index)
+            pairs.append({**pair, "pair_id": pair_id})
+        if clashes:
+            raise RegistrationInputError(
+                f"{source}: {len(clashes)} duplicate pair id(s) ({'; '.join(clashes[:5])}); expected one id per pair "
+                "(each pair writes into output_dir/<id>/). Give the entries distinct 'id' values."
+            )
     if check:
-        _check_pairs(pairs, source)
+        check_datalist(pairs, optional_keys=PAIR_KEYS[2:] + MASK_KEYS, source=source)
     return pairs
 
 
@@ -191,11 +161,8 @@ def cli_datalist_overrides(
     labels: Sequence[str | None] = (),
 ) -> dict[str, Any]:
     """The run override for ``register --datalist D`` (``{"datalist": absolute path}``; ``{}`` without one), after
-    checking that the command names either one pair (``--fixed`` and ``--moving``) or a datalist, and an ``--out``.
-
-    Raises:
-        RegistrationInputError: neither or both given, labels or masks with a datalist, or no output folder.
-    """
+    checking that the command names either one pair (``--fixed`` and ``--moving``, no labels or masks with a datalist)
+    or a datalist, and an ``--out``."""
     if not out:
         raise RegistrationInputError("--out is required: the output folder (created if missing).")
     if datalist is None:
@@ -216,25 +183,16 @@ def make_pairs(
     images: Sequence[Mapping[str, Any]], mode: str = "all_pairs", atlas: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """
-    Registration pairs from a list of images.
-
-    Args:
-        images: entries ``{"image": path[, "label": path]}``.
-        mode: ``"all_pairs"``: every ordered pair (i, j), i != j (LPBA40, abdomen CT); ``"atlas"``: ``atlas`` is the
-            moving image of every pair and each entry is a fixed image (IXI atlas-to-subject).
-        atlas: ``{"image": path[, "label": path]}``, required for ``mode="atlas"``.
-
-    Returns:
-        list of pair dicts with ``moving_image``, ``fixed_image`` and, where available, ``moving_label``/``fixed_label``.
+    Pair dicts (``moving_image``, ``fixed_image`` and the labels where available) from a list of images
+    ``{"image": path[, "label": path]}``. ``mode`` ``"all_pairs"``: every ordered pair (i, j), i != j (LPBA40, abdomen
+    CT); ``"atlas"``: ``atlas`` (``{"image"[, "label"]}``) is the moving image of every pair and each entry a fixed
+    image (IXI atlas-to-subject).
     """
 
     def pair(moving: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
-        out = {"moving_image": moving["image"], "fixed_image": fixed["image"]}
-        if moving.get("label"):
-            out["moving_label"] = moving["label"]
-        if fixed.get("label"):
-            out["fixed_label"] = fixed["label"]
-        return out
+        sides = {"moving_image": moving["image"], "fixed_image": fixed["image"]}
+        labels = {"moving_label": moving.get("label"), "fixed_label": fixed.get("label")}
+        return {**sides, **{k: v for k, v in labels.items() if v}}
 
     if mode == "all_pairs":
         if len(images) < 2:
@@ -255,46 +213,28 @@ def training_pairs(
     with_labels: bool = True,
 ) -> list[dict[str, Any]]:
     """
-    Pairs of one split of a training datalist.
+    Pairs of the ``split`` list of a training datalist, every missing file reported at once before training starts.
 
-    The datalist (a JSON file or the same content inline in the config) holds
-    ``{"atlas": {"image", "label"}, "training": [...], "validation": [...]}``; a split is a list of images
-    ``{"image"[, "label"]}`` turned into pairs by :py:func:`make_pairs`, or already a list of pairs
-    (``moving_image``/``fixed_image`` entries, used as given). Relative paths are taken from ``base_dir`` (default: the
-    datalist file's folder). Every missing file is reported at once, before training starts.
-
-    Args:
-        datalist: path to the JSON file, or its content.
-        split: key of the list to use ("training", "validation", ...).
-        mode: "all_pairs" or "atlas" (see :py:func:`make_pairs`); ignored for lists of pairs.
-        base_dir: folder of relative paths.
-        with_labels: keep label entries (False for unsupervised training, so labels are not loaded).
+    The datalist (a JSON file or its content) holds ``{"atlas": {"image", "label"}, "training": [...], "validation":
+    [...]}``; a split is a list of images ``{"image"[, "label"]}`` paired by :py:func:`make_pairs` in ``mode``, or
+    already a list of pairs (``moving_image``/``fixed_image`` entries, used as given). Relative paths are taken from
+    ``base_dir`` (default: the datalist file's folder); ``with_labels=False`` (unsupervised training) drops the labels.
     """
-    is_file = isinstance(datalist, (str, os.PathLike))
-    content = load_json(datalist) if is_file else datalist
-    source = str(datalist) if is_file else "the datalist"
+    content, source, root = _open(datalist, base_dir)
     if not isinstance(content, Mapping) or split not in content:
         raise RegistrationInputError(f"{source} has no '{split}' list; expected keys like 'training' and 'validation'.")
-    root = Path(base_dir) if base_dir else (Path(datalist).parent if is_file else None)
     entries = content[split]
     if not isinstance(entries, list) or not entries:
         raise RegistrationInputError(f"'{split}' in {source} must be a non-empty list.")
     if all(isinstance(e, Mapping) and "moving_image" in e for e in entries):
-        pairs = [{k: _resolve(e.get(k), root) for k in PAIR_KEYS if e.get(k)} for e in entries]
+        pairs = [_resolved(e, PAIR_KEYS, root) for e in entries]
     else:
-        images = [{k: _resolve(e.get(k), root) for k in ("image", "label") if e.get(k)} for e in entries]
-        atlas = content.get("atlas")
-        atlas = {k: _resolve(atlas.get(k), root) for k in ("image", "label") if atlas.get(k)} if atlas else None
-        pairs = make_pairs(images, mode=mode, atlas=atlas)
+        atlas = _resolved(content["atlas"], ("image", "label"), root) if content.get("atlas") else None
+        pairs = make_pairs([_resolved(e, ("image", "label"), root) for e in entries], mode=mode, atlas=atlas)
     if not with_labels:
         pairs = [{k: v for k, v in p.items() if k in ("moving_image", "fixed_image")} for p in pairs]
-    _check_pairs(pairs, f"'{split}' of {source}")
+    check_datalist(pairs, optional_keys=PAIR_KEYS[2:] + MASK_KEYS, source=f"'{split}' of {source}")
     return pairs
-
-
-#: accepted entry layouts of a datalist in ``check_datalist(..., keys=None)``: a pair, or one image (training sets
-#: that are paired later, e.g. all ordered pairs or atlas-to-subject).
-ENTRY_LAYOUTS = ((("moving_image", "fixed_image"), ("moving_label", "fixed_label")), (("image",), ("label",)))
 
 
 def check_datalist(
@@ -308,10 +248,9 @@ def check_datalist(
 
     Args:
         datalist: a list of dicts, a dict of such lists (e.g. ``{"training": [...], "validation": [...]}``, a dict
-            entry such as ``"atlas"`` counts as one entry), or a path to a JSON file holding either.
+            entry such as ``"atlas"`` counts as one entry; other fields are metadata), or a JSON file holding either.
         keys: keys every entry must have, each naming an existing, readable 3-D NIfTI file. ``None``: each entry is
-            either a pair (``moving_image``, ``fixed_image``, optional labels) or an image (``image``, optional
-            ``label``), as in training datalists.
+            one of :data:`ENTRY_LAYOUTS` (a pair, or an image), as in training datalists.
         optional_keys: keys that, when present and non-empty, must name such a file too (ignored when keys is None).
         base_dir: directory that relative paths are resolved against (default: the JSON file's folder, else CWD).
         source: name used in the message (default: the JSON path or "datalist").
@@ -322,13 +261,9 @@ def check_datalist(
     Raises:
         RegistrationInputError: listing every bad entry (section, index, key, path, problem).
     """
-    if isinstance(datalist, (str, os.PathLike)):
-        json_path = Path(datalist)
-        return check_datalist(
-            load_json(json_path), keys, optional_keys, json_path.parent if base_dir is None else base_dir,
-            source or str(json_path),
-        )
-    source = source or "datalist"
+    named = isinstance(datalist, (str, os.PathLike))
+    datalist, name, root = _open(datalist, base_dir)
+    source, base = source or (name if named else "datalist"), root or Path.cwd()
     if keys is None:
         layouts = [(list(required), list(optional)) for required, optional in ENTRY_LAYOUTS]
         expected = "a pair (moving_image, fixed_image[, labels]) or an image (image[, label])"
@@ -336,34 +271,31 @@ def check_datalist(
         layouts = [([keys] if isinstance(keys, str) else list(keys),
                      [optional_keys] if isinstance(optional_keys, str) else list(optional_keys))]
         expected = f"files for {layouts[0][0]} (and {layouts[0][1]} when given)"
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    sections = datalist.items() if isinstance(datalist, Mapping) else [("", datalist)]
+    known = {k for required, optional in layouts for k in required + optional}
     problems: list[str] = []
     total = 0
-    for section, entries in sections:
+    for section, entries in datalist.items() if isinstance(datalist, Mapping) else [("", datalist)]:
         single = isinstance(entries, Mapping)
         if single:  # e.g. "atlas": {"image": ..., "label": ...}; other dicts (label names, ...) are metadata
-            known = {k for required, optional in layouts for k in required + optional}
             if not known.intersection(entries):
                 continue
             entries = [entries]
-        if not isinstance(entries, Sequence) or isinstance(entries, str):
-            continue  # non-list fields (e.g. "name", "labels") are metadata, not entries
+        elif isinstance(entries, str) or not isinstance(entries, Sequence):
+            continue  # non-list fields (e.g. "name") are metadata, not entries
         for index, entry in enumerate(entries):
             total += 1
             where = section if single else (f"{section}[{index}]" if section else f"entry {index}")
             if not isinstance(entry, Mapping):
                 problems.append(f"{where}: expected a dict with {expected}, got {type(entry).__name__}")
                 continue
-            # the layout whose required keys the entry has (the first one when none fits, to name what is missing)
+            # the layout whose keys the entry has (the first one when none fits, to name what is missing)
             required, optional = next((lay for lay in layouts if any(k in entry for k in lay[0] + lay[1])), layouts[0])
             for key in required + optional:
-                value = entry.get(key)
-                if not value:
+                if not entry.get(key):
                     if key in required:
                         problems.append(f"{where}: missing key '{key}'")
                     continue
-                path = Path(value) if Path(value).is_absolute() else base / value
+                path = Path(entry[key]) if Path(entry[key]).is_absolute() else base / entry[key]
                 problem = header_problem(path)
                 if problem:
                     problems.append(f"{where}: {key} '{path}' {problem}")
@@ -374,5 +306,3 @@ def check_datalist(
             f"3-D NIfTI {expected}. Fix or remove these entries:\n  {shown}"
         )
     return datalist
-
-

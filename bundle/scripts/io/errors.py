@@ -1,23 +1,18 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Error types for problems the user can fix; the CLI prints their message and exits non-zero without a traceback."""
+"""What the command line shows when something goes wrong: errors the user can fix are printed as one message (exit
+status 2, no traceback), and Python warnings go to the log instead of straight to the terminal."""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
+import warnings
 from typing import Any, Callable
 
-__all__ = [
-    "BundleUserError",
-    "RegistrationInputError",
-    "OutputExistsError",
-    "NonFiniteLossError",
-    "find_user_error",
-    "exit_on_user_error",
-]
-
 USER_ERROR_EXIT_CODE = 2
+#: the logger warnings are sent to (the standard library's name for captured warnings)
+WARNINGS_LOGGER = "py.warnings"
 
 
 class BundleUserError(Exception):
@@ -84,3 +79,16 @@ def exit_on_user_error(function: Callable[..., Any], *args: Any, debug: bool = F
         logging.getLogger(__name__).debug("user error", exc_info=error)  # full traceback kept for log files
         print(f"error: {user_error}", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+
+def route_warnings(debug: bool = False) -> None:
+    """Send every Python warning to the log (logger ``py.warnings``) instead of printing it. Library deprecation notices
+    (FutureWarning, DeprecationWarning, e.g. MONAI's note on ``Orientationd``'s ``labels`` default) are logged at DEBUG
+    level, which the bundle's ``logging.conf`` (INFO) does not show, unless ``debug`` (the CLI's ``--debug``)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        notice = issubclass(category, (FutureWarning, DeprecationWarning)) and not debug
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        logging.getLogger(WARNINGS_LOGGER).log(logging.DEBUG if notice else logging.WARNING, "%s", text)
+
+    warnings.showwarning = show

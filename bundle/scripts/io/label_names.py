@@ -18,8 +18,6 @@ from typing import Any
 
 from scripts.io.errors import RegistrationInputError
 
-__all__ = ["LOOKUP_TABLE_SUFFIXES", "read_label_names", "sidecar_lookup_table", "label_names_for"]
-
 #: file types :func:`read_label_names` reads
 LOOKUP_TABLE_SUFFIXES = (".json", ".tsv", ".csv", ".txt", ".lut", ".ctbl")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".mgz")
@@ -73,19 +71,9 @@ def _read_colour_table(path: Path) -> list[tuple[Any, Any]]:
 
 
 def read_label_names(source: Mapping[Any, Any] | str | os.PathLike) -> dict[str, str]:
-    """
-    Label id -> name from a mapping or a lookup-table file (see the module docstring for the formats).
-
-    Args:
-        source: ``{1: "thalamus", ...}`` (ids as ints or strings), or the path of a .json/.tsv/.csv/.txt/.lut/.ctbl file.
-
-    Returns:
-        ``{"1": "thalamus", ...}``: ids as strings of integers, names stripped.
-
-    Raises:
-        RegistrationInputError: a missing or unreadable file, an unknown file type, an id that is not a non-negative
-        integer or an empty name; the message names the file and the entry.
-    """
+    """Label id -> name (``{"1": "thalamus", ...}``, names stripped) from a mapping (ids as ints or strings) or a
+    lookup-table file (formats: the module docstring); RegistrationInputError naming the file and the entry for a
+    missing or unreadable file, an unknown file type, an id that is not a non-negative integer or an empty name."""
     if isinstance(source, Mapping):
         return _checked(list(source.items()), "(config)")
     path = Path(os.path.expanduser(str(source)))
@@ -128,14 +116,9 @@ def sidecar_lookup_table(label_path: str | os.PathLike | None) -> Path | None:
 def label_names_for(
     label_names: Mapping[Any, Any] | str | os.PathLike | None, *label_paths: str | os.PathLike | None
 ) -> dict[str, str] | None:
-    """
-    The names to report for a pair: ``label_names`` when given (a mapping or a file), else the lookup table of the
-    first of ``label_paths`` that has one (fixed label first), else None (labels are then named by their numbers).
-
-    Args:
-        label_names: the user's names, or None/empty.
-        label_paths: label map files of the pair, in order of preference.
-    """
+    """The names to report for a pair: ``label_names`` when given (a mapping or a file), else the lookup table of the
+    first of ``label_paths`` (the pair's label maps, fixed first) that has one, else None (labels keep their
+    numbers)."""
     if label_names:
         return read_label_names(label_names)
     for path in label_paths:

@@ -24,21 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.io.atomic import check_outputs_writable
+from scripts.io.atomic import check_outputs_writable, temporary_files
 from scripts.io.datalist import INPUT_KEYS
 from scripts.io.errors import OutputExistsError
-
-__all__ = [
-    "WARPED_IMAGE", "DDF", "WARPED_LABEL", "JACOBIAN_DET", "METRICS_JSON", "METRICS_CSV", "AFFINE_MAT", "WARP",
-    "TRANSFORM_H5", "INVERSE_WARP", "INVERSE_TRANSFORM_H5", "QC_PNG",
-    "SUMMARY_JSON", "SUMMARY_CSV", "FAILED_PAIRS", "COHORT_JSON", "COHORT_CSV", "COHORT_MD", "COHORT_RANK_JSON",
-    "IN_PROGRESS_MARKER", "VOLUME_OUTPUTS", "PAIR_OUTPUTS", "LABEL_OUTPUTS", "RUN_OUTPUTS", "VIEW_OUTPUTS",
-    "EVALUATION_OUTPUTS", "transform_file_names", "registration_output_names", "pair_output_dir", "check_outputs_free",
-    "check_inputs_are_not_outputs",
-    "ABSENT", "COMPLETE", "INTERRUPTED", "FOREIGN",
-    "expected_pair_outputs", "pair_output_state", "pair_outputs_complete", "mark_in_progress", "clear_in_progress",
-    "clear_interrupted_outputs",
-]
 
 # --- one pair's folder (``output_dir`` for a single pair, ``output_dir/<pair_id>`` in a datalist run)
 WARPED_IMAGE = "warped_image.nii.gz"
@@ -110,11 +98,8 @@ def pair_output_dir(output_dir: str | os.PathLike, pair_id: str | None) -> Path:
 def check_outputs_free(
     pairs: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, names: Sequence[str], overwrite: bool = False
 ) -> list[Mapping[str, Any]]:
-    """
-    Fail before any computation if outputs of these pairs already exist and ``overwrite`` is False.
-
-    Returns ``pairs`` unchanged so that it can wrap the datalist in a config expression.
-    """
+    """Fail before any computation if outputs of these pairs already exist and ``overwrite`` is False; returns ``pairs``
+    unchanged so that it can wrap the datalist in a config expression."""
     targets = []
     for pair in pairs:
         folder = pair_output_dir(output_dir, pair.get("pair_id"))
@@ -126,11 +111,7 @@ def check_outputs_free(
 
 def check_inputs_are_not_outputs(pair: Mapping[str, Any], folder: str | os.PathLike, names: Sequence[str]) -> None:
     """Refuse a pair whose input file is one of the files the run writes for it (even with ``overwrite``): e.g. a
-    moving image called ``warped_image.nii.gz`` inside the output folder would be replaced by its own result.
-
-    Raises:
-        OutputExistsError: naming the input, the output and what to do.
-    """
+    moving image called ``warped_image.nii.gz`` inside the output folder would be replaced by its own result."""
     outputs = {os.path.realpath(Path(folder) / name): name for name in names}
     for key in INPUT_KEYS:
         value = pair.get(key)
@@ -144,16 +125,9 @@ def check_inputs_are_not_outputs(pair: Mapping[str, Any], folder: str | os.PathL
 
 
 def expected_pair_outputs(pair: Mapping[str, Any], output_names: Sequence[str]) -> list[str]:
-    """The files of ``output_names`` that a run writes into this pair's folder: without :data:`RUN_OUTPUTS`, and the
-    files of :data:`LABEL_OUTPUTS` only when the pair has that label.
-
-    Args:
-        pair: pair dict (``moving_image``, ``fixed_image``, optional ``moving_label``/``fixed_label``).
-        output_names: every output file name of the run (configs: ``@output_names``).
-
-    Returns:
-        file names in ``output_names`` order, without duplicates.
-    """
+    """The files of ``output_names`` (configs: ``@output_names``) that a run writes into this pair's folder, in that
+    order, without duplicates: without :data:`RUN_OUTPUTS`, and those of :data:`LABEL_OUTPUTS` only when the pair has
+    that label."""
     if isinstance(output_names, (str, os.PathLike)):
         raise TypeError(f"output_names must be a list of file names, got the single name {output_names!r}.")
     names: list[str] = []
@@ -168,18 +142,10 @@ def expected_pair_outputs(pair: Mapping[str, Any], output_names: Sequence[str]) 
 def pair_output_state(
     folder: str | os.PathLike, expected: Sequence[str], known: Sequence[str] | None = None
 ) -> tuple[str, list[str]]:
-    """State of one pair folder and the output files found in it.
-
-    Args:
-        folder: the pair's output folder.
-        expected: files the run writes for this pair (:func:`expected_pair_outputs`).
-        known: every file name the run may write into pair folders (default ``expected``); used to find leftovers.
-
-    Returns:
-        ``(state, existing)``: :data:`COMPLETE` (all expected files but :data:`VIEW_OUTPUTS` at least, no marker),
-        :data:`INTERRUPTED` (marker present), :data:`FOREIGN` (some output files but not all, no marker) or
-        :data:`ABSENT` (none); ``existing`` lists the files of ``known`` that exist.
-    """
+    """``(state, existing)`` of one pair folder: :data:`COMPLETE` (all ``expected`` files but :data:`VIEW_OUTPUTS` at
+    least, no marker), :data:`INTERRUPTED` (marker present), :data:`FOREIGN` (some output files but not all, no marker)
+    or :data:`ABSENT` (none); ``existing`` lists the files of ``expected`` and ``known`` (every name the run may write
+    into pair folders, to find leftovers) that exist."""
     if not expected:
         raise ValueError("expected must name at least one output file of the pair.")
     folder = Path(folder)
@@ -200,11 +166,9 @@ def pair_outputs_complete(folder: str | os.PathLike, pair: Mapping[str, Any], ou
 
 
 def mark_in_progress(folder: str | os.PathLike, note: str = "") -> Path:
-    """Create the folder's :data:`IN_PROGRESS_MARKER` before its pair is registered.
-
-    Written in place, not through a temporary file: only its existence matters, and a run killed while writing it
-    leaves the marker (the safe side: the pair counts as interrupted) rather than a stray temporary file.
-    """
+    """Create the folder's :data:`IN_PROGRESS_MARKER` before its pair is registered. Written in place, not atomically:
+    only its existence matters, and a run killed while writing it leaves the marker (the safe side: the pair counts as
+    interrupted) rather than a stray temporary file."""
     marker = Path(folder) / IN_PROGRESS_MARKER
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(note or "registration in progress\n")
@@ -217,23 +181,15 @@ def clear_in_progress(folder: str | os.PathLike) -> None:
 
 
 def clear_interrupted_outputs(folder: str | os.PathLike, names: Sequence[str]) -> list[str]:
-    """Remove what an interrupted run wrote into a pair folder that holds the marker: the files of ``names`` and the
-    hidden temporary files of an atomic write that was cut short (``.<stem>.tmp-<hex><suffix>``).
-
-    Returns:
-        the names removed (the marker itself stays until the pair is complete again).
-
-    Raises:
-        ValueError: the folder holds no marker (its files were not written by an interrupted run).
-    """
+    """Remove what an interrupted run wrote into a pair folder that holds the marker (ValueError without one): the files
+    of ``names`` and the temporary files of atomic writes cut short. Returns the names removed (the marker itself stays
+    until the pair is complete again)."""
     folder = Path(folder)
     if not (folder / IN_PROGRESS_MARKER).exists():
         raise ValueError(f"{folder} holds no {IN_PROGRESS_MARKER}: refusing to remove its files.")
     removed = []
     for name in names:
-        suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-        stem = name[: len(name) - len(suffix)] if suffix else name
-        for path in [folder / name, *folder.glob(f".{stem}.tmp-*{suffix}")]:
+        for path in [folder / name, *temporary_files(folder / name)]:
             if path.is_file():
                 path.unlink()
                 removed.append(path.name)

@@ -17,8 +17,6 @@ import shutil
 import sys
 from typing import IO, Any
 
-__all__ = ["Progress", "interactive_terminal"]
-
 #: bars open in this process (nested loops: a cohort's pair bar holds the refinement bar of its pair)
 _open_bars = 0
 

@@ -1,8 +1,7 @@
 # Copyright (c) the SACB-Net MONAI bundle authors. Licensed under the Apache License, Version 2.0.
-"""Atomic, non-overwriting NIfTI/JSON/CSV output of the registration workflows.
-
-A pair's output files are independent of each other, so they are written on a few threads (:class:`ConcurrentWriter`):
-most of the time goes into zlib compression and file IO, which release the GIL.
+"""The writer of a pair's volumes (``SaveRegistrationOutputsd``): atomic NIfTI files that never replace earlier results
+unless asked. A pair's output files are independent of each other, so they are written on a few threads
+(:class:`ConcurrentWriter`): most of the time goes into compression and file IO, which release the GIL.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import logging
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -24,22 +22,7 @@ from monai.transforms import MapTransform
 from scripts.io.atomic import check_outputs_writable, save_nifti
 from scripts.io.outputs import VOLUME_OUTPUTS, pair_output_dir
 
-__all__ = [
-    "DEFAULT_OUTPUT_NAMES",
-    "DEFAULT_WRITE_WORKERS",
-    "PARALLEL_WRITE_MAX_VOXELS",
-    "ConcurrentWriter",
-    "SaveRegistrationOutputsd",
-    "nifti_image",
-    "pair_output_dir",
-    "write_nifti",
-    "write_workers",
-]
-
 logger = logging.getLogger(__name__)
-
-#: data key -> file name of the registration outputs (declared in ``scripts.io.outputs``).
-DEFAULT_OUTPUT_NAMES = VOLUME_OUTPUTS
 
 #: threads writing one pair's files: two keep both cores of a small machine compressing, more only add memory
 DEFAULT_WRITE_WORKERS = 2
@@ -146,30 +129,6 @@ def _name_file(error: BaseException, path: str | os.PathLike) -> BaseException:
     return error
 
 
-def write_nifti(
-    path: str | os.PathLike,
-    array: torch.Tensor | np.ndarray,
-    affine: np.ndarray | torch.Tensor,
-    overwrite: bool = False,
-    dtype: np.dtype | type | None = None,
-    vector: bool = False,
-) -> Path:
-    """
-    Write a channel-first volume as NIfTI atomically (temporary name + ``os.replace``).
-
-    Args:
-        path: target file (``.nii`` or ``.nii.gz``).
-        array: (C, D, H, W) volume; one channel is written as a 3-D image (D, H, W), several as (D, H, W, C).
-        affine: 4x4 voxel-to-world affine of the grid.
-        overwrite: replace an existing file; otherwise raise ``scripts.io.atomic.OutputExistsError``.
-        dtype: on-disk data type (default: the array's, float64 stored as float32).
-        vector: mark the file as a vector field (NIfTI intent "vector"), e.g. for displacements.
-    """
-    target = Path(path)
-    check_outputs_writable([target], overwrite)
-    return save_nifti(nifti_image(array, affine, dtype, vector, name=target.name), target)
-
-
 def nifti_image(
     array: torch.Tensor | np.ndarray,
     affine: np.ndarray | torch.Tensor,
@@ -179,7 +138,8 @@ def nifti_image(
     xform_codes: tuple[int, int] = (1, 1),
 ) -> nib.Nifti1Image:
     """
-    The in-memory image :func:`write_nifti` saves (built in the calling thread, so only saving runs on a writer thread).
+    A channel-first volume as an in-memory NIfTI image (built in the calling thread, so that only saving it, with
+    :func:`scripts.io.atomic.save_nifti`, runs on a writer thread).
 
     Args:
         array: (C, D, H, W) volume; one channel becomes a 3-D image (D, H, W), several a (D, H, W, C) image.
@@ -215,7 +175,7 @@ class SaveRegistrationOutputsd(MapTransform):
 
     Args:
         output_dir: root output folder.
-        names: data key -> file name (default :py:data:`DEFAULT_OUTPUT_NAMES`); missing keys are skipped.
+        names: data key -> file name (default :py:data:`scripts.io.outputs.VOLUME_OUTPUTS`); missing keys are skipped.
         vector_keys: keys written as vector fields (the displacement).
         label_keys: keys written as integer label maps.
         pair_id_key: data key holding the pair's sub-folder name (empty/absent: write into ``output_dir``).
@@ -237,7 +197,7 @@ class SaveRegistrationOutputsd(MapTransform):
         max_workers: int = DEFAULT_WRITE_WORKERS,
         reference_key: str = "fixed_image",
     ) -> None:
-        self.names = dict(names) if names is not None else dict(DEFAULT_OUTPUT_NAMES)
+        self.names = dict(names) if names is not None else dict(VOLUME_OUTPUTS)
         super().__init__(list(self.names.keys()), allow_missing_keys=True)
         self.output_dir = output_dir
         self.vector_keys = set(vector_keys)

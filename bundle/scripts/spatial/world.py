@@ -18,7 +18,6 @@ World-space conventions of the bundle and the conversions between them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -13,9 +13,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.engines.affine_registration import AffineRegistration, check_affine_result, resample_moving
+from scripts.engines.affine_registration import AffineRegistration, check_affine_result
 from scripts.io.errors import RegistrationInputError
 from scripts.layers.intensity import window_intensity
+from scripts.layers.sampling import resample_moving
 
 __all__ = ["AFFINE_MATRIX_KEY", "MIN_FOREGROUND_OVERLAP", "AffineAlignd", "foreground_overlap"]
 

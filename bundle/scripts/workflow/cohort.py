@@ -7,7 +7,7 @@
    complete pair is left out unless ``overwrite`` (row ``already_complete``, keeping the row of the run that registered
    it), outputs from elsewhere make the pair fail, the leftovers of an interrupted run are removed. Every rank gets the
    same list of pairs still to register (``idist.broadcast``) and takes its round-robin share of it
-   (``scripts.io.sharding.rank_share``): the data of its :class:`CohortDataset`.
+   (``scripts.io.devices.rank_share``): the data of its :class:`CohortDataset`.
 2. As an ignite handler of the evaluator it marks a pair's folder in progress when its iteration starts and, once the
    outputs are written, checks them, removes the mark and records the pair's row with its wall time.
 3. Rows are rewritten atomically as pairs finish: ``cohort.json`` and ``cohort.csv`` in a single-process run,
@@ -43,7 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from scripts.io.atomic import write_csv, write_json, write_text
 from scripts.io.errors import BundleUserError, OutputExistsError, find_user_error
 from scripts.io.label_names import label_names_for
-from scripts.io.sharding import check_launch, rank_share
+from scripts.io.devices import check_launch, rank_share
 from scripts.io.outputs import (
     COHORT_CSV, COHORT_JSON, COHORT_MD, COHORT_RANK_JSON, COMPLETE, FAILED_PAIRS, FOREIGN, INTERRUPTED,
     check_inputs_are_not_outputs, clear_in_progress, clear_interrupted_outputs, expected_pair_outputs,

@@ -18,7 +18,7 @@ from scripts.engines.resolution_inferer import ResolutionInferer, input_spacing,
 from scripts.layers.intensity import background_per_key, resolve_background
 from scripts.layers.sampling import SLAB_VOXELS, resample_moving
 from scripts.io.input_checks import same_grid
-from scripts.io.weights_info import check_network_spacing
+from scripts.io.weights import check_network_spacing
 
 __all__ = [
     "CheckNetworkGridd", "DownsampleToNetworkGridd", "ResampleToFixedGridd", "WarpByDdfd", "JacobianDeterminantd",

@@ -20,7 +20,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
 from scripts.io.errors import RegistrationInputError
-from scripts.io.input_transforms import is_given
+from scripts.io.input_checks import is_given
 from scripts.layers.intensity import AUTO_BACKGROUND, check_background, check_intensity_window
 
 __all__ = ["CT_HINT_BELOW", "MaskImagesd", "ScaleRegistrationIntensityd", "intensity_overrides"]
