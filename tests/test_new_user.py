@@ -252,5 +252,27 @@ def test_cli_routes_library_deprecation_warnings_to_the_log(monkeypatch, caplog)
         warnings.simplefilter("always")
         warnings.warn("a default changed", FutureWarning)
         warnings.warn("something odd", UserWarning)
+        # MONAI's LoadImage builds the GPU DICOM decoder too where pydicom is installed (e.g. the Deploy environment)
+        warnings.warn("NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register", UserWarning)
     levels = {r.getMessage().split(": ", 1)[1].split("\n")[0]: r.levelno for r in caplog.records}
-    assert levels == {"FutureWarning: a default changed": logging.DEBUG, "UserWarning: something odd": logging.WARNING}
+    assert levels == {"FutureWarning: a default changed": logging.DEBUG, "UserWarning: something odd": logging.WARNING,
+                      "UserWarning: NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register": logging.DEBUG}
+
+
+def test_the_bundle_log_leaves_out_the_missing_gpu_dicom_decoder(tmp_path):
+    """The logger MONAI's GPU DICOM decoder warns through at each load is set to errors only by ``logging.conf``."""
+    import logging.config
+
+    from conftest import BUNDLE_ROOT
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    logging.config.fileConfig(str(BUNDLE_ROOT / "configs" / "logging.conf"), disable_existing_loggers=False)
+    try:
+        decoder = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+        assert decoder.getEffectiveLevel() == logging.ERROR
+        assert logging.getLogger("scripts.engines").getEffectiveLevel() == logging.INFO  # the bundle's own lines stay
+    finally:
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.NOTSET)
+        root.handlers[:] = handlers
+        root.setLevel(level)

@@ -210,7 +210,8 @@ def register(
         affine: the affine stage: "affine" (12 parameters, default), "rigid" (6) or "none" (inputs already aligned).
         affine_only: stop after the affine stage (zero deformable field; outputs as usual).
         inverse: also write inverse_warp.nii.gz (maps fixed-space images onto the moving scan with affine.mat) and
-            inverse_transform.h5 (the same in one file).
+            inverse_transform.h5 (the same in one file), and register symmetrically (the network run both ways, the
+            refinement scored both ways: symmetric_registration) so that the inverse is as good as the forward.
         refine_iterations: steps of the field refinement after the network (default: the config's refine_iterations;
             0: off).
         label_names: names of the label ids in the report: a JSON {"1": "name", ...}, a TSV/CSV with index and name

@@ -81,13 +81,20 @@ def exit_on_user_error(function: Callable[..., Any], *args: Any, debug: bool = F
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
 
 
+#: MONAI's LoadImage builds every reader it knows, also the GPU DICOM decoder where pydicom is installed, which warns on
+#: each load that it cannot register: nothing the bundle reads with (NibabelReader), so a notice like the deprecations
+_OPTIONAL_DECODER = "NvImgCodecPydicomReader"
+
+
 def route_warnings(debug: bool = False) -> None:
     """Send every Python warning to the log (logger ``py.warnings``) instead of printing it. Library deprecation notices
-    (FutureWarning, DeprecationWarning, e.g. MONAI's note on ``Orientationd``'s ``labels`` default) are logged at DEBUG
+    (FutureWarning, DeprecationWarning, e.g. MONAI's note on ``Orientationd``'s ``labels`` default) and the GPU DICOM
+    decoder's note that it is not installed are logged at DEBUG
     level, which the bundle's ``logging.conf`` (INFO) does not show, unless ``debug`` (the CLI's ``--debug``)."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        notice = issubclass(category, (FutureWarning, DeprecationWarning)) and not debug
+        notice = issubclass(category, (FutureWarning, DeprecationWarning)) or _OPTIONAL_DECODER in str(message)
+        notice = notice and not debug
         text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
         logging.getLogger(WARNINGS_LOGGER).log(logging.DEBUG if notice else logging.WARNING, "%s", text)
 
