@@ -194,7 +194,7 @@ def symmetric_network_fields(
     """
     forward, forward_velocity = network_fields(network, pair, *args, **kwargs)
     backward, backward_velocity = network_fields(network, pair.flip(1), *args, **kwargs)
-    if forward_velocity is not None and backward_velocity is not None:
+    if forward_velocity is not None:  # one network, so both calls return a velocity or neither does
         velocity = 0.5 * (forward_velocity.float() - backward_velocity.float())
         module = getattr(network, "module", network)
         return module.integrate(velocity), velocity
