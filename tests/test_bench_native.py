@@ -429,3 +429,49 @@ def test_rescore_refuses_files_that_do_not_reproduce_the_stored_dice(tmp_path):
     saved = json.loads((out / "results.json").read_text())["results"]
     assert "hd95_mean" not in saved[0] and "hd95_mean" in saved[1]  # the bad row left alone, the others done
     assert any("does not reproduce the stored Dice" in m for m in messages)
+
+
+# ---------------------------------------------------------------- whole heads
+
+
+def test_seg14_from_aseg_merges_left_and_right_and_drops_every_other_id():
+    from bench.accuracy.cfmi_heads import SEG14_FROM_ASEG, seg14_from_aseg
+
+    aseg = np.array([[0, 10, 49, 2, 41], [3, 42, 16, 24, 1000]], dtype=np.int16)  # 24 = CSF, 1000 = a cortex parcel
+    assert seg14_from_aseg(aseg).tolist() == [[0, 1, 1, 14, 14], [10, 10, 13, 0, 0]]
+    ids = [i for pair in SEG14_FROM_ASEG.values() for i in pair]
+    assert sorted(SEG14_FROM_ASEG) == list(range(1, 15)) and len(ids) == len(set(ids))  # no aseg id in two classes
+
+
+def test_whole_head_parts_are_split_by_person(tmp_path):
+    """Tuning, test and the original two people share nobody; every pair is inter-subject; a part whose files were
+    not built says how to build them."""
+    from bench.accuracy.pairs import HEAD_PAIRS, whole_head_pairs
+
+    people = {part: {p for pair in pairs for p in pair} for part, pairs in HEAD_PAIRS.items()}
+    assert all(m != f for pairs in HEAD_PAIRS.values() for m, f in pairs)
+    parts = list(people)
+    for i, a in enumerate(parts):
+        for b in parts[i + 1:]:
+            assert not people[a] & people[b], (a, b)
+    with pytest.raises(FileNotFoundError, match="cfmi_heads"):
+        whole_head_pairs(tmp_path, tmp_path / "out", head_data=tmp_path, part="tuning")
+    with pytest.raises(ValueError, match="unknown whole-head part"):
+        whole_head_pairs(tmp_path, tmp_path / "out", part="validation")
+
+
+def test_whole_head_pairs_read_the_given_folder_and_write_masks(tmp_path):
+    from bench.accuracy.pairs import HEAD_PAIRS, whole_head_pairs
+
+    grid = np.eye(4)
+    for person in {p for pair in HEAD_PAIRS["test"] for p in pair}:
+        brain = np.zeros((6, 6, 6), np.uint8)
+        brain[1:4, 1:4, 1:4] = 50
+        for kind, data in (("head_t1", brain + 10), ("brain_t1", brain), ("seg14", (brain > 0).astype(np.uint8))):
+            nib.save(nib.Nifti1Image(data, grid), str(tmp_path / f"cfmi-{person}_{kind}.nii.gz"))
+    pairs = whole_head_pairs(tmp_path / "unused", tmp_path / "out", head_data=tmp_path, part="test")
+    assert [p.name for p in pairs][:2] == ["head_sub06_to_sub07", "brain_sub06_to_sub07"] and len(pairs) == 6
+    head = pairs[0]
+    assert head.note.endswith("test people") and head.fixed_mask and head.moving_mask
+    mask = np.asanyarray(nib.load(head.fixed_mask).dataobj)
+    assert mask.sum() == 27 and mask.dtype == np.uint8  # the stripped brain > 0

@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--include_retest", action="store_true", help="add the test-retest pair mal1025 -> mal1005")
     parser.add_argument("--whole_heads", action="store_true",
                         help="add the brain_freesurfer_head pairs: whole heads (with brain masks) and stripped brains")
+    parser.add_argument("--head_part", default="original", choices=["original", "tuning", "test"],
+                        help="which whole-head pairs (bench.accuracy.pairs.HEAD_PAIRS); tuning/test need --head_data")
+    parser.add_argument("--head_data", default=None,
+                        help="folder of the cfmi-* whole-head files (default DATA/brain_freesurfer_head; the tuning "
+                        "and test parts: the folder written by python -m bench.accuracy.cfmi_heads)")
     parser.add_argument("--random_seed", type=int, default=1)
     parser.add_argument("--weights", default=None, help="network weights for the bundle methods (default: the shipped)")
     parser.add_argument("--prealigned_from", default=None, help="OUT of an earlier run: reuse its ANTs Affine inputs")
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rescore:
         return rescore(Path(args.rescore).resolve(), ["python", "-m", "bench.accuracy.native", *argv])
     out_dir = Path(args.out).resolve()
-    pairs = native_pairs(args.data, out_dir, include_retest=args.include_retest, whole_heads=args.whole_heads)
+    pairs = native_pairs(args.data, out_dir, include_retest=args.include_retest, whole_heads=args.whole_heads,
+                         head_data=args.head_data, head_part=args.head_part)
     if args.pairs:
         wanted = [p.strip() for p in args.pairs.split(",") if p.strip()]
         unknown = sorted(set(wanted) - {p.name for p in pairs})

@@ -46,6 +46,7 @@ from bench.accuracy.native_split import SPLIT_PATH, load_split, scan_files
 
 __all__ = [
     "FS_MARGIN",
+    "HEAD_PAIRS",
     "LabelGroup",
     "NativePair",
     "Pair",
@@ -339,27 +340,47 @@ def mal2012_pairs(
     return pairs
 
 
-def whole_head_pairs(data_root: str | Path, out_dir: str | Path) -> list[NativePair]:
-    """The two ``brain_freesurfer_head`` people registered both ways, as whole heads (skull, scalp, neck; with brain
-    masks = the stripped brain > 0, written under ``OUT/inputs/``, for the masked methods) and as their stripped
-    brains (the same scans, skull-stripped: what a masked whole head should reach). 256^3, 1 mm, uncropped."""
-    folder = Path(data_root) / "brain_freesurfer_head"
+#: Whole-head pairs (moving, fixed) by part. ``original``: the two people of ``shared/data/brain_freesurfer_head``, both
+#: ways. ``tuning`` / ``test``: the other CFMI people built by ``bench.accuracy.cfmi_heads`` (split by person, the first
+#: three usable people for tuning, the next three for testing, each part a cycle), so that whole-head settings can be
+#: chosen on heads that are never scored as evidence.
+HEAD_PAIRS = {
+    "original": (("sub10", "sub09"), ("sub09", "sub10")),
+    "tuning": (("sub01", "sub02"), ("sub02", "sub04"), ("sub04", "sub01")),
+    "test": (("sub06", "sub07"), ("sub07", "sub08"), ("sub08", "sub06")),
+}
+
+
+def whole_head_pairs(
+    data_root: str | Path, out_dir: str | Path, head_data: str | Path | None = None, part: str = "original"
+) -> list[NativePair]:
+    """Whole-head pairs of one part of :data:`HEAD_PAIRS`, as whole heads (skull, scalp, neck; with brain masks = the
+    stripped brain > 0, written under ``OUT/inputs/``, for the masked methods) and as their stripped brains (the same
+    scans, skull-stripped: what a masked whole head should reach). 256^3, 1 mm, uncropped. Files are read from
+    ``head_data`` (default ``DATA/brain_freesurfer_head``; the tuning and test parts need the folder written by
+    ``bench.accuracy.cfmi_heads``)."""
+    if part not in HEAD_PAIRS:
+        raise ValueError(f"unknown whole-head part {part!r}; known: {sorted(HEAD_PAIRS)}.")
+    folder = Path(head_data) if head_data else Path(data_root) / "brain_freesurfer_head"
     masks = Path(out_dir) / "inputs" / "freesurfer_head_masks"
     masks.mkdir(parents=True, exist_ok=True)
     files = {}
-    for person in ("sub09", "sub10"):
+    for person in sorted({p for pair in HEAD_PAIRS[part] for p in pair}):
         brain = folder / f"cfmi-{person}_brain_t1.nii.gz"
+        if not brain.exists():
+            raise FileNotFoundError(f"{brain} not found: the {part!r} whole heads are built by "
+                                    "`python -m bench.accuracy.cfmi_heads` (see its docstring); pass --head_data.")
         mask = masks / f"cfmi-{person}_brain_mask.nii.gz"
         if not mask.exists():
             image = nib.load(str(brain))
             save_like((np.asanyarray(image.dataobj) > 0).astype(np.uint8), image, mask)
         files[person] = {"head": folder / f"cfmi-{person}_head_t1.nii.gz", "brain": brain, "mask": mask,
                          "label": folder / f"cfmi-{person}_seg14.nii.gz"}
-    pairs = []
-    for moving, fixed in (("sub10", "sub09"), ("sub09", "sub10")):
+    pairs, note = [], "whole heads (skull, scalp, neck)" + ("" if part == "original" else f", {part} people")
+    for moving, fixed in HEAD_PAIRS[part]:
         m, f = files[moving], files[fixed]
         pairs.append(NativePair(f"head_{moving}_to_{fixed}", str(f["head"]), str(m["head"]), str(f["label"]),
-                                str(m["label"]), "brain_freesurfer_head", "whole heads (skull, scalp, neck)",
+                                str(m["label"]), "brain_freesurfer_head", note,
                                 str(f["mask"]), str(m["mask"])))
         pairs.append(NativePair(f"brain_{moving}_to_{fixed}", str(f["brain"]), str(m["brain"]), str(f["label"]),
                                 str(m["label"]), "brain_freesurfer_head", "the same people's stripped brains"))
@@ -367,12 +388,17 @@ def whole_head_pairs(data_root: str | Path, out_dir: str | Path) -> list[NativeP
 
 
 def native_pairs(
-    data_root: str | Path, out_dir: str | Path, include_retest: bool = False, whole_heads: bool = False
+    data_root: str | Path,
+    out_dir: str | Path,
+    include_retest: bool = False,
+    whole_heads: bool = False,
+    head_data: str | Path | None = None,
+    head_part: str = "original",
 ) -> list[NativePair]:
     """All pairs in benchmark order: the FreeSurfer pair, the 10 ``brain_mal2012`` test pairs, [the retest pair],
-    [the whole-head pairs and their stripped twins]."""
+    [the whole-head pairs of ``head_part`` and their stripped twins]."""
     pairs = [freesurfer_pair(data_root, out_dir)] + mal2012_pairs(data_root, include_retest=include_retest)
-    return pairs + (whole_head_pairs(data_root, out_dir) if whole_heads else [])
+    return pairs + (whole_head_pairs(data_root, out_dir, head_data, head_part) if whole_heads else [])
 
 
 def prealigned_pair(pair: NativePair, prealigned_dir: Path) -> NativePair:
