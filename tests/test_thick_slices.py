@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from conftest import BUNDLE_ROOT, REPO_ROOT, SAMPLE_PAIR, SHARED_DATA
 
 from scripts.engines import FieldRefinementInferer, ForegroundCropInferer, ResolutionInferer
-from scripts.engines.resolution_inferer import input_spacing, isotropic_network_scale, network_grid_size
+from scripts.engines.resolution_inferer import input_spacing, isotropic_network_scale
 from scripts.io import (
     RegistrationInputError,
     check_network_scale,
