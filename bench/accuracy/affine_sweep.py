@@ -10,7 +10,8 @@ that affine setting.
 Each pair ``M:F`` reads ``DATA/M_t1.nii.gz`` and ``DATA/M_seg14.nii.gz`` (and the same for ``F``; ``--suffix`` for
 other image names). Each setting is ``LEVELS:ITERATIONS`` (spacings in mm and Adam steps per level, coarse to fine,
 ``-`` between levels) followed by optional ``key=value`` fields: ``tolerance`` and ``window`` (the early stop, default
-0 = off and 10 steps) and ``search`` (the start search's steps per rotation, default 20). ``6-4-2:100-60-30`` is the
+0 = off and 10 steps), ``search`` (the start search's steps per rotation, default 20), ``similarity`` (``ncc``,
+``lncc`` or ``mi``, default ``ncc``) and ``init`` (``moments``, ``com`` or ``identity``, default ``moments``). ``6-4-2:100-60-30`` is the
 stage of configs/inference.json (kept after this sweep: docs/benchmarks.md, "The affine stage tuned for time").
 
 The affine stage: :py:class:`scripts.engines.AffineRegistration` with the settings of configs/inference.json otherwise,
@@ -48,7 +49,7 @@ from bench.accuracy.scoring import read_labels, score_labels
 from scripts.engines import AffineRegistration
 from scripts.layers import resample_moving
 
-OPTIONS = {"tolerance": float, "window": int, "search": int}
+OPTIONS = {"tolerance": float, "window": int, "search": int, "similarity": str, "init": str}
 
 
 @dataclass(frozen=True)
@@ -84,18 +85,21 @@ class Setting:
     def registration(self) -> AffineRegistration:
         """The stage as configs/inference.json builds it, with this setting's levels, steps and early stop."""
         return AffineRegistration(
-            "affine", self.levels_mm, self.iterations, similarity="ncc", init="moments",
+            "affine", self.levels_mm, self.iterations, similarity=self.options.get("similarity", "ncc"),
+            init=self.options.get("init", "moments"),
             search_iterations=self.options.get("search", 20), tolerance=self.options.get("tolerance", 0.0),
             tolerance_window=self.options.get("window", 10),
         )
 
     def overrides(self) -> dict:
         """The run overrides of configs/inference.json that give the pipeline this setting."""
-        if "search" in self.options:
-            raise ValueError(f"setting {self.text!r}: the search steps have no config id; --final cannot run it.")
+        unmapped = sorted(set(self.options) & {"search", "init"})
+        if unmapped:
+            raise ValueError(f"setting {self.text!r}: {unmapped} have no config id here; --final cannot run it.")
+        chosen = {"affine_similarity": self.options["similarity"]} if "similarity" in self.options else {}
         return {"affine_levels_mm": list(self.levels_mm), "affine_iterations": list(self.iterations),
                 "affine_tolerance": self.options.get("tolerance", 0.0),
-                "affine_tolerance_window": self.options.get("window", 10)}
+                "affine_tolerance_window": self.options.get("window", 10)} | chosen
 
 
 def _load(data: Path, stem: str, suffix: str) -> dict:
