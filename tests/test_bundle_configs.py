@@ -104,3 +104,17 @@ def test_affine_stage_settings_come_from_their_ids(in_bundle_root):
     registration = parser.get_parsed_content("affine_registration")
     assert registration.levels_mm == (8.0, 5.0) and registration.iterations == (40, 20)
     assert registration.tolerance == 2e-5 and registration.tolerance_window == 7
+
+
+@pytest.mark.parametrize("affine_only,override,expected", [
+    (False, None, "ncc"), (True, None, "lncc"), (True, "mi", "mi"), (False, "lncc", "lncc"),
+])
+def test_affine_stage_uses_local_ncc_where_it_is_the_whole_result(affine_only, override, expected):
+    """``affine_similarity`` follows ``affine_only`` (local NCC when the affine is the result, global NCC before the
+    deformable stages, docs/usage.md); a value the user sets wins either way."""
+    parser = _parser("inference.json")
+    parser["affine_only"] = affine_only
+    if override is not None:
+        parser["affine_similarity"] = override
+    registration = parser.get_parsed_content("affine_registration")
+    assert registration.similarity == expected
