@@ -52,19 +52,22 @@ def seg14_from_aseg(aseg: np.ndarray) -> np.ndarray:
     return seg14
 
 
-def _read_mgz(repo: Path, path: str) -> nib.MGHImage:
+def _read_mgz(repo: Path, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel array and (4, 4) affine of ``path`` at :data:`COMMIT` (decoded from a temporary copy of the blob)."""
     blob = subprocess.run(["git", "-C", str(repo), "show", f"{COMMIT}:{path}"], capture_output=True, check=True).stdout
     with tempfile.NamedTemporaryFile(suffix=".mgz") as handle:
         handle.write(blob)
         handle.flush()
         image = nib.load(handle.name)
-        return nib.MGHImage(np.asanyarray(image.dataobj), image.affine, image.header)
+        return np.asanyarray(image.dataobj), image.affine
 
 
-def _save(data: np.ndarray, like: nib.MGHImage, path: Path) -> None:
-    image = nib.Nifti1Image(data, like.affine)
-    image.set_qform(like.affine, code=1)
-    image.set_sform(like.affine, code=1)
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    # not bench.accuracy.io.save_like: the shared folder's files carry qform and sform code 1 (scanner), which
+    # save_like's plain Nifti1Image(array, affine) would not reproduce
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
     tmp = path.with_name(path.name + ".part.nii.gz")
     nib.save(image, str(tmp))
     tmp.replace(path)
@@ -75,15 +78,14 @@ def build_person(repo: Path, person: str, out_dir: Path) -> list[Path]:
     name = "cfmi-" + person.replace("-", "")
     written = []
     for kind, source in SOURCES.items():
-        image = _read_mgz(repo, f"{person}/mri/{source}")
-        data = np.asanyarray(image.dataobj)
+        data, affine = _read_mgz(repo, f"{person}/mri/{source}")
         data = data.astype(np.int16) if kind == "aseg" else data.astype(np.uint8)
         path = out_dir / f"{name}_{kind}.nii.gz"
-        _save(data, image, path)
+        _save(data, affine, path)
         written.append(path)
         if kind == "aseg":
             path = out_dir / f"{name}_seg14.nii.gz"
-            _save(seg14_from_aseg(data), image, path)
+            _save(seg14_from_aseg(data), affine, path)
             written.append(path)
     return written
 
